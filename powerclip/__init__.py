@@ -1,0 +1,3 @@
+"""powerclip: DeepSpeed CLIP pretraining for compositional understanding."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,326 @@
+"""One typed config for every powerclip run.
+
+The schema is a tree of dataclasses; YAML presets in configs/ fill it and dotted overrides on the
+command line (``optim.lr=1e-4``) patch it. OmegaConf does the merging and the type checks, so an
+unknown key or a value of the wrong type fails with a message that names the full dotted key.
+Checks that need more than a type (ranges, choices, cross-field rules) live in ``validate``.
+
+The resolved config is saved in the run folder (``config.yaml``) and hashed into every checkpoint,
+so a resumed run can tell whether it is continuing the same experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending dotted key."""
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class DataSourceConfig:
+    """One shard set. ``shards`` is a brace pattern (``/data/cc12m/{00000..01242}.tar``)."""
+
+    shards: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # resampled: infinite stream drawing shards with replacement (the usual pretraining mode);
+    # otherwise epoch mode, which needs at least ranks x workers shards (checked before training).
+    resampled: bool = True
+    batch_size: int = 32  # per rank, per micro-batch
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    shard_shuffle: bool = True
+    seed: int = 0
+    tokenizer: str = "clip"  # "clip" (open_clip BPE) or "sentencepiece:/path/model.model"
+    context_length: int = 77
+    # regions (METHODS 2)
+    num_regions: int = 10
+    region_source: str = "random"  # random | precomputed
+    # parse-tree phrases (METHODS 2)
+    max_phrases: int = 32
+    phrase_unit: str = "tree"  # tree | token  (ablation: single tokens instead of tree nodes)
+    # concepts (METHODS 3)
+    concepts: bool = False
+    max_concepts_per_caption: int | None = None
+    # hard negatives (METHODS 4)
+    num_negatives: int = 0
+    # augmentation (open_clip's train transform)
+    augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    # Either an open_clip built-in name ("ViT-B-16") or a full open_clip model_cfg dict in ``config``.
+    name: str | None = None
+    config: dict[str, Any] | None = None
+    # Starting weights: our checkpoint dir, an exported open_clip folder, or an open_clip weights file.
+    pretrained: str | None = None
+    init_logit_scale: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)  # clamp applied where the scale is used
+    init_logit_bias: float | None = None  # SigLIP: -10
+    grad_checkpointing: bool = False
+
+
+# ------------------------------------------------------------------------------------- losses
+@dataclass
+class PowersetLossConfig:
+    """PowerCLIP powerset alignment (METHODS 2)."""
+
+    weight: float = 0.0  # lambda; 0 switches the term off
+    tau: float = 1e-3
+    zeta: float = 0.15
+    margin: float = 0.2  # delta
+    region_scale: float | None = None  # None -> 1/M
+    phrase_pool: str = "mean"  # mean | sum
+    use_t1: bool = True
+    use_t2: bool = True
+    singletons_only: bool = False
+    exact: bool = False  # enumerate all 2^M subsets (M <= 12); tests and zeta calibration
+    memory_budget_mb: float = 512.0
+
+
+@dataclass
+class ConceptLossConfig:
+    """C2LIP concept-centric losses (METHODS 3)."""
+
+    npc_weight: float = 0.0
+    xac_weight: float = 0.0
+    form: str = "auto"  # auto (follows loss.global) | sigmoid | softmax
+    false_negative_fix: bool = True
+    xac_lambda: float = 1.0
+    memory_budget_mb: float = 512.0
+
+
+@dataclass
+class DeglaLossConfig:
+    """DeGLA fine-tuning stage (METHODS 4). ``enabled`` swaps the global loss for NegCLIP."""
+
+    enabled: bool = False
+    base_weight: float = 1.0
+    igc_weight: float = 0.1
+    tgc_weight: float = 0.1
+    tgc_scale: float = 10.0
+    distill_weight: float = 1.0
+    ema_decay: float = 0.9996
+
+
+@dataclass
+class LossConfig:
+    global_loss: str = "clip"  # clip | siglip
+    global_weight: float = 1.0
+    powerset: PowersetLossConfig = field(default_factory=PowersetLossConfig)
+    concept: ConceptLossConfig = field(default_factory=ConceptLossConfig)
+    degla: DeglaLossConfig = field(default_factory=DeglaLossConfig)
+
+
+# ------------------------------------------------------------------------------- optimisation
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 2
+    # Feature-caching gradient accumulation (open_clip's method): the loss of every micro-batch sees
+    # the features of all accum_steps micro-batches, so the negative pool is the whole global batch.
+    accum_steps: int = 1
+    seed: int = 0
+    log_every: int = 10
+    # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0 disables
+    every_minutes: float = 0.0  # 0 disables
+    keep_last: int = 3
+    resume: str = "latest"  # latest | none | /path/to/checkpoint/dir
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 disables periodic evaluation
+    tasks: list[str] = field(default_factory=list)
+    batch_size: int = 64
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU tasks with gloo
+    tasks_per_node: int = 1  # used when gpus_per_node == 0
+    cpus_per_task: int = 1
+    time_minutes: int = 60
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# ------------------------------------------------------------------------------------ loading
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.region_source": ("random", "precomputed"),
+    "data.phrase_unit": ("tree", "token"),
+    "loss.global_loss": ("clip", "siglip"),
+    "loss.powerset.phrase_pool": ("mean", "sum"),
+    "loss.concept.form": ("auto", "sigmoid", "softmax"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks that the type system cannot express."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {choices}")
+    positive = ["data.batch_size", "data.context_length", "data.num_regions", "data.max_phrases",
+                "train.steps", "train.accum_steps", "optim.lr", "loss.powerset.tau",
+                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb"]
+    for key in positive:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
+    nonneg = ["data.workers", "data.shuffle_buffer", "data.num_negatives", "optim.warmup_steps",
+              "optim.weight_decay", "optim.grad_clip", "checkpoint.every_steps",
+              "checkpoint.every_minutes", "loss.global_weight", "loss.powerset.weight",
+              "loss.concept.npc_weight", "loss.concept.xac_weight"]
+    for key in nonneg:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if not 0.0 <= cfg.loss.powerset.zeta <= 1.0:
+        raise ConfigError(f"loss.powerset.zeta must be in [0, 1], got {cfg.loss.powerset.zeta}")
+    if not 0.0 <= cfg.loss.degla.ema_decay <= 1.0:
+        raise ConfigError(f"loss.degla.ema_decay must be in [0, 1], got {cfg.loss.degla.ema_decay}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    if (cfg.model.name is None) == (cfg.model.config is None):
+        raise ConfigError("exactly one of model.name and model.config must be set")
+    if cfg.loss.powerset.exact and cfg.data.num_regions > 12:
+        raise ConfigError(f"loss.powerset.exact needs data.num_regions <= 12, got {cfg.data.num_regions}")
+    if cfg.loss.degla.enabled and cfg.data.num_negatives < 1:
+        raise ConfigError("loss.degla.enabled needs data.num_negatives >= 1")
+    for i, src in enumerate(cfg.data.sources):
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+    return cfg
+
+
+def _to_dataclass(conf: DictConfig) -> Config:
+    obj = OmegaConf.to_object(conf)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or the defaults) and apply dotted ``key=value`` overrides.
+
+    Values of overrides are parsed as YAML, so ``optim.lr=1e-4``, ``data.sources=[{shards: x}]`` and
+    ``model.pretrained=null`` work. Every failure names the key.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: top level must be a mapping")
+            layers.append(OmegaConf.create(data))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _prefix_ok(schema, key):
+                raise ConfigError(f"unknown config key {key!r}")
+            override = OmegaConf.create()
+            OmegaConf.update(override, key, yaml.safe_load(value), force_add=True)
+            layers.append(override)
+        merged = OmegaConf.merge(*layers)
+        cfg = _to_dataclass(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    return validate(cfg)
+
+
+def _prefix_ok(schema: DictConfig, key: str) -> bool:
+    """Keys inside free-form dicts (model.config.*, train.deepspeed.*) are allowed."""
+    return any(key.startswith(p + ".") for p in ("model.config", "train.deepspeed", "slurm.extra"))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(out, dict)
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable hash of the resolved config, stored in checkpoints."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
