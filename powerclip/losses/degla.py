@@ -1,0 +1,127 @@
+"""DeGLA fine-tuning losses (METHODS 4): NegCLIP base, IGC, TGC and self-distillation.
+
+All four terms are returned UNWEIGHTED under the keys ``degla_base``, ``degla_igc``, ``degla_tgc`` and
+``degla_distill``; the composer multiplies them by ``loss.degla.{base,igc,tgc,distill}_weight``.
+
+Layout. Rank r holds B local samples, each with one caption and N (= K) hard negatives
+(``Features.negatives`` [B, N, D], ``Batch.neg_valid`` [B, N]). Gathering the flattened negatives
+[B·N, D] rank by rank puts negative (g, k) of the global batch (g = r·B + b) at row g·K + k of the
+negative block, i.e. at column G + g·K + k of the NegCLIP text matrix [captions; negatives]. The
+released DeGLA code builds its TGC mask by *tiling* the identity (column G + k·G + g), which pairs each
+caption with other samples' negatives; here every per-sample term indexes the sample's OWN negatives
+directly ([B, N, D] rows), so that bug cannot occur (tests/test_degla.py has the counter-example).
+
+Distributed convention (the same as open_clip's ``local_loss + gather_with_grad``): each rank
+computes its B local rows against the gathered columns and returns the MEAN over its local rows.
+The backward of ``gather_with_grad`` sums every rank's contribution into the owner's chunk, so once
+DeepSpeed AVERAGES the gradients over W ranks the result equals the gradient of the single-process
+loss on the concatenated batch, and the mean of the per-rank values equals the single-process value.
+Terms whose normaliser varies by rank (distillation counts only valid negatives) divide the local
+sum by the GLOBAL count and multiply by W, which keeps both properties.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from powerclip import distributed as pdist
+from powerclip.config import DeglaLossConfig
+from powerclip.data.batch import Batch
+from powerclip.model.features import Features
+
+TERMS = ("degla_base", "degla_igc", "degla_tgc", "degla_distill")
+
+
+def needs_teacher(cfg: DeglaLossConfig) -> bool:
+    """Whether the EMA teacher must run: only TGC and distillation read it (NegCLIP alone does not)."""
+    return cfg.enabled and (cfg.tgc_weight > 0 or cfg.distill_weight > 0)
+
+
+def _check(student: Features, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if student.negatives is None:
+        raise ValueError("DeGLA losses need Features.negatives [B, N, D] (data.num_negatives >= 1 and "
+                         "a model that encodes batch.neg_text)")
+    neg = student.negatives
+    b, n, _ = neg.shape
+    if b != student.image.shape[0] or b != student.text.shape[0]:
+        raise ValueError(f"negatives {tuple(neg.shape)} do not match {student.image.shape[0]} images / "
+                         f"{student.text.shape[0]} captions")
+    if batch.neg_valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=neg.device)
+    else:
+        valid = batch.neg_valid.to(device=neg.device, dtype=torch.bool)
+        if valid.shape != (b, n):
+            raise ValueError(f"batch.neg_valid has shape {tuple(valid.shape)}, expected {(b, n)}")
+    return neg, valid
+
+
+def _own_contrast(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                  valid: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Mean over rows of -log softmax(scale·[<a,p>, <a,n_1..N>])[0], invalid negatives excluded.
+
+    anchor/positive [B, D], negatives [B, N, D], valid [B, N]. A row with no valid negative has a
+    single candidate and contributes 0, which is the correct value of its softmax loss.
+    """
+    pos = (anchor * positive).sum(-1, keepdim=True)  # [B, 1]
+    neg = torch.einsum("bd,bnd->bn", anchor, negatives)
+    # scale BEFORE masking: scale * -inf would give a NaN gradient for a learned scale
+    keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+    logits = (scale * torch.cat([pos, neg], dim=1)).masked_fill(~keep, float("-inf"))
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+def degla_losses(student: Features, teacher: Features | None, batch: Batch,
+                 cfg: DeglaLossConfig) -> dict[str, torch.Tensor]:
+    """The four DeGLA terms for this rank's local batch (unweighted; see the module docstring).
+
+    student: features with gradient, ``negatives`` [B, N, D]; teacher: the EMA teacher's features of
+    the same batch (computed without gradient), or None when neither TGC nor distillation is weighted
+    (plain NegCLIP fine-tuning), in which case those two terms are returned as constant zeros.
+    All sums run in fp32 whatever the model's precision.
+    """
+    neg, valid = _check(student, batch)
+    b, n, d = neg.shape
+    img, txt, neg = student.image.float(), student.text.float(), neg.float()
+    scale = student.logit_scale.float()
+
+    # ---- L_base (NegCLIP): local rows against gathered columns -------------------------------
+    all_img = pdist.gather_with_grad(img)  # [G, D]
+    all_txt = pdist.gather_with_grad(txt)  # [G, D]
+    all_neg = pdist.gather_with_grad(neg.reshape(b * n, d))  # [G*N, D], row g*N + k
+    all_valid = pdist.gather_with_grad(valid.reshape(b * n).to(torch.uint8)).bool()  # no grad needed
+    g = all_img.shape[0]
+    if all_txt.shape[0] != g or all_neg.shape[0] != g * n:
+        raise ValueError("every rank must hold the same local batch size for DeGLA losses")
+    labels = torch.arange(b, device=img.device) + pdist.rank() * b
+    columns = torch.cat([all_txt, all_neg], dim=0)  # [G + G*N, D]: captions, then negatives (g, k)
+    col_valid = torch.cat([torch.ones(g, dtype=torch.bool, device=img.device), all_valid])
+    logits_i2t = (scale * img @ columns.T).masked_fill(~col_valid, float("-inf"))
+    logits_t2i = scale * txt @ all_img.T
+    base = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+    # ---- IGC: each image against its own caption and its own valid negatives, learned scale ----
+    igc = _own_contrast(img, txt, neg, valid, scale)
+
+    out = {"degla_base": base, "degla_igc": igc}
+    if teacher is None:
+        if needs_teacher(cfg):
+            raise ValueError("loss.degla.tgc_weight or distill_weight > 0 needs the EMA teacher's features")
+        zero = img.new_zeros(())
+        out.update(degla_tgc=zero, degla_distill=zero)
+        return out
+    if teacher.negatives is None or teacher.negatives.shape != (b, n, d):
+        raise ValueError("teacher features must include negatives of the same shape as the student's")
+    t_img, t_txt = teacher.image.detach().float(), teacher.text.detach().float()
+    t_neg = teacher.negatives.detach().float()
+
+    # ---- TGC: student caption vs teacher caption (positive) and its OWN negatives, fixed scale --
+    out["degla_tgc"] = _own_contrast(txt, t_txt, neg, valid, cfg.tgc_scale)
+
+    # ---- distillation: squared L2 per vector, averaged over images + captions + valid negatives --
+    sq = ((img - t_img).pow(2).sum(-1).sum() + (txt - t_txt).pow(2).sum(-1).sum()
+          + ((neg - t_neg).pow(2).sum(-1) * valid).sum())
+    count_local = torch.tensor([2 * b + valid.sum().item()], dtype=torch.float32, device=img.device)
+    count_global = pdist.all_reduce_sum(count_local)
+    out["degla_distill"] = sq * pdist.world_size() / count_global.squeeze(0)
+    return out
