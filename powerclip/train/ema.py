@@ -1,0 +1,166 @@
+"""EMA teacher for the DeGLA stage (METHODS 4): θ_T ← α·θ_T + (1−α)·θ_S after every optimiser step.
+
+Why a separate, unwrapped module: under ZeRO-3 the student's parameters are partitioned across ranks
+(each ``param.data`` is empty outside a gather), so the teacher cannot share or wrap them. Every rank
+keeps its own FULL teacher copy (it must run the teacher forward on its own local batch), and reads
+the student's full parameters under ``deepspeed.zero.GatheredParameters`` a bucket at a time, so the
+transient memory is one bucket, never the whole model. Under ZeRO 0/1/2 the gather is a no-op.
+
+The teacher is kept in fp32 (``dtype``) whatever the student's precision: with α = 0.9996 an fp16 or
+bf16 teacher would round most (1−α)-sized updates away. Run its forward under the same autocast as
+the student, or cast the inputs (``teacher.module`` parameters are fp32).
+
+All ranks apply the same update to the same values, so teachers stay identical across ranks without
+communication beyond the gathers; only rank 0 needs to save ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _is_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 owns the parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextmanager
+def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
+    """Full values of ``params`` inside the block (read-only); a no-op unless ZeRO-3 partitioned them."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _buckets(params: list[nn.Parameter], bucket_numel: int) -> Iterator[list[int]]:
+    """Indices of consecutive parameters whose total size stays under ``bucket_numel`` (at least one)."""
+    bucket: list[int] = []
+    size = 0
+    for i, p in enumerate(params):
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        if bucket and size + numel > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(i)
+        size += numel
+    if bucket:
+        yield bucket
+
+
+def _unwrap(student: nn.Module) -> nn.Module:
+    """A DeepSpeed engine wraps the model in ``.module``; the teacher mirrors the model itself."""
+    return getattr(student, "module", student) if hasattr(student, "optimizer") else student
+
+
+class EmaTeacher:
+    """An EMA copy of a student model, updated in place, never trained by gradients.
+
+    Build it from the student's STARTING weights (after loading the pretrained checkpoint, before or
+    after ``deepspeed.initialize``): ``EmaTeacher(model, decay)`` deep-copies an unpartitioned model;
+    for a ZeRO-3 partitioned one pass ``template`` (a fresh module of the same architecture), whose
+    values are then overwritten by the gathered student weights.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, template: nn.Module | None = None,
+                 dtype: torch.dtype = torch.float32, bucket_numel: int = 50_000_000) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        student = _unwrap(student)
+        self.decay = float(decay)
+        self.bucket_numel = int(bucket_numel)
+        self.num_updates = 0
+        if template is None:
+            if _is_partitioned(student):
+                raise ValueError("the student is ZeRO-3 partitioned: pass template= (a fresh module of "
+                                 "the same architecture) to build the EMA teacher")
+            template = copy.deepcopy(student)
+        self.module = template
+        self.module.to(dtype=dtype)
+        self.module.requires_grad_(False)
+        self.module.eval()
+        device = next((p.device for p in student.parameters()), None)
+        if device is not None:  # a partitioned parameter still reports its rank's device
+            self.module.to(device)
+        self._check_names(student)
+        self.copy_from(student)
+
+    # ------------------------------------------------------------------------------ internals
+    def _check_names(self, student: nn.Module) -> None:
+        s_names = [n for n, _ in student.named_parameters()]
+        t_names = [n for n, _ in self.module.named_parameters()]
+        if s_names != t_names:
+            missing = sorted(set(s_names) ^ set(t_names))[:5]
+            raise ValueError(f"teacher and student parameters differ (e.g. {missing})")
+
+    def _pairs(self, student: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+        return list(student.parameters()), [p for p in self.module.parameters()]
+
+    @torch.no_grad()
+    def _blend(self, student: nn.Module, alpha: float) -> None:
+        """θ_T ← alpha·θ_T + (1−alpha)·θ_S, bucket by bucket; buffers are copied as they are."""
+        s_params, t_params = self._pairs(student)
+        for idx in _buckets(s_params, self.bucket_numel):
+            group = [s_params[i] for i in idx]
+            with _gathered(group):
+                for i in idx:
+                    src = s_params[i].detach().to(device=t_params[i].device, dtype=t_params[i].dtype)
+                    if src.shape != t_params[i].shape:
+                        raise RuntimeError(f"student parameter {i} has shape {tuple(src.shape)} but the "
+                                           f"teacher's is {tuple(t_params[i].shape)}")
+                    if alpha == 0.0:
+                        t_params[i].copy_(src)
+                    elif alpha != 1.0:
+                        t_params[i].mul_(alpha).add_(src, alpha=1.0 - alpha)
+        for t_buf, s_buf in zip(self.module.buffers(), student.buffers()):
+            t_buf.copy_(s_buf.detach().to(device=t_buf.device, dtype=t_buf.dtype))
+
+    # --------------------------------------------------------------------------------- public
+    def copy_from(self, student: nn.Module) -> None:
+        """Set the teacher to the student's current weights (initialisation)."""
+        self._blend(_unwrap(student), 0.0)
+
+    def update(self, student: nn.Module) -> None:
+        """One EMA step; call after every optimiser step that was applied (not after skipped ones).
+
+        Collective under ZeRO-3 (every rank must call it), a no-op on the values when decay == 1.
+        """
+        self._blend(_unwrap(student), self.decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        """Tensors and primitives only (checkpoint rule): teacher weights, decay, update count."""
+        return {"module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+                "decay": self.decay, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"], strict=True)
+        self.num_updates = int(state["num_updates"])
+        if float(state["decay"]) != self.decay:
+            # a changed decay is allowed (config edit on resume) but never silent
+            import logging
+
+            logging.getLogger(__name__).warning("EMA decay changed on resume: %s -> %s",
+                                                state["decay"], self.decay)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``state_dict()`` atomically (tmp file + rename) so a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
