@@ -1,0 +1,14 @@
+"""The model: open_clip towers, dense outputs (METHODS §0) and the Features they produce."""
+
+from powerclip.model.clip_model import DenseUnsupportedError, PowerClipModel
+from powerclip.model.factory import (
+    ModelLoadError,
+    create_model,
+    load_state_dict_into,
+    model_cfg_dict,
+    preprocess_cfg,
+)
+from powerclip.model.features import Features
+
+__all__ = ["DenseUnsupportedError", "Features", "ModelLoadError", "PowerClipModel", "create_model",
+           "load_state_dict_into", "model_cfg_dict", "preprocess_cfg"]

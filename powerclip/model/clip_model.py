@@ -1,0 +1,193 @@
+"""PowerClipModel: an open_clip model plus the dense outputs of METHODS §0, in one forward pass.
+
+The wrapped open_clip model is ``self.clip`` and is the only thing with parameters, so the
+export is exactly ``model.clip.state_dict()``. The global embeddings come out of open_clip's own
+code paths (``visual(images)`` and ``encode_text``); the dense outputs are read from the same pass
+(the ViT's ``output_tokens`` and the output of the text tower's ``ln_final``), so turning dense on
+can never change the pooled embeddings (tests/test_model.py asserts bit-equality).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from powerclip.data.batch import Batch
+from powerclip.model.features import Features
+
+
+class DenseUnsupportedError(RuntimeError):
+    """The model's towers have no dense path (METHODS §0) that powerclip knows how to read."""
+
+
+def _project(x: torch.Tensor, proj: nn.Module | torch.Tensor | None) -> torch.Tensor:
+    """Apply an open_clip output projection (a Parameter matrix or an nn.Linear, or none)."""
+    if proj is None:
+        return x
+    if isinstance(proj, nn.Linear):
+        return proj(x)
+    return x @ proj
+
+
+class PowerClipModel(nn.Module):
+    """Wraps an open_clip CLIP / CustomTextCLIP; ``forward(batch, dense)`` returns ``Features``."""
+
+    def __init__(self, clip: nn.Module, logit_scale_max: float = math.log(100.0)):
+        super().__init__()
+        self.clip = clip
+        self.logit_scale_max_cfg = float(logit_scale_max)
+        self.logit_scale_max = float(logit_scale_max)  # set by reset_logit_scale_max()
+        self._register_zero3_external_params()
+
+    # ---------------------------------------------------------------------------- set-up
+    def _text_parts(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """Where the text tower's final LayerNorm and projection live (CLIP vs CustomTextCLIP).
+
+        Looked up on demand, never stored: a module attribute would register them a second time.
+        """
+        owner = self.clip.text if hasattr(self.clip, "text") else self.clip
+        ln = getattr(owner, "ln_final", None)
+        if not isinstance(ln, nn.Module) or not hasattr(owner, "text_projection"):
+            return None, None  # e.g. HF text towers: no dense token path
+        return ln, owner
+
+    def _register_zero3_external_params(self) -> None:
+        """Tell ZeRO-3 about parameters used outside their owner's ``forward``.
+
+        ``encode_text`` of CLIP reads ``positional_embedding``/``text_projection`` and the losses read
+        ``logit_scale``/``logit_bias`` directly off the CLIP module, whose own ``forward`` never
+        runs; the dense paths multiply by ``visual.proj`` / ``text_projection`` after the tower's
+        forward. ZeRO-3 must gather those around this module's forward (no-op without ZeRO-3).
+        """
+        try:
+            from deepspeed.zero import register_external_parameter
+        except ImportError:  # DeepSpeed is a dependency, but the model works without it
+            return
+        params = list(self.clip._parameters.values())
+        if isinstance(getattr(self.clip.visual, "proj", None), nn.Parameter):
+            params.append(self.clip.visual.proj)
+        _, owner = self._text_parts()
+        if owner is not None and isinstance(owner.text_projection, nn.Parameter):
+            params.append(owner.text_projection)
+        for p in params:
+            if isinstance(p, nn.Parameter):
+                register_external_parameter(self, p)
+
+    @torch.no_grad()
+    def reset_logit_scale_max(self) -> None:
+        """Clamp at max(config clamp, current value): a pretrained scale above the clamp stays.
+
+        Called once after the starting weights are loaded (create_model / load_state_dict_into);
+        a resumed run rebuilds the model from the same config and weights, so it gets the same value.
+        """
+        current = float(self.clip.logit_scale.detach().float().reshape(-1)[0])
+        self.logit_scale_max = max(self.logit_scale_max_cfg, current)
+
+    # ---------------------------------------------------------------------------- encoders
+    def logit_scale(self) -> torch.Tensor:
+        """exp(clamp(logit_scale, max)) as a 0-dim tensor; the clamp is applied where it is used
+        (an in-place clamp would be undone by ZeRO's fp32 master copy)."""
+        return self.clip.logit_scale.clamp(max=self.logit_scale_max).exp().reshape(())
+
+    def logit_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.clip, "logit_bias", None)
+        return None if bias is None else bias.reshape(())
+
+    def encode_image(self, images: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unnormalised (pooled [B, D], patches [B, T, D] or None), one tower pass."""
+        visual = self.clip.visual
+        if not dense:
+            return self.clip.encode_image(images), None
+        if isinstance(visual, VisionTransformer):
+            if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type == "none":
+                raise DenseUnsupportedError(
+                    "dense patch embeddings need a ViT whose patch tokens pass through ln_post before "
+                    f"pooling (pool_type tok|avg, no attentional pool); got pool_type={visual.pool_type!r}")
+            previous = visual.output_tokens
+            visual.output_tokens = True  # open_clip returns (pooled, ln_post(x)[:, 1:]) from one pass
+            try:
+                pooled, tokens = visual(images)
+            finally:
+                visual.output_tokens = previous
+            return pooled, _project(tokens, visual.proj)
+        from open_clip.timm_model import TimmModel
+
+        if isinstance(visual, TimmModel):
+            try:
+                from powerclip.model.dense_timm import timm_image_dense
+            except ImportError as e:
+                raise DenseUnsupportedError(
+                    "dense patch embeddings for timm towers need powerclip/model/dense_timm.py "
+                    f"(timm_image_dense), which could not be imported: {e}") from e
+            return timm_image_dense(visual, images)
+        raise DenseUnsupportedError(f"no dense patch path for image tower {type(visual).__name__}")
+
+    def encode_text(self, text: torch.Tensor, dense_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unnormalised (pooled [N, D], tokens [dense_rows, L, D] or None), one tower pass.
+
+        The token states are the output of the tower's ``ln_final`` in the same call that pools
+        them, read by a forward hook; only the first ``dense_rows`` rows are projected.
+        """
+        if dense_rows <= 0:
+            return self.clip.encode_text(text), None
+        ln, owner = self._text_parts()
+        if ln is None:
+            raise DenseUnsupportedError(
+                f"no dense token path for text tower {type(getattr(self.clip, 'text', self.clip)).__name__}")
+        captured: list[torch.Tensor] = []
+        handle = ln.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            pooled = self.clip.encode_text(text)
+        finally:
+            handle.remove()
+        states = captured[-1]
+        if states.ndim != 3 or states.shape[1] != text.shape[1]:
+            raise DenseUnsupportedError("text tower applies ln_final after pooling; no token states")
+        return pooled, _project(states[:dense_rows], owner.text_projection)
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, batch: Batch, dense: bool = False, images: bool = True) -> Features:
+        """Encode a batch. Captions, concept rows and hard negatives go through ONE text-tower call
+        (concatenated, then split back), so the tower runs once per step.
+
+        ``dense`` adds patch and token embeddings (METHODS §0). ``images=False`` skips the image
+        tower (Features.image is then an empty [0, D] tensor), for text-only passes.
+        """
+        feats_img, patches = (None, None)
+        if images:
+            feats_img, patches = self.encode_image(batch.images, dense=dense)
+
+        parts = [batch.text]
+        n_cap = batch.text.shape[0]
+        n_con = 0 if batch.concept_text is None else batch.concept_text.shape[0]
+        neg_shape = None
+        if batch.concept_text is not None:
+            parts.append(batch.concept_text)
+        if batch.neg_text is not None:
+            neg_shape = batch.neg_text.shape[:2]
+            parts.append(batch.neg_text.reshape(-1, batch.neg_text.shape[-1]))
+        all_text = torch.cat(parts, dim=0) if len(parts) > 1 else batch.text
+        pooled_text, tokens = self.encode_text(all_text, dense_rows=n_cap if dense else 0)
+
+        pooled_text = F.normalize(pooled_text, dim=-1)
+        text = pooled_text[:n_cap]
+        concepts = pooled_text[n_cap:n_cap + n_con] if batch.concept_text is not None else None
+        negatives = None
+        if neg_shape is not None:
+            negatives = pooled_text[n_cap + n_con:].reshape(*neg_shape, -1)
+        if feats_img is None:
+            feats_img = text.new_zeros((0, text.shape[-1]))
+        return Features(
+            image=F.normalize(feats_img, dim=-1),
+            text=text,
+            logit_scale=self.logit_scale(),
+            logit_bias=self.logit_bias(),
+            patches=None if patches is None else F.normalize(patches, dim=-1),
+            tokens=None if tokens is None else F.normalize(tokens, dim=-1),
+            concepts=concepts,
+            negatives=negatives,
+        )
