@@ -148,7 +148,7 @@ def test_siglip_bias_and_grads_flow():
     model = create_model(cfg.model)
     assert model.clip.logit_bias.shape == (1,)
     feats = model(_batch(), dense=True)
-    assert feats.logit_bias.shape == () and float(feats.logit_bias) == -10.0
+    assert feats.logit_bias.shape == () and feats.logit_bias.item() == -10.0
     (feats.image.sum() + feats.text.sum() + feats.patches.sum() + feats.tokens.sum()
      + feats.logit_scale + feats.logit_bias).backward()
     assert model.clip.visual.proj.grad is not None and model.clip.text_projection.grad is not None
