@@ -1,0 +1,202 @@
+"""C2LIP concept-centric losses (METHODS 3): noun-phrase contrast (NPC) and cross-modal attention
+pooling (XAC).
+
+Entry point: ``concept_losses(features, batch, cfg, global_loss)`` returns the UNWEIGHTED terms
+``concept_npc`` and ``concept_xac`` (only those whose weight in ``cfg`` is > 0; the composer multiplies
+by ``loss.concept.npc_weight`` / ``xac_weight``) plus detached diagnostics under ``concept_diag_*``.
+
+Layout. Rank r holds B_r images and C_r concept rows (``Features.concepts`` [C_r, D]) with
+``Batch.concept_owner`` [C_r] indexing its LOCAL images and ``Batch.concept_ids`` [C_r] (hash of the
+normalised concept text). Concepts, owners and ids are all-gathered with variable sizes
+(``gather_variable``; the concept rows keep their gradient); owners are offset by the exclusive
+cumulative sum of the per-rank IMAGE counts, so gathered concept n belongs to global image o(n).
+Both terms score this rank's LOCAL images against ALL N gathered concepts: NPC with the global image
+embedding u_i, XAC with the concept-specific pooling p_{in} of the image's (local) patches.
+
+Positives. P(i) = {n : o(n) = i}, plus, with ``false_negative_fix``, every n whose id equals the id of
+one of image i's own concepts (the same normalised noun phrase in another caption of the global batch
+is not a negative for i).
+
+Forms (``cfg.form``; ``auto`` follows ``loss.global_loss``: siglip -> sigmoid, clip -> softmax):
+
+* sigmoid (the paper's, SigLIP scale s and bias b): every (image, concept) pair is an independent
+  binary term, y = +1 for positives and -1 otherwise, and the value is normalised like open_clip's
+  SigLipLoss, i.e. summed over all pairs and divided by the number of images:
+      L = (1/G) sum_i sum_n -log sigmoid(y_in * (s * score_in + b)),   G = global image count.
+  There is no separate concept->image direction: the pair sum already covers both.
+* softmax (multi-positive InfoNCE for CLIP models): image i -> all N concepts, the mean
+  log-probability over its positives, averaged over the images that have at least one positive:
+      L = -(1/G+) sum_{i: P(i) non-empty} (1/|P(i)|) sum_{p in P(i)} log softmax_n(s * score_in)_p.
+  Only the image->concept direction: METHODS 3 defines positives per image, and a concept->image
+  softmax for XAC would need every rank's patches (the pooling is per image-concept pair). The concept
+  embeddings still get the full contrastive gradient through the image rows' softmax.
+
+Distributed convention (the same as open_clip's ``local_loss + gather_with_grad`` and
+powerclip.losses.global_loss): each rank returns W * (its local sum) / (global normaliser). The
+backward of the gather sums every rank's contribution into the owner's concept rows, so after
+DeepSpeed AVERAGES gradients over the W ranks they equal the single-process gradient on the global
+batch, and the mean of the per-rank values equals the single-process value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from powerclip import distributed as pdist
+from powerclip.config import ConceptLossConfig
+from powerclip.data.batch import Batch
+from powerclip.losses.concept_xac import xac_scores
+from powerclip.model.features import Features
+
+TERMS = ("concept_npc", "concept_xac")
+
+
+def resolve_form(form: str, global_loss: str) -> str:
+    """``auto`` -> sigmoid for SigLIP models, softmax for CLIP InfoNCE models."""
+    if form == "auto":
+        if global_loss not in ("clip", "siglip"):
+            raise ValueError(f"loss.global_loss={global_loss!r}: cannot derive loss.concept.form")
+        return "sigmoid" if global_loss == "siglip" else "softmax"
+    if form not in ("sigmoid", "softmax"):
+        raise ValueError(f"loss.concept.form={form!r} is not one of auto, sigmoid, softmax")
+    return form
+
+
+@dataclass
+class GatheredConcepts:
+    """The global concept set as seen from one rank."""
+
+    concepts: torch.Tensor  # [N, D] all ranks' concept rows, gradient flows back to each owner rank
+    owner: torch.Tensor  # [N] long, GLOBAL image index of each concept
+    ids: torch.Tensor | None  # [N] long, normalised-text hash
+    image_offset: int  # global index of this rank's first image
+    num_images: int  # G, images in the global batch
+    concept_sizes: list[int]  # concept rows per rank
+
+
+def gather_concepts(features: Features, batch: Batch) -> GatheredConcepts:
+    """All-gather concepts with variable per-rank sizes; owners shifted to global image indices."""
+    if features.concepts is None or batch.concept_owner is None:
+        raise ValueError("concept losses need Features.concepts [C, D] and Batch.concept_owner [C] "
+                         "(data.concepts: true and a model that encodes batch.concept_text)")
+    concepts = features.concepts
+    owner = batch.concept_owner.to(device=concepts.device, dtype=torch.long)
+    b = features.image.shape[0]
+    c = concepts.shape[0]
+    if concepts.dim() != 2 or owner.shape != (c,):
+        raise ValueError(f"Features.concepts {tuple(concepts.shape)} and Batch.concept_owner "
+                         f"{tuple(owner.shape)} do not describe the same {c} concept rows")
+    if c and (int(owner.min()) < 0 or int(owner.max()) >= b):
+        raise ValueError(f"Batch.concept_owner must index the {b} local images, got values in "
+                         f"[{int(owner.min())}, {int(owner.max())}]")
+    ids = batch.concept_ids
+    if ids is not None:
+        ids = ids.to(device=concepts.device, dtype=torch.long)
+        if ids.shape != (c,):
+            raise ValueError(f"Batch.concept_ids has shape {tuple(ids.shape)}, expected ({c},)")
+
+    image_sizes = pdist.gather_sizes(b, concepts.device)
+    image_offset = pdist.rank_offset(image_sizes)
+    all_concepts, sizes = pdist.gather_variable(concepts, with_grad=True)
+    all_owner, _ = pdist.gather_variable(owner + image_offset, with_grad=False)
+    all_ids = pdist.gather_variable(ids, with_grad=False)[0] if ids is not None else None
+    return GatheredConcepts(all_concepts, all_owner, all_ids, image_offset, sum(image_sizes), sizes)
+
+
+def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | None,
+                  false_negative_fix: bool) -> torch.Tensor:
+    """[B, N] bool: concept n is a positive of image ``image_index[b]`` (global indices).
+
+    Without the fix: o(n) = i. With it: ids[n] is among the ids of image i's own concepts. Computed
+    through a compact id vocabulary (B x U table, U distinct ids) instead of an [N, N] comparison.
+    """
+    own = owner[None, :] == image_index[:, None]
+    if not false_negative_fix:
+        return own
+    if ids is None:
+        raise ValueError("loss.concept.false_negative_fix needs Batch.concept_ids (hash of the "
+                         "normalised concept text); switch the fix off or provide the ids")
+    if owner.numel() == 0:
+        return own
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    table = torch.zeros(image_index.shape[0], uniq.shape[0], dtype=torch.bool, device=owner.device)
+    rows, cols = own.nonzero(as_tuple=True)  # (local image, its own concept n)
+    table[rows, inv[cols]] = True
+    return table[:, inv]
+
+
+def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """sum over pairs of -log sigmoid(y * logit), y = +1 / -1."""
+    y = positives.to(logits.dtype) * 2 - 1
+    return F.softplus(-y * logits).sum()
+
+
+def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """sum over rows with a positive of -(mean over positives of log softmax(row))."""
+    logp = torch.log_softmax(logits, dim=-1)
+    npos = positives.sum(-1)
+    keep = npos > 0
+    per_row = -(logp * positives).sum(-1)[keep] / npos[keep]
+    return per_row.sum()
+
+
+def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features: Features,
+             normaliser: float) -> torch.Tensor:
+    """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring)."""
+    scale = features.logit_scale.float().reshape(())
+    logits = scale * scores
+    if form == "sigmoid":
+        if features.logit_bias is None:
+            raise ValueError("the sigmoid concept loss needs Features.logit_bias (a SigLIP model: "
+                             "model.init_logit_bias, e.g. -10); use loss.concept.form=softmax otherwise")
+        total = sigmoid_pair_sum(logits + features.logit_bias.float().reshape(()), positives)
+    else:
+        total = softmax_multi_positive_sum(logits, positives)
+    return total * (pdist.world_size() / max(normaliser, 1.0))
+
+
+def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
+                   global_loss: str) -> dict[str, torch.Tensor]:
+    """The concept terms whose weight is > 0 (unweighted) and their diagnostics."""
+    want_npc = cfg.npc_weight > 0
+    want_xac = cfg.xac_weight > 0
+    if not (want_npc or want_xac):
+        return {}
+    form = resolve_form(cfg.form, global_loss)
+    g = gather_concepts(features, batch)
+    image = features.image
+    b = image.shape[0]
+    local_index = torch.arange(b, device=image.device) + g.image_offset
+    pos = positive_mask(local_index, g.owner, g.ids, cfg.false_negative_fix)
+
+    # Normalisers and diagnostics need global counts (no gradient).
+    counts = torch.tensor([float(pos.any(-1).sum()), float(pos.sum()),
+                           float((g.owner[None, :] == local_index[:, None]).sum())], device=image.device)
+    counts = pdist.all_reduce_sum(counts)
+    images_with_pos, n_pos, n_own = (float(v) for v in counts)
+    normaliser = float(g.num_images) if form == "sigmoid" else images_with_pos
+
+    out: dict[str, torch.Tensor] = {}
+    concepts = g.concepts.float()
+    if want_npc:
+        npc_scores = image.float() @ concepts.t()
+        out["concept_npc"] = contrast(npc_scores, pos, form, features, normaliser)
+    if want_xac:
+        if features.patches is None:
+            raise ValueError("loss.concept.xac_weight > 0 needs Features.patches [B, T, D] "
+                             "(the model's dense patch path)")
+        xac = xac_scores(features.patches, concepts, cfg.xac_lambda, cfg.memory_budget_mb)
+        out["concept_xac"] = contrast(xac, pos, form, features, normaliser)
+        with torch.no_grad():
+            pos_mean = pdist.all_reduce_sum(torch.stack([(xac * pos).sum(), (xac * ~pos).sum()]))
+            n_all = float(g.num_images * g.concepts.shape[0])
+            out["concept_diag_xac_pos_cos"] = pos_mean[0] / max(n_pos, 1.0)
+            out["concept_diag_xac_neg_cos"] = pos_mean[1] / max(n_all - n_pos, 1.0)
+    dev = image.device
+    out["concept_diag_concepts"] = torch.tensor(float(g.concepts.shape[0]), device=dev)
+    out["concept_diag_positives_per_image"] = torch.tensor(n_pos / max(g.num_images, 1), device=dev)
+    out["concept_diag_false_negative_share"] = torch.tensor((n_pos - n_own) / max(n_pos, 1.0), device=dev)
+    return out
