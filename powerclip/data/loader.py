@@ -1,0 +1,325 @@
+"""``build_loader``: webdataset shards → typed ``Batch`` objects, resumable at the exact sample.
+
+Pipeline per DataLoader worker (one *slot* of ``stream.slot_samples``): raw sample → decode
+(pixel limit) → open_clip transform (seeded per sample) → tokenize → char spans to token
+positions → regions → concepts → negatives → collate ``batch_size`` samples into one Batch.
+Each worker builds whole batches (as open_clip does), so the main process only unwraps them.
+
+Exact resume: every yielded item carries its slot's cursor and cumulative skip counters (plain
+ints). The main process keeps, per slot, those of the last batch it *consumed* (prefetched
+batches do not count) and the number of batches consumed. PyTorch's DataLoader hands out
+IterableDataset batches round-robin over workers, so after n consumed batches the next one comes
+from slot n mod W; a restored loader rotates worker ids by that offset. ``state_dict()`` is
+primitives only and goes into the checkpoint; ``counters()`` sums skips by reason over slots,
+which is how counts made inside worker processes reach the main process.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+
+from ..config import Config, ConfigError
+from .batch import Batch
+from .geometry import model_geometry
+from .regions import apply_transform, region_masks
+from .stream import (
+    ERROR_KEY,
+    StreamSpec,
+    decode_image,
+    image_bytes,
+    initial_cursor,
+    slot_samples,
+)
+from .text import build_tokenizer, span_positions, to_row
+
+STATE_VERSION = 1
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+SCHEMA_SUPPORTED = 1
+PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
+
+
+class DataError(ValueError):
+    """The data cannot be read as configured (raised before training starts)."""
+
+
+# ------------------------------------------------------------------------------ shard lists
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(u for u in braceexpand(part.strip()) if u)
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def make_spec(cfg: Config, rank: int, world_size: int, sources: list[tuple[str, float]] | None = None,
+              resampled: bool | None = None, finite: bool = False) -> StreamSpec:
+    """Resolve shard lists and run the preflight checks (clear errors before training starts)."""
+    d = cfg.data
+    srcs = sources if sources is not None else [(s.shards, s.weight) for s in d.sources]
+    if not srcs:
+        raise DataError("data.sources is empty: give at least one {shards: /path/{00000..00009}.tar}")
+    resolved = []
+    for i, (pattern, weight) in enumerate(srcs):
+        if pattern in (None, "???", ""):
+            raise DataError(f"data.sources[{i}].shards is not set")
+        urls = expand_shards(pattern)
+        if not urls:
+            raise DataError(f"data.sources[{i}].shards={pattern!r} expands to no shard")
+        missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"data.sources[{i}]: shard not found: {missing[0]}{more}")
+        resolved.append((tuple(urls), float(weight)))
+    resampled = d.resampled if resampled is None else resampled
+    slots = max(1, d.workers)
+    total = sum(len(u) for u, _ in resolved)
+    if finite:
+        # one pass for evaluation: no more worker slots than this rank has shards, none is an error
+        slots = max(1, min(slots, -(-total // world_size)))
+        return StreamSpec(tuple(resolved), False, int(d.seed), int(rank), int(world_size), slots, 1, False)
+    if not resampled and total < world_size * slots:
+        raise DataError(f"epoch mode needs at least ranks x workers = {world_size} x {slots} = "
+                        f"{world_size * slots} shards, found {total}; use fewer workers, more shards "
+                        "or data.resampled=true")
+    return StreamSpec(tuple(resolved), bool(resampled), int(d.seed), int(rank), int(world_size), slots,
+                      int(d.shuffle_buffer), bool(d.shard_shuffle))
+
+
+# ------------------------------------------------------------------------------- samples
+def concept_id(text: str) -> int:
+    """int64 hash of the normalised concept text: lower case, no punctuation, no leading article."""
+    t = re.sub(r"[^\w\s]", " ", text.lower())
+    words = t.split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    h = hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little", signed=True)
+
+
+class SampleProcessor:
+    """Turns one raw sample into tensors, or returns the reason it must be skipped."""
+
+    def __init__(self, cfg: Config, train: bool):
+        from open_clip import image_transform
+
+        d = cfg.data
+        self.d = d
+        self.geo = model_geometry(cfg)
+        aug = {"scale": tuple(d.augment_scale)} if train else None
+        self.transform = image_transform(self.geo.image_size, is_train=train, mean=self.geo.mean,
+                                         std=self.geo.std, aug_cfg=aug)
+        self.tok = build_tokenizer(d.tokenizer, d.context_length)
+        self.L = d.context_length
+
+    def __call__(self, sample: dict, seed: int) -> dict | str:
+        if ERROR_KEY in sample:
+            return sample[ERROR_KEY]
+        if "json" not in sample:
+            return "missing_json"
+        try:
+            ann = json.loads(sample["json"])
+            if not isinstance(ann, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            return "bad_json"
+        if int(ann.get("schema", 1)) > SCHEMA_SUPPORTED:
+            return "unsupported_schema"
+        caption = ann.get("caption")
+        if not caption and "txt" in sample:
+            try:
+                caption = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                return "bad_caption"
+        if not caption or not str(caption).strip():
+            return "empty_caption"
+        data = image_bytes(sample)
+        if data is None:
+            return "missing_image"
+        try:
+            img = decode_image(data, MAX_PIXELS)
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt bytes
+            return "bad_image"
+        rng = np.random.default_rng(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image, window = apply_transform(self.transform, img)
+        enc = self.tok.encode(caption)
+        n_tok = len(enc.ids)
+        # phrase nodes: root first (all real tokens), then tree nodes (or single tokens), deduplicated
+        root = list(range(1, n_tok - 1)) or [0]
+        nodes = [root]
+        seen = {tuple(root)}
+        if self.d.phrase_unit == "token":
+            cand = [[i] for i in range(1, n_tok - 1)]
+        else:
+            cand = []
+            for p in ann.get("phrases", []):
+                if p.get("label") in PHRASE_LABELS and p.get("label") != "ROOT":
+                    pos = span_positions(enc, int(p["start"]), int(p["end"]))
+                    if pos is not None:
+                        cand.append(pos)
+        for pos in cand:
+            if len(nodes) >= self.d.max_phrases:
+                break
+            if tuple(pos) not in seen:
+                seen.add(tuple(pos))
+                nodes.append(pos)
+        out = {
+            "key": sample["__key__"], "image": image, "text": to_row(enc, self.L), "n_tok": n_tok,
+            "phrases": nodes,
+            "regions": region_masks(ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions,
+                                    self.d.region_source, rng),
+            "meta": {"caption": caption, "label": ann.get("label"),
+                     "eval_negatives": ann.get("eval_negatives") or {}, "url": sample.get("__url__")},
+        }
+        if self.d.concepts:
+            texts = [c["text"] for c in ann.get("concepts", []) if c.get("text", "").strip()]
+            if self.d.max_concepts_per_caption is not None:
+                texts = texts[: self.d.max_concepts_per_caption]
+            texts = texts or [caption]  # METHODS 3: a caption with no concept uses the whole caption
+            out["concepts"] = [to_row(self.tok.encode(t), self.L) for t in texts]
+            out["concept_ids"] = [concept_id(t) for t in texts]
+        if self.d.num_negatives > 0:
+            negs = [n["text"] for n in ann.get("negatives", []) if n.get("text", "").strip()]
+            if len(negs) > self.d.num_negatives:
+                negs = [negs[i] for i in sorted(rng.choice(len(negs), self.d.num_negatives, replace=False))]
+            out["negatives"] = [to_row(self.tok.encode(t), self.L) for t in negs]
+        return out
+
+
+def collate(samples: list[dict], cfg: Config) -> Batch:
+    d = cfg.data
+    B, L = len(samples), d.context_length
+    text = torch.stack([s["text"] for s in samples])
+    n_tok = torch.tensor([s["n_tok"] for s in samples])
+    ar = torch.arange(L)
+    token_valid = (ar[None, :] >= 1) & (ar[None, :] < (n_tok - 1)[:, None])
+    K = max(len(s["phrases"]) for s in samples)
+    phrase_tokens = torch.zeros(B, K, L, dtype=torch.bool)
+    phrase_valid = torch.zeros(B, K, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        for k, pos in enumerate(s["phrases"]):
+            phrase_tokens[b, k, pos] = True
+            phrase_valid[b, k] = True
+    regions = torch.stack([s["regions"] for s in samples])
+    batch = Batch(
+        keys=[s["key"] for s in samples], images=torch.stack([s["image"] for s in samples]), text=text,
+        token_valid=token_valid, phrase_tokens=phrase_tokens, phrase_valid=phrase_valid,
+        region_masks=regions, region_valid=torch.ones(regions.shape[:2], dtype=torch.bool),
+        meta=[s["meta"] for s in samples],
+    )
+    if d.concepts:
+        rows = [r for s in samples for r in s["concepts"]]
+        batch.concept_text = torch.stack(rows)
+        batch.concept_owner = torch.tensor([b for b, s in enumerate(samples) for _ in s["concepts"]])
+        batch.concept_ids = torch.tensor([i for s in samples for i in s["concept_ids"]], dtype=torch.long)
+    if d.num_negatives > 0:
+        N = d.num_negatives
+        batch.neg_text = torch.zeros(B, N, L, dtype=torch.long)
+        batch.neg_valid = torch.zeros(B, N, dtype=torch.bool)
+        for b, s in enumerate(samples):
+            for n, row in enumerate(s["negatives"]):
+                batch.neg_text[b, n] = row
+                batch.neg_valid[b, n] = True
+    return batch
+
+
+# ------------------------------------------------------------------------------- dataset
+class BatchStream(torch.utils.data.IterableDataset):
+    """Yields (Batch, slot, cursor, counters) from the slot that this worker plays."""
+
+    def __init__(self, cfg: Config, spec: StreamSpec, slots: dict[int, dict], offset: int, train: bool):
+        super().__init__()
+        self.cfg, self.spec, self.slots, self.offset, self.train = cfg, spec, slots, offset, train
+
+    def __iter__(self) -> Iterator[tuple[Batch, int, dict, dict]]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        slot = (wid + self.offset) % self.spec.workers
+        state = self.slots.get(slot) or {"cursor": initial_cursor(), "counters": {}}
+        cursor, counters = dict(state["cursor"]), dict(state["counters"])
+        proc = SampleProcessor(self.cfg, self.train)
+        buf: list[dict] = []
+        for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
+            result = proc(raw, seed)
+            cursor = cur
+            if isinstance(result, str):
+                counters[result] = counters.get(result, 0) + 1
+                continue
+            buf.append(result)
+            if len(buf) == self.cfg.data.batch_size:
+                yield collate(buf, self.cfg), slot, dict(cursor), dict(counters)
+                buf = []
+        if buf:  # finite (evaluation) streams end with a partial batch
+            yield collate(buf, self.cfg), slot, dict(cursor), dict(counters)
+
+
+class Loader:
+    """Iterable of Batch with ``state_dict()`` / ``counters()``; iterating again continues."""
+
+    def __init__(self, cfg: Config, spec: StreamSpec, state: dict | None, train: bool):
+        self.cfg, self.spec, self.train = cfg, spec, train
+        self._batches = 0
+        self._slots: dict[int, dict] = {}
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "batches": self._batches, "workers": self.spec.workers,
+                "rank": self.spec.rank, "world_size": self.spec.world_size,
+                "slots": {str(k): copy.deepcopy(v) for k, v in self._slots.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state version {state.get('version')} != {STATE_VERSION}")
+        for key in ("workers", "world_size", "rank"):
+            if state[key] != getattr(self.spec, key):
+                raise DataError(f"cannot resume the data stream exactly: checkpoint has {key}="
+                                f"{state[key]}, this run has {getattr(self.spec, key)}")
+        self._batches = int(state["batches"])
+        self._slots = {int(k): copy.deepcopy(v) for k, v in state["slots"].items()}
+
+    def counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for v in self._slots.values():
+            for reason, n in v["counters"].items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def __iter__(self) -> Iterator[Batch]:
+        W = self.spec.workers if self.cfg.data.workers > 0 else 0
+        ds = BatchStream(self.cfg, self.spec, copy.deepcopy(self._slots), self._batches % self.spec.workers,
+                         self.train)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=W,
+                                         persistent_workers=False, prefetch_factor=2 if W > 0 else None)
+        for batch, slot, cursor, counters in dl:
+            self._slots[slot] = {"cursor": cursor, "counters": counters}
+            self._batches += 1
+            yield batch
+
+
+def build_loader(cfg: Config, rank: int, world_size: int, state: dict | None = None, *,
+                 shards: str | None = None, train: bool = True) -> Loader:
+    """The training stream (``train=True``: infinite, shuffled, augmented, resumable from ``state``)
+    or an evaluation pass over ``shards`` (``train=False``: one finite pass in shard order, eval
+    transform, last batch partial). ``shards`` overrides data.sources with one brace pattern."""
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be > 0, got {cfg.data.batch_size}")
+    sources = [(shards, 1.0)] if shards is not None else None
+    spec = make_spec(cfg, rank, world_size, sources, finite=not train)
+    if not train:
+        state = None
+    return Loader(cfg, spec, state, train)

@@ -1,0 +1,326 @@
+"""Procedural compositional image-caption dataset: the project's embedded default data.
+
+Why procedural: CI has no internet and no data, yet every loss needs what real shards carry
+(parse spans, concept noun phrases, region boxes, hard negatives). A small grammar gives all of
+that *exactly*, so the annotation, region and negative code paths are tested against ground truth.
+
+Scene: 1-3 objects (shape x colour x size) on distinct cells of a 3x3 layout, drawn with PIL.
+Caption grammar (every span below is known at construction time)::
+
+    caption := clause [" and " NP]
+    clause  := NP | NP " " REL " " NP                 REL in {left of, right of, above, below}
+    NP      := "a " [SIZE " "] COLOUR " " SHAPE
+
+Phrase nodes: every NP, every "REL NP" (labelled PP) and the ROOT (whole caption). Concepts:
+the NPs. Evaluation negatives follow SugarCrepe's kinds; DeGLA training negatives follow
+METHODS 4's five kinds; both are generated from the grammar, never by string hacks on text.
+The heldout split contains only scenes with at least one (colour, shape) pair that never occurs
+in train/val (a compositional-generalisation probe).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SCHEMA_VERSION = 1
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 0.11, "large": 0.16}  # half-extent as a fraction of the image side
+RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.", "a {}."]
+CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+BACKGROUND = (90, 90, 90)
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str | None  # None: the size word is not said (drawn small)
+    cell: tuple[int, int]  # (col, row) in the 3x3 layout
+
+    def np_text(self) -> str:
+        first = self.size or self.colour
+        words = ["an" if first[0] in "aeiou" else "a"] + ([self.size] if self.size else []) + [self.colour, self.shape]
+        return " ".join(words)
+
+    def box(self, jitter: tuple[float, float]) -> list[float]:
+        half = SIZES[self.size or "small"]
+        cx = (self.cell[0] + 0.5) / 3 + jitter[0]
+        cy = (self.cell[1] + 0.5) / 3 + jitter[1]
+        return [round(max(0.0, cx - half), 4), round(max(0.0, cy - half), 4),
+                round(min(1.0, cx + half), 4), round(min(1.0, cy + half), 4)]
+
+
+def heldout_pairs(seed: int, fraction: float = 0.15) -> set[tuple[str, str]]:
+    """(colour, shape) pairs reserved for the heldout split; each shape keeps most colours."""
+    rng = random.Random(f"heldout-{seed}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    n = max(1, round(fraction * len(pairs)))
+    return set(rng.sample(pairs, n))
+
+
+# ------------------------------------------------------------------------------------ captions
+class Caption:
+    """Builds a caption piece by piece, recording the char span of every grammar node."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.phrases: list[dict] = []
+        self.concepts: list[dict] = []
+
+    def add(self, s: str) -> tuple[int, int]:
+        start = len(self.text)
+        self.text += s
+        return start, len(self.text)
+
+    def add_np(self, obj: Obj) -> tuple[int, int]:
+        start, end = self.add(obj.np_text())
+        self.phrases.append({"label": "NP", "start": start, "end": end})
+        self.concepts.append({"text": self.text[start:end], "start": start, "end": end})
+        return start, end
+
+
+def render_caption(objs: list[Obj], rel: str | None) -> Caption:
+    """Caption for objs[0] REL objs[1] (if rel) and objs[2] (if present)."""
+    cap = Caption()
+    cap.add_np(objs[0])
+    rest = 1
+    if rel is not None:
+        cap.add(" ")
+        pp_start, _ = cap.add(rel + " ")
+        _, np_end = cap.add_np(objs[1])
+        cap.phrases.append({"label": "PP", "start": pp_start, "end": np_end})
+        rest = 2
+    for o in objs[rest:]:
+        cap.add(" and ")
+        cap.add_np(o)
+    cap.phrases.append({"label": "ROOT", "start": 0, "end": len(cap.text)})
+    return cap
+
+
+def _relation_holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return {"left of": a[0] < b[0], "right of": a[0] > b[0],
+            "above": a[1] < b[1], "below": a[1] > b[1]}[rel]
+
+
+def _text(objs: list[Obj], rel: str | None) -> str:
+    return render_caption(objs, rel).text
+
+
+def _copy(o: Obj, **kw) -> Obj:
+    d = dict(shape=o.shape, colour=o.colour, size=o.size, cell=o.cell)
+    d.update(kw)
+    return Obj(**d)
+
+
+def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> dict[str, str]:
+    """SugarCrepe-style hard negatives, each a caption that is false for this image."""
+    out: dict[str, str] = {}
+    pos = _text(objs, rel)
+    i = rng.randrange(len(objs))
+    # replace-att: one object's colour becomes a colour no object in the scene has
+    free_colours = [c for c in COLOURS if c != objs[i].colour]
+    new = list(objs)
+    new[i] = _copy(objs[i], colour=rng.choice(free_colours))
+    out["replace-att"] = _text(new, rel)
+    # replace-obj: one object's shape becomes a different shape
+    new = list(objs)
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    out["replace-obj"] = _text(new, rel)
+    if rel is not None:
+        out["replace-rel"] = _text(objs, RELATIONS[rel])
+    # add-obj: an object that is not in the scene
+    present = {(o.colour, o.shape) for o in objs}
+    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+    out["add-obj"] = pos + " and " + Obj(extra[1], extra[0], None, (0, 0)).np_text()
+    if len(objs) >= 2:
+        a, b = objs[0], objs[1]
+        if a.colour != b.colour:
+            new = [_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:]
+            out["swap-att"] = _text(new, rel)
+        if a.shape != b.shape:
+            new = [_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:]
+            out["swap-obj"] = _text(new, rel)
+    return {k: v for k, v in out.items() if v != pos}
+
+
+def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> list[dict]:
+    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent."""
+    pos = _text(objs, rel)
+    out: list[dict] = []
+    if rel is not None and len(objs) >= 2:
+        # reorder: the two related NPs change places (the relation is asymmetric)
+        out.append({"kind": "reorder", "text": _text([objs[1], objs[0]] + objs[2:], rel)})
+    else:
+        words = pos.split(" ")
+        for _ in range(10):
+            shuffled = rng.sample(words, len(words))
+            if shuffled != words:
+                out.append({"kind": "reorder", "text": " ".join(shuffled)})
+                break
+    if len(objs) >= 2:
+        a, b = objs[0], objs[1]
+        if a.shape != b.shape:
+            out.append({"kind": "swap_nouns",
+                        "text": _text([_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:], rel)})
+        if a.colour != b.colour:
+            out.append({"kind": "swap_adjectives",
+                        "text": _text([_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:], rel)})
+    i = rng.randrange(len(objs))
+    new = list(objs)
+    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour]))
+    out.append({"kind": "replace_adjectives", "text": _text(new, rel)})
+    new = list(objs)
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    out.append({"kind": "replace_nouns", "text": _text(new, rel)})
+    return [n for n in out if n["text"] != pos]
+
+
+# -------------------------------------------------------------------------------------- scenes
+def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]]) -> tuple[list[Obj], str | None]:
+    """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none."""
+    n = rng.choice((1, 2, 2, 3))
+    cells = rng.sample([(c, r) for c in range(3) for r in range(3)], n)
+    rel: str | None = None
+    if n >= 2:
+        options = [r for r in RELATIONS if _relation_holds(r, cells[0], cells[1])]
+        rel = rng.choice(options) if options else None
+        if rel is None and n == 2:
+            # cells on the same row and column cannot happen (distinct cells): options is never empty
+            raise AssertionError("no relation between distinct cells")
+    pairs_ok = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+    held_list = sorted(held)
+    objs: list[Obj] = []
+    for k in range(n):
+        if split == "heldout" and k == 0:
+            colour, shape = rng.choice(held_list)
+        else:  # no two objects of the same colour and shape: every object is nameable
+            colour, shape = rng.choice([p for p in pairs_ok if p not in {(o.colour, o.shape) for o in objs}])
+        size = rng.choice((None, "small", "large"))
+        objs.append(Obj(shape=shape, colour=colour, size=size, cell=cells[k]))
+    if split == "heldout":
+        rng.shuffle(objs)  # the held pair is not always first
+        # keep the relation true after shuffling the objects between the cells
+        if n >= 2:
+            options = [r for r in RELATIONS if _relation_holds(r, objs[0].cell, objs[1].cell)]
+            rel = rng.choice(options)
+    return objs, rel
+
+
+def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Image, list[list[float]]]:
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    boxes = []
+    for o in objs:
+        jitter = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
+        box = o.box(jitter)
+        boxes.append(box)
+        x0, y0, x1, y1 = (v * size for v in box)
+        col = COLOURS[o.colour]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if o.shape == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=col)
+        elif o.shape == "square":
+            d.rectangle([x0, y0, x1, y1], fill=col)
+        elif o.shape == "triangle":
+            d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=col)
+        elif o.shape == "diamond":
+            d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=col)
+        elif o.shape == "cross":
+            w = (x1 - x0) / 3
+            d.rectangle([cx - w / 2, y0, cx + w / 2, y1], fill=col)
+            d.rectangle([x0, cy - w / 2, x1, cy + w / 2], fill=col)
+    return img, boxes
+
+
+def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],
+                image_format: str = "png") -> dict:
+    """One webdataset sample dict; a pure function of (index, split, seed, image_size)."""
+    rng = random.Random(f"{seed}-{split}-{index}")
+    objs, rel = sample_scene(rng, split, held)
+    img, boxes = draw_scene(objs, image_size, rng)
+    cap = render_caption(objs, rel)
+    ann = {
+        "schema": SCHEMA_VERSION,
+        "parser": "synthetic-grammar",
+        "caption": cap.text,
+        "phrases": cap.phrases,
+        "concepts": cap.concepts,
+        "boxes": boxes,
+        "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size or "small",
+                     "box": b} for o, b in zip(objs, boxes)],
+        "relation": rel,
+        "label": CLASSNAMES.index(f"{objs[0].colour} {objs[0].shape}"),
+        "negatives": training_negatives(objs, rel, rng),
+        "eval_negatives": eval_negatives(objs, rel, rng),
+    }
+    buf = io.BytesIO()
+    if image_format == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=90)
+    key = f"{split}_{index:08d}"
+    return {"__key__": key, image_format: buf.getvalue(), "txt": cap.text.encode(),
+            "json": json.dumps(ann).encode()}
+
+
+def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: int, image_size: int,
+                held: set[tuple[str, str]], image_format: str = "png") -> dict[str, int]:
+    """Write OUT/split/NNNNN.tar + sizes.json; returns the sizes mapping."""
+    import webdataset as wds
+
+    d = out / split
+    d.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    for s in range(num_shards):
+        name = f"{s:05d}.tar"
+        tmp = d / (name + ".tmp")
+        with wds.TarWriter(str(tmp), mtime=0.0) as w:  # fixed mtime: byte-identical reruns
+            for i in range(per_shard):
+                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format))
+        tmp.replace(d / name)
+        sizes[name] = per_shard
+    (d / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    return sizes
+
+
+def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
+                   per_shard: int = 256, image_size: int = 64, seed: int = 0,
+                   image_format: str = "png") -> dict:
+    """Write the whole dataset under ``out``; returns the manifest dict (also written to disk)."""
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = heldout_pairs(seed)
+    splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}
+    manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
+                      "image_size": image_size, "image_format": image_format,
+                      "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
+    for split, n in splits.items():
+        if n <= 0:
+            continue
+        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format)
+        manifest["splits"][split] = {"shards": f"{split}/{{00000..{n - 1:05d}}}.tar",
+                                     "num_samples": sum(sizes.values()), "skipped": []}
+    (out / "classes.json").write_text(json.dumps({"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=1))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

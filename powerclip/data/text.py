@@ -1,0 +1,125 @@
+"""Tokenisation with character offsets, so parse spans (chars) become token positions.
+
+Why offsets: annotations are stored once per caption as character spans (tokenizer-independent);
+each run maps them to the token positions of *its* tokenizer. Layout follows open_clip:
+``[SOT] w_1 .. w_n [EOT] 0 ...`` truncated to the context length with EOT kept last. A span
+whose tokens were cut by the context length is dropped (METHODS 2), never silently shortened.
+
+Two backends:
+* ``clip``: open_clip's SimpleTokenizer (CLIP BPE). Offsets come from running the tokenizer's own
+  word regex over the lower-cased caption; the result is checked against ``encode`` and, if the
+  text cleaning (ftfy / html unescape) changed the words, the caption keeps its tokens but loses
+  its offsets (only the root phrase survives), counted by the caller.
+* ``sentencepiece:/path.model``: SentencePiece with its native piece offsets. The model must
+  reserve SOT/EOT ids (tools/train_tokenizer.py trains it with bos/eos set; EOT must be the
+  highest id because open_clip pools the text tower at argmax(token id)).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Encoded:
+    """Tokens of one text in open_clip layout, and the char span of every token position."""
+
+    ids: list[int]  # length <= L, SOT ... EOT
+    spans: list[tuple[int, int]] | None  # per position; SOT/EOT get (-1, -1); None: offsets unknown
+    truncated_at: int | None  # char offset from which words were cut off (None: nothing cut)
+
+
+class ClipTokenizer:
+    def __init__(self, context_length: int):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tok = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.sot, self.eot = self.tok.sot_token_id, self.tok.eot_token_id
+        self.vocab_size = self.tok.vocab_size
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
+    def _words(self, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for m in self.tok.pat.finditer(text.lower()):
+            word = "".join(self.tok.byte_encoder[b] for b in m.group().encode("utf-8"))
+            for piece in self.tok.bpe(word).split(" "):
+                ids.append(self.tok.encoder[piece])
+                spans.append(m.span())
+        if ids != self.tok.encode(text):
+            return None
+        return tuple(ids), tuple(spans)
+
+    def encode(self, text: str) -> Encoded:
+        words = self._words(text)
+        if words is None:
+            ids, spans = self.tok.encode(text), None
+        else:
+            ids, spans = list(words[0]), list(words[1])
+        keep = self.context_length - 2
+        cut = None
+        if len(ids) > keep:
+            cut = spans[keep][0] if spans is not None else 0
+            ids, spans = ids[:keep], (spans[:keep] if spans is not None else None)
+        out_spans = None if spans is None else [(-1, -1)] + spans + [(-1, -1)]
+        return Encoded([self.sot] + ids + [self.eot], out_spans, cut)
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str, context_length: int):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.context_length = context_length
+        self.sot, self.eot = self.sp.bos_id(), self.sp.eos_id()
+        if self.sot < 0 or self.eot < 0:
+            raise ValueError(f"sentencepiece model {path} has no bos/eos ids; train it with "
+                             "tools/train_tokenizer.py (which reserves them)")
+        self.vocab_size = self.sp.get_piece_size()
+        if self.eot != self.vocab_size - 1:
+            raise ValueError(f"sentencepiece model {path}: eos id {self.eot} must be the highest id "
+                             f"({self.vocab_size - 1}) because open_clip pools text at argmax(token)")
+
+    def encode(self, text: str) -> Encoded:
+        proto = self.sp.encode(text, out_type="immutable_proto")
+        ids, spans = [], []
+        for p in proto.pieces:
+            if p.id in (self.sot, self.eot):
+                continue
+            ids.append(p.id)
+            spans.append((p.begin, p.end))
+        keep = self.context_length - 2
+        cut = None
+        if len(ids) > keep:
+            cut = spans[keep][0]
+            ids, spans = ids[:keep], spans[:keep]
+        return Encoded([self.sot] + ids + [self.eot], [(-1, -1)] + spans + [(-1, -1)], cut)
+
+
+def build_tokenizer(spec: str, context_length: int) -> ClipTokenizer | SentencePieceTokenizer:
+    """``clip`` or ``sentencepiece:/path/model.model`` (data.tokenizer)."""
+    if spec == "clip":
+        return ClipTokenizer(context_length)
+    if spec.startswith("sentencepiece:"):
+        return SentencePieceTokenizer(spec.split(":", 1)[1], context_length)
+    raise ValueError(f"data.tokenizer={spec!r}: expected 'clip' or 'sentencepiece:/path.model'")
+
+
+def to_row(enc: Encoded, length: int) -> torch.Tensor:
+    row = torch.zeros(length, dtype=torch.long)
+    row[: len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
+    return row
+
+
+def span_positions(enc: Encoded, start: int, end: int) -> list[int] | None:
+    """Token positions whose char span overlaps [start, end); None if the span was cut or is empty."""
+    if enc.spans is None:
+        return None
+    if enc.truncated_at is not None and end > enc.truncated_at:
+        return None
+    pos = [i for i, (s, e) in enumerate(enc.spans) if s >= 0 and s < end and e > start]
+    return pos or None

@@ -1,0 +1,27 @@
+"""Shared pytest fixtures.
+
+``synthetic_root``: one small synthetic dataset (powerclip.data.synthetic) built once per test
+session, for every engineer's tests: OUT/train/{00000..00002}.tar (3 x 64 samples),
+OUT/val/00000.tar and OUT/heldout/00000.tar (64 each), 32 px PNG, plus sizes.json per split,
+manifest.json and classes.json. Treat it as read-only; tests that need to damage shards copy them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SYNTH_TRAIN_SHARDS = 3
+SYNTH_PER_SHARD = 64
+SYNTH_IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from powerclip.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, train_shards=SYNTH_TRAIN_SHARDS, val_shards=1, heldout_shards=1,
+                   per_shard=SYNTH_PER_SHARD, image_size=SYNTH_IMAGE_SIZE, seed=0)
+    return root
