@@ -1,0 +1,345 @@
+"""Bring up (or reuse) a real one-node Slurm cluster on this machine for the ``slurm`` tests.
+
+WHY a real cluster: submitit's Slurm backend, ``sbatch --requeue``/``--signal`` and ``srun`` rank
+variables are exactly the parts that break on users' clusters, and no mock exercises them.
+Debian's slurmctld + slurmd + munge run fine as root in a container with a minimal config
+(``proctrack/linuxproc``, ``task/none``: no cgroups, no systemd), so CI gets the real thing.
+
+``ensure_cluster()`` is idempotent:
+
+1. a responding controller with a usable node is reused as is (whoever started it);
+2. otherwise the packages are installed with apt-get when missing (needs root), a munge key and
+   daemon are set up, our ``slurm.conf`` is written (only over a config that we wrote before), and
+   slurmctld + slurmd are started and waited for.
+
+It raises ``SlurmUnavailable`` with the reason only when the cluster cannot be had (not root, no
+apt-get, package installation failed, a foreign slurm.conf in the way); the fixture turns that
+into a skip. Everything else (a daemon that does not come up) is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MARKER = "# written by powerclip tests/slurm_cluster.py"
+PARTITION = "debug"
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+LOG_DIR = Path("/var/log/slurm")
+LOCK = Path("/tmp/powerclip-slurm-bringup.lock")
+
+
+class SlurmUnavailable(RuntimeError):
+    """The cluster cannot be brought up on this machine (the reason says why); tests skip."""
+
+
+@dataclass
+class ClusterInfo:
+    partition: str
+    node: str
+    cpus: int
+    started: bool  # True when this call started the daemons (False: reused a running cluster)
+    bringup_s: float  # seconds spent in ensure_cluster (install + start + wait)
+
+
+def _run(cmd: list[str], timeout: float = 60, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+
+def _node_states() -> dict[str, str]:
+    """{node: state} from sinfo, or {} when the controller does not answer."""
+    if shutil.which("sinfo") is None:
+        return {}
+    try:
+        out = _run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=15)
+    except subprocess.TimeoutExpired:
+        return {}
+    if out.returncode != 0:
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1].lower()
+    return states
+
+
+def _usable(state: str) -> bool:
+    # "idle", "mixed", "allocated", "completing" (trailing "*" = not responding, "~" = powered off)
+    base = state.rstrip("*~#!%$@^-")
+    return base in ("idle", "mixed", "allocated", "completing") and not state.endswith("*")
+
+
+def _partition_of_running_cluster() -> str | None:
+    out = _run(["sinfo", "-h", "-o", "%P"], timeout=15)
+    names = [p.strip() for p in out.stdout.split() if p.strip()]
+    for name in names:  # the default partition carries a trailing "*"
+        if name.endswith("*"):
+            return name.rstrip("*")
+    return names[0].rstrip("*") if names else None
+
+
+def _install_packages() -> None:
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged") if not _which(b)]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SlurmUnavailable(f"Slurm binaries {missing} are missing and we are not root to install them")
+    if shutil.which("apt-get") is None:
+        raise SlurmUnavailable(f"Slurm binaries {missing} are missing and there is no apt-get to install them")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    upd = _run(["apt-get", "update"], timeout=600, env=env)
+    inst = _run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], timeout=900, env=env)
+    if inst.returncode != 0:
+        raise SlurmUnavailable(
+            "apt-get install " + " ".join(PACKAGES) + f" failed (rc={inst.returncode}):\n"
+            + (upd.stderr[-1500:] if upd.returncode else "") + inst.stdout[-1500:] + inst.stderr[-1500:]
+        )
+    still = [b for b in missing if not _which(b)]
+    if still:
+        raise SlurmUnavailable(f"after apt-get install, still missing: {still}")
+
+
+def _which(binary: str) -> str | None:
+    return shutil.which(binary) or next(
+        (str(p) for d in ("/usr/sbin", "/usr/bin", "/sbin") if (p := Path(d) / binary).exists()), None
+    )
+
+
+def _pid_alive(name: str) -> bool:
+    """Is a process with exactly this command name running (read from /proc, no pkill patterns)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        # state field after the ")" : skip zombies
+        if comm == name and stat.rsplit(")", 1)[-1].split()[0] != "Z":
+            return True
+    return False
+
+
+def _start_munge() -> None:
+    if _run(["munge", "-n"], timeout=10).returncode == 0 and _pid_alive("munged"):
+        return
+    if not MUNGE_KEY.exists():
+        MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
+        MUNGE_KEY.write_bytes(os.urandom(1024))
+        shutil.chown(MUNGE_KEY, "munge", "munge")
+        MUNGE_KEY.chmod(0o400)
+    for d in (Path("/run/munge"), Path("/var/log/munge"), Path("/var/lib/munge")):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    if not _pid_alive("munged"):
+        r = _run(["runuser", "-u", "munge", "--", _which("munged") or "munged"], timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"munged did not start: {r.stderr.strip()}")
+    for _ in range(50):
+        if _run(["munge", "-n"], timeout=10).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("munged started but `munge -n` still fails")
+
+
+def _real_memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(int(line.split()[1]) / 1024 * 0.8)
+    return 1024
+
+
+def render_conf(host: str, cpus: int, mem_mb: int) -> str:
+    """The one-node config. Why each non-default line is there:
+
+    * proctrack/linuxproc + task/none: no cgroup or systemd needed (containers, CI);
+    * SlurmdParameters=config_overrides: trust CPUs=... even on a 1-core runner (2 tasks still fit);
+    * CR_CPU: schedule CPUs only, memory is not a consumable (tests ask for no memory);
+    * KillWait=5: a requeued/cancelled job's leftovers die fast, so requeue tests stay short;
+    * sched_interval=2: the scheduler notices within 2 s (not 60) that a requeued job may start;
+    * AuthInfo=cred_expire=10: a requeued job may start again after 11 s instead of 121 s;
+    * SlurmUser=root: the daemons run as root here, no spool ownership to get right.
+    """
+    return f"""{MARKER}
+ClusterName=powerclip
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+SlurmdParameters=config_overrides
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile={LOG_DIR}/slurmctld.log
+SlurmdLogFile={LOG_DIR}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+"""
+
+
+def _write_conf(host: str, cpus: int) -> None:
+    if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
+        raise SlurmUnavailable(
+            f"{SLURM_CONF} exists, was not written by these tests, and no cluster answers with it; "
+            "not overwriting someone else's Slurm configuration"
+        )
+    SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
+    text = render_conf(host, cpus, _real_memory_mb())
+    if not SLURM_CONF.exists() or SLURM_CONF.read_text() != text:
+        SLURM_CONF.write_text(text)
+    for d in (LOG_DIR, Path("/var/lib/slurm/slurmctld"), Path("/var/lib/slurm/slurmd")):
+        d.mkdir(parents=True, exist_ok=True)
+
+
+def _refresh_our_conf() -> None:
+    """A running cluster on a config we wrote earlier gets this version's config (reconfigure)."""
+    if not SLURM_CONF.exists() or MARKER not in SLURM_CONF.read_text():
+        return
+    host = socket.gethostname().split(".")[0]
+    text = render_conf(host, max(2, os.cpu_count() or 1), _real_memory_mb())
+    if SLURM_CONF.read_text() != text:
+        # some settings (AuthInfo) are read only at daemon start: restart rather than reconfigure
+        SLURM_CONF.write_text(text)
+        _run(["scontrol", "shutdown"], timeout=60)
+        for _ in range(100):
+            if not _pid_alive("slurmctld") and not _pid_alive("slurmd"):
+                break
+            time.sleep(0.2)
+        _start_daemons()
+
+
+def _start_daemons() -> None:
+    if not _pid_alive("slurmctld"):
+        r = _run([_which("slurmctld") or "slurmctld"], timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"slurmctld did not start (rc={r.returncode}): {r.stderr.strip()}\n{_log_tail()}")
+    # wait for the controller before the node daemon registers with it
+    for _ in range(100):
+        if _run(["scontrol", "ping"], timeout=10).stdout.find("UP") >= 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(f"slurmctld started but `scontrol ping` does not report UP\n{_log_tail()}")
+    if not _pid_alive("slurmd"):
+        r = _run([_which("slurmd") or "slurmd"], timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"slurmd did not start (rc={r.returncode}): {r.stderr.strip()}\n{_log_tail()}")
+
+
+def _log_tail() -> str:
+    parts = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        p = LOG_DIR / name
+        if p.exists():
+            parts.append(f"--- {p} (tail)\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(parts)
+
+
+def _wait_node_usable(timeout: float) -> tuple[str, str]:
+    deadline = time.time() + timeout
+    states: dict[str, str] = {}
+    resumed = False
+    while time.time() < deadline:
+        states = _node_states()
+        for node, state in states.items():
+            if _usable(state):
+                return node, state
+        # a node left "down"/"drained" by an earlier unclean stop: put it back once
+        if states and not resumed:
+            for node, state in states.items():
+                if state.startswith(("down", "drain")) and not state.endswith("*"):
+                    _run(["scontrol", "update", f"nodename={node}", "state=resume"], timeout=15)
+                    resumed = True
+        time.sleep(0.5)
+    raise RuntimeError(f"no usable Slurm node after {timeout:.0f}s; sinfo says {states}\n{_log_tail()}")
+
+
+def ensure_cluster(timeout: float = 90.0) -> ClusterInfo:
+    """Return a usable one-node cluster, starting (and installing) it when needed. See module doc."""
+    t0 = time.time()
+    LOCK.touch(exist_ok=True)
+    with open(LOCK) as lock:  # several pytest processes may ask at once: one brings it up
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        states = _node_states()
+        if any(_usable(s) for s in states.values()) or (
+            states and all(s.startswith(("down", "drain")) and not s.endswith("*") for s in states.values())
+        ):
+            _refresh_our_conf()
+            node, _ = _wait_node_usable(timeout)
+            partition = _partition_of_running_cluster() or PARTITION
+            return ClusterInfo(partition, node, _node_cpus(node), started=False, bringup_s=time.time() - t0)
+        _install_packages()
+        host = socket.gethostname().split(".")[0]
+        cpus = max(2, os.cpu_count() or 1)
+        _write_conf(host, cpus)
+        _start_munge()
+        _start_daemons()
+        node, _ = _wait_node_usable(timeout)
+        return ClusterInfo(PARTITION, node, _node_cpus(node), started=True, bringup_s=time.time() - t0)
+
+
+def _node_cpus(node: str) -> int:
+    out = _run(["sinfo", "-h", "-n", node, "-o", "%c"], timeout=15).stdout.split()
+    return int(out[0]) if out and out[0].isdigit() else 1
+
+
+def wait_job(job_id: str, timeout: float, poll: float = 1.0) -> str:
+    """Wait until a job has left the queue; return its final state from ``scontrol show job``."""
+    deadline = time.time() + timeout
+    state = "UNKNOWN"
+    while time.time() < deadline:
+        state = job_state(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                     "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+            return state
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f}s\n{_log_tail()}")
+
+
+def job_state(job_id: str) -> str:
+    out = _run(["scontrol", "show", "job", "-o", job_id], timeout=15)
+    for tok in out.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def job_field(job_id: str, name: str) -> str | None:
+    out = _run(["scontrol", "show", "job", "-o", job_id], timeout=15)
+    for tok in out.stdout.split():
+        if tok.startswith(name + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__":  # `python tests/slurm_cluster.py` brings the cluster up by hand
+    info = ensure_cluster()
+    print(info)
