@@ -1,0 +1,179 @@
+"""Rule-based hard negatives, the validator, and the shard-to-shard tool on real tar files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from powerclip.negatives.rules import RuleGenerator, Vocabulary, load_tagger, tag_captions
+from powerclip.negatives.shards import NegativesJob, iter_samples, list_shards, make_negatives
+from powerclip.negatives.validate import KINDS, REASONS, Bounds, check_negative, select_negatives
+from tools.make_negatives import main as cli_main
+
+CAPTIONS = [
+    "a red circle left of a blue square",
+    "A man riding a brown horse on the beach.",
+    "two small dogs playing with a yellow ball in the green grass",
+    "a red car next to a house",
+    "a large red circle",
+    "a woman holding a white umbrella near a wooden bench",
+]
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_tagger()
+
+
+@pytest.fixture(scope="module")
+def tagged(nlp):
+    return tag_captions(nlp, CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def gen(tagged):
+    vocab = Vocabulary()
+    for t in tagged:
+        vocab.add(t)
+    return RuleGenerator(vocab, seed=0)
+
+
+def _one(gen: RuleGenerator, t, kind: str, key: str = "k") -> str | None:
+    return gen.candidate(kind, t, gen.rng(key))
+
+
+def test_swaps_and_reorder_on_a_known_caption(gen, tagged):
+    t = tagged[0]  # a red circle left of a blue square
+    assert _one(gen, t, "swap_nouns") == "a red square left of a blue circle"
+    assert _one(gen, t, "swap_adjectives") == "a blue circle left of a red square"
+    assert _one(gen, t, "reorder") == "a blue square left of a red circle"
+    # capitalisation follows the position, not the word
+    assert _one(gen, tagged[1], "swap_nouns", "x").startswith("A ")
+
+
+def test_single_adjective_moves_to_another_phrase(gen, tagged):
+    assert _one(gen, tagged[3], "swap_adjectives") == "a car next to a red house"
+    # adjectives of one phrase never swap with each other (same meaning)
+    assert _one(gen, tagged[4], "swap_adjectives") is None
+    assert _one(gen, tagged[4], "swap_nouns") is None
+
+
+def test_replacements_come_from_the_corpus_vocabulary(gen, tagged):
+    corpus_words = {w.lower() for t in tagged for w in t.words}
+    for key in map(str, range(20)):
+        for kind, pos in (("replace_adjectives", "ADJ"), ("replace_nouns", "NOUN")):
+            out = _one(gen, tagged[0], kind, key)
+            old, new = tagged[0].words, out.split()
+            changed = [(a, b) for a, b in zip(old, new) if a != b]
+            assert len(new) == len(old) and len(changed) == 1, out
+            a, b = changed[0]
+            assert b in corpus_words and b not in {w.lower() for w in old}
+            # same fine tag: a singular noun is replaced by a singular noun
+            i = old.index(a)
+            assert tagged[0].pos[i] == pos and b in gen.vocab.counts[tagged[0].tags[i]]
+
+
+def test_rules_are_deterministic_by_seed_and_key(gen, tagged):
+    a = gen.candidates("key-1", tagged[2], KINDS, per_kind=2)
+    assert a == gen.candidates("key-1", tagged[2], KINDS, per_kind=2)
+    other = RuleGenerator(gen.vocab, seed=1)
+    outs = {tuple(other.candidates(f"key-{i}", tagged[2], KINDS, per_kind=2)) for i in range(10)}
+    assert len(outs) > 1  # keys and seeds do change the random choices
+
+
+def test_validator_reasons():
+    b = Bounds()
+    cap = "a red circle left of a blue square"
+    assert check_negative(cap, "", set(), b) == "empty"
+    assert check_negative(cap, "A red circle left of a blue square.", set(), b) == "same_as_caption"
+    assert check_negative(cap, "circle", set(), b) == "too_short"
+    assert check_negative(cap, " ".join(["word"] * 40), set(), b) == "too_long"
+    assert check_negative(cap, "a blue circle left of a red square", {"a blue circle left of a red square"},
+                          b) == "duplicate"
+    assert check_negative(cap, "a blue circle left of a red square", set(), b) is None
+    rejects: Counter = Counter()
+    out = select_negatives(cap, [("reorder", cap), ("swap_nouns", None), ("bogus", "x y z"),
+                                 ("swap_adjectives", "a blue circle left of a red square"),
+                                 ("replace_nouns", "a blue circle left of a red square"),
+                                 ("replace_adjectives", "a red circle left of a green square")], 2, b, rejects)
+    assert [n["kind"] for n in out] == ["swap_adjectives", "replace_adjectives"]
+    assert rejects == Counter(same_as_caption=1, not_applicable=1, unknown_kind=1, duplicate=1)
+
+
+# ---------------------------------------------------------------------------- the shard tool
+def _write_shards(root: Path) -> dict[str, dict]:
+    """Two shards; sample 0 has no json (txt only), sample 1 has old negatives, one has no caption."""
+    root.mkdir(parents=True)
+    members: dict[str, dict] = {}
+    for s in range(2):
+        with wds.TarWriter(str(root / f"{s:05d}.tar"), encoder=False) as w:
+            for i, cap in enumerate(CAPTIONS):
+                key = f"s{s}_{i:04d}"
+                sample = {"__key__": key, "png": f"not really a png {key}".encode(), "txt": cap.encode(),
+                          "extra.bin": bytes(range(7))}
+                if i != 0:
+                    ann = {"schema": 1, "caption": cap, "label": i}
+                    if i == 1:
+                        ann["negatives"] = [{"kind": "reorder", "text": "stale"}]
+                    sample["json"] = json.dumps(ann).encode()
+                w.write(sample)
+                members[key] = sample
+            w.write({"__key__": f"s{s}_nocap", "png": b"x"})
+    (root / "sizes.json").write_text(json.dumps({"00000.tar": 7, "00001.tar": 7}))
+    return members
+
+
+def _read(out: Path) -> dict[str, dict]:
+    return {s["__key__"]: s for p in sorted(out.glob("*.tar")) for s in iter_samples(p)}
+
+
+def test_shard_tool_rules_backend(tmp_path):
+    members = _write_shards(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli_main(["--input", str(tmp_path / "in"), "--output", str(out), "-k", "4", "--seed", "3"]) == 0
+    got = _read(out)
+    assert set(got) == set(members) | {"s0_nocap", "s1_nocap"}
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 7, "00001.tar": 7}
+    for key, src in members.items():
+        dst = got[key]
+        for m in ("png", "txt", "extra.bin"):  # copied untouched
+            assert dst[m] == src[m], (key, m)
+        ann = json.loads(dst["json"])
+        cap = ann["caption"]
+        negs = ann["negatives"]
+        assert 1 <= len(negs) <= 4 and all(n["kind"] in KINDS for n in negs)
+        assert all(n["text"] != cap and n["text"] != "stale" for n in negs)
+        assert len({n["text"].lower() for n in negs}) == len(negs)
+        if "json" in src:  # other annotation fields survive
+            assert ann["label"] == json.loads(src["json"])["label"]
+        if cap.startswith("a red circle left"):
+            assert len(negs) == 4
+    assert "json" not in got["s0_nocap"]
+    report = json.loads((out / "negatives_report.json").read_text())
+    assert set(report["rejects"]) == set(REASONS)
+    assert report["counters"]["json_created"] == 2 and report["counters"]["replaced_existing"] == 2
+    assert report["counters"]["no_caption"] == 2
+    assert sum(report["per_kind"].values()) == report["negatives_written"] > 0
+    assert all(report["per_kind"][k] > 0 for k in KINDS)  # every kind occurs in this corpus
+    assert not list(out.glob("*.tmp"))
+
+    # deterministic by seed: a rerun writes the same negatives, another seed does not
+    again = tmp_path / "again"
+    make_negatives(list_shards(str(tmp_path / "in")), again, NegativesJob(k=4, seed=3))
+    assert {k: s.get("json") for k, s in _read(again).items()} == {k: s.get("json") for k, s in got.items()}
+    other = tmp_path / "other"
+    make_negatives(list_shards(str(tmp_path / "in")), other, NegativesJob(k=4, seed=4))
+    assert {k: s.get("json") for k, s in _read(other).items()} != {k: s.get("json") for k, s in got.items()}
+
+
+def test_shard_tool_refuses_bad_input(tmp_path, capsys):
+    _write_shards(tmp_path / "in")
+    assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")]) == 1
+    assert "input folder" in capsys.readouterr().err
+    assert cli_main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
+    assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--kinds", "bogus"]) == 1
+    assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--backend", "llm"]) == 2
