@@ -1,0 +1,69 @@
+"""``powerclip eval --model RUN|CHECKPOINT|EXPORT_DIR --task TASK --data ROOT [--out results.json]``.
+
+Runs on one process, or on every rank of a ``torchrun``/``deepspeed`` launch (features are sharded
+over ranks and gathered; rank 0 writes the results). Prints one line per metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from powerclip.eval.api import TASKS, EvalOptions, evaluate
+from powerclip.eval.model_io import load_model
+from powerclip.eval.results import write_results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="export folder, run folder or DeepSpeed checkpoint")
+    p.add_argument("--task", required=True, action="append",
+                   help=f"one of {', '.join(TASKS)} (compositional ones accept /<part>, e.g. sugar_crepe/swap_att); "
+                        "repeatable, each with its own --data")
+    p.add_argument("--data", required=True, action="append", help="dataset root, one per --task")
+    p.add_argument("--images", default=None, help="image root when it differs from --data (SugarCrepe, VALSE)")
+    p.add_argument("--split", default=None, help="wds split (default test) / synthetic split (default heldout)")
+    p.add_argument("--out", default=None, help="results folder or .json file (clip_benchmark schema)")
+    p.add_argument("--dataset-name", default=None, help="dataset name in the results (default from the folder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--text-batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on GPU)")
+    p.add_argument("--seed", type=int, default=0, help="ARO order perturbation seed")
+    p.add_argument("--all-valse", action="store_true", help="keep VALSE foils that annotators did not validate")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+
+
+def _init_distributed() -> None:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+
+
+def main(args: argparse.Namespace) -> int:
+    if len(args.task) != len(args.data):
+        raise SystemExit(f"powerclip eval: {len(args.task)} --task but {len(args.data)} --data (one each)")
+    _init_distributed()
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, device)
+    opts = EvalOptions(batch_size=args.batch_size, text_batch_size=args.text_batch_size, workers=args.workers,
+                       amp=args.amp, recall_k=tuple(args.recall_k), split=args.split, images=args.images,
+                       dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse)
+    results: dict[str, dict] = {}
+    for task, data in zip(args.task, args.data):
+        results.update(evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, task, data, opts))
+    from powerclip import distributed as pdist
+
+    if pdist.rank() == 0:
+        for ds, r in results.items():
+            for k, v in r["metrics"].items():
+                print(f"{ds}\t{r['task']}\t{k}\t{v:.6f}")
+        if args.out:
+            for path in write_results(results, args.out, loaded.name, loaded.pretrained):
+                print(f"wrote {path}")
+    pdist.barrier()
+    return 0

@@ -1,0 +1,78 @@
+"""Metric definitions, written to give clip_benchmark's numbers on the same features.
+
+* zero-shot: ``acc1``, ``acc5`` (NaN below 5 classes, as clip_benchmark), ``mean_per_class_recall``
+  (sklearn's balanced accuracy: mean recall over the classes present in the targets).
+* retrieval: ``image_retrieval_recall@k`` (per caption: its image is in the top-k images) and
+  ``text_retrieval_recall@k`` (per image: at least one of its captions is in the top-k captions),
+  computed with ``torch.topk`` like clip_benchmark, in row chunks so 10k x 50k never materialises.
+* selection: a case is right when ``argmax`` over its captions is the correct caption (first index on
+  ties, the reference tools' convention).
+* Winoground: text / image / group scores with the paper's strict inequalities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def zero_shot_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    n, c = logits.shape
+    if n == 0:
+        raise ValueError("zero-shot evaluation on an empty dataset")
+    top = logits.topk(min(5, c), dim=1).indices
+    hit = top.eq(targets.view(-1, 1))
+    acc1 = int(hit[:, 0].sum()) / n  # integer counts: exact, like clip_benchmark's float64 division
+    acc5 = int(hit[:, :5].any(dim=1).sum()) / n if c >= 5 else float("nan")
+    pred = top[:, 0]
+    recalls = [int((pred[targets == k] == k).sum()) / int((targets == k).sum()) for k in targets.unique().tolist()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """``text_to_image[j]``: index of the image that caption j belongs to."""
+    n_img, n_txt = image_features.shape[0], text_features.shape[0]
+    if n_img == 0 or n_txt == 0:
+        raise ValueError("retrieval evaluation needs at least one image and one caption")
+    kmax = max(ks)
+    # text -> image: for every caption, the top-k images
+    img_hits = {k: 0 for k in ks}
+    for s in range(0, n_txt, chunk):
+        scores = text_features[s:s + chunk] @ image_features.T
+        top = scores.topk(min(kmax, n_img), dim=1).indices
+        hit = top.eq(text_to_image[s:s + chunk].view(-1, 1))
+        for k in ks:
+            img_hits[k] += int(hit[:, :k].any(dim=1).sum())
+    # image -> text: for every image, is any of its captions among the top-k captions
+    txt_hits = {k: 0 for k in ks}
+    for s in range(0, n_img, chunk):
+        scores = image_features[s:s + chunk] @ text_features.T
+        top = scores.topk(min(kmax, n_txt), dim=1).indices
+        owner = text_to_image[top]  # [chunk, kmax] image index of each retrieved caption
+        rows = torch.arange(s, s + scores.shape[0]).view(-1, 1)
+        hit = owner.eq(rows)
+        for k in ks:
+            txt_hits[k] += int(hit[:, :k].any(dim=1).sum())
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = img_hits[k] / n_txt
+        out[f"text_retrieval_recall@{k}"] = txt_hits[k] / n_img
+    return out
+
+
+def selection_correct(image_feature: torch.Tensor, caption_features: torch.Tensor, correct: int) -> bool:
+    return int(torch.argmax(caption_features @ image_feature)) == correct
+
+
+def winoground_scores(s: torch.Tensor) -> tuple[bool, bool, bool]:
+    """``s[c, i]`` = similarity of caption c and image i (2 x 2); (text, image, group) correct."""
+    text = bool(s[0, 0] > s[1, 0]) and bool(s[1, 1] > s[0, 1])
+    image = bool(s[0, 0] > s[0, 1]) and bool(s[1, 1] > s[1, 0])
+    return text, image, text and image
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

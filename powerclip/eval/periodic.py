@@ -1,0 +1,81 @@
+"""Periodic evaluation during training: ``cfg.eval.tasks`` every ``cfg.eval.every_steps`` steps.
+
+Each entry of ``cfg.eval.tasks`` is ``"TASK:ROOT"`` (e.g. ``"synthetic:data/synth"``,
+``"zeroshot_classification:/data/wds/cifar10"``, ``"sugar_crepe:/data/sugarcrepe"``). Every rank calls
+``run_periodic_eval`` (features are sharded over ranks); rank 0 logs ``eval/<dataset>/<metric>`` to
+TensorBoard and writes ``RUN/eval/step_<N>.json`` (a list of clip_benchmark-schema records).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from powerclip import distributed as pdist
+from powerclip.config import Config
+from powerclip.eval.api import EvalOptions, evaluate, flatten, unwrap
+from powerclip.eval.results import record
+
+
+def parse_task(spec: str) -> tuple[str, str]:
+    task, sep, root = spec.partition(":")
+    if not sep or not task or not root:
+        raise ValueError(f"eval.tasks entry {spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+    return task, root
+
+
+def eval_transform(clip: torch.nn.Module):
+    """open_clip's inference transform for this model (what an export of it would use)."""
+    cfg = open_clip.get_model_preprocess_cfg(clip)
+    return open_clip.image_transform_v2(open_clip.PreprocessCfg(**cfg), is_train=False)
+
+
+def text_tokenizer(cfg: Config):
+    """The run's tokenizer (data.tokenizer) as open_clip's ``list[str] -> LongTensor[N, L]`` callable."""
+    from powerclip.data.text import build_tokenizer, to_row
+
+    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.context_length)
+
+    def tokenize(texts: list[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        return torch.stack([to_row(tok.encode(t), cfg.data.context_length) for t in texts])
+
+    return tokenize
+
+
+def run_periodic_eval(model: torch.nn.Module, cfg: Config, step: int, writer: Any | None = None,
+                      tokenizer=None) -> dict[str, dict]:
+    """Evaluate ``cfg.eval.tasks`` now; log to ``writer`` (a SummaryWriter) and the run folder."""
+    clip = unwrap(model)
+    preprocess = eval_transform(clip)
+    tokenizer = tokenizer or text_tokenizer(cfg)
+    opts = EvalOptions(batch_size=cfg.eval.batch_size, text_batch_size=max(cfg.eval.batch_size, 64),
+                       amp=cfg.train.precision != "fp32" and torch.cuda.is_available())
+    results: dict[str, dict] = {}
+    for spec in cfg.eval.tasks:
+        task, root = parse_task(spec)
+        results.update(evaluate(clip, preprocess, tokenizer, task, root, opts))
+    if pdist.rank() == 0:
+        for key, value in flatten(results).items():
+            if writer is not None:
+                writer.add_scalar(key, value, step)
+        name = cfg.model.name or "custom"
+        recs = [dict(record(ds, r["task"], r["metrics"], name, f"{cfg.train.run_dir}@step{step}"), step=step)
+                for ds, r in results.items()]
+        path = Path(cfg.train.run_dir) / "eval" / f"step_{step:08d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(recs, indent=1))
+        tmp.replace(path)
+        if writer is not None:
+            writer.flush()
+    return results
+
+
+def eval_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.eval.tasks) and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0
