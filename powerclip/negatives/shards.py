@@ -148,9 +148,11 @@ def make_negatives(shards: list[Path], out_dir: str | Path, job: NegativesJob) -
                 attempts = [rule.candidates(key, t, [kind], per_kind=2) for kind in job.kinds]
                 cands.append(_round_robin(key, attempts, job.seed) if cap else [])
         else:
-            answers = llm.generate([cap or "" for _, cap, _ in rows])
+            caps = [cap for _, cap, _ in rows if cap]
+            by_caption = dict(zip(caps, llm.generate(caps)))
             cands = []
-            for (key, cap, _), ans in zip(rows, answers):
+            for key, cap, _ in rows:
+                ans = by_caption.get(cap) if cap else None
                 if cap and ans is None:
                     rejects["llm_missing"] += len(job.kinds)
                     cands.append([])
