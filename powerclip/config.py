@@ -174,15 +174,25 @@ class EvalConfig:
 
 @dataclass
 class SlurmConfig:
+    """``powerclip submit`` (powerclip/launch): one task per GPU, requeue on timeout/preemption."""
+
     partition: str | None = None
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU tasks with gloo
     tasks_per_node: int = 1  # used when gpus_per_node == 0
     cpus_per_task: int = 1
     time_minutes: int = 60
-    max_requeues: int = 3
-    signal_delay_s: int = 120
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_requeues: int = 3  # resubmissions after a timeout/preemption signal (counted in RUN/slurm/)
+    signal_delay_s: int = 120  # USR2 this many seconds before the time limit (checkpoint + requeue)
+    mem_gb: float | None = None  # per node; None: the cluster's default
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str = "powerclip"
+    master_port: int = 0  # 0: derived from the job id (20000 + id % 20000), same as dist_env
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {mail-type: END}
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""Submit a training run to Slurm through submitit's AutoExecutor.
+
+Tasks: one per GPU (``slurm.gpus_per_node`` tasks on each node, each task sees its node's GPUs and
+picks ``cuda:LOCAL_RANK``); with ``gpus_per_node == 0`` it is ``slurm.tasks_per_node`` CPU tasks per
+node on gloo, which is how CI runs it on a one-node cluster. The sbatch options come from the
+``slurm`` config section; ``--requeue`` is always requested (sites may default it off) and USR2 is
+sent ``slurm.signal_delay_s`` before the time limit so submitit can call ``TrainJob.checkpoint``.
+
+Everything lands in the run folder: ``RUN/config.yaml`` (the resolved config, written before
+submission so it exists even if the job never starts), ``RUN/slurm/`` (submitit's sbatch script,
+pickles and per-task logs ``JOBID_TASK_log.{out,err}``, requeues.json, starts.jsonl).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from powerclip.config import Config, ConfigError, save_config
+from powerclip.launch.job import DEFAULT_ENTRY, TrainJob, slurm_dir
+
+
+def check_slurm_config(cfg: Config) -> None:
+    """Range checks for the slurm section (the generic validate() does not know them)."""
+    s = cfg.slurm
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_minutes"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"slurm.{key} must be >= 1, got {getattr(s, key)}")
+    for key in ("gpus_per_node", "max_requeues", "signal_delay_s", "master_port"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"slurm.{key} must be >= 0, got {getattr(s, key)}")
+    if s.signal_delay_s >= 60 * s.time_minutes:
+        raise ConfigError(f"slurm.signal_delay_s={s.signal_delay_s} must be below the time limit "
+                          f"({60 * s.time_minutes} s)")
+
+
+def tasks_per_node(cfg: Config) -> int:
+    return cfg.slurm.gpus_per_node if cfg.slurm.gpus_per_node > 0 else cfg.slurm.tasks_per_node
+
+
+def executor_parameters(cfg: Config) -> dict[str, Any]:
+    """AutoExecutor ``slurm_*`` parameters for this config (pure; tested without a cluster)."""
+    s = cfg.slurm
+    params: dict[str, Any] = {
+        "name": s.job_name,
+        "nodes": s.nodes,
+        "tasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": s.cpus_per_task,
+        "timeout_min": s.time_minutes,
+        "slurm_signal_delay_s": s.signal_delay_s,
+        "slurm_additional_parameters": {"requeue": True, **s.extra},
+    }
+    if s.gpus_per_node > 0:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    if s.mem_gb is not None:
+        params["mem_gb"] = s.mem_gb
+    for key in ("account", "qos", "constraint", "exclude"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    if s.setup:
+        params["slurm_setup"] = list(s.setup)
+    return params
+
+
+def make_executor(cfg: Config, cluster: str | None = "slurm"):
+    """submitit AutoExecutor writing into ``RUN/slurm``; ``cluster=None`` lets submitit choose."""
+    import submitit
+
+    folder = slurm_dir(cfg.train.run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    # slurm_max_num_timeout: submitit's own cap on timeout requeues; ours (RequeueLedger, in the run
+    # folder) also covers preemption and survives resubmission. Both use slurm.max_requeues.
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=cfg.slurm.max_requeues)
+    executor.update_parameters(**executor_parameters(cfg))
+    return executor
+
+
+def submit(cfg: Config, entry: str = DEFAULT_ENTRY, cluster: str | None = "slurm"):
+    """Save the resolved config in the run folder and submit; returns the submitit Job."""
+    check_slurm_config(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    save_config(cfg, run_dir)
+    executor = make_executor(cfg, cluster)
+    return executor.submit(TrainJob(cfg, entry))
+
+
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                   "BOOT_FAIL", "DEADLINE")
+
+
+def scontrol_state(job_id: str) -> str | None:
+    """The job's state from ``scontrol show job`` (works without accounting); None if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for tok in out.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def wait_for_result(job, poll_s: float = 2.0, timeout_s: float | None = None, grace_s: float = 20.0) -> list[Any]:
+    """Every task's result, or the job's error.
+
+    submitit decides "done" from result files or ``sacct``; clusters without accounting answer
+    nothing to sacct, so a job that died without writing results would be waited on forever. Here
+    ``scontrol`` is asked too: a terminal state with results still missing after ``grace_s``
+    (shared file systems are slow to show files) raises with the state and the log location.
+    """
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    terminal_since: float | None = None
+    while not job.done():
+        now = time.time()
+        if deadline is not None and now > deadline:
+            raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s "
+                               f"(Slurm state {scontrol_state(job.job_id)})")
+        state = scontrol_state(job.job_id)
+        if state in TERMINAL_STATES:
+            terminal_since = terminal_since or now
+            if now - terminal_since > grace_s:
+                raise RuntimeError(f"job {job.job_id} ended {state} without results; "
+                                   f"see {job.paths.stdout} and {job.paths.stderr}")
+        else:
+            terminal_since = None
+        time.sleep(poll_s)
+    return job.results()
