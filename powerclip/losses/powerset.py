@@ -1,0 +1,171 @@
+"""PowerCLIP powerset alignment loss (METHODS 2): the term ``loss.powerset`` switches on.
+
+``powerset_loss(features, batch, cfg)`` returns UNWEIGHTED scalars; the composer multiplies
+``powerset`` by ``loss.powerset.weight`` (lambda) and logs every entry as loss/<name>:
+
+=========================  ====================================================================
+powerset                   L_pow = 1/2 [l(S) + l(S^T)]  (the objective term)
+powerset_i2t, _t2i         l(S) (image rows) and l(S^T) (caption rows), this rank's share
+powerset_t1_pos, _t2_pos   mean T1 / T2 of the positive pairs (0 when the term is switched off)
+powerset_t1_neg, _t2_neg   mean T1 / T2 of the negative pairs (this rank's image rows)
+powerset_active            fraction of hinge terms above zero (both directions)
+=========================  ====================================================================
+
+S_ij = T1_ij + T2_ij is the fine-grained image-caption score (NLA by default, exact enumeration when
+``cfg.exact``, singleton subsets only when ``cfg.singletons_only``), l(X) = mean_i max(0, delta +
+max_{j != i} X_ij - X_ii) the hardest-negative triplet loss.
+
+Region scale: ``cfg.region_scale`` when set, else 1/M_i with M_i the number of VALID regions of
+image i. That equals METHODS' 1/M whenever every slot is filled (random regions always are, stored
+boxes are topped up with random ones) and keeps padded slots exactly invisible otherwise.
+
+Distributed convention (the same as ``global_loss`` and ``degla``): rank r scores its B local images
+against all G gathered captions (l(S) rows) and its B local captions against all G gathered images
+(l(S^T) rows); the dense inputs (region embeddings, phrase embeddings and both validity masks) are
+gathered with ``gather_with_grad``, positives sit at column rank*B + i, and the per-rank value is the
+mean over the LOCAL rows. So mean_r L_r = L (the single-process loss on the concatenated batch), and
+since the all-gather's backward sums every rank's contribution into the owner's chunk, the gradient
+reaching rank r's features is W dL/df_r; DeepSpeed AVERAGES gradients over the W ranks, which gives
+exactly dL/dtheta. The trainer logs the rank-mean of each entry, which is the global value. Phrase
+slots are padded to the largest K over ranks before gathering (K is a per-rank batch max).
+On one rank both directions use the same G x G matrix, which is computed once.
+
+Cost: 2 B G M K multiply-adds of dimension D per rank plus O(B G M K) elementwise work, chunked
+over columns so that the [rows, chunk, M, K] intermediates stay within ``cfg.memory_budget_mb``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from powerclip import distributed as pdist
+from powerclip.config import PowersetLossConfig
+from powerclip.data.batch import Batch
+from powerclip.losses.powerset_embed import compute_dtype, phrase_embeddings, region_embeddings
+from powerclip.losses.powerset_exact import exact_pair_terms
+from powerclip.losses.powerset_nla import nla_pair_terms
+from powerclip.model.features import Features
+
+TERMS = ("powerset", "powerset_i2t", "powerset_t2i", "powerset_t1_pos", "powerset_t2_pos",
+         "powerset_t1_neg", "powerset_t2_neg", "powerset_active")
+
+
+def region_scale(region_valid: torch.Tensor, cfg: PowersetLossConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Per-image leaf scale [R]: cfg.region_scale, or 1/(number of valid regions) (see module doc)."""
+    if cfg.region_scale is not None:
+        return torch.full((region_valid.shape[0],), float(cfg.region_scale), dtype=dtype,
+                          device=region_valid.device)
+    return 1.0 / region_valid.sum(-1).clamp_min(1).to(dtype)
+
+
+def pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
+               cfg: PowersetLossConfig, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T1, T2) [R, C] of R images against C captions under ``cfg`` (zeros for a term switched off)."""
+    scale = region_scale(region_valid, cfg, phi.dtype)
+    if cfg.exact:
+        t1, t2 = exact_pair_terms(phi, region_valid, scale, p, phrase_valid, cfg.singletons_only,
+                                  cfg.memory_budget_mb, chunk)
+        if not cfg.use_t1:
+            t1 = torch.zeros_like(t1)
+        if not cfg.use_t2:
+            t2 = torch.zeros_like(t2)
+        return t1, t2
+    return nla_pair_terms(phi, region_valid, scale, p, phrase_valid, cfg.tau, cfg.zeta, cfg.use_t1,
+                          cfg.use_t2, cfg.singletons_only, cfg.memory_budget_mb, chunk)
+
+
+def hardest_negative_triplet(x: torch.Tensor, positives: torch.Tensor,
+                             margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row hinge max(0, margin + max_{j != pos} x_ij - x_i,pos) [R] and the mask of active rows.
+
+    x [R, C], positives [R] column index of each row's positive. A row with no negative column
+    (C = 1) has hinge 0.
+    """
+    r, c = x.shape
+    rows = torch.arange(r, device=x.device)
+    pos = x[rows, positives]
+    if c < 2:
+        zero = x.sum(1) * 0.0
+        return zero, zero > 0
+    neg = x.masked_fill(torch.nn.functional.one_hot(positives, c).bool(), float("-inf")).amax(dim=1)
+    hinge = torch.relu(margin + neg - pos)
+    return hinge, hinge > 0
+
+
+def _gather_bool(x: torch.Tensor) -> torch.Tensor:
+    return pdist.gather_with_grad(x.to(torch.uint8)).bool()
+
+
+def _pad_phrases(p: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = k - p.shape[1]
+    if extra <= 0:
+        return p, valid
+    p = torch.cat([p, p.new_zeros(p.shape[0], extra, p.shape[2])], dim=1)
+    valid = torch.cat([valid, valid.new_zeros(valid.shape[0], extra)], dim=1)
+    return p, valid
+
+
+def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor,
+                                  phrase_valid: torch.Tensor, cfg: PowersetLossConfig,
+                                  chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """The loss from this rank's region embeddings phi [B, M, D] (+ valid [B, M]) and phrase
+    embeddings p [B, K, D] (+ valid [B, K]); see the module docstring for the outputs."""
+    b = phi.shape[0]
+    if p.shape[0] != b:
+        raise ValueError(f"powerset loss: {b} images but {p.shape[0]} captions")
+    dtype = compute_dtype(phi)
+    phi, p = phi.to(dtype), p.to(dtype)
+    region_valid, phrase_valid = region_valid.bool(), phrase_valid.bool()
+    empty = ~phrase_valid.any(-1)
+    if bool(empty.any()):
+        raise ValueError(f"powerset loss: captions {empty.nonzero().flatten().tolist()} have no valid "
+                         "phrase (every caption needs at least its root node in batch.phrase_tokens)")
+    k_max = max(pdist.gather_sizes(p.shape[1], p.device))
+    p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
+
+    all_phi, all_rv = pdist.gather_with_grad(phi), _gather_bool(region_valid)
+    all_p, all_pv = pdist.gather_with_grad(p), _gather_bool(phrase_valid)
+    if all_phi.shape[0] != b * pdist.world_size():
+        raise ValueError("every rank must hold the same local batch size for the powerset loss")
+    positives = torch.arange(b, device=phi.device) + pdist.rank() * b
+
+    t1_rows, t2_rows = pair_terms(phi, region_valid, all_p, all_pv, cfg, chunk)  # [B, G]
+    s_rows = t1_rows + t2_rows
+    if pdist.is_distributed():
+        t1_cols, t2_cols = pair_terms(all_phi, all_rv, p, phrase_valid, cfg, chunk)  # [G, B]
+        s_cols = (t1_cols + t2_cols).T  # [B, G]: local captions against gathered images
+    else:
+        s_cols = s_rows.T
+    hinge_i2t, act_i2t = hardest_negative_triplet(s_rows, positives, cfg.margin)
+    hinge_t2i, act_t2i = hardest_negative_triplet(s_cols, positives, cfg.margin)
+    l_i2t, l_t2i = hinge_i2t.mean(), hinge_t2i.mean()
+
+    with torch.no_grad():
+        neg = torch.ones_like(s_rows, dtype=torch.bool)
+        neg[torch.arange(b, device=phi.device), positives] = False
+        rows = torch.arange(b, device=phi.device)
+        n_neg = neg.sum().clamp_min(1)
+        diag = {
+            "powerset_t1_pos": t1_rows[rows, positives].mean(),
+            "powerset_t2_pos": t2_rows[rows, positives].mean(),
+            "powerset_t1_neg": (t1_rows * neg).sum() / n_neg,
+            "powerset_t2_neg": (t2_rows * neg).sum() / n_neg,
+            "powerset_active": 0.5 * (act_i2t.to(dtype).mean() + act_t2i.to(dtype).mean()),
+        }
+    return {"powerset": 0.5 * (l_i2t + l_t2i), "powerset_i2t": l_i2t.detach(),
+            "powerset_t2i": l_t2i.detach(), **diag}
+
+
+def powerset_loss(features: Features, batch: Batch, cfg: PowersetLossConfig,
+                  chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Entry point used by the composer: dense features + batch regions/phrases -> the terms above."""
+    if features.patches is None or features.tokens is None:
+        raise ValueError("loss.powerset needs dense features (Features.patches and Features.tokens); "
+                         "the model must be asked for them (composer.needs_dense)")
+    missing = [n for n in ("region_masks", "phrase_tokens") if getattr(batch, n) is None]
+    if missing:
+        raise ValueError(f"loss.powerset needs batch.{' and batch.'.join(missing)} from the data loader")
+    phi, rv = region_embeddings(features.patches, batch.region_masks, batch.region_valid)
+    p, pv = phrase_embeddings(features.tokens, batch.phrase_tokens, batch.phrase_valid, batch.token_valid,
+                              cfg.phrase_pool)
+    return powerset_loss_from_embeddings(phi, rv, p, pv, cfg, chunk)
