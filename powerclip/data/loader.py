@@ -239,7 +239,7 @@ def collate(samples: list[dict], cfg: Config) -> Batch:
 
 # ------------------------------------------------------------------------------- dataset
 class BatchStream(torch.utils.data.IterableDataset):
-    """Yields (Batch, slot, cursor, counters) from the slot that this worker plays."""
+    """Yields (Batch | None, slot, cursor, counters) from the slot that this worker plays."""
 
     def __init__(self, cfg: Config, spec: StreamSpec, slots: dict[int, dict], offset: int, train: bool):
         super().__init__()
@@ -253,18 +253,22 @@ class BatchStream(torch.utils.data.IterableDataset):
         cursor, counters = dict(state["cursor"]), dict(state["counters"])
         proc = SampleProcessor(self.cfg, self.train)
         buf: list[dict] = []
+        unreported = False
         for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
             result = proc(raw, seed)
             cursor = cur
             if isinstance(result, str):
                 counters[result] = counters.get(result, 0) + 1
+                unreported = True
                 continue
             buf.append(result)
             if len(buf) == self.cfg.data.batch_size:
                 yield collate(buf, self.cfg), slot, dict(cursor), dict(counters)
-                buf = []
-        if buf:  # finite (evaluation) streams end with a partial batch
-            yield collate(buf, self.cfg), slot, dict(cursor), dict(counters)
+                buf, unreported = [], False
+        # finite (evaluation) streams end with a partial batch, or with a bare report of the skips
+        # that followed the last batch (the Loader records it and yields nothing)
+        if buf or unreported:
+            yield (collate(buf, self.cfg) if buf else None), slot, dict(cursor), dict(counters)
 
 
 class Loader:
@@ -307,6 +311,8 @@ class Loader:
                                          persistent_workers=False, prefetch_factor=2 if W > 0 else None)
         for batch, slot, cursor, counters in dl:
             self._slots[slot] = {"cursor": cursor, "counters": counters}
+            if batch is None:  # end-of-pass report (finite streams only)
+                continue
             self._batches += 1
             yield batch
 
