@@ -1,0 +1,67 @@
+"""``powerclip train -c CONFIG [key=value ...]``: load, override, validate, train.
+
+Dotted overrides may also follow as plain extra arguments (``ACCEPTS_EXTRA``)::
+
+    powerclip train -c configs/tiny_cpu.yaml optim.lr=1e-4 train.steps=50
+
+Launch it under any launcher: ``torchrun --nproc_per_node 2 -m powerclip train ...``,
+``deepspeed --num_gpus 8 -m powerclip train ...`` (or ``deepspeed powerclip/__main__.py``), ``srun``,
+or plainly (one process). The resolved config is written to ``RUN/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+ACCEPTS_EXTRA = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="YAML preset (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+
+
+def setup_logging(rank: int) -> None:
+    """INFO from powerclip on rank 0, warnings only elsewhere; DeepSpeed's INFO chatter muted."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def main(args: argparse.Namespace) -> int:
+    from powerclip.config import ConfigError, load_config
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    setup_logging(rank)
+    try:
+        cfg = load_config(args.config, [*args.overrides, *getattr(args, "extra", [])])
+    except ConfigError as e:
+        print(f"powerclip train: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from powerclip.train.loop import train
+
+    result = train(cfg)
+    if rank == 0:
+        loss = result["loss"]
+        print(f"finished at step {result['step']}: loss {loss if loss is None else round(loss, 4)}, "
+              f"{result['skipped_steps']} skipped steps, run folder {result['run_dir']}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # gloo/NCCL sometimes abort in their destructors at interpreter exit; all work is on disk
+        os._exit(0)
+    return 0

@@ -1,0 +1,98 @@
+"""What a run reports: TensorBoard scalars, a per-step jsonl record, and a console progress line.
+
+Only rank 0 writes. Values arrive already reduced over ranks (the loop does the collectives), so
+this module does no communication.
+
+``RUN/metrics.jsonl`` holds one line per optimiser step (step, loss, every loss term, lr...). On
+resume it is cut back to the checkpoint's step before appending, and TensorBoard is told to purge
+later events, so an interrupted-and-resumed run leaves the same records as an uninterrupted one
+(the exact-resume test compares these files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA peak allocated memory, or this process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(resume_step or 0)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tb"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        self._jsonl = open(self.metrics_path, "a")
+        self._t0 = time.time()
+
+    def _truncate(self, keep_upto: int) -> None:
+        """Drop records after ``keep_upto`` (steps a killed run did past its last checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by kill -9
+                continue
+            if rec.get("step", 0) <= keep_upto:
+                kept.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        tmp.replace(self.metrics_path)
+
+    def record(self, step: int, rec: dict[str, Any]) -> None:
+        """One jsonl line per step (flushed: a killed run keeps what it logged)."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **rec}) + "\n")
+        self._jsonl.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, v in values.items():
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                self.writer.add_scalar(name, v, step)
+
+    def console(self, step: int, total: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.time() - self._t0
+        parts = [f"step {step}/{total}", f"loss {values.get('loss/total', float('nan')):.4f}",
+                 f"lr {values.get('optim/lr', 0.0):.3g}",
+                 f"scale {values.get('train/logit_scale', float('nan')):.2f}",
+                 f"{values.get('perf/samples_per_s', 0.0):.1f} samples/s",
+                 f"data {100 * values.get('perf/data_wait_frac', 0.0):.0f}%",
+                 f"mem {values.get('perf/peak_mem_mb', 0.0):.0f}MB", f"{elapsed:.0f}s"]
+        skipped = values.get("train/skipped_steps", 0)
+        if skipped:
+            parts.append(f"skipped steps {int(skipped)}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.enabled:
+            self._jsonl.close()
