@@ -41,6 +41,7 @@ class PowerClipModel(nn.Module):
         self.clip = clip
         self.logit_scale_max_cfg = float(logit_scale_max)
         self.logit_scale_max = float(logit_scale_max)  # set by reset_logit_scale_max()
+        self.encoder = _Encoder(self)
         self._register_zero3_external_params()
 
     # ---------------------------------------------------------------------------- set-up
@@ -61,7 +62,7 @@ class PowerClipModel(nn.Module):
         ``encode_text`` of CLIP reads ``positional_embedding``/``text_projection`` and the losses read
         ``logit_scale``/``logit_bias`` directly off the CLIP module, whose own ``forward`` never
         runs; the dense paths multiply by ``visual.proj`` / ``text_projection`` after the tower's
-        forward. ZeRO-3 must gather those around this module's forward (no-op without ZeRO-3).
+        forward. ZeRO-3 must gather those around ``_Encoder``'s forward (no-op without ZeRO-3).
         """
         try:
             from deepspeed.zero import register_external_parameter
@@ -75,7 +76,7 @@ class PowerClipModel(nn.Module):
             params.append(owner.text_projection)
         for p in params:
             if isinstance(p, nn.Parameter):
-                register_external_parameter(self, p)
+                register_external_parameter(self.encoder, p)
 
     @torch.no_grad()
     def reset_logit_scale_max(self) -> None:
@@ -150,6 +151,14 @@ class PowerClipModel(nn.Module):
         return pooled, _project(states[:dense_rows], owner.text_projection)
 
     # ---------------------------------------------------------------------------- forward
+    def _encode(self, images: torch.Tensor | None, text: torch.Tensor, dense: bool,
+                n_cap: int) -> dict[str, torch.Tensor | None]:
+        """Both towers plus the scale and bias, as a flat dict of tensors (see ``_Encoder``)."""
+        image, patches = (None, None) if images is None else self.encode_image(images, dense=dense)
+        pooled_text, tokens = self.encode_text(text, dense_rows=n_cap if dense else 0)
+        return {"image": image, "patches": patches, "text": pooled_text, "tokens": tokens,
+                "logit_scale": self.logit_scale(), "logit_bias": self.logit_bias()}
+
     def forward(self, batch: Batch, dense: bool = False, images: bool = True) -> Features:
         """Encode a batch. Captions, concept rows and hard negatives go through ONE text-tower call
         (concatenated, then split back), so the tower runs once per step.
@@ -157,10 +166,6 @@ class PowerClipModel(nn.Module):
         ``dense`` adds patch and token embeddings (METHODS §0). ``images=False`` skips the image
         tower (Features.image is then an empty [0, D] tensor), for text-only passes.
         """
-        feats_img, patches = (None, None)
-        if images:
-            feats_img, patches = self.encode_image(batch.images, dense=dense)
-
         parts = [batch.text]
         n_cap = batch.text.shape[0]
         n_con = 0 if batch.concept_text is None else batch.concept_text.shape[0]
@@ -171,23 +176,43 @@ class PowerClipModel(nn.Module):
             neg_shape = batch.neg_text.shape[:2]
             parts.append(batch.neg_text.reshape(-1, batch.neg_text.shape[-1]))
         all_text = torch.cat(parts, dim=0) if len(parts) > 1 else batch.text
-        pooled_text, tokens = self.encode_text(all_text, dense_rows=n_cap if dense else 0)
+        out = self.encoder(batch.images if images else None, all_text, dense, n_cap)
 
-        pooled_text = F.normalize(pooled_text, dim=-1)
+        pooled_text = F.normalize(out["text"], dim=-1)
         text = pooled_text[:n_cap]
         concepts = pooled_text[n_cap:n_cap + n_con] if batch.concept_text is not None else None
         negatives = None
         if neg_shape is not None:
             negatives = pooled_text[n_cap + n_con:].reshape(*neg_shape, -1)
-        if feats_img is None:
-            feats_img = text.new_zeros((0, text.shape[-1]))
+        image = out["image"]
+        if image is None:
+            image = text.new_zeros((0, text.shape[-1]))
         return Features(
-            image=F.normalize(feats_img, dim=-1),
+            image=F.normalize(image, dim=-1),
             text=text,
-            logit_scale=self.logit_scale(),
-            logit_bias=self.logit_bias(),
-            patches=None if patches is None else F.normalize(patches, dim=-1),
-            tokens=None if tokens is None else F.normalize(tokens, dim=-1),
+            logit_scale=out["logit_scale"],
+            logit_bias=out["logit_bias"],
+            patches=None if out["patches"] is None else F.normalize(out["patches"], dim=-1),
+            tokens=None if out["tokens"] is None else F.normalize(out["tokens"], dim=-1),
             concepts=concepts,
             negatives=negatives,
         )
+
+
+class _Encoder(nn.Module):
+    """A parameter-less child that runs the towers for ``PowerClipModel.forward``.
+
+    Why it exists: ZeRO-3 re-gathers parameters in backward through hooks on a module's OUTPUT
+    tensors, and it cannot see tensors inside a ``Features`` dataclass. The parameters used outside
+    their owner's forward (CLIP's positional embedding, projections, logit scale) are therefore
+    registered on this module, whose output is a plain dict of tensors. It holds its owner outside
+    ``_modules`` so no parameter is registered twice (the state dict stays ``clip.*`` only).
+    """
+
+    def __init__(self, owner: PowerClipModel):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)
+
+    def forward(self, images: torch.Tensor | None, text: torch.Tensor, dense: bool,
+                n_cap: int) -> dict[str, torch.Tensor | None]:
+        return self._owner._encode(images, text, dense, n_cap)

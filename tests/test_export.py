@@ -1,0 +1,158 @@
+"""Export to an open_clip folder: from a live model, from state dicts with training-only keys, and
+from real DeepSpeed checkpoints of ZeRO stages 0-3 written by 2 gloo ranks; open_clip loads every
+export strictly and its embeddings match the training model's."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from powerclip.cli import main as cli_main
+from powerclip.data.batch import Batch
+from powerclip.export import ExportError, export_open_clip, resolve_checkpoint
+from powerclip.model import create_model, model_cfg_dict, preprocess_cfg
+from tests.dist_helpers import run_on_ranks
+from tests.tiny import tiny_config
+
+L = 77
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, L, dtype=torch.long)
+    out[:, 0] = 49406
+    out[:, 1:5] = torch.randint(1, 49000, (n, 4), generator=g)
+    out[:, 5] = 49407
+    return out
+
+
+def _batch(n: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(keys=[str(i) for i in range(n)], images=torch.randn(n, 3, 32, 32, generator=g),
+                 text=_tokens(n, seed))
+
+
+def _open_clip_embeddings(folder, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model.eval()
+    with torch.no_grad():
+        return (model.encode_image(batch.images, normalize=True),
+                model.encode_text(batch.text, normalize=True))
+
+
+def _perturbed_model(overrides=()):
+    torch.manual_seed(0)
+    cfg = tiny_config(list(overrides))
+    model = create_model(cfg.model)
+    with torch.no_grad():  # look like a trained model, scale above the clamp included
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        model.clip.logit_scale.fill_(4.8)
+    return cfg, model.eval()
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.init_logit_bias=-10",)], ids=["clip", "siglip"])
+def test_export_live_model_loads_in_open_clip(tmp_path, overrides):
+    cfg, model = _perturbed_model(overrides)
+    out = export_open_clip(model, model_cfg_dict(cfg.model), preprocess_cfg(model), tmp_path / "export")
+    meta = json.loads((out / "open_clip_config.json").read_text())
+    assert set(meta) == {"model_cfg", "preprocess_cfg"} and meta["preprocess_cfg"]["size"] == [32, 32]
+    weights = load_file(out / "open_clip_model.safetensors")
+    assert set(weights) == set(model.clip.state_dict())
+    assert weights["logit_scale"].shape == () and weights["logit_scale"].item() == pytest.approx(4.8)
+    if overrides:
+        assert weights["logit_bias"].shape == ()
+    batch = _batch(3, 1)
+    img, txt = _open_clip_embeddings(out, batch)
+    with torch.no_grad():
+        feats = model(batch)
+    assert (img - feats.image).abs().max() < 1e-5 and (txt - feats.text).abs().max() < 1e-5
+    # re-export over the same folder replaces it atomically; no temp folders are left behind
+    export_open_clip(model, model_cfg_dict(cfg.model), preprocess_cfg(model), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_strips_training_only_keys_and_keeps_nonscalar_on_request(tmp_path):
+    cfg, model = _perturbed_model()
+    _, other = _perturbed_model(["model.init_logit_scale=1.0"])
+    state = {f"clip.{k}": v for k, v in model.clip.state_dict().items()}
+    state.update({f"teacher.clip.{k}": v + 1 for k, v in other.clip.state_dict().items()})
+    state["step_counter"] = torch.tensor(7)
+    mc = dict(model_cfg_dict(cfg.model), nonscalar_logit_scale=True)
+    out = export_open_clip(state, mc, preprocess_cfg(model), tmp_path / "e")
+    weights = load_file(out / "open_clip_model.safetensors")
+    assert set(weights) == set(model.clip.state_dict())
+    assert weights["logit_scale"].shape == (1,)
+    assert torch.equal(weights["visual.proj"], model.clip.visual.proj)
+    with pytest.raises(ExportError, match="do not fit"):
+        export_open_clip({"foo": torch.zeros(1)}, mc, {}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict:
+    """Per ZeRO stage: one real DeepSpeed step on this rank's half of a global batch, a checkpoint
+    saved the way the trainer saves it, and the trained model's embeddings of a probe batch."""
+    import deepspeed
+
+    from powerclip.config import save_config
+    from powerclip.losses.global_loss import global_loss
+
+    out = {}
+    probe = _batch(4, 99)
+    for stage in stages:
+        torch.manual_seed(0)
+        cfg = tiny_config([f"train.zero_stage={stage}"])
+        model = create_model(cfg.model)
+        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                     "train_batch_size": 2 * world, "zero_optimization": {"stage": stage},
+                     "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        feats = engine(_batch(2, rank), dense=True)
+        loss = global_loss(feats) + feats.patches.mean() + feats.tokens.mean()  # dense paths get grads
+        engine.backward(loss)
+        engine.step()
+        run = f"{root}/run{stage}"
+        if rank == 0:
+            save_config(cfg, run)
+        engine.save_checkpoint(f"{run}/checkpoints", tag="step1")
+        engine.eval()
+        with torch.no_grad():
+            feats = engine(probe)
+        out[stage] = {"image": feats.image, "text": feats.text, "loss": loss.detach()}
+    return out
+
+
+def test_export_from_deepspeed_checkpoints_every_stage(tmp_path):
+    stages = [0, 1, 2, 3]
+    r0, r1 = run_on_ranks(_train_and_save, 2, str(tmp_path), stages)
+    torch.manual_seed(0)
+    untrained = create_model(tiny_config().model).eval()
+    probe = _batch(4, 99)
+    with torch.no_grad():
+        init = untrained(probe)
+    for stage in stages:
+        ref = r0[stage]
+        torch.testing.assert_close(ref["image"], r1[stage]["image"])  # ranks agree on the weights
+        assert (ref["image"] - init.image).abs().max() > 1e-3  # the step changed the weights
+        run = tmp_path / f"run{stage}"
+        # every accepted form of the source: run folder, checkpoint root, one tag folder
+        sources = [run, run / "checkpoints", run / "checkpoints" / "step1"] if stage == 2 else [run]
+        for i, src in enumerate(sources):
+            out = tmp_path / f"export{stage}_{i}"
+            assert cli_main(["export", str(src), "--out", str(out)]) == 0
+            img, txt = _open_clip_embeddings(out, probe)
+            assert (img - ref["image"]).abs().max() < 1e-5, f"stage {stage}"
+            assert (txt - ref["text"]).abs().max() < 1e-5, f"stage {stage}"
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(ExportError, match="not a folder"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(ExportError, match="neither a run folder"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ExportError, match="no 'latest'"):
+        resolve_checkpoint(tmp_path)
