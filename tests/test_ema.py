@@ -156,3 +156,26 @@ def test_deepspeed_zero_stages_on_two_ranks():
             torch.testing.assert_close(a["teacher"][k], a["expected"][k], rtol=0, atol=1e-6)
             assert torch.equal(a["teacher"][k], b["teacher"][k]), (stage, k)  # identical on ranks
             assert not torch.equal(a["teacher"][k], a["start"][k])  # and it moved
+
+
+def test_teacher_features_of_a_real_model_in_half_precision():
+    """The fp32 teacher runs on a batch whose images were cast to the run's half dtype."""
+    from powerclip.data.batch import Batch
+    from powerclip.model.factory import create_model
+    from tests.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = create_model(tiny_config().model)
+    ema = EmaTeacher(model, decay=0.9)
+    b, n = 3, 2
+    batch = Batch(keys=["a", "b", "c"], images=torch.randn(b, 3, 32, 32),
+                  text=torch.randint(1, 400, (b, 77)), neg_text=torch.randint(1, 400, (b, n, 77)),
+                  neg_valid=torch.ones(b, n, dtype=torch.bool))
+    with torch.no_grad():
+        ref = model(batch)
+    exact = ema.features(batch)
+    torch.testing.assert_close(exact.image, ref.image, atol=1e-5, rtol=0)  # eval vs train kernels
+    torch.testing.assert_close(exact.negatives, ref.negatives, atol=1e-5, rtol=0)
+    half = ema.features(batch.to("cpu", torch.bfloat16), torch.bfloat16)
+    assert half.negatives.shape == (b, n, ref.text.shape[-1]) and not half.image.requires_grad
+    torch.testing.assert_close(half.text.float(), ref.text, atol=0.05, rtol=0)

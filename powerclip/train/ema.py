@@ -7,8 +7,8 @@ the student's full parameters under ``deepspeed.zero.GatheredParameters`` a buck
 transient memory is one bucket, never the whole model. Under ZeRO 0/1/2 the gather is a no-op.
 
 The teacher is kept in fp32 (``dtype``) whatever the student's precision: with α = 0.9996 an fp16 or
-bf16 teacher would round most (1−α)-sized updates away. Run its forward under the same autocast as
-the student, or cast the inputs (``teacher.module`` parameters are fp32).
+bf16 teacher would round most (1−α)-sized updates away. ``features(batch, dtype)`` runs its forward
+under autocast in the run's half dtype, so it costs what the student's forward costs.
 
 All ranks apply the same update to the same values, so teachers stay identical across ranks without
 communication beyond the gathers; only rank 0 needs to save ``state_dict()``.
@@ -137,6 +137,21 @@ class EmaTeacher:
         """
         self._blend(_unwrap(student), self.decay)
         self.num_updates += 1
+
+    @torch.no_grad()
+    def features(self, batch, dtype: torch.dtype | None = None, **kwargs):
+        """The teacher's forward on ``batch`` (a ``Batch``), without gradient.
+
+        The teacher's weights are fp32; with a half-precision run (``dtype`` fp16/bf16, the images
+        already cast to it) the inputs go back to fp32 and the forward runs under autocast in
+        ``dtype``, so the teacher costs what the student costs and never hits a dtype mismatch.
+        """
+        device = next(self.module.parameters()).device
+        batch = batch.to(device, torch.float32)
+        if dtype is None or dtype == torch.float32:
+            return self.module(batch, **kwargs)
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return self.module(batch, **kwargs)
 
     def state_dict(self) -> dict:
         """Tensors and primitives only (checkpoint rule): teacher weights, decay, update count."""
