@@ -110,6 +110,8 @@ def render_caption(objs: list[Obj], rel: str | None) -> Caption:
     for o in objs[rest:]:
         cap.add(" and ")
         cap.add_np(o)
+    # same canonical order as powerclip.annotate (by position, ROOT last)
+    cap.phrases.sort(key=lambda p: (p["start"], -p["end"], p["label"]))
     cap.phrases.append({"label": "ROOT", "start": 0, "end": len(cap.text)})
     return cap
 
