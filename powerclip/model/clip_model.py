@@ -57,26 +57,30 @@ class PowerClipModel(nn.Module):
         return ln, owner
 
     def _register_zero3_external_params(self) -> None:
-        """Tell ZeRO-3 about parameters used outside their owner's ``forward``.
+        """Tell ZeRO-3 about parameters that are read outside their owner's ``forward``.
 
-        ``encode_text`` of CLIP reads ``positional_embedding``/``text_projection`` and the losses read
-        ``logit_scale``/``logit_bias`` directly off the CLIP module, whose own ``forward`` never
-        runs; the dense paths multiply by ``visual.proj`` / ``text_projection`` after the tower's
-        forward. ZeRO-3 must gather those around ``_Encoder``'s forward (no-op without ZeRO-3).
+        ZeRO-3 gathers a module's own parameters around that module's forward. open_clip and timm
+        read some parameters from methods instead: CLIP's ``encode_text`` uses its
+        ``positional_embedding``/``text_projection``, the losses use ``logit_scale``/``logit_bias``,
+        the dense paths multiply by ``visual.proj``/``text_projection`` after the tower's forward,
+        and timm's ``forward_features`` reads ``cls_token``/``pos_embed``. All of these are direct
+        parameters of container modules (modules with children), which are small, so every such
+        parameter is registered on ``_Encoder`` and gathered for its whole forward and backward
+        (no-op without ZeRO-3). Leaf layers (Linear, LayerNorm...) and attention blocks are always
+        called through their own forward and are left to ZeRO's normal schedule.
         """
         try:
             from deepspeed.zero import register_external_parameter
         except ImportError:  # DeepSpeed is a dependency, but the model works without it
             return
-        params = list(self.clip._parameters.values())
-        if isinstance(getattr(self.clip.visual, "proj", None), nn.Parameter):
-            params.append(self.clip.visual.proj)
-        _, owner = self._text_parts()
-        if owner is not None and isinstance(owner.text_projection, nn.Parameter):
-            params.append(owner.text_projection)
-        for p in params:
-            if isinstance(p, nn.Parameter):
-                register_external_parameter(self.encoder, p)
+        seen: set[int] = set()
+        for module in self.clip.modules():
+            if not any(True for _ in module.children()) or isinstance(module, nn.MultiheadAttention):
+                continue
+            for p in module._parameters.values():
+                if isinstance(p, nn.Parameter) and id(p) not in seen:
+                    seen.add(id(p))
+                    register_external_parameter(self.encoder, p)
 
     @torch.no_grad()
     def reset_logit_scale_max(self) -> None:
