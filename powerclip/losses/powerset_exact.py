@@ -64,13 +64,16 @@ def _single_exact_chunk(phi_s: torch.Tensor, v: torch.Tensor, p: torch.Tensor,
 
 def exact_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: torch.Tensor,
                      p: torch.Tensor, phrase_valid: torch.Tensor, singletons_only: bool = False,
-                     memory_budget_mb: float = 512.0,
-                     chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (Q<-, Q->) [R, C]: same inputs and conventions as ``nla_pair_terms``."""
+                     memory_budget_mb: float = 512.0, chunk: int | None = None,
+                     max_regions: int = MAX_EXACT_REGIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (Q<-, Q->) [R, C]: same inputs and conventions as ``nla_pair_terms``.
+
+    ``max_regions`` guards against accidental 2^M blow-ups (the benchmark raises it to time M = 14).
+    """
     r, m, d = phi.shape
     c, k, _ = p.shape
-    if m > MAX_EXACT_REGIONS and not singletons_only:
-        raise ValueError(f"exact powerset enumeration needs M <= {MAX_EXACT_REGIONS} region slots, got {m}")
+    if m > max_regions and not singletons_only:
+        raise ValueError(f"exact powerset enumeration needs M <= {max_regions} region slots, got {m}")
     v = region_valid.to(phi.dtype)
     phi_s = phi * (region_scale.to(phi.dtype)[:, None, None] * v[..., None])
     u = phrase_valid.bool()
