@@ -138,7 +138,8 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
         raise ExportError(f"exported keys differ from open_clip's: missing {sorted(set(expected) - set(weights))[:8]}")
     for k, v in weights.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise ExportError(f"{k}: shape {tuple(v.shape)} != open_clip's {tuple(expected[k].shape)}")
+            raise ExportError(f"{k}: shape {tuple(v.shape)} != open_clip's {tuple(expected[k].shape)} "
+                              "(a live ZeRO-3 model holds only partitions: export its checkpoint instead)")
     tensors = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
                .contiguous().clone() for k, v in weights.items()}
 

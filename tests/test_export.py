@@ -69,6 +69,14 @@ def test_export_live_model_loads_in_open_clip(tmp_path, overrides):
     with torch.no_grad():
         feats = model(batch)
     assert (img - feats.image).abs().max() < 1e-5 and (txt - feats.text).abs().max() < 1e-5
+    # the export folder is a valid model.pretrained: same embeddings, and its scale (above the
+    # ln(100) clamp) is kept rather than clamped
+    cfg.model.pretrained = str(out)
+    reloaded = create_model(cfg.model).eval()
+    with torch.no_grad():
+        again = reloaded(batch)
+    assert torch.equal(again.image, feats.image) and torch.equal(again.text, feats.text)
+    assert again.logit_scale.item() == pytest.approx(float(torch.tensor(4.8).exp()), rel=1e-6)
     # re-export over the same folder replaces it atomically; no temp folders are left behind
     export_open_clip(model, model_cfg_dict(cfg.model), preprocess_cfg(model), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
@@ -146,6 +154,11 @@ def test_export_from_deepspeed_checkpoints_every_stage(tmp_path):
             img, txt = _open_clip_embeddings(out, probe)
             assert (img - ref["image"]).abs().max() < 1e-5, f"stage {stage}"
             assert (txt - ref["text"]).abs().max() < 1e-5, f"stage {stage}"
+        if stage in (0, 3):  # our checkpoints are valid model.pretrained sources too
+            cfg = tiny_config([f"model.pretrained={run}"])
+            with torch.no_grad():
+                feats = create_model(cfg.model).eval()(probe)
+            assert (feats.image - ref["image"]).abs().max() < 1e-5
 
 
 def test_resolve_errors(tmp_path):

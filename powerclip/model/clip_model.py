@@ -94,13 +94,15 @@ class PowerClipModel(nn.Module):
 
     # ---------------------------------------------------------------------------- encoders
     def logit_scale(self) -> torch.Tensor:
-        """exp(clamp(logit_scale, max)) as a 0-dim tensor; the clamp is applied where it is used
-        (an in-place clamp would be undone by ZeRO's fp32 master copy)."""
-        return self.clip.logit_scale.clamp(max=self.logit_scale_max).exp().reshape(())
+        """exp(clamp(logit_scale, max)) as a 0-dim fp32 tensor (a bf16 clamp at ln(100) would be
+        off by 1%); the clamp is applied where it is used (an in-place clamp would be undone by
+        ZeRO's fp32 master copy)."""
+        return self.clip.logit_scale.float().clamp(max=self.logit_scale_max).exp().reshape(())
 
     def logit_bias(self) -> torch.Tensor | None:
+        """The SigLIP bias as a 0-dim fp32 tensor (None for CLIP models)."""
         bias = getattr(self.clip, "logit_bias", None)
-        return None if bias is None else bias.reshape(())
+        return None if bias is None else bias.float().reshape(())
 
     def encode_image(self, images: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unnormalised (pooled [B, D], patches [B, T, D] or None), one tower pass."""
