@@ -14,6 +14,7 @@ import numpy as np
 import open_clip
 import torch
 import webdataset as wds
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,10 +29,37 @@ RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yel
        "purple": (140, 20, 160), "orange": (250, 140, 0), "white": (245, 245, 245)}
 
 
-def make_export(folder: Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny CLIP saved as an open_clip export folder."""
+def train_tiny(model: torch.nn.Module, steps: int = 40, seed: int = 0) -> torch.nn.Module:
+    """A few CLIP steps on coloured-square images vs "a {colour} square." so the model is not chance.
+
+    A trained model gives non-saturated, class-dependent numbers, which is what an agreement test
+    needs (a random tiny CLIP predicts one class for everything).
+    """
+    pp = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
+                                      is_train=False)
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randperm(len(COLORS), generator=g).tolist()
+        imgs = torch.stack([pp(make_image(10_000 + 31 * step + i, COLORS[i])) for i in idx])
+        txt = tok([f"a {COLORS[i]} square." for i in idx])
+        img_f, txt_f, scale = model(imgs, txt)
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def make_export(folder: Path, seed: int = 0, train_steps: int = 0) -> Path:
+    """A tiny CLIP (random init, optionally briefly trained) saved as an open_clip export folder."""
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**TINY_MODEL_CFG)
+    if train_steps:
+        train_tiny(model, train_steps, seed)
     folder.mkdir(parents=True, exist_ok=True)
     pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": pp}))

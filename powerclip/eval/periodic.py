@@ -15,6 +15,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from powerclip import distributed as pdist
 from powerclip.config import Config
@@ -32,7 +33,7 @@ def parse_task(spec: str) -> tuple[str, str]:
 def eval_transform(clip: torch.nn.Module):
     """open_clip's inference transform for this model (what an export of it would use)."""
     cfg = open_clip.get_model_preprocess_cfg(clip)
-    return open_clip.image_transform_v2(open_clip.PreprocessCfg(**cfg), is_train=False)
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 def text_tokenizer(cfg: Config):
