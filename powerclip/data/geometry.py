@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+# open_clip.constants values, repeated so that importing this module does not import open_clip
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

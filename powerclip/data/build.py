@@ -1,0 +1,321 @@
+"""Build annotated webdataset shards from real data (the logic behind tools/build_shards.py).
+
+Inputs (``detect_input``):
+* a folder of images with sidecar captions (``x.jpg`` + ``x.txt``), searched recursively; this
+  also covers img2dataset's ``files`` output format;
+* a table: ``.csv`` / ``.tsv`` / ``.parquet`` with an image-path column and a caption column
+  (relative paths are relative to the table's folder), optionally a JSON ``boxes`` column;
+* an img2dataset ``webdataset`` output folder (``*.tar`` with ``key.jpg|png|webp`` + ``key.txt``
+  [+ ``key.json``, kept under ``source``]): re-annotated and re-sharded.
+
+Output, all inside ``out``: ``NNNNN.tar`` (``{key}.jpg|png|webp``, ``{key}.txt``, ``{key}.json``
+with the annotation schema of powerclip.annotate), ``sizes.json`` (shard name → count, what
+open_clip reads), ``manifest.json`` (counts and every skipped input with its reason) and
+``_build/`` (the plan and one record per finished shard, which is what makes a rerun resume).
+
+Why a plan: items are enumerated and assigned to shards once, deterministically, and the plan's
+hash is stored; a rerun with the same inputs redoes only shards without a finished record, and a
+rerun with different inputs fails instead of mixing two datasets in one folder. Each shard is
+written to ``NNNNN.tar.tmp`` and renamed when complete, so a killed build leaves no half shard.
+Keys are generated (``SSSSSIIII``), never taken from input file names, so nothing can escape
+``out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input sample, as primitives (travels to worker processes)."""
+
+    kind: str  # file | tar
+    source: str  # image path, or tar path
+    name: str  # caption/sidecar path for files, member key for tars; shown in skip reports
+    caption: str | None = None  # from a table
+    boxes: str | None = None  # JSON list from a table
+
+    @property
+    def label(self) -> str:
+        return self.source if self.kind == "file" else f"{self.source}#{self.name}"
+
+
+# ------------------------------------------------------------------------------ enumeration
+def _folder_items(root: Path) -> list[Item]:
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+        items.append(Item("file", str(path), str(path.with_suffix(".txt"))))
+    return items
+
+
+def _table_items(path: Path, image_col: str | None, caption_col: str | None, boxes_col: str | None) -> list[Item]:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        delim = "\t" if path.suffix.lower() == ".tsv" else ","
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter=delim))
+    if not rows:
+        return []
+    cols = list(rows[0].keys())
+
+    def pick(given: str | None, options: tuple[str, ...], what: str) -> str:
+        if given is not None:
+            if given not in cols:
+                raise ValueError(f"{path}: no column {given!r} (columns: {cols})")
+            return given
+        for o in options:
+            if o in cols:
+                return o
+        raise ValueError(f"{path}: cannot find the {what} column among {cols}; pass --{what}-col")
+
+    icol = pick(image_col, ("image", "filepath", "file", "path", "image_path"), "image")
+    ccol = pick(caption_col, ("caption", "title", "text", "txt"), "caption")
+    items = []
+    for r in rows:
+        p = Path(str(r[icol]))
+        if not p.is_absolute():
+            p = path.parent / p
+        cap = r[ccol]
+        items.append(Item("file", str(p), str(path), "" if cap is None else str(cap),
+                          None if not boxes_col or r.get(boxes_col) in (None, "") else str(r[boxes_col])))
+    return items
+
+
+def _tar_items(root: Path) -> list[Item]:
+    items = []
+    for tar in sorted(root.glob("*.tar")):
+        try:
+            with tarfile.open(tar) as tf:
+                keys = sorted({m.name.rsplit(".", 1)[0] for m in tf.getmembers()
+                               if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)})
+        except (tarfile.TarError, OSError) as e:
+            items.append(Item("tar", str(tar), f"<unreadable: {type(e).__name__}>"))
+            continue
+        items.extend(Item("tar", str(tar), k) for k in keys)
+    return items
+
+
+def detect_input(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+            return "table"
+        raise ValueError(f"{path}: an input file must be .csv, .tsv or .parquet")
+    if path.is_dir():
+        return "img2dataset" if any(path.glob("*.tar")) else "folder"
+    raise ValueError(f"input not found: {path}")
+
+
+def enumerate_items(inputs: list[str], image_col: str | None = None, caption_col: str | None = None,
+                    boxes_col: str | None = None) -> list[Item]:
+    items: list[Item] = []
+    for inp in inputs:
+        p = Path(inp)
+        kind = detect_input(p)
+        if kind == "table":
+            items.extend(_table_items(p, image_col, caption_col, boxes_col))
+        elif kind == "img2dataset":
+            items.extend(_tar_items(p))
+        else:
+            items.extend(_folder_items(p))
+    return items
+
+
+# ------------------------------------------------------------------------------ one shard
+_ANNOTATOR = None
+
+
+def _init_worker(parser: str, model: str) -> None:
+    global _ANNOTATOR
+    from ..annotate import Annotator
+
+    _ANNOTATOR = Annotator(parser, model)
+
+
+def _validate_image(data: bytes, max_pixels: int) -> tuple[bytes, str]:
+    """Decode fully once; keep the original bytes for JPEG/PNG/WEBP, re-encode others as PNG."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"too_large: {w}x{h} > {max_pixels} pixels")
+    img.load()
+    fmt = KEEP_FORMATS.get(img.format or "")
+    if fmt is not None:
+        return data, fmt
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def _load(item: Item, tars: dict) -> tuple[bytes, str, dict | None]:
+    """Image bytes, caption, source json for one item (raises KeyError/OSError with a reason)."""
+    if item.kind == "file":
+        data = Path(item.source).read_bytes()
+        if item.caption is not None:
+            return data, item.caption, None
+        txt = Path(item.name)
+        if not txt.is_file():
+            raise KeyError("missing_caption")
+        return data, txt.read_text(encoding="utf-8", errors="replace"), None
+    if item.name.startswith("<unreadable"):
+        raise KeyError("unreadable_tar")
+    tf = tars.get(item.source)
+    if tf is None:
+        tf = tars[item.source] = tarfile.open(item.source)
+    members = {m.name: m for m in tf.getmembers() if m.name.startswith(item.name + ".")}
+    img = next((m for n, m in sorted(members.items()) if n.lower().endswith(IMAGE_EXTS)), None)
+    if img is None:
+        raise KeyError("missing_image")
+    data = tf.extractfile(img).read()
+    txt = members.get(item.name + ".txt")
+    if txt is None:
+        raise KeyError("missing_caption")
+    caption = tf.extractfile(txt).read().decode("utf-8", errors="replace")
+    src = None
+    if item.name + ".json" in members:
+        try:
+            src = json.loads(tf.extractfile(members[item.name + ".json"]).read())
+        except ValueError:
+            src = None
+    return data, caption, src
+
+
+def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) -> dict:
+    """Write out/NNNNN.tar atomically and its finished record; return the record."""
+    import webdataset as wds
+
+    assert _ANNOTATOR is not None, "worker not initialised"
+    out_dir = Path(out)
+    name = f"{shard:05d}.tar"
+    ready, skipped = [], []
+    tars: dict = {}
+    for idx, item in enumerate(items):
+        try:
+            data, caption, src = _load(item, tars)
+        except KeyError as e:
+            skipped.append({"input": item.label, "reason": e.args[0]})
+            continue
+        except OSError as e:
+            skipped.append({"input": item.label, "reason": f"unreadable: {type(e).__name__}"})
+            continue
+        caption = " ".join(caption.split())
+        if not caption:
+            skipped.append({"input": item.label, "reason": "empty_caption"})
+            continue
+        try:
+            data, ext = _validate_image(data, max_pixels)
+        except Exception as e:  # noqa: BLE001 - PIL raises many exception types for bad bytes
+            reason = "too_large" if str(e).startswith("too_large") or "DecompressionBomb" in type(e).__name__ \
+                else "bad_image"
+            skipped.append({"input": item.label, "reason": reason})
+            continue
+        boxes = []
+        if item.boxes:
+            try:
+                boxes = [[float(v) for v in b] for b in json.loads(item.boxes)]
+            except (ValueError, TypeError):
+                skipped.append({"input": item.label, "reason": "bad_boxes"})
+                continue
+        ready.append((f"{shard:05d}{idx:04d}", data, ext, caption, boxes, src))
+    for tf in tars.values():
+        tf.close()
+    anns = _ANNOTATOR.annotate_many([r[3] for r in ready])
+    tmp = out_dir / (name + ".tmp")
+    with wds.TarWriter(str(tmp), mtime=0.0) as w:
+        for (key, data, ext, caption, boxes, src), ann in zip(ready, anns):
+            ann = {**ann, "boxes": boxes}
+            if src is not None:
+                ann["source"] = src
+            w.write({"__key__": key, ext: data, "txt": caption.encode(), "json": json.dumps(ann).encode()})
+    os.replace(tmp, out_dir / name)
+    record = {"shard": name, "count": len(ready), "skipped": skipped}
+    rec_path = out_dir / "_build" / f"{shard:05d}.json"
+    rec_tmp = rec_path.with_suffix(".json.tmp")
+    rec_tmp.write_text(json.dumps(record))
+    os.replace(rec_tmp, rec_path)
+    return record
+
+
+# ------------------------------------------------------------------------------ whole build
+def _plan_hash(items: list[Item], shard_size: int, parser: str, model: str) -> str:
+    h = hashlib.sha256(f"{shard_size}|{parser}|{model}".encode())
+    for it in items:
+        h.update(repr((it.kind, it.source, it.name, it.caption, it.boxes)).encode())
+    return h.hexdigest()
+
+
+def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, workers: int = 1,
+                 parser: str = "spacy", model: str = "en_core_web_sm", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 image_col: str | None = None, caption_col: str | None = None, boxes_col: str | None = None,
+                 progress: bool = True) -> dict:
+    """Build (or resume building) shards; returns the manifest dict."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out).resolve()
+    items = enumerate_items(inputs, image_col, caption_col, boxes_col)
+    if not items:
+        raise ValueError(f"no input samples found in {inputs}")
+    (out / "_build").mkdir(parents=True, exist_ok=True)
+    plan_path = out / "_build" / "plan.json"
+    digest = _plan_hash(items, shard_size, parser, model)
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        if old["hash"] != digest:
+            raise ValueError(f"{out} holds a build of different inputs or settings; use an empty output folder")
+    else:
+        plan_path.write_text(json.dumps({"hash": digest, "inputs": inputs, "items": len(items),
+                                         "shard_size": shard_size, "parser": parser, "model": model}))
+    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    records: dict[int, dict] = {}
+    todo = []
+    for s in range(len(chunks)):
+        rec = out / "_build" / f"{s:05d}.json"
+        if rec.is_file() and (out / f"{s:05d}.tar").is_file():
+            records[s] = json.loads(rec.read_text())
+        else:
+            todo.append(s)
+    if todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
+        if workers <= 1:
+            _init_worker(parser, model)
+            for s in todo:
+                records[s] = build_one_shard(str(out), s, chunks[s], max_pixels)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                     initargs=(parser, model)) as ex:
+                futs = {ex.submit(build_one_shard, str(out), s, chunks[s], max_pixels): s for s in todo}
+                for fut in as_completed(futs):
+                    records[futs[fut]] = fut.result()
+                    bar.update(1)
+        bar.close()
+    sizes = {records[s]["shard"]: records[s]["count"] for s in sorted(records)}
+    skipped = [x for s in sorted(records) for x in records[s]["skipped"]]
+    manifest = {"schema": 1, "inputs": inputs, "parser": parser if parser == "rule" else f"spacy:{model}",
+                "num_shards": len(sizes), "num_samples": sum(sizes.values()), "num_inputs": len(items),
+                "num_skipped": len(skipped), "skipped_by_reason": dict(Counter(x["reason"] for x in skipped)),
+                "skipped": skipped, "shards": f"{{00000..{len(sizes) - 1:05d}}}.tar",
+                "resumed_shards": len(chunks) - len(todo)}
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Build annotated webdataset shards from images + captions (powerclip.data.build).
+
+Inputs (any number, mixed): a folder of images with sidecar .txt captions, a .csv/.tsv/.parquet
+table of local image paths and captions, or an img2dataset webdataset output folder (re-annotated
+and re-sharded). Output folder: NNNNN.tar, sizes.json, manifest.json (every skipped input and
+why), _build/ (resume records: rerunning the same command redoes only unfinished shards).
+
+Example: python tools/build_shards.py data/raw_folder captions.parquet --out data/shards --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from powerclip.data.build import DEFAULT_MAX_PIXELS, build_shards  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="folders, tables (.csv/.tsv/.parquet) or img2dataset folders")
+    p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (before skips)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--parser", choices=["spacy", "rule"], default="spacy")
+    p.add_argument("--spacy-model", default="en_core_web_sm")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    p.add_argument("--image-col", default=None, help="table column of image paths (auto-detected)")
+    p.add_argument("--caption-col", default=None, help="table column of captions (auto-detected)")
+    p.add_argument("--boxes-col", default=None, help="table column: JSON [[x0,y0,x1,y1] in 0..1, ...]")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        m = build_shards(a.inputs, a.out, a.shard_size, a.workers, a.parser, a.spacy_model, a.max_pixels,
+                         a.image_col, a.caption_col, a.boxes_col, progress=not a.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{m['num_samples']} samples in {m['num_shards']} shards ({m['resumed_shards']} already done); "
+          f"skipped {m['num_skipped']}: {m['skipped_by_reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
