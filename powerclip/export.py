@@ -100,7 +100,44 @@ def consolidate_checkpoint(path: str | Path, tag: str | None = None) -> dict[str
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise ExportError(f"{files[0]}: no 'module' state dict")
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
+    return _stage0_fp32(module, state.get("optimizer"))
+
+
+def _stage0_fp32(module: dict[str, torch.Tensor], optimizer: Any) -> dict[str, torch.Tensor]:
+    """Stage-0 weights in fp32: the fp32 master copies when the run was bf16/fp16.
+
+    DeepSpeed's stage-0 mixed-precision optimizers save ``fp32_groups`` (lists of master tensors in
+    param-group order) without names. Each group is a subsequence of the module's parameter order,
+    and each master rounds to the saved low-precision weight, so a left-to-right match on shape and
+    rounded value names them. If that fails, the saved module weights are used (with a warning).
+    """
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    low = {k: v for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32}
+    if not groups or not low:
+        return out
+    names = list(low)
+    used: set[str] = set()
+    masters: dict[str, torch.Tensor] = {}
+    for group in groups:
+        if not isinstance(group, (list, tuple)):
+            log.warning("stage-0 fp32 master groups are flat; exporting the %s module weights",
+                        next(iter(low.values())).dtype)
+            return out
+        start = 0
+        for t in group:
+            for i in range(start, len(names)):
+                n = names[i]
+                if n not in used and low[n].shape == t.shape and torch.equal(t.to(low[n].dtype), low[n]):
+                    masters[n], start = t.float(), i + 1
+                    used.add(n)
+                    break
+            else:
+                log.warning("could not name the stage-0 fp32 master weights; exporting the %s module weights",
+                            next(iter(low.values())).dtype)
+                return out
+    out.update(masters)
+    return out
 
 
 # ------------------------------------------------------------------------------ export

@@ -110,14 +110,28 @@ def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict
     out = {}
     probe = _batch(4, 99)
     for stage in stages:
+        bf16 = stage == "0-bf16"
+        stage = 0 if bf16 else stage
         torch.manual_seed(0)
-        cfg = tiny_config([f"train.zero_stage={stage}"])
+        cfg = tiny_config([f"train.zero_stage={stage}"] + (["train.precision=bf16"] if bf16 else []))
         model = create_model(cfg.model)
         ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                      "train_batch_size": 2 * world, "zero_optimization": {"stage": stage},
+                     "bf16": {"enabled": bf16},
                      "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        if bf16:  # the bf16 weights the forward used; the export must hold their fp32 masters
+            batch = _batch(2, rank).to("cpu", torch.bfloat16)
+            feats = engine(batch, dense=True)
+            engine.backward(global_loss(feats))
+            engine.step()
+            run = f"{root}/run0-bf16"
+            if rank == 0:
+                save_config(cfg, run)
+            engine.save_checkpoint(f"{run}/checkpoints", tag="step1")
+            out["0-bf16"] = {k: v.detach().clone() for k, v in engine.module.clip.state_dict().items()}
+            continue
         feats = engine(_batch(2, rank), dense=True)
         loss = global_loss(feats) + feats.patches.mean() + feats.tokens.mean()  # dense paths get grads
         engine.backward(loss)
@@ -135,7 +149,16 @@ def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict
 
 def test_export_from_deepspeed_checkpoints_every_stage(tmp_path):
     stages = [0, 1, 2, 3]
-    r0, r1 = run_on_ranks(_train_and_save, 2, str(tmp_path), stages)
+    r0, r1 = run_on_ranks(_train_and_save, 2, str(tmp_path), stages + ["0-bf16"])
+    # stage 0 in bf16: the export holds the fp32 masters, which round to the bf16 weights used
+    out = tmp_path / "export0-bf16"
+    assert cli_main(["export", str(tmp_path / "run0-bf16"), "--out", str(out)]) == 0
+    weights = load_file(out / "open_clip_model.safetensors")
+    low = r0["0-bf16"]
+    assert set(weights) == set(low)
+    for k, v in weights.items():
+        assert v.dtype == torch.float32 and torch.equal(v.reshape(low[k].shape).to(torch.bfloat16), low[k]), k
+    assert any(not torch.equal(v.reshape(low[k].shape), low[k].float()) for k, v in weights.items())
     torch.manual_seed(0)
     untrained = create_model(tiny_config().model).eval()
     probe = _batch(4, 99)
