@@ -39,13 +39,15 @@ def setup_logging(rank: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import yaml
+
     from powerclip.config import ConfigError, load_config
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank)
     try:
         cfg = load_config(args.config, [*args.overrides, *getattr(args, "extra", [])])
-    except ConfigError as e:
+    except (ConfigError, yaml.YAMLError) as e:
         print(f"powerclip train: {e}", file=sys.stderr)
         return 2
 

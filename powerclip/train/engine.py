@@ -57,27 +57,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return merged
 
 
-def dict_output(model: nn.Module) -> nn.Module:
-    """Make ``model(batch)`` return a plain dict of its ``Features`` fields (same module, same keys).
-
-    Why: ZeRO-3 re-gathers a module's partitioned parameters for the backward pass through hooks it
-    attaches to the tensors the module RETURNS, and it only finds tensors inside tuples, lists and
-    dicts. The model returns a ``Features`` dataclass, so under ZeRO-3 the parameters our model uses
-    outside its children (output projections, logit scale) were never re-gathered in backward
-    ("mat2 must be a matrix"). Swapping in a subclass whose forward returns ``vars(features)`` keeps
-    the module tree and state-dict keys unchanged; the loop rebuilds ``Features`` (``features_of``).
-    """
-    base = type(model)
-
-    def forward(self, *args, **kwargs):
-        return dict(vars(base.forward(self, *args, **kwargs)))
-
-    model.__class__ = type(f"{base.__name__}DictOutput", (base,), {"forward": forward})
-    return model
-
-
 def features_of(output):
-    """The ``Features`` of an engine call (see ``dict_output``)."""
+    """The ``Features`` of an engine call (the model returns them; a dict is accepted too)."""
     from powerclip.model.features import Features
 
     return output if isinstance(output, Features) else Features(**output)
@@ -92,7 +73,6 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
-    model = dict_output(model)
     sched = scheduler_factory(cfg.optim, cfg.train.steps)
     if "optimizer" in ds_config:
         from powerclip.train.optim import param_groups

@@ -101,8 +101,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         micro = [next(batches).to(env.device, dtype) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
-        result = train_step(engine, micro, cfg, compose_losses, dense, teacher)
-        if result.applied and teacher is not None:
+        result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype)
+        if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
             teacher.update(engine)
         step += 1
         samples_seen += global_batch
@@ -123,6 +123,11 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps)
             last_save = time.time()
 
+        if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
+            from powerclip.eval.periodic import run_periodic_eval  # every rank: features are sharded
+
+            run_periodic_eval(engine, cfg, step, logger.writer)
+
     batches.close()  # stops the loader's worker processes
     if result is None:  # resumed at or past the last step: nothing ran
         log.info("run %s is already at step %d >= train.steps", run_dir, step)
@@ -142,7 +147,8 @@ class StepResult:
     applied: bool  # False when a non-finite loss made every rank skip the step
 
 
-def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: bool, teacher) -> StepResult:
+def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: bool, teacher,
+               dtype: torch.dtype | None = None) -> StepResult:
     """Forward, loss, backward and optimiser step over ``accum_steps`` micro-batches.
 
     accum 1: the plain path. accum A > 1: feature caching (see ``powerclip.train.accum``); every pass
@@ -153,7 +159,8 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
     teacher_feats = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_feats = teacher.module(full, dense=dense)
+            # fp32 EMA weights under the run's autocast dtype; the DeGLA terms need no dense outputs
+            teacher_feats = teacher.features(full, PRECISION_DTYPES[cfg.train.precision])
     cached = None
     if accum > 1:
         with torch.no_grad():
