@@ -10,15 +10,17 @@ Two backends:
   word regex over the lower-cased caption; the result is checked against ``encode`` and, if the
   text cleaning (ftfy / html unescape) changed the words, the caption keeps its tokens but loses
   its offsets (only the root phrase survives), counted by the caller.
-* ``sentencepiece:/path.model``: SentencePiece with its native piece offsets. The model must
-  reserve SOT/EOT ids (tools/train_tokenizer.py trains it with bos/eos set; EOT must be the
-  highest id because open_clip pools the text tower at argmax(token id)).
+* ``sentencepiece:/path.model``: SentencePiece with its native piece offsets, trained by
+  tools/train_tokenizer.py (pad 0, bos/eos reserved); ids are permuted so that EOT is the highest
+  id, because open_clip pools the text tower at argmax(token id). The text tower's vocab_size
+  must equal the model's piece count.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -70,27 +72,39 @@ class ClipTokenizer:
 
 
 class SentencePieceTokenizer:
+    """SentencePiece with native char offsets, in open_clip's token layout.
+
+    open_clip pools the text tower at ``argmax(token id)``, so EOT must be the highest id, but
+    SentencePiece keeps its control symbols at the lowest ids. The ids are therefore permuted:
+    the model's EOS id and the highest id swap places (a bijection, so ``decode`` inverts it).
+    Padding is 0, which tools/train_tokenizer.py reserves as SentencePiece's pad id."""
+
     def __init__(self, path: str, context_length: int):
         import sentencepiece as spm
 
+        if not Path(path).is_file():
+            raise ValueError(f"data.tokenizer: sentencepiece model not found: {path}")
         self.sp = spm.SentencePieceProcessor(model_file=path)
         self.context_length = context_length
-        self.sot, self.eot = self.sp.bos_id(), self.sp.eos_id()
-        if self.sot < 0 or self.eot < 0:
-            raise ValueError(f"sentencepiece model {path} has no bos/eos ids; train it with "
-                             "tools/train_tokenizer.py (which reserves them)")
         self.vocab_size = self.sp.get_piece_size()
-        if self.eot != self.vocab_size - 1:
-            raise ValueError(f"sentencepiece model {path}: eos id {self.eot} must be the highest id "
-                             f"({self.vocab_size - 1}) because open_clip pools text at argmax(token)")
+        bos, self._eos = self.sp.bos_id(), self.sp.eos_id()
+        if bos < 0 or self._eos < 0 or self.sp.pad_id() != 0:
+            raise ValueError(f"sentencepiece model {path} needs bos/eos ids and pad id 0; train it with "
+                             "tools/train_tokenizer.py")
+        self._top = self.vocab_size - 1
+        self.sot, self.eot = self._map(bos), self._top
+
+    def _map(self, i: int) -> int:
+        return self._top if i == self._eos else self._eos if i == self._top else i
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([self._map(i) for i in ids if i not in (0, self.sot, self.eot)])
 
     def encode(self, text: str) -> Encoded:
-        proto = self.sp.encode(text, out_type="immutable_proto")
+        proto = self.sp.encode(text, return_type="proto")
         ids, spans = [], []
         for p in proto.pieces:
-            if p.id in (self.sot, self.eot):
-                continue
-            ids.append(p.id)
+            ids.append(self._map(p.id))
             spans.append((p.begin, p.end))
         keep = self.context_length - 2
         cut = None
