@@ -18,6 +18,7 @@ Tasks (``task`` argument, with ``data`` the dataset root):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,25 @@ def evaluate(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, 
     was_training = model.training
     model.eval()
     try:
-        return _dispatch(model, preprocess, tokenizer, base, part or None, Path(data), opts)
+        with _full_parameters(model):
+            return _dispatch(model, preprocess, tokenizer, base, part or None, Path(data), opts)
     finally:
         model.train(was_training)
+
+
+def _full_parameters(model: torch.nn.Module):
+    """Gather ZeRO-3 partitioned parameters for the evaluation (a no-op otherwise).
+
+    open_clip's ``encode_text`` reads ``positional_embedding``/``text_projection`` outside any
+    submodule's forward, where ZeRO-3 would leave them partitioned; evaluation only reads weights,
+    so every rank holds the full model for its duration (modifier_rank=None: nothing written back).
+    """
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed  # deepspeed.zero is an attribute, not an importable module path
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -65,6 +65,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Images go in at the weights' dtype (a bf16 DeepSpeed module rejects fp32 inputs)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64, workers: int = 0,
                   amp: bool = False, collate: Callable | None = None) -> torch.Tensor:
@@ -75,14 +83,14 @@ def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64
     """
     n = len(dataset)
     indices, per = shard_indices(n, pdist.world_size(), pdist.rank())
-    device = model_device(model)
+    device, dtype = model_device(model), model_dtype(model)
     out: list[torch.Tensor] = []
     if per:
         loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
                             num_workers=workers, collate_fn=collate)
         for images in loader:
             with _autocast(device, amp):
-                feats = model.encode_image(images.to(device))
+                feats = model.encode_image(images.to(device, dtype))
             out.append(F.normalize(feats.float(), dim=-1))
     local = torch.cat(out) if out else _empty_features(model, device)
     return _gather_ordered(local, n).cpu()

@@ -9,6 +9,7 @@ layout) into a temporary export folder, then loaded the same way.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,18 +55,12 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 def _export_checkpoint(path: Path, out_dir: Path) -> None:
     """Consolidate a run folder / DeepSpeed checkpoint into an export folder via powerclip.export."""
+    from powerclip.export import ExportError, export_checkpoint
+
     try:
-        from powerclip import export as export_mod
-    except ImportError as e:  # pragma: no cover - depends on the tree state
-        raise RuntimeError(
-            f"{path} is not an export folder and powerclip.export is unavailable to consolidate it: {e}"
-        ) from e
-    for fn_name in ("export_run", "export", "export_checkpoint"):
-        fn = getattr(export_mod, fn_name, None)
-        if callable(fn):
-            fn(path, out_dir)
-            return
-    raise RuntimeError(f"powerclip.export has no export function to consolidate {path}")
+        export_checkpoint(path, out_dir)
+    except ExportError as e:
+        raise FileNotFoundError(f"cannot evaluate {path}: not an export folder, and {e}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -76,7 +71,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if is_export_dir(path):
         return load_export_dir(path, device)
     tmp = Path(tempfile.mkdtemp(prefix="powerclip-eval-export-"))
-    _export_checkpoint(path, tmp)
-    loaded = load_export_dir(tmp, device)
+    try:
+        _export_checkpoint(path, tmp / "export")
+        loaded = load_export_dir(tmp / "export", device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    loaded.name = f"powerclip:{path.resolve()}"
     loaded.pretrained = str(path.resolve())
     return loaded
