@@ -158,9 +158,13 @@ def test_siglip_bias_and_grads_flow():
 
 def test_builtin_name_and_preprocess_cfg():
     cfg = tiny_config()
-    cfg.model.config, cfg.model.name = None, "RN50"  # a built-in name; shape only, not built here
+    cfg.model.config, cfg.model.name = None, "ViT-S-32"  # the smallest built-in ViT (63M parameters)
     out = model_cfg_dict(cfg.model)
-    assert out["embed_dim"] == 1024 and "nonscalar_logit_scale" not in out
+    assert out["embed_dim"] == 384 and "nonscalar_logit_scale" not in out
+    built = create_model(cfg.model)
+    assert type(built.clip).__name__ == "CLIP" and built.clip.logit_scale.shape == (1,)
+    assert preprocess_cfg(built)["size"] in ((224, 224), [224, 224])
+    del built
     torch.manual_seed(0)
     model = create_model(tiny_config(image_size=64).model)
     pre = preprocess_cfg(model)
@@ -238,3 +242,21 @@ def test_zero3_forward_backward_with_dense_paths():
     (res,) = run_on_ranks(_zero3_dense_case, 1)
     for name, (z3, plain) in res.items():
         torch.testing.assert_close(z3, plain, msg=name)
+
+
+def test_custom_text_clip_dense_and_bit_identity():
+    mc = tiny_model_config()
+    mc["custom_text"] = True  # open_clip's CustomTextCLIP: the text tower is a TextTransformer module
+    cfg = tiny_config()
+    cfg.model.config = mc
+    torch.manual_seed(0)
+    model = create_model(cfg.model).eval()
+    assert type(model.clip).__name__ == "CustomTextCLIP"
+    batch = _batch(3)
+    with torch.no_grad():
+        feats = model(batch, dense=True)
+        assert torch.equal(feats.text, model.clip.encode_text(batch.text, normalize=True))
+        t = model.clip.text
+        x = t.transformer(t.token_embedding(batch.text) + t.positional_embedding, attn_mask=t.attn_mask)
+        tokens = F.normalize(t.ln_final(x) @ t.text_projection, dim=-1)
+    torch.testing.assert_close(feats.tokens, tokens, rtol=1e-5, atol=1e-6)
