@@ -260,3 +260,12 @@ def test_custom_text_clip_dense_and_bit_identity():
         x = t.transformer(t.token_embedding(batch.text) + t.positional_embedding, attn_mask=t.attn_mask)
         tokens = F.normalize(t.ln_final(x) @ t.text_projection, dim=-1)
     torch.testing.assert_close(feats.tokens, tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_from_the_open_clip_config_is_kept():
+    mc = dict(tiny_model_config(), init_logit_bias=-10.0)  # like open_clip's built-in SigLIP configs
+    cfg = tiny_config()
+    cfg.model.config = mc
+    model = create_model(cfg.model)
+    assert model.clip.logit_bias is not None and model.clip.logit_bias.item() == -10.0
+    assert model_cfg_dict(cfg.model)["init_logit_bias"] == -10.0

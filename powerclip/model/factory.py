@@ -94,11 +94,11 @@ def create_model(cfg: ModelConfig) -> PowerClipModel:
 
     Seed torch before calling: ranks and resumed runs rely on identical initialisation.
     """
-    kwargs: dict[str, Any] = {
-        "nonscalar_logit_scale": True,
-        "init_logit_scale": float(cfg.init_logit_scale),
-        "init_logit_bias": None if cfg.init_logit_bias is None else float(cfg.init_logit_bias),
-    }
+    # model.init_logit_bias=None means "whatever the open_clip config says": a built-in SigLIP config
+    # keeps its bias (-10) rather than silently losing the parameter
+    kwargs: dict[str, Any] = {"nonscalar_logit_scale": True, "init_logit_scale": float(cfg.init_logit_scale)}
+    if cfg.init_logit_bias is not None:
+        kwargs["init_logit_bias"] = float(cfg.init_logit_bias)
     tag = None
     if cfg.pretrained and cfg.name and not Path(cfg.pretrained).exists():
         if open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained):
