@@ -122,6 +122,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         if checkpoint_due(cfg, step, last_save, env):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps)
             last_save = time.time()
+        if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
+            periodic_eval(engine, cfg, step, logger)
 
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
             from powerclip.eval.periodic import run_periodic_eval  # every rank: features are sharded
@@ -297,6 +299,19 @@ def load_resume(cfg: Config, engine, ckpt_dir: Path, env: DistEnv, teacher) -> d
         log.info("resumed from %s at step %d", load_dir / tag, state["step"])
     return {"step": int(state["step"]), "samples_seen": int(state["samples_seen"]),
             "skipped_steps": int(state["skipped_steps"]), "rank_state": state["ranks"][env.rank]}
+
+
+# ------------------------------------------------------------------------------------- eval
+def periodic_eval(engine, cfg: Config, step: int, logger: RunLogger) -> None:
+    """``eval.tasks`` every ``eval.every_steps`` (collective; powerclip.eval.periodic does the work)."""
+    from powerclip.eval.periodic import run_periodic_eval
+
+    engine.eval()
+    try:
+        with torch.no_grad():
+            run_periodic_eval(engine, cfg, step, writer=logger.writer)
+    finally:
+        engine.train()
 
 
 # ------------------------------------------------------------------------------------- helpers

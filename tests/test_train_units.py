@@ -1,0 +1,157 @@
+"""Unit tests of the engine's small modules: parameter groups and schedule, the derived DeepSpeed
+config, launcher environments, checkpoint encoding / pruning / latest pointer, micro-batch concat."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from powerclip.data.batch import Batch
+from powerclip.train import checkpoint as ckpt
+from powerclip.train.accum import concat_batches
+from powerclip.train.dist_env import _slurm_master_addr, export_env_from_launcher
+from powerclip.train.engine import deepspeed_config
+from powerclip.train.optim import lr_lambda, param_groups
+from tests.tiny import tiny_config
+
+
+def test_no_weight_decay_on_gains_biases_and_logit_scale():
+    from powerclip.model.factory import create_model
+
+    cfg = tiny_config(["model.init_logit_bias=-10.0"])
+    model = create_model(cfg.model)
+    groups = param_groups(model, 0.2)
+    names = {g["name"]: g for g in groups}
+    params = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in params.items()}
+    no_decay = {by_id[id(p)] for p in names["no_decay"]["params"]}
+    decay = {by_id[id(p)] for p in names["decay"]["params"]}
+    assert names["no_decay"]["weight_decay"] == 0.0 and names["decay"]["weight_decay"] == 0.2
+    assert decay | no_decay == set(params) and not decay & no_decay
+    assert {n for n in params if n.endswith(("logit_scale", "logit_bias"))} <= no_decay
+    assert all(params[n].ndim >= 2 and not n.endswith("bias") for n in decay)
+    assert all(params[n].ndim < 2 or n.endswith(("bias", "logit_scale", "logit_bias")) for n in no_decay)
+    assert any("ln_" in n for n in no_decay) and any("attn.in_proj_weight" in n for n in decay)
+
+
+def test_warmup_then_cosine():
+    cfg = tiny_config(["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"]).optim
+    f = lr_lambda(cfg, total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    const = lr_lambda(tiny_config(["optim.schedule=constant", "optim.warmup_steps=0"]).optim, 100)
+    assert const(0) == const(99) == 1.0
+
+
+def test_deepspeed_config_derivation_and_merge():
+    cfg = tiny_config(["data.batch_size=16", "train.accum_steps=4", "train.zero_stage=3",
+                       "train.precision=bf16", "optim.grad_clip=0.5",
+                       "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 16 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    fp16 = deepspeed_config(tiny_config(["train.precision=fp16"]), 1)["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+    bad = tiny_config(["train.deepspeed={train_batch_size: 7}"])
+    with pytest.raises(ValueError, match="batch sizes"):
+        deepspeed_config(bad, 2)
+
+
+def test_slurm_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08],cpu1")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is parsed here
+    export_env_from_launcher()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node3")
+    assert _slurm_master_addr() == "node3"
+
+
+def test_torchrun_environment_is_kept(monkeypatch):
+    import os
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    monkeypatch.setenv("SLURM_PROCID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "9")
+    export_env_from_launcher()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("1", "2", "12345")
+
+
+def test_deepspeed_objects_round_trip_through_primitives(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    state = {"loss_scaler": scaler, "zero_stage": ZeroStageEnum.gradients,
+             "maps": [{"w": fragment_address(numel=4, start=2)}], "t": torch.arange(3), "s": {"b", "a"}}
+    torch.save(ckpt.encode(state), tmp_path / "x.pt")
+    loaded = ckpt.decode(torch.load(tmp_path / "x.pt", weights_only=True))
+    assert isinstance(loaded["loss_scaler"], DynamicLossScaler) and loaded["loss_scaler"].cur_scale == 2.0**16
+    assert loaded["zero_stage"] == 2 and loaded["maps"][0]["w"] == fragment_address(numel=4, start=2)
+    assert torch.equal(loaded["t"], torch.arange(3)) and loaded["s"] == ["a", "b"]
+    with pytest.raises(TypeError, match=r"\.bad"):
+        ckpt.encode({"bad": object()})
+    with pytest.raises(ValueError, match="refusing"):
+        ckpt.decode({"__powerclip_object__": "os:system", "state": {}})
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    ckpt.set_rng_state(ckpt.decode(ckpt.encode(state)))
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_latest_and_pruning(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / ckpt.tag_for(step)).mkdir()
+    ckpt.write_latest(tmp_path, ckpt.tag_for(6))
+    removed = ckpt.prune(tmp_path, keep_last=2)
+    # step 8 is newer than latest: an interrupted save, removed; the 2 newest complete ones stay
+    assert sorted(removed) == ["step_00000002", "step_00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+    assert ckpt.read_latest(tmp_path) == "step_00000006"
+    assert not list(tmp_path.glob(".latest.tmp*"))
+    assert ckpt.resolve_resume("latest", tmp_path) == (tmp_path, "step_00000006")
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    assert ckpt.resolve_resume("latest", tmp_path / "fresh") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint.resume"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_concat_batches_pads_phrases_and_offsets_concept_owners():
+    def batch(b: int, k: int, c: int) -> Batch:
+        return Batch(keys=[f"k{i}" for i in range(b)], images=torch.randn(b, 3, 8, 8),
+                     text=torch.randint(0, 9, (b, 5)), phrase_tokens=torch.ones(b, k, 5, dtype=torch.bool),
+                     phrase_valid=torch.ones(b, k, dtype=torch.bool), concept_text=torch.ones(c, 5, dtype=torch.long),
+                     concept_owner=torch.arange(c) % b, concept_ids=torch.arange(c))
+
+    x, y = batch(2, 3, 3), batch(3, 1, 2)
+    z = concat_batches([x, y])
+    assert z.size == 5 and z.keys == x.keys + y.keys
+    assert z.phrase_tokens.shape == (5, 3, 5) and z.phrase_valid.tolist()[2:] == [[True, False, False]] * 3
+    assert z.concept_owner.tolist() == [0, 1, 0, 2 + 0, 2 + 1]
+    assert torch.equal(z.images[:2], x.images) and z.region_masks is None
+    assert math.isclose(float(z.images[2:].sum()), float(y.images.sum()), rel_tol=1e-6)
