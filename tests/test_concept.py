@@ -19,6 +19,8 @@ D, T = 8, 5
 # Global batch used by the 1-rank / 2-rank comparison: rank 0 has 3 images and 4 concepts, rank 1 has
 # 2 images and 7 concepts (different counts on purpose); ids repeat across images and ranks.
 SPLIT = [(3, [0, 0, 1, 2], [11, 12, 11, 13]), (2, [0, 0, 0, 1, 1, 1, 1], [12, 14, 15, 11, 16, 17, 12])]
+# rank 0 has no concept rows at all (its images still meet rank 1's concepts)
+SPLIT_EMPTY = [(2, [], []), (3, [0, 2, 2], [21, 22, 21])]
 
 
 def _unit(*shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -44,12 +46,12 @@ def _make(b: int, owners: list[int], ids: list[int], seed: int, bias: bool = Tru
     return leaves, feats, batch
 
 
-def _global_batch():
-    """The concatenation of SPLIT as one single-process batch (owners shifted by image counts)."""
-    parts = [_make(b, o, i, seed=r) for r, (b, o, i) in enumerate(SPLIT)]
+def _global_batch(split=SPLIT):
+    """The concatenation of ``split`` as one single-process batch (owners shifted by image counts)."""
+    parts = [_make(b, o, i, seed=r) for r, (b, o, i) in enumerate(split)]
     offset = 0
     owners, ids = [], []
-    for b, o, i in SPLIT:
+    for b, o, i in split:
         owners += [x + offset for x in o]
         ids += i
         offset += b
@@ -60,8 +62,8 @@ def _global_batch():
     feats = Features(image=leaves["image"], text=leaves["image"].detach(), logit_scale=leaves["scale"],
                      logit_bias=leaves["bias"], patches=leaves["patches"], concepts=leaves["concepts"])
     batch = Batch(keys=[str(i) for i in range(offset)], images=torch.zeros(offset, 3, 4, 4),
-                  text=torch.zeros(offset, 4), concept_owner=torch.tensor(owners),
-                  concept_ids=torch.tensor(ids))
+                  text=torch.zeros(offset, 4), concept_owner=torch.tensor(owners, dtype=torch.long),
+                  concept_ids=torch.tensor(ids, dtype=torch.long))
     return leaves, feats, batch
 
 
@@ -260,32 +262,32 @@ def _run(leaves, feats, batch, form, glob):
 
 
 def _rank_case(rank: int, world: int) -> dict:
-    b, owners, ids = SPLIT[rank]
-    leaves, feats, batch = _make(b, owners, ids, seed=rank)
     out = {}
-    for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
-        out.update(_run(leaves, feats, batch, form, glob))
+    for name, split in (("split", SPLIT), ("empty", SPLIT_EMPTY)):
+        b, owners, ids = split[rank]
+        leaves, feats, batch = _make(b, owners, ids, seed=rank)
+        for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
+            out.update({(name, *k): v for k, v in _run(leaves, feats, batch, form, glob).items()})
     return out
 
 
 @pytest.mark.slow
 def test_one_rank_equals_two_gloo_ranks_with_different_concept_counts():
-    leaves, feats, batch = _global_batch()
-    single = {}
-    for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
-        single.update(_run(leaves, feats, batch, form, glob))
     ranks = run_on_ranks(_rank_case, 2)
-    b0 = SPLIT[0][0]
-    c0 = len(SPLIT[0][1])
-    for key, ref in single.items():
-        r0, r1 = ranks[0][key], ranks[1][key]
-        # mean of per-rank values = single-process value
-        assert torch.allclose((r0["loss"] + r1["loss"]) / 2, ref["loss"], atol=1e-5), key
-        # DeepSpeed averages gradients over ranks: each rank's feature gradient / W = single gradient
-        assert torch.allclose(torch.cat([r0["image"], r1["image"]]) / 2, ref["image"], atol=1e-5), key
-        assert torch.allclose(torch.cat([r0["patches"], r1["patches"]]) / 2, ref["patches"], atol=1e-5), key
-        got_c = torch.cat([r0["concepts"], r1["concepts"]]) / 2
-        assert torch.allclose(got_c, ref["concepts"], atol=1e-5), key
-        for k in ("scale", "bias"):  # replicated parameters: average of the ranks' gradients
-            assert torch.allclose((r0[k] + r1[k]) / 2, ref[k], atol=1e-5), (key, k)
-        assert r0["image"].shape[0] == b0 and r0["concepts"].shape[0] == c0
+    for name, split in (("split", SPLIT), ("empty", SPLIT_EMPTY)):
+        leaves, feats, batch = _global_batch(split)
+        single = {}
+        for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
+            single.update(_run(leaves, feats, batch, form, glob))
+        for key, ref in single.items():
+            r0, r1 = ranks[0][(name, *key)], ranks[1][(name, *key)]
+            key = (name, *key)
+            # mean of per-rank values = single-process value
+            assert torch.allclose((r0["loss"] + r1["loss"]) / 2, ref["loss"], atol=1e-5), key
+            # DeepSpeed averages gradients over ranks: each rank's feature gradient / W = single gradient
+            for k in ("image", "patches", "concepts"):
+                got = torch.cat([r0[k], r1[k]]) / 2
+                assert got.shape == ref[k].shape and torch.allclose(got, ref[k], atol=1e-5), (key, k)
+            for k in ("scale", "bias"):  # replicated parameters: average of the ranks' gradients
+                assert torch.allclose((r0[k] + r1[k]) / 2, ref[k], atol=1e-5), (key, k)
+            assert r0["image"].shape[0] == split[0][0] and r0["concepts"].shape[0] == len(split[0][1])
