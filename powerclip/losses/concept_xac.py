@@ -6,10 +6,16 @@ For image i (patches z_{i,t}, t = 1..T, unit norm) and concept n (c_n, unit norm
     score(i, n) = <p, c_n> = (sum_t a_t S_t) / sqrt(a^T K a),   K = Z Z^T  (the [T, T] patch Gram).
 
 The closed form needs only [images, concepts, T] intermediates and one [images, T, T] Gram matrix,
-never the pooled vectors [images, concepts, D]: T = 196 < D = 768 for a ViT-B/16, so it is both
-smaller and cheaper (B*N*T^2 instead of B*N*T*D multiply-adds for the norm). Concepts are processed
-in chunks sized from a memory budget; each chunk runs under activation checkpointing when gradients
-are needed, so the backward pass also holds one chunk's intermediates at a time, not all of them.
+never the pooled vectors [images, concepts, D]: T = 196 < D = 768 for a ViT-B/16, so it is
+smaller, and cheaper once the Gram matrix is amortised: the explicit path costs 2*B*N*T*D
+multiply-adds (similarities + pooling), the closed form B*N*T*D + B*T^2*D + B*N*T^2, which is less
+whenever N is larger than about T (tools/bench_xac.py: 96 x 400 x 196 x 768 on CPU, about half the
+time and 60% of the peak memory of explicit pooling in one chunk).
+
+Concepts are processed in chunks sized from ``memory_budget_mb``; each chunk runs under activation
+checkpointing when gradients are needed, so the backward pass also holds one chunk's [B, chunk, T]
+intermediates at a time. The budget bounds those intermediates only: the patch tensor, its gradient
+and the [B, T, T] Gram matrix (all the size of the inputs) come on top.
 
 ``xac_scores_explicit`` materialises p the obvious way; tests and tools/bench_xac.py compare the two.
 """
