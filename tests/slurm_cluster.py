@@ -167,7 +167,7 @@ def render_conf(host: str, cpus: int, mem_mb: int) -> str:
     * CR_CPU: schedule CPUs only, memory is not a consumable (tests ask for no memory);
     * KillWait=5: a requeued/cancelled job's leftovers die fast, so requeue tests stay short;
     * sched_interval=2: the scheduler notices within 2 s (not 60) that a requeued job may start;
-    * AuthInfo=cred_expire=10: a requeued job may start again after 11 s instead of 121 s;
+    * AuthInfo=cred_expire=5: a requeued job may start again after ~6 s instead of 121 s;
     * SlurmUser=root: the daemons run as root here, no spool ownership to get right.
     """
     return f"""{MARKER}
@@ -176,7 +176,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -361,6 +361,48 @@ def allreduce_entry(cfg) -> dict:
     out = Path(cfg.train.run_dir) / f"allreduce_rank{rank}.json"
     out.write_text(json.dumps(seen))
     return seen
+
+
+def resumable_entry(cfg) -> dict:
+    """A stand-in trainer (fast to start: torch only): ``train.steps`` steps of an all_reduce recurrence, checkpointed by rank 0
+    after every step to ``RUN/toy_state.json`` and resumed from it. Each step sleeps
+    ``POWERCLIP_TOY_STEP_S`` seconds (default 0.5) so a test can signal it mid-run.
+    The final value depends only on the step count, so a resumed run must match an uninterrupted one.
+    The result also carries the rendezvous variables the task saw.
+    """
+    import json
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    path = Path(cfg.train.run_dir) / "toy_state.json"
+    state = json.loads(path.read_text()) if path.exists() else {"step": 0, "value": 0.0}
+    start, value = int(state["step"]), float(state["value"])
+    pause = float(os.environ.get("POWERCLIP_TOY_STEP_S", "0.5"))
+    for step in range(start + 1, cfg.train.steps + 1):
+        t = torch.tensor([float((rank + 1) * step)])
+        dist.all_reduce(t)
+        value = 0.5 * value + float(t.item())
+        time.sleep(pause)
+        if rank == 0:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "value": value}))
+            tmp.replace(path)
+        dist.barrier()
+    env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                          "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")}
+    return {"rank": rank, "world": dist.get_world_size(), "start_step": start, "step": cfg.train.steps,
+            "value": value, "env": env}
+
+
+def toy_expected(steps: int, world: int) -> float:
+    value = 0.0
+    for step in range(1, steps + 1):
+        value = 0.5 * value + step * world * (world + 1) / 2
+    return value
 
 
 if __name__ == "__main__":  # `python tests/slurm_cluster.py` brings the cluster up by hand

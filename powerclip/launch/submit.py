@@ -107,26 +107,28 @@ def scontrol_state(job_id: str) -> str | None:
 
 
 def wait_for_result(job, poll_s: float = 2.0, timeout_s: float | None = None, grace_s: float = 20.0) -> list[Any]:
-    """Every task's result, or the job's error.
+    """Every task's result, or the first task error (re-raised as submitit raises it).
 
-    submitit decides "done" from result files or ``sacct``; clusters without accounting answer
-    nothing to sacct, so a job that died without writing results would be waited on forever. Here
-    ``scontrol`` is asked too: a terminal state with results still missing after ``grace_s``
-    (shared file systems are slow to show files) raises with the state and the log location.
+    Done means every task's result file exists. submitit's own ``job.done()`` falls back on
+    ``sacct``, which clusters without accounting do not answer, so a job that died without writing
+    results would be waited on forever; here ``scontrol`` is asked instead: a terminal state with
+    results still missing after ``grace_s`` (shared file systems are slow to show files) raises
+    with the state and the log location.
     """
     deadline = None if timeout_s is None else time.time() + timeout_s
     terminal_since: float | None = None
-    while not job.done():
+    pickles = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
+    while not all(p.exists() for p in pickles):
         now = time.time()
-        if deadline is not None and now > deadline:
-            raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s "
-                               f"(Slurm state {scontrol_state(job.job_id)})")
         state = scontrol_state(job.job_id)
+        if deadline is not None and now > deadline:
+            raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s (Slurm state {state})")
         if state in TERMINAL_STATES:
             terminal_since = terminal_since or now
             if now - terminal_since > grace_s:
-                raise RuntimeError(f"job {job.job_id} ended {state} without results; "
-                                   f"see {job.paths.stdout} and {job.paths.stderr}")
+                missing = [i for i, p in enumerate(pickles) if not p.exists()]
+                raise RuntimeError(f"job {job.job_id} ended {state} without results from tasks {missing}; "
+                                   f"see the logs in {job.paths.folder}")
         else:
             terminal_since = None
         time.sleep(poll_s)
