@@ -118,6 +118,9 @@ class DeglaLossConfig:
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
     ema_decay: float = 0.9996
+    # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
+    # error (False lets tests run the losses on random weights)
+    require_pretrained: bool = False
 
 
 @dataclass
@@ -240,7 +243,8 @@ def validate(cfg: Config) -> Config:
     nonneg = ["data.workers", "data.shuffle_buffer", "data.num_negatives", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "checkpoint.every_steps",
               "checkpoint.every_minutes", "loss.global_weight", "loss.powerset.weight",
-              "loss.concept.npc_weight", "loss.concept.xac_weight"]
+              "loss.concept.npc_weight", "loss.concept.xac_weight", "loss.degla.base_weight",
+              "loss.degla.igc_weight", "loss.degla.tgc_weight", "loss.degla.distill_weight"]
     for key in nonneg:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
@@ -260,6 +264,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.powerset.exact needs data.num_regions <= 12, got {cfg.data.num_regions}")
     if cfg.loss.degla.enabled and cfg.data.num_negatives < 1:
         raise ConfigError("loss.degla.enabled needs data.num_negatives >= 1")
+    if cfg.loss.degla.enabled and cfg.loss.degla.require_pretrained and not cfg.model.pretrained:
+        raise ConfigError("model.pretrained is not set: this DeGLA fine-tuning stage starts from trained "
+                          "weights (an open_clip tag, export folder, weights file or run folder); pass "
+                          "model.pretrained=... (or set loss.degla.require_pretrained=false)")
+    if cfg.loss.degla.tgc_scale <= 0:
+        raise ConfigError(f"loss.degla.tgc_scale must be > 0, got {cfg.loss.degla.tgc_scale}")
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")

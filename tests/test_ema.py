@@ -120,7 +120,8 @@ def _ds_case(rank: int, world: int, stages: list[int]) -> dict:
         model = _model()
         start = {k: v.detach().clone() for k, v in model.named_parameters()}
         cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+               # threshold 10: the biases (8 and 3 values) stay gathered between steps ("persistent")
+               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 10},
                "optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}}}
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
         # ZeRO-3 partitions the parameters in place: build the teacher from a fresh template module
@@ -129,18 +130,23 @@ def _ds_case(rank: int, world: int, stages: list[int]) -> dict:
         expected = {k: v.clone() for k, v in start.items()}
         got_init = _teacher(ema)
         gen = torch.Generator().manual_seed(10 + rank)
-        for _ in range(3):
+        statuses = []
+        for _ in range(4):
             loss = engine(torch.randn(2, 4, generator=gen)).pow(2).mean()
             engine.backward(loss)
             engine.step()
+            before = [str(getattr(p, "ds_status", "")) for p in engine.module.parameters()]
             ema.update(engine)
+            statuses.append(before == [str(getattr(p, "ds_status", "")) for p in engine.module.parameters()])
             params = list(engine.module.named_parameters())
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
                 student = {k: p.detach().clone() for k, p in params}
             for k in expected:
                 expected[k] = alpha * expected[k] + (1 - alpha) * student[k]
         out[stage] = {"init": got_init, "start": start, "teacher": _teacher(ema), "expected": expected,
-                      "partitioned": all(p.numel() == 0 for p in engine.module.parameters())}
+                      "partitioned": any(p.numel() == 0 for p in engine.module.parameters()),
+                      "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in engine.module.parameters()),
+                      "status_kept": all(statuses)}
     return out
 
 
@@ -151,6 +157,8 @@ def test_deepspeed_zero_stages_on_two_ranks():
     for stage in stages:
         a, b = r0[stage], r1[stage]
         assert a["partitioned"] == (stage == 3)  # the ZeRO-3 case really is partitioned
+        # ZeRO-3 keeps its persistent (small) parameters gathered: the EMA read must not free them
+        assert a["status_kept"] and (stage != 3 or a["persistent"] > 0)
         for k in a["start"]:
             assert torch.equal(a["init"][k], a["start"][k]), (stage, k)  # starting weights
             torch.testing.assert_close(a["teacher"][k], a["expected"][k], rtol=0, atol=1e-6)

@@ -33,14 +33,23 @@ def _is_partitioned(module: nn.Module) -> bool:
 
 @contextmanager
 def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
-    """Full values of ``params`` inside the block (read-only); a no-op unless ZeRO-3 partitioned them."""
+    """Full values of ``params`` inside the block (read-only); a no-op unless ZeRO-3 partitioned them.
+
+    Parameters ZeRO-3 already holds in full (``ds_status`` AVAILABLE: the small "persistent" ones,
+    kept gathered between steps) are read as they are and NOT passed to GatheredParameters: its exit
+    would partition them, and ZeRO-3's prefetch trace, which expects them available, then fails on
+    a later step ("tracing error ... expected the next parameters ...").
+    """
     if params and hasattr(params[0], "ds_id"):
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
+        todo = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+        if todo:
+            with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
+                yield
+            return
+    yield
 
 
 def _buckets(params: list[nn.Parameter], bucket_numel: int) -> Iterator[list[int]]:
