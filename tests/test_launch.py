@@ -1,0 +1,208 @@
+"""powerclip.launch without a cluster (fast): flags → config → submitit parameters, the rendezvous
+variables from submitit's real Slurm job environment (agreeing with the trainer's own Slurm mapping),
+the requeue cap, restarts switching to ``latest``, the USR2 guard in forked children, and the sbatch
+templates' shared body. The real-cluster tests are in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from powerclip.config import ConfigError, load_config
+from powerclip.launch import cli
+from powerclip.launch.dist import dist_env_from_job, master_port_for
+from powerclip.launch.job import RequeueLedger, TrainJob, _ignore_user_signal_in_children, read_starts
+from powerclip.launch.submit import check_slurm_config, executor_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["model.name=ViT-B-32"]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    args.extra = rest
+    return args
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30:00", 90), ("30:00", 30), ("0:00:30", 1),
+                                          ("1-12:00:00", 2160), ("2-0", 2880)])
+def test_parse_time(text, minutes):
+    assert cli.parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "1:2:3:4"])
+def test_parse_time_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--time"):
+        cli.parse_time(text)
+
+
+def test_flags_override_config_and_map_to_submitit(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {name: ViT-B-32}\nslurm: {nodes: 1, partition: cpu, time_minutes: 30}\n")
+    args = _parse(["-c", str(cfg_file), "slurm.nodes=3", "optim.lr=1e-4", "--nodes", "4",
+                   "--gpus-per-node", "8", "--partition", "gpu", "--time", "24:00:00", "--account", "proj",
+                   "--setup", "module load cuda/12.1", "--signal-delay", "240", "--max-requeues", "5"])
+    cfg = load_config(args.config, [*args.overrides, *args.extra, *cli.slurm_overrides(args)])
+    assert cfg.optim.lr == 1e-4
+    s = cfg.slurm
+    assert (s.nodes, s.gpus_per_node, s.partition, s.time_minutes) == (4, 8, "gpu", 1440)  # flags win
+    assert (s.account, s.setup, s.signal_delay_s, s.max_requeues) == ("proj", ["module load cuda/12.1"], 240, 5)
+    p = executor_parameters(cfg)
+    assert p["tasks_per_node"] == 8 and p["gpus_per_node"] == 8  # one task per GPU
+    assert p["nodes"] == 4 and p["timeout_min"] == 1440 and p["slurm_partition"] == "gpu"
+    assert p["slurm_signal_delay_s"] == 240 and p["slurm_account"] == "proj"
+    assert p["slurm_setup"] == ["module load cuda/12.1"]
+    assert p["slurm_additional_parameters"]["requeue"] is True
+
+
+def test_cpu_tasks_when_no_gpus():
+    cfg = load_config(None, [*BASE, "slurm.gpus_per_node=0", "slurm.tasks_per_node=2",
+                             "slurm.extra={mail-type: END}"])
+    p = executor_parameters(cfg)
+    assert p["tasks_per_node"] == 2 and "gpus_per_node" not in p
+    assert p["slurm_additional_parameters"] == {"requeue": True, "mail-type": "END"}
+
+
+def test_submitit_accepts_the_parameters(tmp_path):
+    """The parameter names are submitit's (it raises on unknown ones); nothing is submitted."""
+    from powerclip.launch.submit import make_executor
+
+    cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "slurm.gpus_per_node=4", "slurm.qos=high",
+                             "slurm.mem_gb=64", "slurm.constraint=a100", "slurm.exclude=n1"])
+    ex = make_executor(cfg, cluster="slurm")
+    assert ex._executor.max_num_timeout == cfg.slurm.max_requeues
+    params = ex._executor.parameters
+    assert params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["qos"] == "high"
+    assert (tmp_path / "slurm").is_dir()
+
+
+@pytest.mark.parametrize("override,match", [("slurm.nodes=0", "slurm.nodes"),
+                                            ("slurm.signal_delay_s=3600", "below the time limit"),
+                                            ("slurm.gpus_per_node=-1", "slurm.gpus_per_node")])
+def test_bad_slurm_config(override, match):
+    cfg = load_config(None, [*BASE, "slurm.time_minutes=60", override])
+    with pytest.raises(ConfigError, match=match):
+        check_slurm_config(cfg)
+
+
+SLURM_TASK_ENV = {"SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+                  "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
+                  "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SUBMITIT_EXECUTOR": "slurm"}
+
+
+def test_rendezvous_from_submitit_job_environment(monkeypatch):
+    """submitit's real SlurmJobEnvironment over a task's SLURM_* variables (rank 9 of 2x8)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    for k, v in SLURM_TASK_ENV.items():
+        monkeypatch.setenv(k, v)
+    values = dist_env_from_job(SlurmJobEnvironment())
+    assert values == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
+                      "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 12345 % 20000)}
+    assert master_port_for("12345_3") == 32345 and master_port_for("7", fixed=29500) == 29500
+
+
+def test_port_and_master_agree_with_trainer_slurm_mapping(monkeypatch):
+    """The sbatch path (trainer maps SLURM_* itself) and the submitit path pick the same master."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    from powerclip.train.dist_env import export_env_from_launcher
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "x")  # recorded, so the values the trainer's mapping sets are undone
+        monkeypatch.delenv(k)
+    for k, v in SLURM_TASK_ENV.items():
+        monkeypatch.setenv(k, v)
+    ours = dist_env_from_job(SlurmJobEnvironment())
+    export_env_from_launcher()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        assert os.environ[k] == ours[k], k
+
+
+def test_checkpoint_only_resubmits_up_to_the_cap(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "slurm.max_requeues=2"])
+    job = TrainJob(cfg, entry="tests.slurm_cluster:resumable_entry")
+    first, second, third = job.checkpoint(), job.checkpoint(), job.checkpoint()
+    assert isinstance(first, submitit.helpers.DelayedSubmission) and first.function is job
+    assert isinstance(second, submitit.helpers.DelayedSubmission)
+    assert third is None  # cap reached: submitit ends the job instead of requeuing
+    ledger = RequeueLedger(tmp_path).read()
+    assert ledger["count"] == 2 and [e["job_id"] for e in ledger["events"]] == ["77", "77"]
+    assert not (tmp_path / "checkpoints").exists()  # no save from the signal handler
+    # the cap lives in the run folder: a new submission of the same run shares it
+    assert TrainJob(cfg).checkpoint() is None
+
+
+def test_restart_resumes_from_latest_whatever_resume_said(tmp_path):
+    cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "checkpoint.resume=/pretrained/run"])
+    job = TrainJob(cfg)
+    assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"  # first start
+    (tmp_path / "slurm").mkdir()
+    other = {"submission": "someone-else", "job_id": "1"}
+    (tmp_path / "slurm" / "starts.jsonl").write_text(json.dumps(other) + "\n")
+    assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"  # another submission
+    with open(tmp_path / "slurm" / "starts.jsonl", "a") as f:
+        f.write(json.dumps({"submission": job.submission_id, "job_id": "2"}) + "\n")
+    assert job._cfg_for_this_start().checkpoint.resume == "latest"  # a restart of this one
+    assert len(read_starts(tmp_path)) == 2
+
+
+def test_user_signal_ignored_in_forked_children(tmp_path):
+    """Slurm signals every process of the step; only the task's own process may run checkpoint()."""
+    marker = tmp_path / "calls"
+    previous = signal.getsignal(signal.SIGUSR2)
+
+    def handler(sig, frame):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    try:
+        signal.signal(signal.SIGUSR2, handler)
+        _ignore_user_signal_in_children(signal.SIGUSR2)
+        pid = os.fork()
+        if pid == 0:  # child: wait for the signal, then leave without running pytest's teardown
+            try:
+                time.sleep(2)
+            finally:
+                os._exit(0)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGUSR2)
+        os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.1)
+        assert marker.read_text().split() == [str(os.getpid())]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sbatch_templates_share_the_tested_body():
+    """test_slurm.py runs pretrain.sbatch for real; every template must carry the same body."""
+    texts = {p.name: p.read_text() for p in sorted((REPO / "slurm").glob("*.sbatch"))}
+    assert {"pretrain.sbatch", "degla.sbatch"} <= set(texts)
+    bodies = {name: t[t.index("# ---- body"):] for name, t in texts.items()}
+    assert len(set(bodies.values())) == 1, "template bodies differ; keep them identical"
+    for name, text in texts.items():
+        assert subprocess.run(["bash", "-n", str(REPO / "slurm" / name)]).returncode == 0, name
+        header = text[:text.index("# ---- body")]
+        for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --open-mode=append"):
+            assert line in header, (name, line)
+        tasks = int(header.split("--ntasks-per-node=")[1].split()[0])
+        gpus = int(header.split("--gpus-per-node=")[1].split()[0])
+        assert tasks == gpus, f"{name}: one task per GPU"
+    body = next(iter(bodies.values()))
+    for needle in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "scontrol show hostnames",
+                   "-m powerclip train", "scontrol requeue"):
+        assert needle in body
