@@ -321,6 +321,17 @@ def test_low_precision_inputs_computed_in_fp32():
     assert out16["powerset"].dtype == torch.float32
     assert torch.isfinite(out16["powerset"])
     torch.testing.assert_close(out16["powerset"], out32["powerset"])
+    # under an autocast region (what mixed-precision trainers use) the loss still runs in fp32
+    a, b = phi.float().requires_grad_(True), p.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = powerset_loss_from_embeddings(a, rv, b, pv, cfg)["powerset"]
+    auto.backward()
+    ref_a, ref_b = phi.float().requires_grad_(True), p.float().requires_grad_(True)
+    ref = powerset_loss_from_embeddings(ref_a, rv, ref_b, pv, cfg)["powerset"]
+    ref.backward()
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, ref)
+    torch.testing.assert_close(a.grad, ref_a.grad)
 
 
 def test_clear_errors():

@@ -109,7 +109,16 @@ def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor,
                                   phrase_valid: torch.Tensor, cfg: PowersetLossConfig,
                                   chunk: int | None = None) -> dict[str, torch.Tensor]:
     """The loss from this rank's region embeddings phi [B, M, D] (+ valid [B, M]) and phrase
-    embeddings p [B, K, D] (+ valid [B, K]); see the module docstring for the outputs."""
+    embeddings p [B, K, D] (+ valid [B, K]); see the module docstring for the outputs.
+
+    Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors.
+    """
+    with torch.autocast(device_type=phi.device.type, enabled=False):
+        return _loss(phi, region_valid, p, phrase_valid, cfg, chunk)
+
+
+def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
+          cfg: PowersetLossConfig, chunk: int | None) -> dict[str, torch.Tensor]:
     b = phi.shape[0]
     if p.shape[0] != b:
         raise ValueError(f"powerset loss: {b} images but {p.shape[0]} captions")

@@ -81,10 +81,15 @@ class _AbsLogSums(torch.autograd.Function):
     def backward(ctx, g_a: torch.Tensor | None, g_lam: torch.Tensor | None):
         phi, p, v = ctx.saved_tensors
         tau = ctx.tau
-        r, m, d = phi.shape
-        c, k, _ = p.shape
         if g_a is None and g_lam is None:
             return None, None, None, None
+        with torch.autocast(device_type=phi.device.type, enabled=False):  # s/tau ~ 1e3: never in half
+            return _AbsLogSums._grads(ctx, phi, p, v, tau, g_a, g_lam)
+
+    @staticmethod
+    def _grads(ctx, phi, p, v, tau, g_a, g_lam):
+        r, m, d = phi.shape
+        c, k, _ = p.shape
         s = (phi.reshape(r * m, d) @ p.reshape(c * k, d).T).view(r, m, c * k)
         sign = s.sign()
         q = s.abs_().mul_(-1.0 / tau).sigmoid_()  # sigmoid(-|s|/tau)
