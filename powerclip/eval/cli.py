@@ -17,6 +17,10 @@ from powerclip.eval.results import write_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from powerclip.eval import api
+
+    p.description = __doc__.split("\n\n")[0] + "\n\n" + api.__doc__.split("\n\n", 2)[2]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", required=True, help="export folder, run folder or DeepSpeed checkpoint")
     p.add_argument("--task", required=True, action="append",
                    help=f"one of {', '.join(TASKS)} (compositional ones accept /<part>, e.g. sugar_crepe/swap_att); "
