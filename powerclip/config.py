@@ -171,8 +171,10 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # 0 disables periodic evaluation
+    # "TASK:ROOT" entries, e.g. "synthetic:data/synth", "sugar_crepe:/data/sugarcrepe" (powerclip.eval.api)
     tasks: list[str] = field(default_factory=list)
     batch_size: int = 64
+    workers: int = 0  # image decoding processes per rank during evaluation
 
 
 @dataclass
@@ -273,6 +275,12 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+    for i, spec in enumerate(cfg.eval.tasks):
+        task, _, root = spec.partition(":")
+        if not task or not root:
+            raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+    if cfg.eval.batch_size < 1 or cfg.eval.workers < 0 or cfg.eval.every_steps < 0:
+        raise ConfigError("eval.batch_size must be >= 1, eval.workers and eval.every_steps >= 0")
     return cfg
 
 

@@ -55,11 +55,15 @@ def run_periodic_eval(model: torch.nn.Module, cfg: Config, step: int, writer: An
     clip = unwrap(model)
     preprocess = eval_transform(clip)
     tokenizer = tokenizer or text_tokenizer(cfg)
+    # no autocast: the engine's module already holds the run's dtype (bf16/fp16 under DeepSpeed) and
+    # encode_images feeds images in that dtype
     opts = EvalOptions(batch_size=cfg.eval.batch_size, text_batch_size=max(cfg.eval.batch_size, 64),
-                       amp=cfg.train.precision != "fp32" and torch.cuda.is_available())
+                       workers=cfg.eval.workers)
     results: dict[str, dict] = {}
     for spec in cfg.eval.tasks:
         task, root = parse_task(spec)
+        if not Path(root).exists():
+            raise FileNotFoundError(f"eval.tasks entry {spec!r}: {root} does not exist")
         results.update(evaluate(clip, preprocess, tokenizer, task, root, opts))
     if pdist.rank() == 0:
         for key, value in flatten(results).items():
