@@ -30,7 +30,7 @@ rm -rf demo/run demo/export
 t_train=$(date +%s)
 python -m torch.distributed.run --standalone --nproc_per_node 2 -m powerclip train \
   -c configs/tiny_cpu.yaml train.run_dir=demo/run "$@" 2>&1 \
-  | grep -v -e "Warning" -e "warnings.warn" -e "return func" -e "return torch.cat" -e "^W1" -e "^\*\*\*\*" \
+  | grep --line-buffered -v -e "Warning" -e "warnings.warn" -e "return func" -e "return torch.cat" -e "^W1" -e "^\*\*\*\*" \
              -e "OMP_NUM_THREADS" -e "real_accelerator" -e "cpp_extension" -e "built successfully"
 train_s=$(( $(date +%s) - t_train ))
 

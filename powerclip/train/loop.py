@@ -58,9 +58,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- model, teacher, engine (same seed on every rank: identical initial weights)
     seed_all(cfg.train.seed)
-    model = create_model(cfg.model)
-    if cfg.model.grad_checkpointing:
-        model.clip.set_grad_checkpointing(True)
+    model = create_model(cfg.model)  # starting weights (model.pretrained) and grad checkpointing too
     model.to(env.device)
     teacher = None
     if needs_teacher(cfg.loss):
