@@ -86,13 +86,13 @@ class PowersetLossConfig:
     tau: float = 1e-3
     zeta: float = 0.15
     margin: float = 0.2  # delta
-    region_scale: float | None = None  # None -> 1/M
+    region_scale: float | None = None  # None -> 1/M_i, M_i = valid regions of image i (= 1/M when all filled)
     phrase_pool: str = "mean"  # mean | sum
     use_t1: bool = True
     use_t2: bool = True
     singletons_only: bool = False
     exact: bool = False  # enumerate all 2^M subsets (M <= 12); tests and zeta calibration
-    memory_budget_mb: float = 512.0
+    memory_budget_mb: float = 512.0  # per column chunk of the [rows, chunk, M, K] intermediates
 
 
 @dataclass

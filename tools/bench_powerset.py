@@ -10,6 +10,7 @@ peak during forward+backward minus the peak after building the inputs (the loss'
     python tools/bench_powerset.py              # reduced default size (fits a shared 2-core CPU)
     python tools/bench_powerset.py --full       # the real size: B 256, G 2048, M 10, K 16, D 512
     python tools/bench_powerset.py --scan-only  # only time vs M (NLA linear, exact exponential)
+    python tools/bench_powerset.py --naive      # add the plain-autograd baseline (memory hungry)
 """
 
 from __future__ import annotations
@@ -46,7 +47,24 @@ def _inputs(b: int, g: int, m: int, k: int, d: int, seed: int = 0):
     return phi, rv, p, pv
 
 
+def naive_terms(phi, rv, p, pv, tau: float, zeta: float):
+    """The literal METHODS 2 formulas under plain autograd, unchunked: the baseline that the
+    recomputing backward of powerset_nla avoids (autograd keeps ~10 [R, M, C, K] tensors)."""
+    scale = 1.0 / rv.sum(-1).clamp_min(1).to(phi.dtype)
+    s = torch.einsum("rmd,ckd->rmck", phi, p) * scale[:, None, None, None]
+    v = rv.to(phi.dtype)[:, :, None, None]
+    kc = pv.sum(-1).to(phi.dtype)
+    t1 = ((F.softplus(s, beta=1.0 / tau) * v).sum(1) * pv[None]).sum(-1) / kc
+    a = s.abs()
+    logcosh = a / (2 * tau) + torch.log1p(torch.exp(-a / tau)) - math.log(2.0)
+    g = ((s / 2 + zeta * tau * logcosh) * v).sum(1) / tau
+    t2 = tau * torch.logsumexp(g.masked_fill(~pv[None], float("-inf")), -1) - (1 - zeta) * tau * torch.log(kc)
+    return t1, t2
+
+
 def _terms(phi, rv, p, pv, cfg: PowersetLossConfig, chunk: int | None):
+    if chunk == -1:
+        return naive_terms(phi, rv, p, pv, cfg.tau, cfg.zeta)
     if cfg.exact:  # direct call: the loss itself refuses M > 12, the scan goes to 14
         return exact_pair_terms(phi, rv, region_scale(rv, cfg, phi.dtype), p, pv, False,
                                 cfg.memory_budget_mb, chunk, max_regions=16)
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help="B 256, G 2048, M 10, K 16, D 512 (the real size)")
     ap.add_argument("--scan-only", action="store_true")
+    ap.add_argument("--naive", action="store_true",
+                    help="also time the literal formulas under plain autograd (unchunked; needs much memory)")
     ap.add_argument("--no-scan", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scan-threads", type=int, default=1)
@@ -175,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
               f"D={size['d']}{'' if args.full else '  (reduced; --full for B 256 G 2048)'}")
         runs = [("chunked", {"budget_mb": args.budget_mb}),
                 ("unchunked", {"budget_mb": 1e9})]
+        if args.naive:
+            runs.append(("naive", {"budget_mb": 1e9, "chunk": -1}))
         for name, extra in runs:
             res = in_subprocess({**size, **extra, "threads": args.threads})
             if "error" in res:
