@@ -32,6 +32,9 @@ STEPS = 8  # tiny training: checkpoints every 2 steps
 JOB_TIMEOUT = 240  # seconds a single job may take on a loaded 2-core machine
 
 
+_SUBMITTED: list[str] = []  # job ids these tests started: cancelled at the end if still queued/running
+
+
 @pytest.fixture(scope="module")
 def cluster():
     t0 = time.time()
@@ -42,7 +45,10 @@ def cluster():
     print(f"\nSlurm cluster {'started' if info.started else 'reused'} in {time.time() - t0:.1f} s: {info}")
     if info.cpus < 2:
         pytest.skip(f"the Slurm node has {info.cpus} CPU; the 2-task jobs need 2")
-    return info
+    yield info
+    leftover = [j for j in _SUBMITTED if job_state(j) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")]
+    if leftover:  # a failed test must not leave its job holding the node's CPUs
+        subprocess.run(["scancel", *leftover], capture_output=True, timeout=30)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -64,6 +70,7 @@ def _submit(config: Path, run_dir: Path, *overrides: str, entry: str | None = No
     assert out.returncode == 0, out.stderr
     m = re.search(r"submitted job (\d+)", out.stdout)
     assert m, out.stdout
+    _SUBMITTED.append(m.group(1))
     assert (run_dir / "config.yaml").is_file()  # resolved config in the run folder at submission
     return m.group(1)
 
@@ -195,6 +202,7 @@ def sbatch_run(cluster, tiny_yaml, tmp_path_factory) -> dict:
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     jid = out.stdout.strip().split(";")[0]
+    _SUBMITTED.append(jid)
     _wait_until(lambda: _latest(run) is not None, JOB_TIMEOUT, "the first checkpoint", jid)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, capture_output=True, timeout=30)
     state = wait_job(jid, JOB_TIMEOUT)

@@ -105,7 +105,8 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"powerclip submit: {e}", file=sys.stderr)
         return 2
-    print(f"submitted job {job.job_id}: run folder {cfg.train.run_dir}, logs {job.paths.folder}", flush=True)
+    print(f"submitted job {job.job_id}: run folder {job.paths.folder.parent}, logs {job.paths.folder}",
+          flush=True)
     if not args.wait:
         return 0
     results = wait_for_result(job)

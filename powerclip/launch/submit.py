@@ -14,6 +14,7 @@ pickles and per-task logs ``JOBID_TASK_log.{out,err}``, requeues.json, starts.js
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ def make_executor(cfg: Config, cluster: str | None = "slurm"):
 def submit(cfg: Config, entry: str = DEFAULT_ENTRY, cluster: str | None = "slurm"):
     """Save the resolved config in the run folder and submit; returns the submitit Job."""
     check_slurm_config(cfg)
-    run_dir = Path(cfg.train.run_dir)
+    # absolute: the job (and any later resubmission from another directory) finds the same folder
+    run_dir = Path(cfg.train.run_dir).absolute()
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
     save_config(cfg, run_dir)
     executor = make_executor(cfg, cluster)
     return executor.submit(TrainJob(cfg, entry))
@@ -115,12 +118,15 @@ def wait_for_result(job, poll_s: float = 2.0, timeout_s: float | None = None, gr
     results still missing after ``grace_s`` (shared file systems are slow to show files) raises
     with the state and the log location.
     """
+    import submitit
+
     deadline = None if timeout_s is None else time.time() + timeout_s
     terminal_since: float | None = None
+    on_slurm = isinstance(job, submitit.SlurmJob)  # local jobs' ids are process ids, not Slurm's
     pickles = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
     while not all(p.exists() for p in pickles):
         now = time.time()
-        state = scontrol_state(job.job_id)
+        state = scontrol_state(job.job_id) if on_slurm else None
         if deadline is not None and now > deadline:
             raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s (Slurm state {state})")
         if state in TERMINAL_STATES:
