@@ -298,6 +298,11 @@ def ensure_cluster(timeout: float = 90.0) -> ClusterInfo:
             return ClusterInfo(partition, node, _node_cpus(node), started=False, bringup_s=time.time() - t0)
         _install_packages()
         host = socket.gethostname().split(".")[0]
+        try:  # slurmctld reaches slurmd, and the ranks reach MASTER_ADDR, by this name
+            socket.gethostbyname(host)
+        except OSError as e:
+            raise RuntimeError(f"this machine's hostname {host!r} does not resolve ({e}); add it to "
+                               "/etc/hosts for Slurm and the rendezvous") from None
         cpus = max(2, os.cpu_count() or 1)
         _write_conf(host, cpus)
         _start_munge()
