@@ -74,16 +74,19 @@ def test_cpu_tasks_when_no_gpus():
 
 
 def test_submitit_accepts_the_parameters(tmp_path):
-    """The parameter names are submitit's (it raises on unknown ones); nothing is submitted."""
+    """The parameter names are submitit's: AutoExecutor checks every ``slurm_*`` name against its
+    Slurm executor even when another backend is chosen (``local`` needs no srun); nothing is submitted.
+    The translation into #SBATCH lines is checked on the real cluster (tests/test_slurm.py)."""
     from powerclip.launch.submit import make_executor
 
     cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "slurm.gpus_per_node=4", "slurm.qos=high",
-                             "slurm.mem_gb=64", "slurm.constraint=a100", "slurm.exclude=n1"])
-    ex = make_executor(cfg, cluster="slurm")
-    assert ex._executor.max_num_timeout == cfg.slurm.max_requeues
-    params = ex._executor.parameters
-    assert params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["qos"] == "high"
+                             "slurm.mem_gb=64", "slurm.constraint=a100", "slurm.exclude=n1",
+                             "slurm.account=proj", "slurm.partition=gpu", "slurm.setup=[module load x]"])
+    ex = make_executor(cfg, cluster="local")
+    assert ex.cluster == "local"
     assert (tmp_path / "slurm").is_dir()
+    with pytest.raises(NameError, match="no_such_option"):  # and it would catch a wrong name
+        ex.update_parameters(slurm_no_such_option=1)
 
 
 @pytest.mark.parametrize("override,match", [("slurm.nodes=0", "slurm.nodes"),
@@ -175,7 +178,7 @@ def test_user_signal_ignored_in_forked_children(tmp_path):
         pid = os.fork()
         if pid == 0:  # child: wait for the signal, then leave without running pytest's teardown
             try:
-                time.sleep(2)
+                time.sleep(1)
             finally:
                 os._exit(0)
         time.sleep(0.3)

@@ -177,6 +177,11 @@ def test_usr2_rendezvous_checkpoint_resubmits_and_resumes(cluster, plain_yaml, t
 
     ledger = json.loads((run / "slurm" / "requeues.json").read_text())
     assert ledger["count"] == 1 and ledger["events"][0]["job_id"] == jid
+    from submitit.core.utils import DelayedSubmission
+
+    # the resubmitted pickle: our TrainJob again, submitit's timeout countdown = slurm.max_requeues
+    resubmitted = DelayedSubmission.load(run / "slurm" / f"{jid}_submitted.pkl")
+    assert type(resubmitted.function).__name__ == "TrainJob" and resubmitted._timeout_countdown == 2
     starts = _starts(run)
     assert [s["restart_count"] for s in starts] == [0, 1]
     r0 = results[0]
