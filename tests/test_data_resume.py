@@ -89,3 +89,11 @@ def test_source_weights(synthetic_root: Path, tmp_path: Path):
     assert split["val"] + split["heldout"] > 0
     assert expand_shards(f"{root}/val/00000.tar::{root}/heldout/{{00000..00001}}.tar") == [
         f"{root}/val/00000.tar", f"{root}/heldout/00000.tar", f"{root}/heldout/00001.tar"]
+
+
+def test_batches_kept_by_the_consumer_stay_intact(synthetic_root: Path):
+    """Workers recycle shared-memory image buffers; batches held by the consumer must not change."""
+    cfg = cfg_for(synthetic_root, "data.workers=2", "data.batch_size=4")
+    held = _take(build_loader(cfg, 0, 1), 16)  # many more than the ring of buffers per worker
+    for kept, fresh in zip(held, build_loader(cfg, 0, 1)):
+        assert kept.keys == fresh.keys and torch.equal(kept.images, fresh.images)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from braceexpand import braceexpand
 
@@ -39,11 +39,13 @@ from .stream import (
     initial_cursor,
     slot_samples,
 )
-from .text import build_tokenizer, span_positions, to_row
+from .text import build_tokenizer, span_positions
 
 STATE_VERSION = 1
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 SCHEMA_SUPPORTED = 1
+PREFETCH = 2  # DataLoader prefetch_factor: batches outstanding per worker
+RING = PREFETCH + 2  # shared-memory image buffers per worker
 PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
 
 
@@ -123,8 +125,29 @@ class SampleProcessor:
                                          std=self.geo.std, aug_cfg=aug)
         self.tok = build_tokenizer(d.tokenizer, d.context_length)
         self.L = d.context_length
+        self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
 
-    def __call__(self, sample: dict, seed: int) -> dict | str:
+    def image_buffers(self, n: int) -> Iterator[torch.Tensor]:
+        """Batch image tensors to write transformed images into (saves the stack copy).
+
+        In the main process (workers=0) every batch gets a fresh tensor. Inside a DataLoader worker
+        a ring of RING shared-memory buffers is recycled: allocating and page-faulting a fresh
+        shared-memory tensor per batch cost about as much as decoding the images. The Loader copies
+        the images out of the ring as soon as it receives a batch; a worker has at most
+        PREFETCH batches outstanding (DataLoader's prefetch_factor), so with RING = PREFETCH + 2
+        the buffer of a batch is not rewritten before that copy."""
+        shape = (n, 3, self.geo.image_size, self.geo.image_size)
+        if self.in_main:
+            while True:
+                yield torch.empty(shape)
+        ring = [torch.empty(shape).share_memory_() for _ in range(RING)]
+        i = 0
+        while True:
+            yield ring[i % RING]
+            i += 1
+
+    def __call__(self, sample: dict, seed: int, out: torch.Tensor | None = None) -> dict | str:
+        """``out``: the batch slot the image should be written to (see ``image_buffers``)."""
         if ERROR_KEY in sample:
             return sample[ERROR_KEY]
         if "json" not in sample:
@@ -152,10 +175,17 @@ class SampleProcessor:
             img = decode_image(data, MAX_PIXELS)
         except Exception:  # noqa: BLE001 - PIL raises many types for corrupt bytes
             return "bad_image"
-        rng = np.random.default_rng(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image, window = apply_transform(self.transform, img)
+        rng = random.Random(seed)
+        # seed the CPU generator for this sample only (restored after: the trainer's RNG is untouched
+        # when workers=0); Generator.manual_seed avoids torch.manual_seed's per-call overhead
+        gen = torch.default_generator
+        saved = gen.get_state() if self.in_main else None
+        gen.manual_seed(seed)
+        try:
+            image, window = apply_transform(self.transform, img, out)
+        finally:
+            if saved is not None:
+                gen.set_state(saved)
         enc = self.tok.encode(caption)
         n_tok = len(enc.ids)
         # phrase nodes: root first (all real tokens), then tree nodes (or single tokens), deduplicated
@@ -178,7 +208,7 @@ class SampleProcessor:
                 seen.add(tuple(pos))
                 nodes.append(pos)
         out = {
-            "key": sample["__key__"], "image": image, "text": to_row(enc, self.L), "n_tok": n_tok,
+            "key": sample["__key__"], "image": image, "text": enc.ids, "n_tok": n_tok,
             "phrases": nodes,
             "regions": region_masks(ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions,
                                     self.d.region_source, rng),
@@ -190,20 +220,33 @@ class SampleProcessor:
             if self.d.max_concepts_per_caption is not None:
                 texts = texts[: self.d.max_concepts_per_caption]
             texts = texts or [caption]  # METHODS 3: a caption with no concept uses the whole caption
-            out["concepts"] = [to_row(self.tok.encode(t), self.L) for t in texts]
+            out["concepts"] = [self.tok.encode(t).ids for t in texts]
             out["concept_ids"] = [concept_id(t) for t in texts]
         if self.d.num_negatives > 0:
             negs = [n["text"] for n in ann.get("negatives", []) if n.get("text", "").strip()]
             if len(negs) > self.d.num_negatives:
-                negs = [negs[i] for i in sorted(rng.choice(len(negs), self.d.num_negatives, replace=False))]
-            out["negatives"] = [to_row(self.tok.encode(t), self.L) for t in negs]
+                negs = [negs[i] for i in sorted(rng.sample(range(len(negs)), self.d.num_negatives))]
+            out["negatives"] = [self.tok.encode(t).ids for t in negs]
         return out
 
 
-def collate(samples: list[dict], cfg: Config) -> Batch:
+def _rows(id_lists: list[list[int]], length: int) -> torch.Tensor:
+    """Token id lists (each <= length) → one zero-padded [n, length] long tensor, in one allocation."""
+    return torch.tensor([ids + [0] * (length - len(ids)) for ids in id_lists], dtype=torch.long).view(-1, length)
+
+
+def _stack_images(images: list[torch.Tensor], into: torch.Tensor | None) -> torch.Tensor:
+    """The batch image tensor: ``into`` when every image was already written into its slot."""
+    if into is not None and all(img.data_ptr() == into[i].data_ptr() for i, img in enumerate(images)):
+        return into[: len(images)]
+    return torch.stack(images)
+
+
+def collate(samples: list[dict], cfg: Config, images: torch.Tensor | None = None) -> Batch:
+    """Pad and stack processed samples; ``images`` is the buffer their images were written into."""
     d = cfg.data
     B, L = len(samples), d.context_length
-    text = torch.stack([s["text"] for s in samples])
+    text = _rows([s["text"] for s in samples], L)
     n_tok = torch.tensor([s["n_tok"] for s in samples])
     ar = torch.arange(L)
     token_valid = (ar[None, :] >= 1) & (ar[None, :] < (n_tok - 1)[:, None])
@@ -213,27 +256,25 @@ def collate(samples: list[dict], cfg: Config) -> Batch:
     for b, s in enumerate(samples):
         for k, pos in enumerate(s["phrases"]):
             phrase_tokens[b, k, pos] = True
-            phrase_valid[b, k] = True
+        phrase_valid[b, : len(s["phrases"])] = True
     regions = torch.stack([s["regions"] for s in samples])
     batch = Batch(
-        keys=[s["key"] for s in samples], images=torch.stack([s["image"] for s in samples]), text=text,
+        keys=[s["key"] for s in samples], images=_stack_images([s["image"] for s in samples], images), text=text,
         token_valid=token_valid, phrase_tokens=phrase_tokens, phrase_valid=phrase_valid,
         region_masks=regions, region_valid=torch.ones(regions.shape[:2], dtype=torch.bool),
         meta=[s["meta"] for s in samples],
     )
     if d.concepts:
-        rows = [r for s in samples for r in s["concepts"]]
-        batch.concept_text = torch.stack(rows)
-        batch.concept_owner = torch.tensor([b for b, s in enumerate(samples) for _ in s["concepts"]])
+        batch.concept_text = _rows([r for s in samples for r in s["concepts"]], L)
+        batch.concept_owner = torch.tensor([b for b, s in enumerate(samples) for _ in s["concepts"]],
+                                           dtype=torch.long)
         batch.concept_ids = torch.tensor([i for s in samples for i in s["concept_ids"]], dtype=torch.long)
     if d.num_negatives > 0:
         N = d.num_negatives
-        batch.neg_text = torch.zeros(B, N, L, dtype=torch.long)
-        batch.neg_valid = torch.zeros(B, N, dtype=torch.bool)
-        for b, s in enumerate(samples):
-            for n, row in enumerate(s["negatives"]):
-                batch.neg_text[b, n] = row
-                batch.neg_valid[b, n] = True
+        rows = [(s["negatives"] + [[]] * N)[:N] for s in samples]
+        batch.neg_text = _rows([r for sample_rows in rows for r in sample_rows], L).view(B, N, L)
+        batch.neg_valid = torch.tensor([[len(r) > 0 for r in sample_rows] for sample_rows in rows],
+                                       dtype=torch.bool).view(B, N)
     return batch
 
 
@@ -252,23 +293,27 @@ class BatchStream(torch.utils.data.IterableDataset):
         state = self.slots.get(slot) or {"cursor": initial_cursor(), "counters": {}}
         cursor, counters = dict(state["cursor"]), dict(state["counters"])
         proc = SampleProcessor(self.cfg, self.train)
+        B = self.cfg.data.batch_size
         buf: list[dict] = []
+        buffers = proc.image_buffers(B)
+        images = next(buffers)
         unreported = False
         for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
-            result = proc(raw, seed)
+            result = proc(raw, seed, images[len(buf)])
             cursor = cur
             if isinstance(result, str):
                 counters[result] = counters.get(result, 0) + 1
                 unreported = True
                 continue
             buf.append(result)
-            if len(buf) == self.cfg.data.batch_size:
-                yield collate(buf, self.cfg), slot, dict(cursor), dict(counters)
+            if len(buf) == B:
+                yield collate(buf, self.cfg, images), slot, dict(cursor), dict(counters)
                 buf, unreported = [], False
+                images = next(buffers)
         # finite (evaluation) streams end with a partial batch, or with a bare report of the skips
         # that followed the last batch (the Loader records it and yields nothing)
         if buf or unreported:
-            yield (collate(buf, self.cfg) if buf else None), slot, dict(cursor), dict(counters)
+            yield (collate(buf, self.cfg, images) if buf else None), slot, dict(cursor), dict(counters)
 
 
 class Loader:
@@ -308,8 +353,10 @@ class Loader:
         ds = BatchStream(self.cfg, self.spec, copy.deepcopy(self._slots), self._batches % self.spec.workers,
                          self.train)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=W,
-                                         persistent_workers=False, prefetch_factor=2 if W > 0 else None)
+                                         persistent_workers=False, prefetch_factor=PREFETCH if W > 0 else None)
         for batch, slot, cursor, counters in dl:
+            if W > 0 and batch is not None:
+                batch.images = batch.images.clone()  # out of the worker's ring (see image_buffers)
             self._slots[slot] = {"cursor": cursor, "counters": counters}
             if batch is None:  # end-of-pass report (finite streams only)
                 continue

@@ -10,16 +10,21 @@ step's own ``get_params`` - the same transform, plus the window it used.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from torchvision.transforms import CenterCrop, RandomResizedCrop, Resize
+from torchvision.transforms import CenterCrop, Normalize, RandomResizedCrop
 
 
-def apply_transform(transform, img) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+def apply_transform(transform, img, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
     """Apply an open_clip Compose; return (tensor, window) where window = (x0, y0, x1, y1) is the
-    part of the original image, in 0..1 coordinates, that the output shows."""
+    part of the original image, in 0..1 coordinates, that the output shows.
+
+    ``out``: where the final Normalize writes (a slot of the batch tensor), which saves both
+    open_clip's clone inside Normalize and the copy of stacking the batch afterwards."""
     w0, h0 = img.size
     win = [0.0, 0.0, float(w0), float(h0)]  # in original pixels
     for t in getattr(transform, "transforms", [transform]):
@@ -35,9 +40,14 @@ def apply_transform(transform, img) -> tuple[torch.Tensor, tuple[float, float, f
             sx, sy = (win[2] - win[0]) / W, (win[3] - win[1]) / H
             win = [win[0] + left * sx, win[1] + top * sy, win[0] + (left + cw) * sx, win[1] + (top + ch) * sy]
             img = t(img)
-        elif isinstance(t, Resize):
-            img = t(img)  # scales the image, not the window
-        else:
+        elif isinstance(t, Normalize) and isinstance(img, torch.Tensor) and img.is_floating_point():
+            mean = torch.as_tensor(t.mean, dtype=img.dtype).view(-1, 1, 1)
+            std = torch.as_tensor(t.std, dtype=img.dtype).view(-1, 1, 1)
+            if out is not None and out.shape == img.shape:
+                img = torch.sub(img, mean, out=out).div_(std)
+            else:  # the tensor is fresh from ToTensor: in place is safe
+                img = img.sub_(mean).div_(std)
+        else:  # Resize scales the image, not the window; the rest are not geometric
             img = t(img)
     return img, (win[0] / w0, win[1] / h0, win[2] / w0, win[3] / h0)
 
@@ -63,18 +73,18 @@ def box_to_cells(box, grid: int) -> tuple[int, int, int, int]:
     return c0, c1, r0, r1
 
 
-def random_cells(rng: np.random.Generator, grid: int) -> tuple[int, int, int, int]:
+def random_cells(rng: random.Random, grid: int) -> tuple[int, int, int, int]:
     """Random box on the grid: size uniform in 1..grid per side, position uniform where it fits."""
-    w, h = int(rng.integers(1, grid + 1)), int(rng.integers(1, grid + 1))
-    c0, r0 = int(rng.integers(0, grid - w + 1)), int(rng.integers(0, grid - h + 1))
+    r = rng.random  # four floats: ~10x cheaper than four randint calls, same distribution
+    w, h = 1 + int(r() * grid), 1 + int(r() * grid)
+    c0, r0 = int(r() * (grid - w + 1)), int(r() * (grid - h + 1))
     return c0, c0 + w, r0, r0 + h
 
 
-def region_masks(boxes: list, window, grid: int, m: int, source: str,
-                 rng: np.random.Generator) -> torch.Tensor:
+def region_masks(boxes: list, window, grid: int, m: int, source: str, rng: random.Random) -> torch.Tensor:
     """[M, T] bool, T = grid*grid (row-major, like the ViT patch order). Stored boxes first when
     ``source == 'precomputed'``, then random boxes up to M: every slot is a real, non-empty region."""
-    masks = torch.zeros(m, grid, grid, dtype=torch.bool)
+    masks = np.zeros((m, grid, grid), dtype=np.bool_)  # numpy slicing is ~10x cheaper than torch's here
     cells = []
     if source == "precomputed":
         for b in boxes:
@@ -87,4 +97,4 @@ def region_masks(boxes: list, window, grid: int, m: int, source: str,
         cells.append(random_cells(rng, grid))
     for k, (c0, c1, r0, r1) in enumerate(cells):
         masks[k, r0:r1, c0:c1] = True
-    return masks.view(m, grid * grid)
+    return torch.from_numpy(masks.reshape(m, grid * grid))

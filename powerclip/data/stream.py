@@ -23,6 +23,7 @@ resume); per-sample problems are found when the sample is processed. Both are co
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ class StreamSpec:
 
 def _rng(*ints: int) -> np.random.Generator:
     return np.random.default_rng([int(i) & 0xFFFFFFFF for i in ints])
+
+
+def mix_seed(*ints: int) -> int:
+    """A 62-bit seed from integers (blake2b: cheap per sample, unlike building a numpy SeedSequence)."""
+    data = b"".join(int(i).to_bytes(8, "little", signed=True) for i in ints)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
 
 
 def shard_at(spec: StreamSpec, slot: int, k: int) -> str:
@@ -152,7 +159,7 @@ def slot_samples(spec: StreamSpec, slot: int, cursor: dict, finite: bool = False
                 cur = {"block": block, "k": k, "off": off, "taken": j + 1}
             else:
                 cur = {"block": block + 1, "k": next_k, "off": next_off, "taken": 0}
-            seed = int(_rng(spec.seed, spec.rank, slot, block, j, 4).integers(2**62))
+            seed = mix_seed(spec.seed, spec.rank, slot, block, j)
             yield sample, cur, seed
         block, k, off, taken = block + 1, next_k, next_off, 0
 
@@ -173,4 +180,4 @@ def decode_image(data: bytes, max_pixels: int):
     if w * h > max_pixels:
         raise ValueError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}")
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")

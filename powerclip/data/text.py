@@ -42,17 +42,26 @@ class ClipTokenizer:
         self.context_length = context_length
         self.sot, self.eot = self.tok.sot_token_id, self.tok.eot_token_id
         self.vocab_size = self.tok.vocab_size
+        self._word_ids: dict[str, list[int]] = {}  # word → BPE ids (open_clip caches only the strings)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def _words(self, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
+        cache = self._word_ids
         for m in self.tok.pat.finditer(text.lower()):
-            word = "".join(self.tok.byte_encoder[b] for b in m.group().encode("utf-8"))
-            for piece in self.tok.bpe(word).split(" "):
-                ids.append(self.tok.encoder[piece])
-                spans.append(m.span())
-        if ids != self.tok.encode(text):
+            w = m.group()
+            word_ids = cache.get(w)
+            if word_ids is None:
+                word = "".join(self.tok.byte_encoder[b] for b in w.encode("utf-8"))
+                word_ids = [self.tok.encoder[piece] for piece in self.tok.bpe(word).split(" ")]
+                if len(cache) < 500_000:
+                    cache[w] = word_ids
+            ids.extend(word_ids)
+            spans.extend([m.span()] * len(word_ids))
+        # open_clip cleans text (ftfy, html unescape, whitespace) before its regex; plain ASCII without
+        # entities is unchanged by that, so only other text pays for the check against encode()
+        if not (text.isascii() and "&" not in text) and ids != self.tok.encode(text):
             return None
         return tuple(ids), tuple(spans)
 

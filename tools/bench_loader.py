@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Loader throughput: samples/s per worker of the whole powerclip.data pipeline on 224 px JPEG
+shards, next to a bare loop that decodes and transforms the same images without webdataset.
+
+The bare loop (tarfile → PIL decode → open_clip train transform, one thread) is the floor on this
+CPU: what any loader must pay per sample. The pipeline adds tar streaming, block shuffling,
+json parsing, tokenisation, span mapping, region masks, concepts, negatives and collation. Target:
+pipeline / bare >= 0.85. Runs are interleaved and the best of each kind is kept, because other
+processes on a shared machine add noise. Two figures: wall-clock samples/s per worker, and
+samples per CPU-second (the worker's CPU time from RUSAGE_CHILDREN, start-up cancelled by
+differencing two run lengths), which a busy machine does not distort.
+
+Example: python tools/bench_loader.py --shards 'data/bench/train/{00000..00001}.tar'
+         (without --shards, 224 px JPEG synthetic shards are generated in a temp folder)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def bare_loop(urls: list[str], transform, max_pixels: int) -> tuple[int, float, float]:
+    """(samples, wall seconds, CPU seconds) of tarfile → decode → transform."""
+    from powerclip.data.stream import decode_image
+
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    for url in urls:
+        with tarfile.open(url) as tf:
+            for m in tf:
+                if m.name.endswith((".jpg", ".png", ".webp")):
+                    img = decode_image(tf.extractfile(m).read(), max_pixels)
+                    transform(img)
+                    n += 1
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def pipeline(cfg, total: int) -> tuple[int, float, float]:
+    """(samples, wall seconds after the first batch, CPU seconds of the worker process in all).
+
+    The worker's CPU time is read from RUSAGE_CHILDREN once the DataLoader has joined it, so it
+    includes start-up; ``main`` takes the difference of two run lengths to cancel that."""
+    from powerclip.data import build_loader
+
+    c0 = _children_cpu()
+    it = iter(build_loader(cfg, 0, 1))
+    n = next(it).size  # worker start-up (fork, tokenizer load) is not throughput
+    t0 = time.perf_counter()
+    while n < total:
+        n += next(it).size
+    wall = time.perf_counter() - t0
+    it.close()  # shuts the DataLoader down and joins its worker
+    gc.collect()
+    return n, wall, _children_cpu() - c0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", default=None, help="brace pattern of shards (default: generate 224 px JPEGs)")
+    p.add_argument("--samples", type=int, default=512, help="samples per generated shard / per timed run")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (image size, patch grid)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+
+    import torch
+    from open_clip import image_transform
+
+    from powerclip.config import load_config
+    from powerclip.data.geometry import model_geometry
+    from powerclip.data.loader import MAX_PIXELS, expand_shards
+    from powerclip.data.synthetic import make_synthetic
+
+    tmp = None
+    shards = a.shards
+    if shards is None:
+        tmp = tempfile.TemporaryDirectory()
+        make_synthetic(tmp.name, train_shards=1, val_shards=0, heldout_shards=0, per_shard=a.samples,
+                       image_size=224, image_format="jpg")
+        shards = f"{tmp.name}/train/00000.tar"
+    # one pipeline worker; the bare loop gets the same single thread
+    cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", f"model.name={a.model}",
+                             f"data.batch_size={a.batch_size}", "data.workers=1", "data.concepts=true",
+                             "data.num_negatives=4", "data.region_source=precomputed", "data.shuffle_buffer=256"])
+    geo = model_geometry(cfg)
+    transform = image_transform(geo.image_size, is_train=True, mean=geo.mean, std=geo.std,
+                                aug_cfg={"scale": tuple(cfg.data.augment_scale)})
+    urls = expand_shards(shards)
+    torch.set_num_threads(1)  # what a DataLoader worker uses
+    best_bare = best_pipe = 0.0
+    cpu_bare, cpu_pipe = [], []
+    b = a.batch_size
+    for r in range(a.repeats):
+        n, dt, cpu = bare_loop(urls, transform, MAX_PIXELS)
+        best_bare = max(best_bare, n / dt)
+        cpu_bare.append(cpu / n)
+        short = pipeline(cfg, 2 * b)
+        long = pipeline(cfg, 2 * b + n)
+        best_pipe = max(best_pipe, (long[0] - b) / long[1])
+        cpu_pipe.append((long[2] - short[2]) / (long[0] - short[0]))
+        print(f"run {r}: wall: bare {n / dt:6.1f}, pipeline {(long[0] - b) / long[1]:6.1f} samples/s per worker; "
+              f"CPU: bare {1 / cpu_bare[-1]:6.1f}, pipeline {1 / cpu_pipe[-1]:6.1f} samples per CPU-second")
+    cpu_ratio = min(cpu_bare) / min(cpu_pipe)
+    print(f"best wall-clock: bare {best_bare:.1f}, pipeline {best_pipe:.1f} samples/s per worker, "
+          f"ratio {best_pipe / best_bare:.3f}")
+    print(f"best CPU time:   bare {1 / min(cpu_bare):.1f}, pipeline {1 / min(cpu_pipe):.1f} samples per "
+          f"CPU-second of one worker, ratio {cpu_ratio:.3f} (target >= 0.85; robust to other load)")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
