@@ -179,9 +179,11 @@ def test_usr2_rendezvous_checkpoint_resubmits_and_resumes(cluster, plain_yaml, t
     assert ledger["count"] == 1 and ledger["events"][0]["job_id"] == jid
     from submitit.core.utils import DelayedSubmission
 
-    # the resubmitted pickle: our TrainJob again, submitit's timeout countdown = slurm.max_requeues
+    # the resubmitted pickle: our TrainJob again, with submitit's timeout countdown started at
+    # slurm.max_requeues (2) and used once (submitit counts any USR2 in a job with a limit under
+    # 10 minutes as a time-out)
     resubmitted = DelayedSubmission.load(run / "slurm" / f"{jid}_submitted.pkl")
-    assert type(resubmitted.function).__name__ == "TrainJob" and resubmitted._timeout_countdown == 2
+    assert type(resubmitted.function).__name__ == "TrainJob" and resubmitted._timeout_countdown == 1
     starts = _starts(run)
     assert [s["restart_count"] for s in starts] == [0, 1]
     r0 = results[0]
