@@ -7,7 +7,6 @@ templates' shared body. The real-cluster tests are in tests/test_slurm.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from powerclip.config import ConfigError, load_config
 from powerclip.launch import cli
 from powerclip.launch.dist import dist_env_from_job, master_port_for
-from powerclip.launch.job import RequeueLedger, TrainJob, _ignore_user_signal_in_children, read_starts
+from powerclip.launch.job import RequeueLedger, TrainJob, _ignore_user_signal_in_children
 from powerclip.launch.submit import check_slurm_config, executor_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,18 +148,20 @@ def test_checkpoint_only_resubmits_up_to_the_cap(tmp_path, monkeypatch):
     assert TrainJob(cfg).checkpoint() is None
 
 
-def test_restart_resumes_from_latest_whatever_resume_said(tmp_path):
+def test_restart_resumes_from_latest_whatever_resume_said(tmp_path, monkeypatch):
     cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "checkpoint.resume=/pretrained/run"])
     job = TrainJob(cfg)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"  # not under Slurm
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"  # first start
-    (tmp_path / "slurm").mkdir()
-    other = {"submission": "someone-else", "job_id": "1"}
-    (tmp_path / "slurm" / "starts.jsonl").write_text(json.dumps(other) + "\n")
-    assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"  # another submission
-    with open(tmp_path / "slurm" / "starts.jsonl", "a") as f:
-        f.write(json.dumps({"submission": job.submission_id, "job_id": "2"}) + "\n")
-    assert job._cfg_for_this_start().checkpoint.resume == "latest"  # a restart of this one
-    assert len(read_starts(tmp_path)) == 2
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    # requeued before this run saved anything: still the submitted source
+    assert job._cfg_for_this_start().checkpoint.resume == "/pretrained/run"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
+    assert job._cfg_for_this_start().checkpoint.resume == "latest"  # a requeued restart
+    assert job.cfg.checkpoint.resume == "/pretrained/run"  # the submitted config is untouched
 
 
 def test_user_signal_ignored_in_forked_children(tmp_path):

@@ -4,9 +4,10 @@ Life of a submission (every task runs ``TrainJob.__call__``):
 
 1. export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from submitit's job environment;
 2. rank 0 appends a line to ``RUN/slurm/starts.jsonl`` (job id, Slurm restart count, resume target);
-3. call the entry point (``powerclip.train.loop:train``) with the config. On every start but the
-   first it resumes from the run's ``latest`` checkpoint, whatever ``checkpoint.resume`` said at
-   submission (a restart must continue this run, not re-load the fine-tuning source or start over).
+3. call the entry point (``powerclip.train.loop:train``) with the config. A restart of the job
+   (``SLURM_RESTART_COUNT`` > 0) resumes from the run's ``latest`` checkpoint, whatever
+   ``checkpoint.resume`` said at submission (a restart must continue this run, not re-load the
+   fine-tuning source or start over).
 
 Requeue: Slurm sends USR2 ``slurm.signal_delay_s`` before the time limit (and at preemption where the
 cluster sets ``PreemptParameters=send_user_signal``); submitit's handler calls ``checkpoint()`` on
@@ -129,9 +130,17 @@ class TrainJob:
         return result
 
     def _cfg_for_this_start(self) -> Config:
-        """A restart (an earlier start of this submission is on record) resumes from ``latest``."""
-        earlier = [s for s in read_starts(self.cfg.train.run_dir) if s.get("submission") == self.submission_id]
-        if earlier and self.cfg.checkpoint.resume != "latest":
+        """A restart of this job resumes from ``latest``, whatever ``checkpoint.resume`` said.
+
+        Every requeue (ours through ``checkpoint()``, or Slurm's own) keeps the job id and raises
+        ``SLURM_RESTART_COUNT``, which every task sees alike, so all ranks decide the same way
+        (reading starts.jsonl instead would race with rank 0 appending to it).
+        """
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        # (no own checkpoint yet: keep the submitted source, or the restart would start from scratch;
+        # nothing writes it while the job starts, so every rank sees the same answer)
+        own = (Path(self.cfg.train.run_dir) / "checkpoints" / "latest").is_file()
+        if restart and own and self.cfg.checkpoint.resume != "latest":
             return replace(self.cfg, checkpoint=replace(self.cfg.checkpoint, resume="latest"))
         return self.cfg
 
