@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,12 @@ TINY = ("model.config={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8
 @pytest.fixture(scope="module")
 def sp_model(synthetic_root: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "sp.model"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--shards",
-                    f"{synthetic_root}/train/{{00000..00002}}.tar", "--out", str(out), "--vocab-size", "40"],
-                   check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "tools" / "train_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--shards", f"{synthetic_root}/train/{{00000..00002}}.tar", "--out", str(out),
+                      "--vocab-size", "40"]) == 0
+    assert tool.main(["--shards", f"{synthetic_root}/nothing/{{00000..00001}}.tar", "--out", str(out)]) == 2
     return out
 
 
