@@ -74,7 +74,8 @@ def test_replacements_come_from_the_corpus_vocabulary(gen, tagged):
             assert b in corpus_words and b not in {w.lower() for w in old}
             # same fine tag: a singular noun is replaced by a singular noun
             i = old.index(a)
-            assert tagged[0].pos[i] == pos and b in gen.vocab.counts[tagged[0].tags[i]]
+            assert gen.vocab.word_class(tagged[0], i) == pos
+            assert gen.vocab.majority(b) == gen.vocab.majority(a)  # same class and number
 
 
 def test_rules_are_deterministic_by_seed_and_key(gen, tagged):
@@ -177,3 +178,36 @@ def test_shard_tool_refuses_bad_input(tmp_path, capsys):
     assert cli_main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
     assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--kinds", "bogus"]) == 1
     assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--backend", "llm"]) == 2
+
+
+def _manual(text: str, tags: str, chunks: list[tuple[int, int]]):
+    """A Tagged built by hand (tags chosen to mimic tagger mistakes), no spaCy involved."""
+    from powerclip.negatives.rules import Tagged
+
+    words, fine = text.split(), tags.split()
+    coarse = ["NOUN" if t.startswith("NN") else "ADJ" if t.startswith("JJ") else "X" for t in fine]
+    return Tagged(words, [" "] * (len(words) - 1) + [""], coarse, fine, chunks)
+
+
+def test_corpus_vote_fixes_tagger_mistakes_and_relations_stay_out():
+    corpus = [_manual("a small orange circle", "DT JJ JJ NN", [(0, 4)]) for _ in range(3)]
+    # the tagger calls "orange" a noun here, and "right" (a relation word) a noun
+    odd = _manual("a large orange diamond right of a red cross", "DT JJ NN NN NN IN DT JJ NN", [(0, 4), (6, 9)])
+    vocab = Vocabulary()
+    for t in corpus + [odd]:
+        vocab.add(t)
+    gen = RuleGenerator(vocab, seed=0)
+    assert vocab.word_class(odd, 2) == "ADJ"  # 3 x JJ beat 1 x NN
+    assert 4 not in odd.candidates()  # "right" is outside every noun phrase
+    assert [odd.words[i] for i in gen.nouns(odd)] == ["diamond", "cross"]
+    for key in map(str, range(10)):
+        assert _one(gen, odd, "swap_nouns", key) == "a large orange cross right of a red diamond"
+
+
+def test_adjective_swaps_never_repeat_a_word_in_a_phrase():
+    t = _manual("a large red circle below a large orange diamond", "DT JJ JJ NN IN DT JJ JJ NN", [(0, 4), (5, 9)])
+    vocab = Vocabulary()
+    vocab.add(t)
+    gen = RuleGenerator(vocab, seed=0)
+    for key in map(str, range(10)):
+        assert _one(gen, t, "swap_adjectives", key) == "a large orange circle below a large red diamond"

@@ -41,11 +41,13 @@ class Tagged:
         w, s, p, t, c = data
         return cls(w, s, p, t, [tuple(x) for x in c])
 
-    def nouns(self) -> list[int]:
-        return [i for i, (p, w) in enumerate(zip(self.pos, self.words)) if p == "NOUN" and w.isalpha()]
-
-    def adjectives(self) -> list[int]:
-        return [i for i, (p, w) in enumerate(zip(self.pos, self.words)) if p == "ADJ" and w.isalpha()]
+    def candidates(self) -> list[int]:
+        """Tokens a rewrite may touch: alphabetic nouns/adjectives (by fine tag), inside a noun
+        phrase when the caption has phrases."""
+        inside = set(range(len(self.words))) if not self.chunks else {
+            i for s, e in self.chunks for i in range(s, e)}
+        return [i for i, (tag, w) in enumerate(zip(self.tags, self.words))
+                if i in inside and w.isalpha() and _coarse(tag) is not None]
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,21 +87,53 @@ def tag_captions(nlp, captions: Sequence[str], concepts: Sequence[list[dict] | N
     return out
 
 
+def _coarse(tag: str) -> str | None:
+    """PTB fine tag -> the class a rewrite works on (NN/NNS -> NOUN, JJ/JJR/JJS -> ADJ)."""
+    if tag in ("NN", "NNS"):
+        return "NOUN"
+    if tag.startswith("JJ"):
+        return "ADJ"
+    return None
+
+
 class Vocabulary:
-    """Noun and adjective counts of the corpus, keyed by fine tag; the pool replacements come from."""
+    """Noun and adjective counts of the corpus: the pool replacements come from, and a corpus-wide
+    vote on every word's tag.
+
+    Why the vote: a tagger is inconsistent on short captions ("orange diamond": noun compound or
+    adjective?). Each word gets its MAJORITY fine tag over the corpus, and rewrites use that, so a
+    colour is an adjective everywhere if it mostly is, and replacements keep their class and number
+    (NN stays NN, NNS stays NNS). Only tokens inside noun phrases are counted when the caption has
+    phrases (relation words like "right" in "right of" stay out).
+    """
 
     def __init__(self, min_count: int = 1) -> None:
-        self.counts: dict[str, Counter] = {}
+        self.tags: dict[str, Counter] = {}  # word -> fine tag counts
         self.min_count = min_count
+        self._majority: dict[str, str] | None = None
 
     def add(self, tagged: Tagged) -> None:
-        for i in tagged.nouns() + tagged.adjectives():
-            self.counts.setdefault(tagged.tags[i], Counter())[tagged.words[i].lower()] += 1
+        for i in tagged.candidates():
+            self.tags.setdefault(tagged.words[i].lower(), Counter())[tagged.tags[i]] += 1
+        self._majority = None
+
+    def majority(self, word: str) -> str | None:
+        """The word's most frequent fine tag in the corpus (ties: alphabetical), None if unseen."""
+        if self._majority is None:
+            self._majority = {w: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for w, c in self.tags.items()}
+        return self._majority.get(word.lower())
+
+    def word_class(self, t: Tagged, i: int) -> str | None:
+        """NOUN / ADJ for token i by the corpus vote (the token's own tag for unseen words)."""
+        return _coarse(self.majority(t.words[i]) or t.tags[i])
 
     def draw(self, tag: str, exclude: set[str], rng: random.Random) -> str | None:
-        """A word with fine tag ``tag``, not in ``exclude``, frequency-weighted; None if none left."""
-        counter = self.counts.get(tag, Counter())
-        pool = sorted((w, c) for w, c in counter.items() if w not in exclude)
+        """A word whose majority tag is ``tag``, not in ``exclude``, frequency-weighted; None if none."""
+        if self._majority is None:
+            self.majority("")
+        assert self._majority is not None
+        pool = sorted((w, sum(self.tags[w].values())) for w, m in self._majority.items()
+                      if m == tag and w not in exclude)
         frequent = [(w, c) for w, c in pool if c >= self.min_count]
         pool = frequent or pool
         if not pool:
@@ -108,10 +142,13 @@ class Vocabulary:
         return rng.choices(words, weights=weights, k=1)[0]
 
     def to_json(self) -> dict:
-        return {tag: dict(sorted(c.items())) for tag, c in sorted(self.counts.items())}
+        return {w: dict(sorted(c.items())) for w, c in sorted(self.tags.items())}
 
     def size(self) -> dict[str, int]:
-        return {tag: len(c) for tag, c in sorted(self.counts.items())}
+        """Distinct words per majority tag (reported by the tool)."""
+        self.majority("")
+        assert self._majority is not None
+        return dict(sorted(Counter(self._majority.values()).items()))
 
 
 # ------------------------------------------------------------------------------- rewrites
@@ -126,6 +163,12 @@ class RuleGenerator:
     def __init__(self, vocab: Vocabulary, seed: int = 0) -> None:
         self.vocab = vocab
         self.seed = seed
+
+    def nouns(self, t: Tagged) -> list[int]:
+        return [i for i in t.candidates() if self.vocab.word_class(t, i) == "NOUN"]
+
+    def adjectives(self, t: Tagged) -> list[int]:
+        return [i for i in t.candidates() if self.vocab.word_class(t, i) == "ADJ"]
 
     def rng(self, key: str) -> random.Random:
         """Per-sample generator: the same (seed, key) gives the same negatives in any order or shard."""
@@ -178,7 +221,7 @@ class RuleGenerator:
     def swap_nouns(self, t: Tagged, rng: random.Random) -> str | None:
         """Two different nouns exchange places, their modifiers stay ("a red car and a blue house" ->
         "a red house and a blue car")."""
-        nouns = t.nouns()
+        nouns = self.nouns(t)
         options = [(a, b) for i, a in enumerate(nouns) for b in nouns[i + 1:]
                    if t.words[a].lower() != t.words[b].lower()]
         if not options:
@@ -191,24 +234,32 @@ class RuleGenerator:
     def swap_adjectives(self, t: Tagged, rng: random.Random) -> str | None:
         """Two different adjectives exchange places; with a single adjective, it moves to another
         noun phrase ("a red car and a house" -> "a car and a red house")."""
-        adjs = t.adjectives()
+        adjs = self.adjectives(t)
 
         def chunk_of(i: int) -> int:
             return next((c for c, (s, e) in enumerate(t.chunks) if s <= i < e), -1 - i)
 
-        # only across phrases: "a large red circle" -> "a red large circle" describes the same thing
+        def phrase_words(i: int) -> set[str]:
+            c = chunk_of(i)
+            return {w.lower() for w in t.words[t.chunks[c][0]:t.chunks[c][1]]} if c >= 0 else set()
+
+        # only across phrases ("a large red circle" -> "a red large circle" describes the same thing),
+        # and never a word twice in one phrase ("a large red circle below a small blue square" must
+        # not become "a large small circle ..." fine, but never "a large large circle")
         options = [(a, b) for i, a in enumerate(adjs) for b in adjs[i + 1:]
-                   if t.words[a].lower() != t.words[b].lower() and chunk_of(a) != chunk_of(b)]
+                   if t.words[a].lower() != t.words[b].lower() and chunk_of(a) != chunk_of(b)
+                   and t.words[b].lower() not in phrase_words(a) and t.words[a].lower() not in phrase_words(b)]
         pairs, cap = self._pairs(t)
         if options:
             a, b = rng.choice(options)
             pairs[a][0], pairs[b][0] = pairs[b][0], pairs[a][0]
             return _render(pairs, cap)
+        nouns = set(self.nouns(t))
         targets = []  # (adjective, head noun of another phrase)
         for adj in adjs:
             for c, (s, e) in enumerate(t.chunks):
-                heads = [i for i in range(s, e) if t.pos[i] == "NOUN"]
-                if heads and c != chunk_of(adj) and not any(t.pos[i] == "ADJ" for i in range(s, e)):
+                heads = [i for i in range(s, e) if i in nouns]
+                if heads and c != chunk_of(adj) and not any(i in adjs for i in range(s, e)):
                     targets.append((adj, heads[-1]))
         if not targets:
             return None
@@ -224,7 +275,7 @@ class RuleGenerator:
         present = {w.lower() for w in t.words}
         order = rng.sample(idx, len(idx))
         for i in order:
-            word = self.vocab.draw(t.tags[i], present, rng)
+            word = self.vocab.draw(self.vocab.majority(t.words[i]) or t.tags[i], present, rng)
             if word is not None:
                 pairs, cap = self._pairs(t)
                 pairs[i][0] = word
@@ -233,8 +284,8 @@ class RuleGenerator:
 
     def replace_adjectives(self, t: Tagged, rng: random.Random) -> str | None:
         """One adjective becomes another adjective of the corpus ("a red car" -> "a green car")."""
-        return self._replace(t, t.adjectives(), rng)
+        return self._replace(t, self.adjectives(t), rng)
 
     def replace_nouns(self, t: Tagged, rng: random.Random) -> str | None:
         """One noun becomes another noun of the corpus with the same number ("a dog" -> "a cat")."""
-        return self._replace(t, t.nouns(), rng)
+        return self._replace(t, self.nouns(t), rng)
