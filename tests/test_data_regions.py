@@ -1,0 +1,74 @@
+"""Regions: open_clip's transform run step by step reports the crop window, stored boxes follow
+the crop onto the patch grid, random boxes are never empty."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from open_clip import image_transform
+from PIL import Image, ImageDraw
+
+from powerclip.data.regions import apply_transform, box_to_cells, map_box, random_cells, region_masks
+
+
+def _scene() -> tuple[Image.Image, list[float]]:
+    img = Image.new("RGB", (120, 90), (0, 0, 0))
+    box = [0.4, 0.3, 0.7, 0.8]
+    ImageDraw.Draw(img).rectangle([box[0] * 120, box[1] * 90, box[2] * 120 - 1, box[3] * 90 - 1],
+                                  fill=(255, 255, 255))
+    return img, box
+
+
+def test_same_pixels_as_open_clip_transform():
+    img, _ = _scene()
+    for train in (True, False):
+        t = image_transform(64, is_train=train, aug_cfg={"scale": (0.3, 0.6)} if train else None)
+        torch.manual_seed(3)
+        ref = t(img)
+        torch.manual_seed(3)
+        out, _ = apply_transform(t, img, torch.empty(3, 64, 64))
+        assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_window_maps_stored_box_into_the_crop():
+    img, box = _scene()
+    t = image_transform(64, is_train=True, aug_cfg={"scale": (0.3, 0.6)})
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out, window = apply_transform(t, img)
+        mb = map_box(box, window)
+        bright = out.mean(0) > 0  # normalised white > 0 > normalised black
+        if mb is None:
+            assert bright.float().mean() < 0.02
+            continue
+        x0, y0, x1, y1 = (round(v * 64) for v in mb)
+        inside = bright[y0 + 2:y1 - 2, x0 + 2:x1 - 2]
+        assert inside.float().mean() > 0.98, (seed, mb)
+        outside = bright.clone()
+        outside[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = False
+        assert outside.float().mean() < 0.02, (seed, mb)
+    # eval transform of a non-square image: resize shortest side, centre crop
+    te = image_transform(64, is_train=False)
+    _, window = apply_transform(te, img)
+    assert window == pytest.approx((0.125, 0.0, 0.875, 1.0), abs=0.01)  # 120x90 → 85x64 → crop 10..74
+
+
+def test_region_masks_precomputed_then_random():
+    rng = random.Random(0)
+    boxes = [[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.9, 1.0]]
+    m = region_masks(boxes, (0.0, 0.0, 1.0, 1.0), 4, 6, "precomputed", rng)
+    assert m.shape == (6, 16) and m.any(1).all()
+    grid = m.view(6, 4, 4)
+    assert grid[0, :2, :2].all() and grid[0].sum() == 4
+    c0, c1, r0, r1 = box_to_cells(boxes[1], 4)
+    assert (c0, c1, r0, r1) == (2, 4, 2, 4) and grid[1].sum() == 4
+    rnd = region_masks(boxes, (0.0, 0.0, 1.0, 1.0), 4, 6, "random", random.Random(0))
+    assert not torch.equal(rnd[:2], m[:2])  # random source ignores stored boxes
+    sizes = set()
+    for _ in range(2000):
+        c0, c1, r0, r1 = random_cells(rng, 4)
+        assert 0 <= c0 < c1 <= 4 and 0 <= r0 < r1 <= 4
+        sizes.add((c1 - c0, r1 - r0))
+    assert sizes == {(w, h) for w in range(1, 5) for h in range(1, 5)}
