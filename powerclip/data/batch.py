@@ -23,6 +23,11 @@ neg_valid          [B, N] bool             real negatives (samples may have fewe
 
 Fields a run does not need are ``None``. ``phrase_tokens`` rows always include the root node
 (the whole caption), so every valid caption has K >= 1.
+
+As filled by ``powerclip.data.build_loader``: phrase row 0 is the root; ``region_valid`` is all
+True (stored boxes are filled up with random ones to M); ``concept_*`` are set when
+``data.concepts`` is on, ``neg_*`` when ``data.num_negatives > 0``; ``meta[i]`` holds
+``caption``, ``label`` (zero-shot class index or None), ``eval_negatives`` and ``url`` (the shard).
 """
 
 from __future__ import annotations

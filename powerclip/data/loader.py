@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def make_spec(cfg: Config, rank: int, world_size: int, sources: list[tuple[str, 
         # one pass for evaluation: no more worker slots than this rank has shards, none is an error
         slots = max(1, min(slots, -(-total // world_size)))
         return StreamSpec(tuple(resolved), False, int(d.seed), int(rank), int(world_size), slots, 1, False)
+    if not resampled and len({w for _, w in resolved}) > 1:
+        warnings.warn("data.sources weights apply in resampled mode only; epoch mode visits every shard "
+                      "of every source once per epoch", stacklevel=2)
     if not resampled and total < world_size * slots:
         raise DataError(f"epoch mode needs at least ranks x workers = {world_size} x {slots} = "
                         f"{world_size * slots} shards, found {total}; use fewer workers, more shards "
