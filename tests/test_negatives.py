@@ -211,3 +211,22 @@ def test_adjective_swaps_never_repeat_a_word_in_a_phrase():
     gen = RuleGenerator(vocab, seed=0)
     for key in map(str, range(10)):
         assert _one(gen, t, "swap_adjectives", key) == "a large orange circle below a large red diamond"
+
+
+def test_adjectives_of_the_same_slot_are_preferred():
+    # size words sit two before the noun, colours one: swaps and replacements keep the category
+    corpus = [_manual("a small red triangle above a white square", "DT JJ JJ NN IN DT JJ NN", [(0, 4), (5, 8)]),
+              _manual("a large blue circle", "DT JJ JJ NN", [(0, 4)])]
+    vocab = Vocabulary()
+    for t in corpus:
+        vocab.add(t)
+    gen = RuleGenerator(vocab, seed=0)
+    t = corpus[0]
+    assert (t.slot(1), t.slot(2), t.slot(6)) == (2, 1, 1)
+    for key in map(str, range(10)):
+        assert _one(gen, t, "swap_adjectives", key) == "a small white triangle above a red square"
+        out = _one(gen, t, "replace_adjectives", key).split()
+        if out[1] != "small":
+            assert out[1] == "large"  # a size replaces a size
+        else:
+            assert out[2] == "blue" or out[6] == "blue"  # a colour replaces a colour

@@ -41,6 +41,14 @@ class Tagged:
         w, s, p, t, c = data
         return cls(w, s, p, t, [tuple(x) for x in c])
 
+    def slot(self, i: int) -> int:
+        """How many tokens before the next noun of its phrase token i sits (0: none follows).
+
+        A cheap stand-in for the adjective's category: English orders size before colour before
+        the noun ("a small red circle"), so size words sit in slot 2 and colours in slot 1."""
+        end = next((e for s, e in self.chunks if s <= i < e), len(self.words))
+        return next((j - i for j in range(i + 1, end) if self.tags[j] in ("NN", "NNS")), 0)
+
     def candidates(self) -> list[int]:
         """Tokens a rewrite may touch: alphabetic nouns/adjectives (by fine tag), inside a noun
         phrase when the caption has phrases."""
@@ -109,12 +117,15 @@ class Vocabulary:
 
     def __init__(self, min_count: int = 1) -> None:
         self.tags: dict[str, Counter] = {}  # word -> fine tag counts
+        self.slots: dict[str, Counter] = {}  # word -> Tagged.slot counts
         self.min_count = min_count
         self._majority: dict[str, str] | None = None
 
     def add(self, tagged: Tagged) -> None:
         for i in tagged.candidates():
-            self.tags.setdefault(tagged.words[i].lower(), Counter())[tagged.tags[i]] += 1
+            word = tagged.words[i].lower()
+            self.tags.setdefault(word, Counter())[tagged.tags[i]] += 1
+            self.slots.setdefault(word, Counter())[tagged.slot(i)] += 1
         self._majority = None
 
     def majority(self, word: str) -> str | None:
@@ -127,13 +138,17 @@ class Vocabulary:
         """NOUN / ADJ for token i by the corpus vote (the token's own tag for unseen words)."""
         return _coarse(self.majority(t.words[i]) or t.tags[i])
 
-    def draw(self, tag: str, exclude: set[str], rng: random.Random) -> str | None:
-        """A word whose majority tag is ``tag``, not in ``exclude``, frequency-weighted; None if none."""
+    def draw(self, tag: str, exclude: set[str], rng: random.Random, slot: int | None = None) -> str | None:
+        """A word whose majority tag is ``tag``, not in ``exclude``, frequency-weighted; None if none.
+
+        With ``slot``, words seen in that slot are preferred (a colour replaces a colour)."""
         if self._majority is None:
             self.majority("")
         assert self._majority is not None
         pool = sorted((w, sum(self.tags[w].values())) for w, m in self._majority.items()
                       if m == tag and w not in exclude)
+        if slot is not None:
+            pool = [(w, self.slots[w][slot]) for w, _ in pool if self.slots[w][slot] > 0] or pool
         frequent = [(w, c) for w, c in pool if c >= self.min_count]
         pool = frequent or pool
         if not pool:
@@ -249,6 +264,8 @@ class RuleGenerator:
         options = [(a, b) for i, a in enumerate(adjs) for b in adjs[i + 1:]
                    if t.words[a].lower() != t.words[b].lower() and chunk_of(a) != chunk_of(b)
                    and t.words[b].lower() not in phrase_words(a) and t.words[a].lower() not in phrase_words(b)]
+        same_slot = [(a, b) for a, b in options if t.slot(a) == t.slot(b)]  # colour <-> colour first
+        options = same_slot or options
         pairs, cap = self._pairs(t)
         if options:
             a, b = rng.choice(options)
@@ -275,7 +292,7 @@ class RuleGenerator:
         present = {w.lower() for w in t.words}
         order = rng.sample(idx, len(idx))
         for i in order:
-            word = self.vocab.draw(self.vocab.majority(t.words[i]) or t.tags[i], present, rng)
+            word = self.vocab.draw(self.vocab.majority(t.words[i]) or t.tags[i], present, rng, slot=t.slot(i))
             if word is not None:
                 pairs, cap = self._pairs(t)
                 pairs[i][0] = word
