@@ -19,7 +19,7 @@ from powerclip.data.stream import read_shard
 TINY = ("model.config={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8, width: 32, layers: 1}, "
         "text_cfg: {context_length: 32, width: 32, heads: 2, layers: 1}}")
 BAD = {"bad_image": 2, "missing_json": 1, "bad_json": 2, "empty_caption": 2, "missing_image": 1,
-       "unsupported_schema": 1}
+       "unsupported_schema": 1, "bad_annotation": 2}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,8 @@ def bad_shards(synthetic_root: Path, tmp_path_factory) -> tuple[Path, int]:
     bad.append({"png": png, "json": json.dumps({**js, "caption": "   "}).encode(), "txt": b"  "})
     bad.append({"json": good[0]["json"], "txt": b"x"})  # no image
     bad.append({"png": png, "json": json.dumps({**js, "schema": 99}).encode()})
+    bad.append({"png": png, "json": json.dumps({**js, "phrases": [{"label": "NP", "start": "x"}]}).encode()})
+    bad.append({"png": png, "json": json.dumps({**js, "phrases": [5]}).encode()})
     with wds.TarWriter(str(out / "00000.tar")) as w:
         for i, s in enumerate(good):
             w.write({"__key__": f"good_{i:03d}", **{k: v for k, v in s.items() if not k.startswith("__")}})

@@ -162,9 +162,12 @@ class SampleProcessor:
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError):
             return "bad_json"
-        if int(ann.get("schema", 1)) > SCHEMA_SUPPORTED:
+        schema = ann.get("schema", 1)
+        if not isinstance(schema, int) or schema > SCHEMA_SUPPORTED:
             return "unsupported_schema"
         caption = ann.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            return "bad_annotation"
         if not caption and "txt" in sample:
             try:
                 caption = sample["txt"].decode("utf-8")
@@ -192,8 +195,18 @@ class SampleProcessor:
                 gen.set_state(saved)
         enc = self.tok.encode(caption)
         n_tok = len(enc.ids)
+        if n_tok <= 2:
+            return "empty_caption"  # nothing the tokenizer keeps
+        try:
+            return self._text_fields(sample, ann, caption, enc, image, window, rng)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            return "bad_annotation"  # phrases/concepts/negatives/boxes of the wrong shape
+
+    def _text_fields(self, sample: dict, ann: dict, caption: str, enc, image: torch.Tensor, window,
+                     rng: random.Random) -> dict:
+        n_tok = len(enc.ids)
         # phrase nodes: root first (all real tokens), then tree nodes (or single tokens), deduplicated
-        root = list(range(1, n_tok - 1)) or [0]
+        root = list(range(1, n_tok - 1))
         nodes = [root]
         seen = {tuple(root)}
         if self.d.phrase_unit == "token":
