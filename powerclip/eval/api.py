@@ -142,6 +142,9 @@ def _dispatch(model, preprocess, tokenizer, base: str, part: str | None, data: P
 class _Ctx:
     def __init__(self, model, preprocess, tokenizer, opts: EvalOptions):
         self.model, self.preprocess, self.tokenizer, self.opts = model, preprocess, tokenizer, opts
+        # text features by text, shared by the sets of one call (the synthetic benchmark's captions
+        # appear in the retrieval set and in every negative kind: encode them once)
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     def images(self, refs, what: str) -> torch.Tensor:
         check_files_exist(refs, what)
@@ -149,7 +152,15 @@ class _Ctx:
                              self.opts.workers, self.opts.amp)
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return encode_texts(self.model, self.tokenizer, texts, self.opts.text_batch_size, self.opts.amp)
+        """Features of ``texts`` (same order); every rank passes the same list, so the set of
+        texts still to encode, in sorted order, is the same on every rank too."""
+        todo = sorted({t for t in texts if t not in self._text_cache})
+        if todo:
+            feats = encode_texts(self.model, self.tokenizer, todo, self.opts.text_batch_size, self.opts.amp)
+            self._text_cache.update(zip(todo, feats))
+        if not texts:
+            return torch.zeros(0, 0)
+        return torch.stack([self._text_cache[t] for t in texts])
 
     def zero_shot(self, ds: ClassificationSet, image_features: torch.Tensor) -> dict:
         per_batch = max(1, self.opts.text_batch_size // max(1, len(ds.templates)))
