@@ -23,8 +23,10 @@ import random
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 
@@ -303,6 +305,18 @@ class BatchStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.spec, self.slots, self.offset, self.train = cfg, spec, slots, offset, train
 
+    @staticmethod
+    def _out(batch: Batch) -> Batch:
+        """Inside a worker, small tensors travel as numpy arrays: pickled inline, they avoid one
+        shared-memory segment per tensor per batch (the images already sit in shared memory)."""
+        if torch.utils.data.get_worker_info() is None:
+            return batch
+        for f in fields(batch):
+            v = getattr(batch, f.name)
+            if isinstance(v, torch.Tensor) and f.name != "images":
+                setattr(batch, f.name, v.numpy())
+        return batch
+
     def __iter__(self) -> Iterator[tuple[Batch, int, dict, dict]]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
@@ -324,13 +338,13 @@ class BatchStream(torch.utils.data.IterableDataset):
                 continue
             buf.append(result)
             if len(buf) == B:
-                yield collate(buf, self.cfg, images), slot, dict(cursor), dict(counters)
+                yield self._out(collate(buf, self.cfg, images)), slot, dict(cursor), dict(counters)
                 buf, unreported = [], False
                 images = next(buffers)
         # finite (evaluation) streams end with a partial batch, or with a bare report of the skips
         # that followed the last batch (the Loader records it and yields nothing)
         if buf or unreported:
-            yield (collate(buf, self.cfg, images) if buf else None), slot, dict(cursor), dict(counters)
+            yield (self._out(collate(buf, self.cfg, images)) if buf else None), slot, dict(cursor), dict(counters)
 
 
 class Loader:
@@ -374,6 +388,10 @@ class Loader:
         for batch, slot, cursor, counters in dl:
             if W > 0 and batch is not None:
                 batch.images = batch.images.clone()  # out of the worker's ring (see image_buffers)
+                for f in fields(batch):  # numpy arrays back to tensors (see BatchStream._out)
+                    v = getattr(batch, f.name)
+                    if isinstance(v, np.ndarray):
+                        setattr(batch, f.name, torch.from_numpy(v))
             self._slots[slot] = {"cursor": cursor, "counters": counters}
             if batch is None:  # end-of-pass report (finite streams only)
                 continue
