@@ -256,6 +256,8 @@ def test_submit_tiny_training_requeued_midway_resumes(sbatch_run, tiny_yaml, tmp
     assert r0["step"] == STEPS and r0["loss"] == pytest.approx(r1["loss"])
     assert len(r0["losses"]) == STEPS - resumed_step  # the restart ran only the remaining steps
     assert _latest(run) == f"step_{STEPS:08d}"
+    rank0_log = (run / "slurm" / f"{jid}_0_log.err").read_text()
+    assert f"resumed from {run}/checkpoints/{resumed_from} at step {resumed_step}" in rank0_log
     # same losses, step by step, as the uninterrupted run (metrics.jsonl is cut back to the
     # checkpoint on resume, so the requeued run's file covers steps 1..STEPS once)
     ref, got = _metrics_losses(sbatch_run["run"]), _metrics_losses(run)

@@ -119,7 +119,10 @@ class TrainJob:
     def __call__(self) -> Any:
         import submitit
 
+        from powerclip.train.cli import setup_logging
+
         dist_vars = export_dist_env(self.cfg.slurm.master_port)
+        setup_logging(int(dist_vars["RANK"]))  # as `powerclip train` does: INFO on rank 0
         _ignore_user_signal_in_children(submitit.JobEnvironment._usr_sig())
         job_env = submitit.JobEnvironment()
         cfg = self._cfg_for_this_start()
