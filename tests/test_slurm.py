@@ -1,12 +1,13 @@
 """Launching on a REAL one-node Slurm cluster (brought up by tests/slurm_cluster.py).
 
-* submit through ``powerclip submit`` (the CLI, submitit's Slurm backend): the rendezvous variables
-  every task sees, and the tiny training as a 2-task job with its result;
-* ``scontrol requeue`` in the middle of that training: the restart resumes from the latest
-  checkpoint and ends with the same final loss as the uninterrupted run;
-* USR2 (what Slurm sends before the time limit / at preemption): submitit calls
-  ``TrainJob.checkpoint()`` on rank 0, which only resubmits; the restart resumes (toy trainer);
-* ``sbatch slurm/pretrain.sbatch`` for real on the tiny config, including its own requeue trap.
+* USR2 (what Slurm sends before the time limit / at preemption) to a 2-task ``powerclip submit``
+  job running a toy trainer (fast to start): the rendezvous variables every task sees, submitit
+  calling ``TrainJob.checkpoint()`` on rank 0, which only resubmits, and the restart resuming;
+* ``sbatch slurm/pretrain.sbatch`` for real on configs/tiny_cpu.yaml (32 px, 10 steps), 2 tasks,
+  with its time-limit trap fired (and declining, MAX_REQUEUES=0): the uninterrupted reference;
+* the same tiny training as a 2-task job through ``powerclip submit``, requeued with
+  ``scontrol requeue`` as soon as its first checkpoint exists: it resumes from the latest
+  checkpoint and its per-step losses equal the uninterrupted run's.
 
 Every job asks for 2 CPU tasks, so they run one after another on the 2-CPU node.
 """
