@@ -177,10 +177,15 @@ def _load(item: Item, tars: dict) -> tuple[bytes, str, dict | None]:
         return data, txt.read_text(encoding="utf-8", errors="replace"), None
     if item.name.startswith("<unreadable"):
         raise KeyError("unreadable_tar")
-    tf = tars.get(item.source)
-    if tf is None:
-        tf = tars[item.source] = tarfile.open(item.source)
-    members = {m.name: m for m in tf.getmembers() if m.name.startswith(item.name + ".")}
+    if item.source not in tars:  # open each input tar once per shard job and index it by key
+        tf = tarfile.open(item.source)
+        index: dict[str, dict] = {}
+        for m in tf.getmembers():
+            if m.isfile() and "." in m.name:
+                index.setdefault(m.name.rsplit(".", 1)[0], {})[m.name] = m
+        tars[item.source] = (tf, index)
+    tf, index = tars[item.source]
+    members = index.get(item.name, {})
     img = next((m for n, m in sorted(members.items()) if n.lower().endswith(IMAGE_EXTS)), None)
     if img is None:
         raise KeyError("missing_image")
@@ -235,7 +240,7 @@ def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) ->
                 skipped.append({"input": item.label, "reason": "bad_boxes"})
                 continue
         ready.append((f"{shard:05d}{idx:04d}", data, ext, caption, boxes, src))
-    for tf in tars.values():
+    for tf, _ in tars.values():
         tf.close()
     anns = _ANNOTATOR.annotate_many([r[3] for r in ready])
     tmp = out_dir / (name + ".tmp")
