@@ -1,6 +1,6 @@
 """The DeepSpeed engine on real gloo ranks: ZeRO 1/2/3 on 2 ranks equal 1 rank on the same global
-batch (fp32, 3 steps), feature-caching accumulation equals one big batch, a non-finite loss is
-skipped on every rank alike, and every checkpoint file loads with ``weights_only=True``.
+batch (fp32, 3 steps), feature-caching accumulation equals one big batch, bf16 trains, a non-finite
+loss is skipped on every rank alike, and every checkpoint file loads with ``weights_only=True``.
 
 The batches come from an in-memory deterministic source (``MemoryLoader``) with the data loader's
 signature, so a 1-rank run with batch 2b and a 2-rank run with batch b see the same global batch.
@@ -89,6 +89,9 @@ def _one_rank_job(rank: int, world: int, root: str) -> dict:
     out = {}
     out["big"] = train(_cfg(Path(root) / "one", 8, 0), build_loader=MemoryLoader)["losses"]
     out["accum"] = train(_cfg(Path(root) / "accum", 4, 2, accum=2), build_loader=MemoryLoader)["losses"]
+    out["bf16"] = train(_cfg(Path(root) / "bf16", 8, 2, extra=("train.precision=bf16",)),
+                        build_loader=MemoryLoader)["losses"]
+    out["weights_only"] = {s: _weights_only_failures(Path(root) / s) for s in ("one", "accum", "bf16")}
     return out
 
 
@@ -131,6 +134,13 @@ def test_feature_caching_accumulation_equals_big_batch(runs):
 
 
 @pytest.mark.slow
+def test_bf16_trains_close_to_fp32(runs):
+    _, one, _ = runs
+    assert all(math.isfinite(x) for x in one["bf16"])
+    assert abs(one["bf16"][0] - one["big"][0]) < 0.05  # same weights and data, bf16 rounding only
+
+
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_on_every_rank(runs):
     root, _, two = runs
     for rank in range(2):
@@ -143,8 +153,9 @@ def test_nonfinite_loss_skips_the_step_on_every_rank(runs):
 
 @pytest.mark.slow
 def test_every_checkpoint_file_loads_weights_only(runs):
-    root, _, two = runs
+    root, one, two = runs
     assert two[0]["weights_only"] == {"z1": [], "z2": [], "z3": [], "nan": []}
+    assert one["weights_only"] == {"one": [], "accum": [], "bf16": []}
     for stage in (1, 2, 3):
         ckpts = root / f"z{stage}" / "checkpoints"
         assert (ckpts / "latest").read_text() == "step_00000003"

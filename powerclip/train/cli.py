@@ -38,6 +38,22 @@ def setup_logging(rank: int) -> None:
         pass
 
 
+def _launcher_args(extra: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` (the ``deepspeed`` launcher appends it; LOCAL_RANK is in the env too)."""
+    out, skip = [], False
+    for item in extra:
+        if skip:
+            skip = False
+            continue
+        if item.startswith("--local_rank") or item.startswith("--local-rank"):
+            name, _, value = item.partition("=")
+            if not value:
+                skip = True  # "--local_rank 0"
+            continue
+        out.append(item)
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     import yaml
 
@@ -46,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank)
     try:
-        cfg = load_config(args.config, [*args.overrides, *getattr(args, "extra", [])])
+        cfg = load_config(args.config, _launcher_args([*args.overrides, *getattr(args, "extra", [])]))
     except (ConfigError, yaml.YAMLError) as e:
         print(f"powerclip train: {e}", file=sys.stderr)
         return 2

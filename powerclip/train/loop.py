@@ -123,11 +123,6 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, step, logger)
 
-        if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
-            from powerclip.eval.periodic import run_periodic_eval  # every rank: features are sharded
-
-            run_periodic_eval(engine, cfg, step, logger.writer)
-
     batches.close()  # stops the loader's worker processes
     if result is None:  # resumed at or past the last step: nothing ran
         log.info("run %s is already at step %d >= train.steps", run_dir, step)
