@@ -230,6 +230,7 @@ def step_metrics(engine, loader, env: DistEnv, result: StepResult, lr: float, t_
     values["perf/data_wait_frac"] = float(stacked[:, 0].mean())
     values["perf/data_wait_frac_max"] = float(stacked[:, 0].max())
     values["perf/peak_mem_mb"] = float(stacked[:, 1].max())
+    values["data/skipped_samples"] = float(sum(counters.values()))  # all reasons, all ranks
     for k, v in counters.items():
         values[f"data/skipped_{k}"] = float(v)
     return values
