@@ -155,3 +155,18 @@ def test_concat_batches_pads_phrases_and_offsets_concept_owners():
     assert z.concept_owner.tolist() == [0, 1, 0, 2 + 0, 2 + 1]
     assert torch.equal(z.images[:2], x.images) and z.region_masks is None
     assert math.isclose(float(z.images[2:].sum()), float(y.images.sum()), rel_tol=1e-6)
+
+
+def test_checkpoint_due_by_steps_minutes_and_at_the_end():
+    import time
+
+    from powerclip.train.dist_env import DistEnv
+    from powerclip.train.loop import checkpoint_due
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    cfg = tiny_config(["checkpoint.every_steps=5", "train.steps=12"])
+    now = time.time()
+    assert [s for s in range(1, 13) if checkpoint_due(cfg, s, now, env)] == [5, 10, 12]
+    by_time = tiny_config(["checkpoint.every_steps=0", "checkpoint.every_minutes=1", "train.steps=100"])
+    assert not checkpoint_due(by_time, 3, now, env)
+    assert checkpoint_due(by_time, 3, now - 61, env)
