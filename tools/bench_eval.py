@@ -4,8 +4,10 @@
 Writes N heldout samples at 224 px with powerclip.data.synthetic (unless --data is given), builds
 open_clip's ViT-B-16 without weights, and times ``powerclip.eval.evaluate(task="synthetic")`` (zero-shot
 + retrieval + every negative kind, images encoded once) end to end, plus the image-encoding part alone.
-The 10k figure is a linear extrapolation of the measured per-image time (image encoding dominates and
-is linear in N; the retrieval similarity matrix is quadratic but tiny at 10k x 10k).
+The 10k figures are linear extrapolations of the measured per-image cost (encoding is linear in N; the
+retrieval similarity matrix is quadratic but tiny at 10k x 10k): ``extrapolated_10k_*`` from wall time
+as measured (includes whatever else loads the machine), ``idle_estimate_10k_min`` from this process's
+CPU seconds divided by the torch threads (what the same run takes on an otherwise idle machine).
 
 Example: python tools/bench_eval.py --n 256 --batch-size 64 --workers 1
 """
@@ -37,18 +39,20 @@ def _time_encoders(timers: dict) -> None:
     enc_img, enc_txt = api.encode_images, api.encode_texts
 
     def images(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return enc_img(*args, **kwargs)
         finally:
             timers["images"] += time.perf_counter() - t0
+            timers["images_cpu"] += time.process_time() - c0
 
     def texts(model, tokenizer, texts, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return enc_txt(model, tokenizer, texts, *args, **kwargs)
         finally:
             timers["texts"] += time.perf_counter() - t0
+            timers["texts_cpu"] += time.process_time() - c0
             timers["n_texts"] += len(texts)
 
     api.encode_images, api.encode_texts = images, texts
@@ -87,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # warm-up (first-call allocations, thread pools) on one small batch, not timed
         encode_images(model, ImageDataset(bench.images[: min(n, 4)], preprocess), 4, 0, a.amp)
-        timers = {"images": 0.0, "texts": 0.0, "n_texts": 0}
+        timers = {"images": 0.0, "texts": 0.0, "images_cpu": 0.0, "texts_cpu": 0.0, "n_texts": 0}
         _time_encoders(timers)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = evaluate(model, preprocess, tokenizer, "synthetic", root, batch_size=a.batch_size,
                        workers=a.workers, amp=a.amp)
-        t_all = time.perf_counter() - t0
+        t_all, cpu_all = time.perf_counter() - t0, time.process_time() - c0
         t_img = timers["images"]
 
     fig = {"model": a.model, "device": a.device, "image_size": 224, "n_images": n, "batch_size": a.batch_size,
@@ -102,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
            "encode_texts_s": round(timers["texts"], 2),
            "zero_shot_classifier_and_metrics_s": round(t_all - t_img - timers["texts"], 2),
            "synthetic_benchmark_s": round(t_all, 2),
+           # CPU seconds of this process (all torch threads; excludes decoding workers): unlike wall
+           # time they hardly depend on what else runs on the machine. cpu_s / threads ~ idle wall time.
+           "cpu_s_per_image": round(timers["images_cpu"] / n, 3),
+           "cpu_s_per_text": round(timers["texts_cpu"] / max(1, timers["n_texts"]), 3),
+           "cpu_s_total": round(cpu_all, 1),
+           # per-image part (images + their captions/negatives) scales with N; the zero-shot classifier
+           # (classes x templates) and metrics are a fixed cost
+           "idle_estimate_10k_min": round(((timers["images_cpu"] + timers["texts_cpu"]) / n * 10_000
+                                           + cpu_all - timers["images_cpu"] - timers["texts_cpu"])
+                                          / torch.get_num_threads() / 60, 1),
            "extrapolated_10k_s": round(t_all / n * 10_000, 1),
            "extrapolated_10k_min": round(t_all / n * 10_000 / 60, 1),
            "datasets": sorted(res)}
