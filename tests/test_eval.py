@@ -313,3 +313,19 @@ def test_two_ranks_equal_one(tmp_path):
         for k, v in r["metrics"].items():
             assert r0[ds]["metrics"][k] == pytest.approx(v, abs=1e-9), (ds, k)
     shutil.rmtree(tmp_path / "cls")
+
+
+def test_results_files_follow_clip_benchmark_schema(tmp_path):
+    from powerclip.eval.results import write_results
+
+    results = {"sugar_crepe/swap_att": {"task": "image_caption_selection", "metrics": {"acc": 0.5, "n": 2.0}},
+               "wds/cars": {"task": "zeroshot_classification", "metrics": {"acc1": 0.25}}}
+    one = write_results({"wds/cars": results["wds/cars"]}, tmp_path / "r.json", "local-dir:/m", "/m")
+    assert one == [tmp_path / "r.json"]
+    many = write_results(results, tmp_path / "all.json", "local-dir:/m", "/m")
+    assert sorted(p.name for p in many) == ["all.sugar_crepe_swap_att.json", "all.wds_cars.json"]
+    folder = write_results(results, tmp_path / "dir", "local-dir:/m", "/m")
+    rec = json.loads(folder[1].read_text())
+    assert rec == {"dataset": "wds/cars", "model": "local-dir:/m", "pretrained": "/m",
+                   "task": "zeroshot_classification", "metrics": {"acc1": 0.25}, "language": "en"}
+    assert not list(tmp_path.rglob("*.tmp*"))
