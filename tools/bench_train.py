@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Training performance of powerclip next to open_clip's own trainer, in one run: BENCHMARKS.md.
 
-    python tools/bench_train.py            # full bench (see the README table at the end for the time)
+    python tools/bench_train.py            # full bench: ~10-15 min on the idle 2-core CPU machine
     python tools/bench_train.py --quick    # tiny sizes, a smoke run (~minutes on 2 shared cores)
     python tools/bench_train.py --profile  # + torch.profiler top ops of powerclip's CLIP-only step
     python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 --precision bf16 \
-        --image-size 224 --parts 1,2          # the GPU recipe (issue 9 item 3; not run on this machine)
+        --term-batch 256 --peak-tflops 989 --threads 8 --parts 1,2
+                                           # the GPU recipe (issue 9 item 3; not run yet: no GPU lent).
+                                           # part 3 (ZeRO, 2 ranks) needs 2 GPUs; 1,2 need one
 
 Sections (``--parts``, default all):
 
@@ -316,8 +318,31 @@ def child_powerclip(s: dict[str, Any]) -> None:
     sources: list[TimedSource] = []
     cfg = load_config(None, base_overrides(s, str(Path(s["work"]) / "pc_run"), s["steps"] + 1,
                                            s["batch_size"], 0))
+    flops = model_flops_per_sample(cfg, s) if s.get("flops") else None
     train(cfg, build_loader=_synthetic_loader_factory(s, sources))
-    emit({"times": _intervals(sources[0].times), "cpu": _intervals(sources[0].cpu)})
+    emit({"times": _intervals(sources[0].times), "cpu": _intervals(sources[0].cpu), "flops": flops})
+
+
+def model_flops_per_sample(cfg, s: dict[str, Any]) -> float:
+    """Forward+backward FLOPs of the CLIP-only step per sample (torch's FlopCounterMode: matmuls,
+    convolutions, attention), for model FLOPs utilisation = FLOPs/sample x samples/s / peak."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from powerclip.data.batch import Batch
+    from powerclip.losses.global_loss import global_loss
+    from powerclip.model.factory import create_model
+
+    device = torch.device("cuda" if s["device"] == "cuda" and torch.cuda.is_available() else "cpu")
+    b = min(8, s["batch_size"])
+    model = create_model(cfg.model).to(device)
+    batch = Batch(keys=[str(i) for i in range(b)],
+                  images=torch.randn(b, 3, s["image_size"], s["image_size"], device=device),
+                  text=torch.randint(1, 49407, (b, s["context_length"]), device=device))
+    with FlopCounterMode(display=False) as counter:
+        global_loss(model(batch)).backward()
+    del model
+    return float(counter.get_total_flops()) / b
 
 
 def child_shards(s: dict[str, Any]) -> None:
@@ -466,10 +491,12 @@ CHILDREN = {"openclip": child_openclip, "powerclip": child_powerclip, "shards": 
 
 # --------------------------------------------------------------------------------------- parts
 def part_compare(s: dict[str, Any]) -> dict[str, Any]:
-    runs: dict[str, list[dict]] = {"oc": [], "pc": []}
+    runs: dict[str, Any] = {"oc": [], "pc": []}
     for r in range(s["repeats"]):  # interleaved: both trainers see the same machine state
         for key, kind in (("oc", "openclip"), ("pc", "powerclip")):
-            res = run_child(kind, {**s, "profile": False})[0]
+            res = run_child(kind, {**s, "profile": False, "flops": kind == "powerclip" and r == 0})[0]
+            if res.get("flops"):
+                runs["flops"] = res["flops"]
             runs[key].append({"wall": step_stats(res["times"], s["warmup"])["median_s"],
                               "cpu": step_stats(res["cpu"], s["warmup"])["median_s"]})
         print(f"[compare] run {r}: open_clip {runs['oc'][-1]['wall'] * 1e3:.0f} ms/step "
@@ -478,8 +505,8 @@ def part_compare(s: dict[str, Any]) -> dict[str, Any]:
     if s["profile"]:  # a separate run: the profiler's own cost must not enter the timings above
         for kind in ("openclip", "powerclip"):
             run_child(kind, {**s, "profile": True, "steps": s["warmup"] + 4})
-    best = {k: {m: min(x[m] for x in v) for m in ("wall", "cpu")} for k, v in runs.items()}
-    return {"oc_sps": s["batch_size"] / best["oc"]["wall"], "pc_sps": s["batch_size"] / best["pc"]["wall"],
+    best = {k: {m: min(x[m] for x in runs[k]) for m in ("wall", "cpu")} for k in ("oc", "pc")}
+    return {"flops_per_sample": runs.get("flops"), "oc_sps": s["batch_size"] / best["oc"]["wall"], "pc_sps": s["batch_size"] / best["pc"]["wall"],
             "ratio": best["oc"]["wall"] / best["pc"]["wall"], "cpu_ratio": best["oc"]["cpu"] / best["pc"]["cpu"],
             "oc_cpu_ms": best["oc"]["cpu"] * 1e3, "pc_cpu_ms": best["pc"]["cpu"] * 1e3,
             "oc_runs": [x["wall"] for x in runs["oc"]], "pc_runs": [x["wall"] for x in runs["pc"]]}
@@ -572,6 +599,15 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   f"| powerclip / open_clip throughput ratio | **{c['ratio']:.3f}** | >= 1.0: {_ok(c['ratio'] >= 1.0)} |",
                   f"| same, per main-process CPU second (open_clip {c['oc_cpu_ms']:.0f} ms, powerclip "
                   f"{c['pc_cpu_ms']:.0f} ms CPU per step) | {c['cpu_ratio']:.3f} | robust to other load |"]
+        if c.get("flops_per_sample"):
+            f = c["flops_per_sample"]
+            mfu = ""
+            if s.get("peak_tflops"):
+                mfu = (f"; MFU open_clip {f * c['oc_sps'] / (s['peak_tflops'] * 1e12):.1%}, powerclip "
+                       f"{f * c['pc_sps'] / (s['peak_tflops'] * 1e12):.1%} of {s['peak_tflops']:g} TFLOP/s")
+            lines += [f"| model FLOPs per sample, fwd+bwd (FlopCounterMode) | {f / 1e9:.2f} GFLOP | |",
+                      f"| achieved model FLOP/s: open_clip / powerclip | {f * c['oc_sps'] / 1e9:.1f} / "
+                      f"{f * c['pc_sps'] / 1e9:.1f} GFLOP/s{mfu} | |"]
     if "shards" in res:
         sh = res["shards"]
         lines += [f"| powerclip end to end, real shards + loader, {sh['world']} ranks ZeRO-2, batch "
@@ -626,8 +662,9 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
         lines += ["Per-run median step (ms): open_clip " + ", ".join(f"{x * 1e3:.0f}" for x in c["oc_runs"])
                   + "; powerclip " + ", ".join(f"{x * 1e3:.0f}" for x in c["pc_runs"]) + ".", ""]
     lines += [f"GPU (issue 9 item 3): {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
-              "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --image-size 224 "
-              "--batch-size 256 --precision bf16 --threads 8 --parts 1,2,3`.", ""]
+              "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 "
+              "--term-batch 256 --precision bf16 --peak-tflops 989 --threads 8 --parts 1,2` (part 3 needs 2 GPUs).",
+              ""]
     return "\n".join(lines)
 
 
@@ -646,6 +683,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="with --model-name: must match it")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak FLOP/s in TFLOP/s (e.g. 989 for H100 bf16 dense): prints MFU")
+    ap.add_argument("--term-batch", type=int, default=None, help="batch of the term-overhead runs (part 2)")
+    ap.add_argument("--shard-batch", type=int, default=None, help="per-rank batch of the shard run")
     ap.add_argument("--zero-stages", default="0,1,2,3", help="ZeRO stages for part 3")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
@@ -657,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s: dict[str, Any] = dict(QUICK if a.quick else FULL)
-    for key in ("batch_size", "image_size", "steps", "repeats"):
+    for key in ("batch_size", "image_size", "steps", "repeats", "term_batch", "shard_batch"):
         if getattr(a, key) is not None:
             s[key] = getattr(a, key)
     if a.model_name:
@@ -669,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         s["context_length"] = mc["text_cfg"].get("context_length", 77)
         s["image_size"] = mc["vision_cfg"]["image_size"]
     s.update(quick=a.quick, profile=a.profile, device=a.device, precision=a.precision, threads=a.threads,
-             model_name=a.model_name, zero_stages=[int(x) for x in a.zero_stages.split(",") if x.strip()])
+             model_name=a.model_name, peak_tflops=a.peak_tflops, zero_stages=[int(x) for x in a.zero_stages.split(",") if x.strip()])
     parts = {int(x) for x in a.parts.split(",") if x.strip()}
     t0 = time.time()
     info = machine()
