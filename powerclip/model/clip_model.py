@@ -70,9 +70,10 @@ class PowerClipModel(nn.Module):
         called through their own forward and are left to ZeRO's normal schedule.
         """
         try:
-            from deepspeed.zero import register_external_parameter
+            import deepspeed  # `deepspeed.zero` is an attribute, not an importable submodule
         except ImportError:  # DeepSpeed is a dependency, but the model works without it
             return
+        register_external_parameter = deepspeed.zero.register_external_parameter
         seen: set[int] = set()
         for module in self.clip.modules():
             if not any(True for _ in module.children()) or isinstance(module, nn.MultiheadAttention):
