@@ -18,7 +18,10 @@ Sections (``--parts``, default all):
    costs both the same. Step time is wall time between consecutive batches (open_clip's "Batch (t)"
    definition); warm-up steps are skipped, the median step of each run is kept, and the best run of
    each trainer (runs are interleaved) is compared, because other processes add noise on a shared
-   machine. Also: powerclip end to end on real synthetic shards, 2 ranks ZeRO-2, real data loader.
+   machine. Both trainers are timed the same way, at the hand-over of each batch from their DataLoader
+   (open_clip's is wrapped; its own log agrees), with wall time AND the main process's CPU time, which
+   other processes on a shared machine barely disturb. Also: powerclip end to end on real synthetic
+   shards, 2 ranks ZeRO-2, real data loader.
 2. Overhead of each compositional term over the CLIP-only step (one process, batches materialised
    from the real loader once, so the loader is not in the figure; every config reads only the fields
    it needs, e.g. CLIP-only never encodes negatives).
