@@ -25,8 +25,9 @@ BIAS=()
 if [ "$GLOBAL" = siglip ]; then BIAS=("model.init_logit_bias=-10"); fi
 MODEL="{embed_dim: 64, vision_cfg: {image_size: $SIZE, layers: 2, width: 64, patch_size: 8, head_width: 32, mlp_ratio: 2.0}, text_cfg: {context_length: 32, vocab_size: 49408, width: 64, heads: 2, layers: 2, mlp_ratio: 2.0}}"
 
-train() {  # name, extra overrides...
+train() {  # name, extra overrides...  (an arm whose evaluation exists is reused, not retrained)
   local name=$1; shift
+  if [ -f "$OUT/eval_$name.synthetic.json" ]; then echo "reusing $OUT/eval_$name.*"; return; fi
   local launch=("$PY" -m powerclip)
   if [ "$NPROC" -gt 1 ]; then launch=(torchrun --standalone --nproc_per_node "$NPROC" -m powerclip); fi
   "${launch[@]}" train -c configs/tiny_cpu.yaml \
