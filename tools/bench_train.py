@@ -680,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler top ops of the CLIP-only step")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in every process")
+    # 1 by default: with the one DataLoader worker each trainer runs, a second OpenMP thread
+    # oversubscribes a 2-core machine and its spin-waits make steps 4x slower (measured)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks split them)")
     ap.add_argument("--model-name", default=None, help="an open_clip built-in instead of the bench ViT")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None, help="with --model-name: must match it")
