@@ -73,7 +73,6 @@ TERMS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "degla": (["loss.degla.enabled=true"], ("neg_text", "neg_valid")),
 }
 ALWAYS_FIELDS = ("keys", "images", "text", "token_valid", "meta")
-RESULT = "BENCH_RESULT "
 _CHILD_IDS = itertools.count(1)
 
 
@@ -140,7 +139,11 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
     # experiment folder and powerclip would resume a finished run)
     spec = {**spec, "threads": max(1, spec["threads"] // ranks),
             "work": str(Path(spec["work"]) / f"{kind}_{next(_CHILD_IDS)}")}
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(ROOT))
+    # results travel as files, one per emit: 2 ranks printing to one pipe can interleave their lines
+    result_dir = Path(spec["work"]) / "results"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(ROOT),
+               BENCH_RESULT_DIR=str(result_dir))
     me = [str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec)]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
@@ -148,7 +151,7 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
     else:
         cmd = [sys.executable, *me]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    results = [json.loads(line[len(RESULT):]) for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    results = [json.loads(f.read_text()) for f in sorted(result_dir.glob("*.json"))]
     if out.returncode != 0 or not results:
         raise RuntimeError(f"bench child {kind!r} failed (exit {out.returncode}):\n"
                            f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -159,7 +162,11 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
 
 
 def emit(obj: dict[str, Any]) -> None:
-    print(RESULT + json.dumps(obj), flush=True)
+    """Hand a child's result to ``run_child``: a file written atomically (tmp + rename)."""
+    out = Path(os.environ["BENCH_RESULT_DIR"]) / f"{os.getpid()}_{time.monotonic_ns()}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(out)
 
 
 def step_stats(times: list[float], warmup: int) -> dict[str, float]:
