@@ -128,19 +128,26 @@ def _field(entry: dict, key: str, where: str):
 
 
 # ------------------------------------------------------------------------------ SugarCrepe
+def _select_tasks(benchmark: str, known: Sequence[str], file_of, root: Path,
+                  tasks: Sequence[str] | None) -> list[str]:
+    """The requested tasks (every one whose file is in ``root`` when None), each checked known."""
+    if tasks is None:
+        tasks = [t for t in known if (root / file_of(t)).is_file()]
+        if not tasks:
+            raise FileNotFoundError(f"{benchmark}: none of {[file_of(t) for t in known]} in {root}")
+    for task in tasks:
+        if task not in known:
+            raise ValueError(f"{benchmark}: unknown task {task!r}; one of {known}")
+    return list(tasks)
+
+
 def load_sugarcrepe(root: str | Path, tasks: Sequence[str] | None = None,
                     images: str | Path | None = None) -> list[SelectionSet]:
     """One SelectionSet per SugarCrepe json; ``tasks=None`` takes every one of the seven present."""
     root = Path(root)
     image_root = Path(images) if images else root / "val2017"
-    if tasks is None:
-        tasks = [t for t in SUGARCREPE_TASKS if (root / f"{t}.json").is_file()]
-        if not tasks:
-            raise FileNotFoundError(f"SugarCrepe: none of {[t + '.json' for t in SUGARCREPE_TASKS]} in {root}")
     out = []
-    for task in tasks:
-        if task not in SUGARCREPE_TASKS:
-            raise ValueError(f"SugarCrepe: unknown task {task!r}; one of {SUGARCREPE_TASKS}")
+    for task in _select_tasks("SugarCrepe", SUGARCREPE_TASKS, lambda t: f"{t}.json", root, tasks):
         path = root / f"{task}.json"
         ann = _load_json(path, f"SugarCrepe {task}")
         table, cases = _ImageTable(), []
@@ -158,14 +165,8 @@ def load_aro(root: str | Path, tasks: Sequence[str] | None = None, seed: int = 0
              max_words: int = 30) -> list[SelectionSet]:
     """ARO sets; ``tasks=None`` takes every one whose annotation file is in ROOT."""
     root = Path(root)
-    if tasks is None:
-        tasks = [t for t in ARO_TASKS if (root / ARO_FILES[t]).is_file()]
-        if not tasks:
-            raise FileNotFoundError(f"ARO: none of {list(ARO_FILES.values())} in {root}")
     out = []
-    for task in tasks:
-        if task not in ARO_TASKS:
-            raise ValueError(f"ARO: unknown task {task!r}; one of {ARO_TASKS}")
+    for task in _select_tasks("ARO", ARO_TASKS, lambda t: ARO_FILES[t], root, tasks):
         if task in ("vg_relation", "vg_attribution"):
             out.append(_load_aro_vg(root, task))
         else:
