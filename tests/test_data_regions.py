@@ -72,3 +72,49 @@ def test_region_masks_precomputed_then_random():
         assert 0 <= c0 < c1 <= 4 and 0 <= r0 < r1 <= 4
         sizes.add((c1 - c0, r1 - r0))
     assert sizes == {(w, h) for w in range(1, 5) for h in range(1, 5)}
+
+
+def test_fused_normalisation_equals_torchvision():
+    """ToTensor + Normalize fused into two passes from the uint8 pixels (regions.normalized_into)."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    from powerclip.data.regions import normalized_into
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    ref = TF.normalize(TF.to_tensor(img), mean, std)
+    out = torch.full((3, 37, 53), float("nan"))
+    got = normalized_into(img, mean, std, out)
+    assert got.data_ptr() == out.data_ptr() and torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(normalized_into(img, mean, std), ref, atol=1e-5, rtol=0)
+
+
+def test_crop_params_follow_torchvision_distribution():
+    """Python-RNG crop parameters: valid windows with the same area / aspect distribution as
+    torchvision's RandomResizedCrop.get_params, deterministic in the seed."""
+    import math
+
+    from torchvision.transforms import RandomResizedCrop
+
+    from powerclip.data.regions import crop_params
+
+    W, H, scale, ratio = 120, 90, (0.3, 0.9), (3 / 4, 4 / 3)
+    ours = [crop_params(random.Random(s), W, H, scale, ratio) for s in range(3000)]
+    torch.manual_seed(0)
+    ref = [RandomResizedCrop.get_params(Image.new("RGB", (W, H)), list(scale), list(ratio)) for _ in range(3000)]
+    for i, j, h, w in ours:
+        assert 0 <= i <= H - h and 0 <= j <= W - w and h > 0 and w > 0
+    assert crop_params(random.Random(7), W, H, scale, ratio) == crop_params(random.Random(7), W, H, scale, ratio)
+
+    def stats(params):
+        area = torch.tensor([h * w / (W * H) for _, _, h, w in params])
+        aspect = torch.tensor([math.log(w / h) for _, _, h, w in params])
+        centre = torch.tensor([(j + w / 2) / W for _, j, _, w in params])
+        return area.mean(), area.std(), aspect.mean(), aspect.std(), centre.mean()
+
+    for a, b in zip(stats(ours), stats(ref)):
+        assert abs(float(a) - float(b)) < 0.02, (stats(ours), stats(ref))
+    # the centre-crop fallback of an extreme aspect ratio, as torchvision computes it
+    assert crop_params(random.Random(0), 400, 10, (0.99, 1.0), ratio) == \
+           RandomResizedCrop.get_params(Image.new("RGB", (400, 10)), [0.99, 1.0], list(ratio))
