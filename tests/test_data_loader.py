@@ -103,3 +103,25 @@ def test_epoch_mode_needs_enough_shards(synthetic_root: Path):
     with pytest.raises(ValueError, match=r"ranks x workers = 2 x 2 = 4 shards, found 3"):
         build_loader(cfg, 0, 2)
     build_loader(cfg, 0, 1)
+
+
+def test_local_tar_reader_matches_webdataset_stream(synthetic_root: Path, tmp_path: Path):
+    """Local shards are read in tarfile's random-access mode; remote/piped ones through webdataset's
+    streaming ``tar_file_iterator``. Both must yield the same samples, and skip meta members alike."""
+    import io
+    import shutil
+    import tarfile
+
+    from powerclip.data.stream import read_shard
+
+    shard = tmp_path / "00000.tar"
+    shutil.copy(synthetic_root / "train" / "00000.tar", shard)
+    with tarfile.open(shard, "a") as tf:  # a webdataset meta member: not a sample file
+        info = tarfile.TarInfo("__meta__.json")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"{}"))
+    local = list(read_shard(str(shard)))
+    piped = list(read_shard(f"pipe:cat {shard}"))
+    assert len(local) > 10 and all("__error__" not in s for s in local)
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in local] == \
+           [{k: v for k, v in s.items() if k != "__url__"} for s in piped]
