@@ -80,6 +80,12 @@ class ClipTokenizer:
         return Encoded([self.sot] + ids + [self.eot], out_spans, cut)
 
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
+    def ids(self, text: str) -> tuple[int, ...]:
+        """Token ids only (concepts, negatives): cached whole, as short texts repeat across captions."""
+        return tuple(self.encode(text).ids)
+
+
 class SentencePieceTokenizer:
     """SentencePiece with native char offsets, in open_clip's token layout.
 
@@ -108,6 +114,11 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([self._map(i) for i in ids if i not in (0, self.sot, self.eot)])
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
+    def ids(self, text: str) -> tuple[int, ...]:
+        """Token ids only (concepts, negatives), cached."""
+        return tuple(self.encode(text).ids)
 
     def encode(self, text: str) -> Encoded:
         proto = self.sp.encode(text, return_type="proto")
