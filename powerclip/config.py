@@ -143,6 +143,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables
+    # torch's fused AdamW kernel (CPU and CUDA): on CPU ~5x faster than the per-parameter loop that
+    # torch.optim.AdamW (and so open_clip_train) runs by default, same update up to rounding
+    fused: bool = True
 
 
 @dataclass

@@ -13,7 +13,7 @@ from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches
 from powerclip.train.dist_env import _slurm_master_addr, export_env_from_launcher
 from powerclip.train.engine import deepspeed_config
-from powerclip.train.optim import lr_lambda, param_groups
+from powerclip.train.optim import build_optimizer, lr_lambda, param_groups
 from tests.tiny import tiny_config
 
 
@@ -34,6 +34,30 @@ def test_no_weight_decay_on_gains_biases_and_logit_scale():
     assert all(params[n].ndim >= 2 and not n.endswith("bias") for n in decay)
     assert all(params[n].ndim < 2 or n.endswith(("bias", "logit_scale", "logit_bias")) for n in no_decay)
     assert any("ln_" in n for n in no_decay) and any("attn.in_proj_weight" in n for n in decay)
+
+
+def test_fused_adamw_matches_the_per_parameter_loop():
+    """optim.fused (the default) takes the same AdamW steps as torch's default loop implementation."""
+    from powerclip.model.factory import create_model
+
+    models, opts = [], []
+    for fused in (True, False):
+        cfg = tiny_config([f"optim.fused={str(fused).lower()}", "optim.weight_decay=0.1"])
+        torch.manual_seed(0)
+        models.append(create_model(cfg.model))
+        opts.append(build_optimizer(models[-1], cfg.optim))
+        assert opts[-1].defaults["fused"] is fused
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, opt in zip(models, opts):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    assert all(not torch.equal(before[n], p) for n, p in models[0].named_parameters())  # it did step
 
 
 def test_warmup_then_cosine():
