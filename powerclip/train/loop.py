@@ -32,6 +32,7 @@ from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches, splice_features
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
+from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     if build_loader is None:
         from powerclip.data import build_loader
     env = init_distributed()
+    if env.device.type == "cpu" and cfg.train.keep_freed_host_memory:
+        keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main:
