@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import webdataset as wds
@@ -31,6 +32,8 @@ def test_layout_and_sizes(synthetic_root: Path):
     classes = json.loads((synthetic_root / "classes.json").read_text())
     assert len(classes["classnames"]) == len(COLOURS) * len(SHAPES)
     assert all("{}" in t for t in classes["templates"])
+    with tarfile.open(synthetic_root / "train" / "00000.tar") as tf:  # plain ustar: no per-member pax header
+        assert all(m.pax_headers == {} and m.mtime == 0 for m in tf)
 
 
 def test_annotations_are_exact(synthetic_root: Path):

@@ -244,7 +244,7 @@ def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) ->
         tf.close()
     anns = _ANNOTATOR.annotate_many([r[3] for r in ready])
     tmp = out_dir / (name + ".tmp")
-    with wds.TarWriter(str(tmp), mtime=0.0) as w:
+    with wds.TarWriter(str(tmp), mtime=0) as w:  # integer mtime: no per-member pax header
         for (key, data, ext, caption, boxes, src), ann in zip(ready, anns):
             ann = {**ann, "boxes": boxes}
             if src is not None:

@@ -293,7 +293,9 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
     for s in range(num_shards):
         name = f"{s:05d}.tar"
         tmp = d / (name + ".tmp")
-        with wds.TarWriter(str(tmp), mtime=0.0) as w:  # fixed mtime: byte-identical reruns
+        # fixed integer mtime: byte-identical reruns, and no per-member pax header (a float mtime
+        # makes tarfile add one), which halves the tar headers every reader parses
+        with wds.TarWriter(str(tmp), mtime=0) as w:
             for i in range(per_shard):
                 w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format))
         tmp.replace(d / name)
