@@ -106,8 +106,10 @@ def test_epoch_mode_needs_enough_shards(synthetic_root: Path):
 
 
 def test_local_tar_reader_matches_webdataset_stream(synthetic_root: Path, tmp_path: Path):
-    """Local shards are read in tarfile's random-access mode; remote/piped ones through webdataset's
-    streaming ``tar_file_iterator``. Both must yield the same samples, and skip meta members alike."""
+    """Local shards are read in tarfile's random-access mode; remote/piped/.gz ones through webdataset's
+    streaming ``tar_file_iterator``. All must yield the same samples, and skip meta members alike,
+    including a gzip-compressed shard named .tar."""
+    import gzip
     import io
     import shutil
     import tarfile
@@ -120,8 +122,15 @@ def test_local_tar_reader_matches_webdataset_stream(synthetic_root: Path, tmp_pa
         info = tarfile.TarInfo("__meta__.json")
         info.size = 2
         tf.addfile(info, io.BytesIO(b"{}"))
+    gz_named_tar, gz = tmp_path / "gz.tar", tmp_path / "01.tar.gz"  # compressed, whatever the name
+    for target in (gz_named_tar, gz):
+        with open(shard, "rb") as src, gzip.open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+    def strip(samples):
+        return [{k: v for k, v in s.items() if k != "__url__"} for s in samples]
+
     local = list(read_shard(str(shard)))
-    piped = list(read_shard(f"pipe:cat {shard}"))
     assert len(local) > 10 and all("__error__" not in s for s in local)
-    assert [{k: v for k, v in s.items() if k != "__url__"} for s in local] == \
-           [{k: v for k, v in s.items() if k != "__url__"} for s in piped]
+    for other in (f"pipe:cat {shard}", str(gz_named_tar), str(gz)):
+        assert strip(read_shard(other)) == strip(local), other

@@ -103,7 +103,7 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
         for item in tar_file_iterator(f):
             yield item["fname"], item["data"]
         return
-    tf = tarfile.open(fileobj=f, mode="r:")
+    tf = tarfile.open(fileobj=f, mode="r:*")  # plain tar first; a compressed one with any name still opens
     while (m := tf.next()) is not None:
         tf.members = []
         if m.isreg() and not (m.name.startswith("__") and META.match(m.name)):
