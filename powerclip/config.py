@@ -160,7 +160,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     # CPU runs only: glibc keeps freed memory mapped between steps instead of returning it to the
-    # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~5-8% of a CPU step)
+    # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~9% of a CPU step)
     keep_freed_host_memory: bool = True
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
