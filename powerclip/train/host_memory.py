@@ -5,10 +5,11 @@ MB). glibc serves blocks above its mmap threshold (at most 32 MB even after its 
 an embedding gradient of 49408 x 512 floats is 100 MB) with fresh ``mmap`` calls, and trims the
 heap top back to the kernel on ``free``; the next step then page-faults every page in again,
 zero-filled by the kernel. On the 2-core bench machine that was 40-90 thousand minor faults and
-about 9% of each step (1225 -> 1116 ms for the bench ViT, measured alone). PyTorch's CPU tuning guide recommends jemalloc or
-tcmalloc for the same reason; setting glibc's two thresholds does it without an LD_PRELOAD: large
-blocks come from the heap and freed memory stays mapped for the next step. The cost is that the
-process keeps its peak-step memory mapped, as GPU caching allocators do.
+about 9% of each step (1225 -> 1116 ms CPU for the bench ViT, measured alone). PyTorch's CPU
+tuning guide recommends jemalloc or tcmalloc for the same reason; setting glibc's two thresholds
+does it without an LD_PRELOAD: large blocks come from the heap and freed memory stays mapped for
+the next step. The cost is that the process keeps its peak-step memory mapped, as GPU caching
+allocators do.
 
 GPU runs are left alone (their tensors do not live in malloc'd memory), and so is any libc other
 than glibc.
