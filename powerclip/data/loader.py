@@ -137,8 +137,9 @@ class SampleProcessor:
         self.L = d.context_length
         self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
 
-    def image_buffers(self, n: int) -> Iterator[torch.Tensor]:
-        """Batch image tensors to write transformed images into (saves the stack copy).
+    def image_buffers(self, n: int) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """(batch image tensor, its n slot views) to write transformed images into (saves the stack
+        copy; the views are made once per buffer, indexing costs ~1 us each).
 
         In the main process (workers=0) every batch gets a fresh tensor. Inside a DataLoader worker
         a ring of RING shared-memory buffers is recycled: allocating and page-faulting a fresh
@@ -149,11 +150,13 @@ class SampleProcessor:
         shape = (n, 3, self.geo.image_size, self.geo.image_size)
         if self.in_main:
             while True:
-                yield torch.empty(shape)
+                images = torch.empty(shape)
+                yield images, images.unbind(0)
         ring = [torch.empty(shape).share_memory_() for _ in range(RING)]
+        ring_slots = [buf.unbind(0) for buf in ring]
         i = 0
         while True:
-            yield ring[i % RING]
+            yield ring[i % RING], ring_slots[i % RING]
             i += 1
 
     def __call__(self, sample: dict, seed: int, out: torch.Tensor | None = None) -> dict | str:
@@ -342,8 +345,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         B = self.cfg.data.batch_size
         buf: list[dict] = []
         buffers = proc.image_buffers(B)
-        images = next(buffers)
-        slots = images.unbind(0)  # the B image views, made in one call (indexing costs ~1 us each)
+        images, slots = next(buffers)
         unreported = False
         for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
             result = proc(raw, seed, slots[len(buf)])
@@ -356,8 +358,7 @@ class BatchStream(torch.utils.data.IterableDataset):
             if len(buf) == B:
                 yield self._out(collate(buf, self.cfg, proc.geo.grid, images)), slot, dict(cursor), dict(counters)
                 buf, unreported = [], False
-                images = next(buffers)
-                slots = images.unbind(0)
+                images, slots = next(buffers)
         # finite (evaluation) streams end with a partial batch, or with a bare report of the skips
         # that followed the last batch (the Loader records it and yields nothing)
         if buf or unreported:

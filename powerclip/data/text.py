@@ -34,7 +34,16 @@ class Encoded:
     truncated_at: int | None  # char offset from which words were cut off (None: nothing cut)
 
 
-class ClipTokenizer:
+class _CachedIds:
+    """``ids(text)``, shared by both backends: the token ids alone (concepts, negatives), cached
+    whole because short texts repeat across captions."""
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
+    def ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.encode(text).ids)
+
+
+class ClipTokenizer(_CachedIds):
     def __init__(self, context_length: int):
         from open_clip.tokenizer import SimpleTokenizer
 
@@ -80,13 +89,7 @@ class ClipTokenizer:
         return Encoded([self.sot] + ids + [self.eot], out_spans, cut)
 
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
-    def ids(self, text: str) -> tuple[int, ...]:
-        """Token ids only (concepts, negatives): cached whole, as short texts repeat across captions."""
-        return tuple(self.encode(text).ids)
-
-
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_CachedIds):
     """SentencePiece with native char offsets, in open_clip's token layout.
 
     open_clip pools the text tower at ``argmax(token id)``, so EOT must be the highest id, but
@@ -114,11 +117,6 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([self._map(i) for i in ids if i not in (0, self.sot, self.eot)])
-
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
-    def ids(self, text: str) -> tuple[int, ...]:
-        """Token ids only (concepts, negatives), cached."""
-        return tuple(self.encode(text).ids)
 
     def encode(self, text: str) -> Encoded:
         proto = self.sp.encode(text, return_type="proto")
