@@ -100,7 +100,7 @@ def base_overrides(s: dict[str, Any], run_dir: str, steps: int, batch: int, zero
     """powerclip config matching the open_clip run: AdamW, no clipping, no checkpoints/eval/logging."""
     precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[s["precision"]]
     return [*_model_overrides(s), f"data.context_length={s['context_length']}", f"data.batch_size={batch}",
-            "data.workers=1", f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero}",
+            f"data.workers={s.get('workers', 1)}", f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero}",
             f"train.precision={precision}", f"train.log_every={steps}", "optim.lr=1e-3",
             "optim.weight_decay=0.1", "optim.warmup_steps=2", "optim.grad_clip=0", "checkpoint.every_steps=0",
             "checkpoint.every_minutes=0"]
@@ -271,7 +271,7 @@ def child_openclip(s: dict[str, Any]) -> None:
 
     ocd.get_synthetic_dataset = timed_synthetic
     oc_main(["--model", name, "--dataset-type", "synthetic", "--train-num-samples", str(b * steps),
-             "--batch-size", str(b), "--workers", "1", "--device", s["device"], "--precision", precision,
+             "--batch-size", str(b), "--workers", str(s.get("workers", 1)), "--device", s["device"], "--precision", precision,
              "--log-every-n-steps", "1", "--logs", str(logs), "--name", "oc", "--save-frequency", "0",
              "--report-to", "", "--epochs", "1", "--lr", "1e-3", "--wd", "0.1", "--warmup", "2",
              "--seed", "0"])
@@ -304,7 +304,7 @@ def _synthetic_loader_factory(s: dict[str, Any], sources: list):
         b = cfg.data.batch_size
         ds = SyntheticDataset(transform=transform, image_size=tuple(size), dataset_size=b * (cfg.train.steps + 2),
                               tokenizer=tok)
-        dl = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, num_workers=1,
+        dl = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, num_workers=s.get("workers", 1),
                                          pin_memory=s["device"] == "cuda", drop_last=True)
         keys = [str(i) for i in range(b)]
 
@@ -508,27 +508,34 @@ def part_compare(s: dict[str, Any]) -> dict[str, Any]:
     implementation and allocator behaviour open_clip_train runs with)."""
     runs: dict[str, Any] = {"oc": [], "pc": [], "pcl": []}
     for r in range(s["repeats"]):  # interleaved: the trainers see the same machine state
-        for key, kind, tuned in (("oc", "openclip", True), ("pc", "powerclip", True), ("pcl", "powerclip", False)):
+        trainers = [("oc", "openclip", True), ("pc", "powerclip", True)]
+        if s.get("stock", True):
+            trainers.append(("pcl", "powerclip", False))
+        for key, kind, tuned in trainers:
             res = run_child(kind, {**s, "profile": False, "tuned": tuned,
                                    "flops": key == "pc" and r == 0})[0]
             if res.get("flops"):
                 runs["flops"] = res["flops"]
             runs[key].append({"wall": step_stats(res["times"], s["warmup"])["median_s"],
                               "cpu": step_stats(res["cpu"], s["warmup"])["median_s"]})
+        stock = (f", powerclip with stock settings {runs['pcl'][-1]['wall'] * 1e3:.0f} ms/step "
+                 f"({runs['pcl'][-1]['cpu'] * 1e3:.0f} ms CPU)") if runs["pcl"] else ""
         print(f"[compare] run {r}: open_clip {runs['oc'][-1]['wall'] * 1e3:.0f} ms/step "
               f"({runs['oc'][-1]['cpu'] * 1e3:.0f} ms CPU), powerclip {runs['pc'][-1]['wall'] * 1e3:.0f} ms/step "
-              f"({runs['pc'][-1]['cpu'] * 1e3:.0f} ms CPU), powerclip with stock settings "
-              f"{runs['pcl'][-1]['wall'] * 1e3:.0f} ms/step ({runs['pcl'][-1]['cpu'] * 1e3:.0f} ms CPU)", flush=True)
+              f"({runs['pc'][-1]['cpu'] * 1e3:.0f} ms CPU){stock}", flush=True)
     if s["profile"]:  # a separate run: the profiler's own cost must not enter the timings above
         for kind in ("openclip", "powerclip"):
             run_child(kind, {**s, "profile": True, "steps": s["warmup"] + 4})
-    best = {k: {m: min(x[m] for x in runs[k]) for m in ("wall", "cpu")} for k in ("oc", "pc", "pcl")}
-    return {"flops_per_sample": runs.get("flops"), "oc_sps": s["batch_size"] / best["oc"]["wall"], "pc_sps": s["batch_size"] / best["pc"]["wall"],
-            "ratio": best["oc"]["wall"] / best["pc"]["wall"], "cpu_ratio": best["oc"]["cpu"] / best["pc"]["cpu"],
-            "oc_cpu_ms": best["oc"]["cpu"] * 1e3, "pc_cpu_ms": best["pc"]["cpu"] * 1e3,
-            "loop_ratio": best["oc"]["wall"] / best["pcl"]["wall"], "loop_cpu_ratio": best["oc"]["cpu"] / best["pcl"]["cpu"],
-            "oc_runs": [x["wall"] for x in runs["oc"]], "pc_runs": [x["wall"] for x in runs["pc"]],
-            "pcl_runs": [x["wall"] for x in runs["pcl"]]}
+    best = {k: {m: min(x[m] for x in runs[k]) for m in ("wall", "cpu")} for k in ("oc", "pc", "pcl") if runs[k]}
+    out = {"flops_per_sample": runs.get("flops"), "oc_sps": s["batch_size"] / best["oc"]["wall"], "pc_sps": s["batch_size"] / best["pc"]["wall"],
+           "ratio": best["oc"]["wall"] / best["pc"]["wall"], "cpu_ratio": best["oc"]["cpu"] / best["pc"]["cpu"],
+           "oc_cpu_ms": best["oc"]["cpu"] * 1e3, "pc_cpu_ms": best["pc"]["cpu"] * 1e3,
+           "oc_runs": [x["wall"] for x in runs["oc"]], "pc_runs": [x["wall"] for x in runs["pc"]],
+           "pcl_runs": [x["wall"] for x in runs["pcl"]]}
+    if "pcl" in best:
+        out.update(loop_ratio=best["oc"]["wall"] / best["pcl"]["wall"],
+                   loop_cpu_ratio=best["oc"]["cpu"] / best["pcl"]["cpu"])
+    return out
 
 
 def make_shards(s: dict[str, Any]) -> str:
@@ -550,7 +557,7 @@ def part_shards(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def part_terms(s: dict[str, Any]) -> dict[str, Any]:
-    res = run_child("terms", {**s, "shards": make_shards(s), "terms": list(TERMS)})[0]
+    res = run_child("terms", {**s, "shards": make_shards(s), "terms": s.get("terms") or list(TERMS)})[0]
     best = {k: min(v) for k, v in res["medians"].items()}
     cpu = {k: min(v) for k, v in res["cpu"].items()}
     return {"best_s": best, "shapes": res["shapes"], "cpu_s": cpu,
@@ -623,10 +630,11 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   f"| powerclip CLIP-only step (ZeRO-0), same model/batch/data | {c['pc_sps']:.1f} samples/s | |",
                   f"| powerclip / open_clip throughput ratio | **{c['ratio']:.3f}** | >= 1.0: {_ok(c['ratio'] >= 1.0)} |",
                   f"| same, per main-process CPU second (open_clip {c['oc_cpu_ms']:.0f} ms, powerclip "
-                  f"{c['pc_cpu_ms']:.0f} ms CPU per step) | {c['cpu_ratio']:.3f} | robust to other load |",
-                  f"| same ratio, powerclip with {' '.join(STOCK)} (open_clip_train's optimiser "
-                  f"implementation and allocator behaviour), wall; CPU | {c['loop_ratio']:.3f}; "
-                  f"{c['loop_cpu_ratio']:.3f} | |"]
+                  f"{c['pc_cpu_ms']:.0f} ms CPU per step) | {c['cpu_ratio']:.3f} | robust to other load |"]
+        if "loop_ratio" in c:
+            lines += [f"| same ratio, powerclip with {' '.join(STOCK)} (open_clip_train's optimiser "
+                      f"implementation and allocator behaviour), wall; CPU | {c['loop_ratio']:.3f}; "
+                      f"{c['loop_cpu_ratio']:.3f} | |"]
         if c.get("flops_per_sample"):
             f = c["flops_per_sample"]
             mfu = ""
@@ -695,7 +703,8 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
         c = res["compare"]
         lines += ["Per-run median step (ms): open_clip " + ", ".join(f"{x * 1e3:.0f}" for x in c["oc_runs"])
                   + "; powerclip " + ", ".join(f"{x * 1e3:.0f}" for x in c["pc_runs"])
-                  + "; powerclip with stock settings " + ", ".join(f"{x * 1e3:.0f}" for x in c["pcl_runs"]) + ".",
+                  + "; powerclip with stock settings " + (", ".join(f"{x * 1e3:.0f}" for x in c["pcl_runs"]) or "not run")
+                  + ".",
                   "Two powerclip defaults make its CPU step cheaper than open_clip_train's: torch's fused AdamW "
                   "kernel (optim.fused; open_clip_train builds torch.optim.AdamW with its defaults, on CPU the "
                   "per-parameter loop of about ten elementwise ops) and freed host memory kept mapped between "
@@ -730,6 +739,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--term-batch", type=int, default=None, help="batch of the term-overhead runs (part 2)")
     ap.add_argument("--shard-batch", type=int, default=None, help="per-rank batch of the shard run")
     ap.add_argument("--zero-stages", default="0,1,2,3", help="ZeRO stages for part 3")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="data loader workers of both trainers in part 1 (a GPU step needs more than one)")
+    ap.add_argument("--no-shards", action="store_true",
+                    help="part 1 without its 2-rank shard run (one GPU cannot hold two NCCL ranks)")
+    ap.add_argument("--no-stock", action="store_true",
+                    help="part 1 without the stock-settings powerclip run (its two settings are CPU-only)")
+    ap.add_argument("--terms", default=None, help=f"comma list of part 2 configs (default all: {','.join(TERMS)})")
+    ap.add_argument("--term-steps", type=int, default=None, help="timed steps per part 2 config")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     a = ap.parse_args(argv)
@@ -740,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s: dict[str, Any] = dict(QUICK if a.quick else FULL)
-    for key in ("batch_size", "image_size", "steps", "repeats", "term_batch", "shard_batch"):
+    for key in ("batch_size", "image_size", "steps", "repeats", "term_batch", "shard_batch", "term_steps"):
         if getattr(a, key) is not None:
             s[key] = getattr(a, key)
     if a.model_name:
@@ -752,7 +769,10 @@ def main(argv: list[str] | None = None) -> int:
         s["context_length"] = mc["text_cfg"].get("context_length", 77)
         s["image_size"] = mc["vision_cfg"]["image_size"]
     s.update(quick=a.quick, profile=a.profile, device=a.device, precision=a.precision, threads=a.threads,
-             model_name=a.model_name, peak_tflops=a.peak_tflops, zero_stages=[int(x) for x in a.zero_stages.split(",") if x.strip()])
+             model_name=a.model_name, peak_tflops=a.peak_tflops, workers=a.workers, stock=not a.no_stock,
+             terms=[x for x in (a.terms or "").split(",") if x.strip()] or None, zero_stages=[int(x) for x in a.zero_stages.split(",") if x.strip()])
+    if s["terms"] and ("clip" not in s["terms"] or set(s["terms"]) - set(TERMS)):
+        ap.error(f"--terms must name 'clip' (the baseline) and only configs of {','.join(TERMS)}")
     parts = {int(x) for x in a.parts.split(",") if x.strip()}
     t0 = time.time()
     info = machine()
@@ -763,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(s["work"]).mkdir(parents=True, exist_ok=True)
         if 1 in parts:
             res["compare"] = part_compare(s)
-            res["shards"] = part_shards(s)
+            if not a.no_shards:
+                res["shards"] = part_shards(s)
         if 2 in parts:
             res["terms"] = part_terms(s)
         if 3 in parts:
