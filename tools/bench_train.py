@@ -77,6 +77,7 @@ ALWAYS_FIELDS = ("keys", "images", "text", "token_valid", "meta")
 # torch's per-parameter AdamW loop (what open_clip_train runs) and glibc's default trimming
 STOCK = ("optim.fused=false", "train.keep_freed_host_memory=false")
 _CHILD_IDS = itertools.count(1)
+GPU_CHECK_HEADING = "## GPU check runs"  # tools/gpu_check.py appends below it; kept on rewrite
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -136,6 +137,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _pythonpath() -> str:
+    """This checkout first, then whatever the caller's PYTHONPATH held (packages installed elsewhere)."""
+    return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 3600) -> list[dict]:
     """Run ``--child kind`` in a fresh process (``ranks`` > 1: under torchrun); its result lines."""
     # ranks share the cores; every child gets its own scratch folder (open_clip refuses an existing
@@ -145,7 +151,7 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
     # results travel as files, one per emit: 2 ranks printing to one pipe can interleave their lines
     result_dir = Path(spec["work"]) / "results"
     result_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=_pythonpath(),
                BENCH_RESULT_DIR=str(result_dir))
     me = [str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec)]
     if ranks > 1:
@@ -582,7 +588,7 @@ def part_zero(s: dict[str, Any]) -> dict[str, Any]:
 def part_loader(s: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--samples", str(s["loader_samples"]),
            "--repeats", "1" if s["quick"] else "5", "--batch-size", str(min(32, s["loader_samples"] // 2))]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=_pythonpath()))
     # its summary lines: "best wall-clock: bare X, pipeline Y samples/s per worker, ratio R" and
     # "best CPU time:   bare X, pipeline Y samples per CPU-second ..., ratio R"
     num = r"([0-9.]+)"
@@ -620,7 +626,8 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
              f"Python {info['python']}; device `{s['device']}`, {s['threads']} torch thread(s), "
              f"precision {s['precision']}. Load average at start: {info['load']}, at end: {res['load_end']}"
              " (a loaded machine makes every figure noisy; ratios come from interleaved runs).", "",
-             f"Model: {model}. Optimiser AdamW (lr 1e-3, wd 0.1), no gradient clipping, single data worker.", ""]
+             f"Model: {model}. Optimiser AdamW (lr 1e-3, wd 0.1), no gradient clipping, "
+             f"{s.get('workers', 1)} data loader worker(s) per trainer.", ""]
     if s["quick"]:
         lines += ["**--quick run: tiny sizes, a smoke test of the tool; the figures are not meaningful.**", ""]
     lines += ["| measurement | value | target |", "|---|---|---|"]
@@ -717,6 +724,16 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
     return "\n".join(lines)
 
 
+def gpu_check_tail(path: Path) -> str:
+    """The GPU-check section of an existing BENCHMARKS.md (tools/gpu_check.py appends it): kept when this
+    tool rewrites the file, since a CPU machine cannot reproduce it."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(GPU_CHECK_HEADING)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -794,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     res["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     text = render(s, info, res, time.time() - t0)
     print(text)
-    Path(a.out).write_text(text)
+    Path(a.out).write_text(text + gpu_check_tail(Path(a.out)))
     print(f"wrote {a.out}")
     return 0
 
