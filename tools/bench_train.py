@@ -5,9 +5,9 @@
     python tools/bench_train.py --quick    # tiny sizes, a smoke run (~minutes on 2 shared cores)
     python tools/bench_train.py --profile  # + torch.profiler top ops of powerclip's CLIP-only step
     python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 --precision bf16 \
-        --term-batch 256 --peak-tflops 989 --threads 8 --parts 1,2
-                                           # the GPU recipe (issue 9 item 3; not run yet: no GPU lent).
-                                           # part 3 (ZeRO, 2 ranks) needs 2 GPUs; 1,2 need one
+        --term-batch 128 --peak-tflops 989 --threads 8 --workers 12 --parts 1,2 --no-shards --no-stock
+                                           # on one GPU (what tools/gpu_check.py runs); part 3 and the
+                                           # shard run of part 1 need 2 ranks, i.e. 2 GPUs
 
 Sections (``--parts``, default all):
 
