@@ -210,3 +210,70 @@ def test_sbatch_templates_share_the_tested_body():
     for needle in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "scontrol show hostnames",
                    "-m powerclip train", "scontrol requeue"):
         assert needle in body
+
+
+# ------------------------------------------------------------ the trainer's launcher detection
+SLURM_2x4 = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "PATH": "/nonexistent"}  # no scontrol: parsed here
+
+
+@pytest.mark.parametrize("environ, expected", [
+    # srun alone: everything from Slurm
+    (SLURM_2x4, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                 "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # torchrun / deepspeed launcher: complete, nothing added even inside a Slurm allocation
+    ({**SLURM_2x4, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, {}),
+    # a launcher that sets RANK/WORLD_SIZE only: local rank and master from Slurm, not 0 / 127.0.0.1
+    ({**SLURM_2x4, "RANK": "5", "WORLD_SIZE": "8"},
+     {"LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # ... with MASTER_ADDR set but no port: the job's port
+    ({**SLURM_2x4, "RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "login1"},
+     {"LOCAL_RANK": "1", "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # RANK/WORLD_SIZE without any Slurm variable: local rank = rank (then modulo the visible GPUs)
+    ({"RANK": "3", "WORLD_SIZE": "4", "PATH": "/nonexistent"},
+     {"LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}),
+    # SLURM_STEP_NODELIST (this step's nodes) wins over the job's node list
+    ({**SLURM_2x4, "SLURM_STEP_NODELIST": "gpu08,gpu09"},
+     {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu08",
+      "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # a Slurm array job id "123_4" uses the main id for the port
+    ({**SLURM_2x4, "SLURM_JOB_ID": "123_4"},
+     {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "20123"}),
+])
+def test_launcher_env_combinations(environ, expected):
+    from powerclip.train.dist_env import launcher_env
+
+    assert launcher_env(environ) == expected
+
+
+def test_launcher_env_single_process():
+    from powerclip.train.dist_env import launcher_env
+
+    got = launcher_env({"PATH": "/nonexistent"})
+    assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(got["MASTER_PORT"]) < 65536
+    assert "MASTER_PORT" not in launcher_env({"PATH": "/nonexistent", "MASTER_PORT": "4242"})  # kept
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[07-08],cpu1", "gpu07"), ("node3", "node3"),
+                                             ("a-b[3,5-6]", "a-b3"), ("x1,x2", "x1")])
+def test_first_host_without_scontrol(monkeypatch, nodelist, first):
+    from powerclip.train.dist_env import first_host
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (5, 1, 0), (3, 2, 1), (9, 4, 1)])
+def test_cuda_index_is_local_rank_modulo_visible_devices(local_rank, visible, index):
+    from powerclip.train.dist_env import cuda_index
+
+    assert cuda_index(local_rank, visible) == index
+
+
+def test_cuda_index_without_visible_devices():
+    from powerclip.train.dist_env import cuda_index
+
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        cuda_index(0, 0)

@@ -198,8 +198,6 @@ def _ignore_user_signal_in_children(signum: int) -> None:
 def _teardown_process_group() -> None:
     """Leave no process group behind: submitit pickles the result after we return, and gloo may abort
     in its destructors at interpreter exit; a barrier then an explicit destroy avoids both."""
-    import torch.distributed as dist
+    from powerclip import distributed as pdist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    pdist.destroy()
