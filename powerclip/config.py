@@ -196,7 +196,7 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU tasks with gloo
     tasks_per_node: int = 1  # used when gpus_per_node == 0
-    cpus_per_task: int = 1
+    cpus_per_task: int = 0  # 0: data.workers + 1 (the loader workers + the trainer) with GPUs, else 1
     time_minutes: int = 60
     max_requeues: int = 3  # resubmissions after a timeout/preemption signal (counted in RUN/slurm/)
     signal_delay_s: int = 120  # USR2 this many seconds before the time limit (checkpoint + requeue)

@@ -62,6 +62,16 @@ def test_flags_override_config_and_map_to_submitit(tmp_path):
     assert p["slurm_signal_delay_s"] == 240 and p["slurm_account"] == "proj"
     assert p["slurm_setup"] == ["module load cuda/12.1"]
     assert p["slurm_additional_parameters"]["requeue"] is True
+    assert p["cpus_per_task"] == cfg.data.workers + 1  # not derived from anything the flags said
+
+
+@pytest.mark.parametrize("overrides, cpus", [(["data.workers=8", "slurm.gpus_per_node=8"], 9),
+                                             (["data.workers=0", "slurm.gpus_per_node=1"], 1),
+                                             (["data.workers=8", "slurm.gpus_per_node=8",
+                                               "slurm.cpus_per_task=4"], 4),  # explicit wins
+                                             (["data.workers=8", "slurm.gpus_per_node=0"], 1)])
+def test_cpus_per_task_follow_the_loader_workers_on_gpus(overrides, cpus):
+    assert executor_parameters(load_config(None, [*BASE, *overrides]))["cpus_per_task"] == cpus
 
 
 def test_cpu_tasks_when_no_gpus():
@@ -69,6 +79,7 @@ def test_cpu_tasks_when_no_gpus():
                              "slurm.extra={mail-type: END}"])
     p = executor_parameters(cfg)
     assert p["tasks_per_node"] == 2 and "gpus_per_node" not in p
+    assert p["cpus_per_task"] == 1  # gloo tasks: the trainer is the bottleneck, cores are scarce
     assert p["slurm_additional_parameters"] == {"requeue": True, "mail-type": "END"}
 
 
@@ -90,7 +101,8 @@ def test_submitit_accepts_the_parameters(tmp_path):
 
 @pytest.mark.parametrize("override,match", [("slurm.nodes=0", "slurm.nodes"),
                                             ("slurm.signal_delay_s=3600", "below the time limit"),
-                                            ("slurm.gpus_per_node=-1", "slurm.gpus_per_node")])
+                                            ("slurm.gpus_per_node=-1", "slurm.gpus_per_node"),
+                                            ("slurm.cpus_per_task=-1", "slurm.cpus_per_task")])
 def test_bad_slurm_config(override, match):
     cfg = load_config(None, [*BASE, "slurm.time_minutes=60", override])
     with pytest.raises(ConfigError, match=match):
@@ -208,8 +220,31 @@ def test_sbatch_templates_share_the_tested_body():
         assert tasks == gpus, f"{name}: one task per GPU"
     body = next(iter(bodies.values()))
     for needle in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "scontrol show hostnames",
-                   "-m powerclip train", "scontrol requeue"):
+                   "-m powerclip train", "scontrol requeue", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=",
+                   "export NCCL_DEBUG=", "train.dist_timeout_s="):
         assert needle in body
+
+
+def test_sbatch_passes_the_timeout_override_only_when_asked(tmp_path):
+    """Run the template's body with stand-in srun/scontrol: DIST_TIMEOUT_S becomes a config override."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho nodeA\n")
+    # srun: run the task command once, as rank 0, printing the argv the trainer would get
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift\nexport SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1\n"
+                                  "\"$@\"\n")
+    (bin_dir / "python").write_text("#!/bin/sh\necho \"ARGS $* NCCL=$NCCL_DEBUG ASYNC=$TORCH_NCCL_ASYNC_ERROR_HANDLING\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "nodeA",
+           "SLURM_NTASKS": "1"}
+    script = str(REPO / "slurm" / "pretrain.sbatch")
+    plain = subprocess.run(["bash", script, "cfg.yaml", "a=1"], env=env, capture_output=True, text=True, timeout=60)
+    assert "ARGS -u -m powerclip train -c cfg.yaml a=1 NCCL=WARN ASYNC=1" in plain.stdout, plain.stdout + plain.stderr
+    env.update(DIST_TIMEOUT_S="45", NCCL_DEBUG="INFO")
+    timed = subprocess.run(["bash", script, "cfg.yaml"], env=env, capture_output=True, text=True, timeout=60)
+    assert "ARGS -u -m powerclip train -c cfg.yaml train.dist_timeout_s=45 NCCL=INFO ASYNC=1" in timed.stdout, \
+        timed.stdout + timed.stderr
 
 
 # ------------------------------------------------------------ the trainer's launcher detection
