@@ -26,6 +26,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -157,5 +158,10 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # one line per rank (the logging of ranks > 0 shows warnings only): where each rank landed is
+    # the first thing to check when a multi-node job hangs or two ranks share a GPU
+    print(f"powerclip: rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank}, {device}, "
+          f"{pdist.backend()}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})",
+          file=sys.stderr, flush=True)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
                    backend=str(pdist.backend()))
