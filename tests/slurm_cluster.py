@@ -43,7 +43,7 @@ MUNGE_KEY = Path("/etc/munge/munge.key")
 HOSTS = Path("/etc/hosts")
 MARKER = "# written by powerclip tests/slurm_cluster.py"
 PARTITION = "debug"
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2", "util-linux"]
 LOG_DIR = Path("/var/log/slurm")
 LOCK = Path("/tmp/powerclip-slurm-bringup.lock")
 BRIDGE, CONTROLLER_ADDR, PREFIX = "pcbr0", "10.77.0.1", 24
@@ -94,7 +94,8 @@ def _usable(state: str) -> bool:
 
 
 def _install_packages() -> None:
-    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged") if not _which(b)]
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "ip", "nsenter", "unshare")
+               if not _which(b)]
     if not missing:
         return
     if os.geteuid() != 0:

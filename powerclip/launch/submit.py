@@ -1,8 +1,8 @@
 """Submit a training run to Slurm through submitit's AutoExecutor.
 
-Tasks: one per GPU (``slurm.gpus_per_node`` tasks on each node, each task sees its node's GPUs and
-picks ``cuda:LOCAL_RANK``); with ``gpus_per_node == 0`` it is ``slurm.tasks_per_node`` CPU tasks per
-node on gloo, which is how CI runs it on a one-node cluster. The sbatch options come from the
+Tasks: one per GPU (``slurm.gpus_per_node`` tasks on each node, each task picks
+``cuda:(LOCAL_RANK mod visible GPUs)``); with ``gpus_per_node == 0`` it is ``slurm.tasks_per_node``
+CPU tasks per node on gloo, which is how CI runs it on a two-node cluster. The sbatch options come from the
 ``slurm`` config section; ``--requeue`` is always requested (sites may default it off) and USR2 is
 sent ``slurm.signal_delay_s`` before the time limit so submitit can call ``TrainJob.checkpoint``.
 
