@@ -33,7 +33,7 @@ from tests.slurm_cluster import SlurmUnavailable, ensure_cluster, job_state, toy
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 60  # tiny training: checkpoints every 2 steps; the requeue must land before the end (10 was
+STEPS = 40  # tiny training: checkpoints every 2 steps; the requeue must land before the end (10 was
 # too few on an idle machine: the job finished before `scontrol requeue` reached it)
 JOB_TIMEOUT = 240  # seconds a single job may take on a loaded 2-core machine
 
@@ -221,7 +221,7 @@ def sbatch_run(cluster, tiny_yaml, tmp_path_factory) -> dict:
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, capture_output=True, timeout=30)
     state = wait_job(jid, JOB_TIMEOUT)
     seconds = time.time() - t0
-    print(f"sbatch template job {jid} (2 tasks, {STEPS} steps): {seconds:.1f} s")
+    print(f"sbatch template job {jid} (2 nodes x 1 task, {STEPS} steps): {seconds:.1f} s")
     text = Path(str(log).replace("%j", jid)).read_text()
     return {"run": run, "job": jid, "state": state, "log": text, "seconds": seconds}
 
