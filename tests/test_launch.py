@@ -312,3 +312,22 @@ def test_cuda_index_without_visible_devices():
 
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
         cuda_index(0, 0)
+
+
+def test_rendezvous_failure_names_master_and_timeout(monkeypatch):
+    """Rank 1 of 2 dialling a port where no rank 0 listens fails after train.dist_timeout_s, naming it."""
+    import socket as socket_mod
+
+    from powerclip.train.dist_env import init_distributed
+
+    with socket_mod.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=rf"rank 1 of 2 could not join the process group at "
+                                           rf"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port} within 3 s"):
+        init_distributed(timeout_s=3)
+    assert time.time() - t0 < 30
