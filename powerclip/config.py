@@ -162,6 +162,11 @@ class TrainConfig:
     # CPU runs only: glibc keeps freed memory mapped between steps instead of returning it to the
     # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~9% of a CPU step)
     keep_freed_host_memory: bool = True
+    # Timeout of the process group: the rendezvous and every collective. A rank that cannot reach
+    # MASTER_ADDR:MASTER_PORT, or a peer that died, fails the job after this long instead of hanging
+    # it. Raise it when one rank alone does slow work between collectives (a checkpoint save to slow
+    # storage, a long periodic evaluation).
+    dist_timeout_s: float = 1800.0
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -191,7 +196,7 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU tasks with gloo
     tasks_per_node: int = 1  # used when gpus_per_node == 0
-    cpus_per_task: int = 1
+    cpus_per_task: int = 0  # 0: data.workers + 1 (the loader workers + the trainer) with GPUs, else 1
     time_minutes: int = 60
     max_requeues: int = 3  # resubmissions after a timeout/preemption signal (counted in RUN/slurm/)
     signal_delay_s: int = 120  # USR2 this many seconds before the time limit (checkpoint + requeue)
@@ -243,7 +248,7 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {choices}")
     positive = ["data.batch_size", "data.context_length", "data.num_regions", "data.max_phrases",
-                "train.steps", "train.accum_steps", "optim.lr", "loss.powerset.tau",
+                "train.steps", "train.accum_steps", "train.dist_timeout_s", "optim.lr", "loss.powerset.tau",
                 "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb"]
     for key in positive:
         if not _get(cfg, key) > 0:

@@ -62,6 +62,16 @@ def test_flags_override_config_and_map_to_submitit(tmp_path):
     assert p["slurm_signal_delay_s"] == 240 and p["slurm_account"] == "proj"
     assert p["slurm_setup"] == ["module load cuda/12.1"]
     assert p["slurm_additional_parameters"]["requeue"] is True
+    assert p["cpus_per_task"] == cfg.data.workers + 1  # not derived from anything the flags said
+
+
+@pytest.mark.parametrize("overrides, cpus", [(["data.workers=8", "slurm.gpus_per_node=8"], 9),
+                                             (["data.workers=0", "slurm.gpus_per_node=1"], 1),
+                                             (["data.workers=8", "slurm.gpus_per_node=8",
+                                               "slurm.cpus_per_task=4"], 4),  # explicit wins
+                                             (["data.workers=8", "slurm.gpus_per_node=0"], 1)])
+def test_cpus_per_task_follow_the_loader_workers_on_gpus(overrides, cpus):
+    assert executor_parameters(load_config(None, [*BASE, *overrides]))["cpus_per_task"] == cpus
 
 
 def test_cpu_tasks_when_no_gpus():
@@ -69,6 +79,7 @@ def test_cpu_tasks_when_no_gpus():
                              "slurm.extra={mail-type: END}"])
     p = executor_parameters(cfg)
     assert p["tasks_per_node"] == 2 and "gpus_per_node" not in p
+    assert p["cpus_per_task"] == 1  # gloo tasks: the trainer is the bottleneck, cores are scarce
     assert p["slurm_additional_parameters"] == {"requeue": True, "mail-type": "END"}
 
 
@@ -90,7 +101,8 @@ def test_submitit_accepts_the_parameters(tmp_path):
 
 @pytest.mark.parametrize("override,match", [("slurm.nodes=0", "slurm.nodes"),
                                             ("slurm.signal_delay_s=3600", "below the time limit"),
-                                            ("slurm.gpus_per_node=-1", "slurm.gpus_per_node")])
+                                            ("slurm.gpus_per_node=-1", "slurm.gpus_per_node"),
+                                            ("slurm.cpus_per_task=-1", "slurm.cpus_per_task")])
 def test_bad_slurm_config(override, match):
     cfg = load_config(None, [*BASE, "slurm.time_minutes=60", override])
     with pytest.raises(ConfigError, match=match):
@@ -208,5 +220,114 @@ def test_sbatch_templates_share_the_tested_body():
         assert tasks == gpus, f"{name}: one task per GPU"
     body = next(iter(bodies.values()))
     for needle in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "scontrol show hostnames",
-                   "-m powerclip train", "scontrol requeue"):
+                   "-m powerclip train", "scontrol requeue", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=",
+                   "export NCCL_DEBUG=", "train.dist_timeout_s="):
         assert needle in body
+
+
+def test_sbatch_passes_the_timeout_override_only_when_asked(tmp_path):
+    """Run the template's body with stand-in srun/scontrol: DIST_TIMEOUT_S becomes a config override."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho nodeA\n")
+    # srun: run the task command once, as rank 0, printing the argv the trainer would get
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift\nexport SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1\n"
+                                  "\"$@\"\n")
+    (bin_dir / "python").write_text("#!/bin/sh\necho \"ARGS $* NCCL=$NCCL_DEBUG ASYNC=$TORCH_NCCL_ASYNC_ERROR_HANDLING\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "nodeA",
+           "SLURM_NTASKS": "1"}
+    script = str(REPO / "slurm" / "pretrain.sbatch")
+    plain = subprocess.run(["bash", script, "cfg.yaml", "a=1"], env=env, capture_output=True, text=True, timeout=60)
+    assert "ARGS -u -m powerclip train -c cfg.yaml a=1 NCCL=WARN ASYNC=1" in plain.stdout, plain.stdout + plain.stderr
+    env.update(DIST_TIMEOUT_S="45", NCCL_DEBUG="INFO")
+    timed = subprocess.run(["bash", script, "cfg.yaml"], env=env, capture_output=True, text=True, timeout=60)
+    assert "ARGS -u -m powerclip train -c cfg.yaml train.dist_timeout_s=45 NCCL=INFO ASYNC=1" in timed.stdout, \
+        timed.stdout + timed.stderr
+
+
+# ------------------------------------------------------------ the trainer's launcher detection
+SLURM_2x4 = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "PATH": "/nonexistent"}  # no scontrol: parsed here
+
+
+@pytest.mark.parametrize("environ, expected", [
+    # srun alone: everything from Slurm
+    (SLURM_2x4, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                 "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # torchrun / deepspeed launcher: complete, nothing added even inside a Slurm allocation
+    ({**SLURM_2x4, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, {}),
+    # a launcher that sets RANK/WORLD_SIZE only: local rank and master from Slurm, not 0 / 127.0.0.1
+    ({**SLURM_2x4, "RANK": "5", "WORLD_SIZE": "8"},
+     {"LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # ... with MASTER_ADDR set but no port: the job's port
+    ({**SLURM_2x4, "RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "login1"},
+     {"LOCAL_RANK": "1", "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # RANK/WORLD_SIZE without any Slurm variable: local rank = rank (then modulo the visible GPUs)
+    ({"RANK": "3", "WORLD_SIZE": "4", "PATH": "/nonexistent"},
+     {"LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}),
+    # SLURM_STEP_NODELIST (this step's nodes) wins over the job's node list
+    ({**SLURM_2x4, "SLURM_STEP_NODELIST": "gpu08,gpu09"},
+     {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu08",
+      "MASTER_PORT": str(20000 + 123456 % 20000)}),
+    # a Slurm array job id "123_4" uses the main id for the port
+    ({**SLURM_2x4, "SLURM_JOB_ID": "123_4"},
+     {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "20123"}),
+])
+def test_launcher_env_combinations(environ, expected):
+    from powerclip.train.dist_env import launcher_env
+
+    assert launcher_env(environ) == expected
+
+
+def test_launcher_env_single_process():
+    from powerclip.train.dist_env import launcher_env
+
+    got = launcher_env({"PATH": "/nonexistent"})
+    assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(got["MASTER_PORT"]) < 65536
+    assert "MASTER_PORT" not in launcher_env({"PATH": "/nonexistent", "MASTER_PORT": "4242"})  # kept
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[07-08],cpu1", "gpu07"), ("node3", "node3"),
+                                             ("a-b[3,5-6]", "a-b3"), ("x1,x2", "x1")])
+def test_first_host_without_scontrol(monkeypatch, nodelist, first):
+    from powerclip.train.dist_env import first_host
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (5, 1, 0), (3, 2, 1), (9, 4, 1)])
+def test_cuda_index_is_local_rank_modulo_visible_devices(local_rank, visible, index):
+    from powerclip.train.dist_env import cuda_index
+
+    assert cuda_index(local_rank, visible) == index
+
+
+def test_cuda_index_without_visible_devices():
+    from powerclip.train.dist_env import cuda_index
+
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        cuda_index(0, 0)
+
+
+def test_rendezvous_failure_names_master_and_timeout(monkeypatch):
+    """Rank 1 of 2 dialling a port where no rank 0 listens fails after train.dist_timeout_s, naming it."""
+    import socket as socket_mod
+
+    from powerclip.train.dist_env import init_distributed
+
+    with socket_mod.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=rf"rank 1 of 2 could not join the process group at "
+                                           rf"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port} within 3 s"):
+        init_distributed(timeout_s=3)
+    assert time.time() - t0 < 30

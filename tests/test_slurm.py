@@ -1,15 +1,19 @@
-"""Launching on a REAL one-node Slurm cluster (brought up by tests/slurm_cluster.py).
+"""Launching on a REAL two-node Slurm cluster (brought up by tests/slurm_cluster.py: two slurmd in
+their own network namespaces, nodes pcn1 and pcn2 on a private bridge of this machine).
 
-* USR2 (what Slurm sends before the time limit / at preemption) to a 2-task ``powerclip submit``
-  job running a toy trainer (fast to start): the rendezvous variables every task sees, submitit
-  calling ``TrainJob.checkpoint()`` on rank 0, which only resubmits, and the restart resuming;
-* ``sbatch slurm/pretrain.sbatch`` for real on configs/tiny_cpu.yaml (32 px, 10 steps), 2 tasks,
-  with its time-limit trap fired (and declining, MAX_REQUEUES=0): the uninterrupted reference;
-* the same tiny training as a 2-task job through ``powerclip submit``, requeued with
-  ``scontrol requeue`` as soon as its first checkpoint exists: it resumes from the latest
-  checkpoint and its per-step losses equal the uninterrupted run's.
+Every job is 2 nodes x 1 CPU task, so rank 0 and rank 1 run on different nodes and reach each other
+only through MASTER_ADDR, which must be the first node of the job's node list.
 
-Every job asks for 2 CPU tasks, so they run one after another on the 2-CPU node.
+* USR2 (what Slurm sends before the time limit / at preemption) to a ``powerclip submit`` job running
+  a toy trainer (fast to start): the rendezvous variables every task sees, submitit calling
+  ``TrainJob.checkpoint()`` on rank 0, which only resubmits, and the restart resuming;
+* ``sbatch slurm/pretrain.sbatch`` for real on configs/tiny_cpu.yaml (32 px), with its time-limit
+  trap fired (and declining, MAX_REQUEUES=0): the uninterrupted reference; each rank logs its node;
+* the same tiny training through ``powerclip submit``, requeued with ``scontrol requeue`` as soon as
+  its first checkpoint exists: it resumes from the latest checkpoint and its per-step losses equal
+  the uninterrupted run's;
+* a task that dials the wrong MASTER_PORT: the job fails within ``train.dist_timeout_s`` with a
+  message naming MASTER_ADDR:MASTER_PORT, instead of hanging.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from tests.slurm_cluster import SlurmUnavailable, ensure_cluster, job_state, toy
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 60  # tiny training: checkpoints every 2 steps; the requeue must land before the end (10 was
+STEPS = 40  # tiny training: checkpoints every 2 steps; the requeue must land before the end (10 was
 # too few on an idle machine: the job finished before `scontrol requeue` reached it)
 JOB_TIMEOUT = 240  # seconds a single job may take on a loaded 2-core machine
 
@@ -45,8 +49,8 @@ def cluster():
     except SlurmUnavailable as e:
         pytest.skip(f"no Slurm cluster on this machine: {e}")
     print(f"\nSlurm cluster {'started' if info.started else 'reused'} in {time.time() - t0:.1f} s: {info}")
-    if info.cpus < 2:
-        pytest.skip(f"the Slurm node has {info.cpus} CPU; the 2-task jobs need 2")
+    if len(info.nodes) < 2:
+        pytest.skip(f"the Slurm cluster has nodes {info.nodes}; these tests need two")
     yield info
     leftover = [j for j in _SUBMITTED if job_state(j) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")]
     if leftover:  # a failed test must not leave its job holding the node's CPUs
@@ -64,7 +68,7 @@ def _submit(config: Path, run_dir: Path, *overrides: str, entry: str | None = No
             env: dict[str, str] | None = None) -> str:
     """``powerclip submit`` as a user runs it; returns the job id it prints."""
     cmd = [sys.executable, "-m", "powerclip", "submit", "-c", str(config), f"train.run_dir={run_dir}",
-           *overrides, "--tasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
+           *overrides, "--nodes", "2", "--tasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "1",
            "--time", "10", "--signal-delay", "60"]
     if entry:
         cmd += ["--entry", entry]
@@ -167,15 +171,16 @@ def test_usr2_rendezvous_checkpoint_resubmits_and_resumes(cluster, plain_yaml, t
     for r in results:
         env = r["env"]
         assert r["world"] == 2
-        assert env["RANK"] == str(r["rank"]) and env["LOCAL_RANK"] == str(r["rank"])
-        assert env["WORLD_SIZE"] == "2" and env["LOCAL_WORLD_SIZE"] == "2"
-        assert env["MASTER_ADDR"] == cluster.node
+        assert env["RANK"] == str(r["rank"]) and env["LOCAL_RANK"] == "0"
+        assert env["WORLD_SIZE"] == "2" and env["LOCAL_WORLD_SIZE"] == "1"
+        assert env["MASTER_ADDR"] == cluster.nodes[0]  # the first node of the job's node list
+        assert env["hostname"] == env["SLURMD_NODENAME"] == cluster.nodes[r["rank"]]
         assert env["MASTER_PORT"] == str(20000 + int(jid) % 20000)
         assert env["SLURM_JOB_ID"] == jid
     assert [r["rank"] for r in results] == [0, 1]
     script = (run / "slurm" / f"{jid}_submission.sh").read_text()
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR2@60" in script
-    assert "#SBATCH --ntasks-per-node=2" in script
+    assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --nodes=2" in script
 
     ledger = json.loads((run / "slurm" / "requeues.json").read_text())
     assert ledger["count"] == 1 and ledger["events"][0]["job_id"] == jid
@@ -203,7 +208,7 @@ def sbatch_run(cluster, tiny_yaml, tmp_path_factory) -> dict:
     run = tmp_path_factory.mktemp("slurm_sbatch") / "run"
     run.mkdir()
     log = run.parent / "sbatch-%j.out"
-    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
            "--cpus-per-task=1", "--time=10", f"--output={log}", f"--chdir={REPO}",
            str(REPO / "slurm" / "pretrain.sbatch"), str(tiny_yaml), f"train.run_dir={run}"]
     t0 = time.time()
@@ -216,23 +221,28 @@ def sbatch_run(cluster, tiny_yaml, tmp_path_factory) -> dict:
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, capture_output=True, timeout=30)
     state = wait_job(jid, JOB_TIMEOUT)
     seconds = time.time() - t0
-    print(f"sbatch template job {jid} (2 tasks, {STEPS} steps): {seconds:.1f} s")
+    print(f"sbatch template job {jid} (2 nodes x 1 task, {STEPS} steps): {seconds:.1f} s")
     text = Path(str(log).replace("%j", jid)).read_text()
     return {"run": run, "job": jid, "state": state, "log": text, "seconds": seconds}
 
 
-def test_sbatch_template_trains(sbatch_run):
+def test_sbatch_template_trains(sbatch_run, cluster):
     text = sbatch_run["log"]
     assert sbatch_run["state"] == "COMPLETED", text[-3000:]
-    for rank in (0, 1):
-        assert re.search(rf"RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=2 MASTER_ADDR=\S+ MASTER_PORT=\d+",
-                         text), text[-3000:]
+    first, second = cluster.nodes[:2]
+    port = 20000 + int(sbatch_run["job"]) % 20000
+    assert f"master {first}:{port}" in text  # the batch shell: first host of SLURM_JOB_NODELIST
+    for rank, node in ((0, first), (1, second)):
+        # the task line of the template, and the trainer's own line, each on a different node
+        assert f"RANK={rank} LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR={first} MASTER_PORT={port} on {node}" in text, \
+            text[-3000:]
+        assert f"powerclip: rank {rank}/2 on {node} (local rank 0, cpu, gloo, master {first}:{port})" in text
     assert "NOT requeueing: 0 restarts already (MAX_REQUEUES=0)" in text
     assert re.search(rf"finished at step {STEPS}: loss [0-9.]+", text), text[-3000:]
     assert _latest(sbatch_run["run"]) == f"step_{STEPS:08d}"
 
 
-def test_submit_tiny_training_requeued_midway_resumes(sbatch_run, tiny_yaml, tmp_path):
+def test_submit_tiny_training_requeued_midway_resumes(sbatch_run, tiny_yaml, tmp_path, cluster):
     """(a)+(b) the tiny training as a 2-task job through ``powerclip submit``, requeued with
     ``scontrol requeue`` as soon as its first checkpoint exists: the restart (same job id) resumes
     from the latest checkpoint, and the result ends with the same final loss as the uninterrupted
@@ -259,6 +269,11 @@ def test_submit_tiny_training_requeued_midway_resumes(sbatch_run, tiny_yaml, tmp
     assert len(r0["losses"]) == STEPS - resumed_step  # the restart ran only the remaining steps
     assert _latest(run) == f"step_{STEPS:08d}"
     rank0_log = (run / "slurm" / f"{jid}_0_log.err").read_text()
+    rank1_log = (run / "slurm" / f"{jid}_1_log.err").read_text()
+    first, second = cluster.nodes[:2]
+    assert all(s["host"] == first and s["master"].startswith(f"{first}:") for s in starts), starts
+    assert re.search(rf"powerclip: rank 0/2 on {first} \(local rank 0, cpu, gloo, master {first}:\d+\)", rank0_log)
+    assert re.search(rf"powerclip: rank 1/2 on {second} \(local rank 0, cpu, gloo, master {first}:\d+\)", rank1_log)
     assert f"resumed from {run}/checkpoints/{resumed_from} at step {resumed_step}" in rank0_log
     # same losses, step by step, as the uninterrupted run (metrics.jsonl is cut back to the
     # checkpoint on resume, so the requeued run's file covers steps 1..STEPS once)
@@ -275,3 +290,46 @@ def _metrics_losses(run: Path) -> dict[int, float]:
     steps = [int(r["step"]) for r in records]
     assert len(steps) == len(set(steps)), f"duplicate steps in {run}/metrics.jsonl: {steps}"
     return {int(r["step"]): float(r["loss"]) for r in records}
+
+
+BAD_PORT_SCRIPT = """#!/bin/bash
+# 2 nodes x 1 task; the task on the second node dials the wrong rendezvous port (a firewall or a
+# MASTER_PORT that differs between nodes look the same to it)
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+srun --kill-on-bad-exit=1 bash -c '
+  if [ "$SLURM_PROCID" = 1 ]; then export MASTER_PORT=$((MASTER_PORT + 1)); fi
+  exec "$@"' task "$PYTHON" -u -m powerclip train -c "$@"
+"""
+
+
+def test_unreachable_master_port_fails_within_the_timeout(cluster, tiny_yaml, tmp_path):
+    timeout_s = 10
+    run = tmp_path / "badport"
+    script = tmp_path / "badport.sbatch"
+    script.write_text(BAD_PORT_SCRIPT)
+    log = tmp_path / "badport-%j.out"
+    t0 = time.time()
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                          "--time=5", f"--output={log}", f"--chdir={REPO}", str(script), str(tiny_yaml),
+                          f"train.run_dir={run}", f"train.dist_timeout_s={timeout_s}"],
+                         env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    jid = out.stdout.strip().split(";")[0]
+    _SUBMITTED.append(jid)
+    state = wait_job(jid, JOB_TIMEOUT)
+    seconds = time.time() - t0
+    text = Path(str(log).replace("%j", jid)).read_text()
+    print(f"wrong-port job {jid}: {state} after {seconds:.1f} s (timeout {timeout_s} s)")
+    assert state == "FAILED", text[-3000:]
+    port = 20000 + int(jid) % 20000
+    first = cluster.nodes[0]
+    # whichever gives up first (rank 0 waiting for its peer, or rank 1 dialling the wrong port; srun
+    # then ends the other) names the rendezvous address it used and the config key of the timeout
+    m = re.search(rf"rank ([01]) of 2 could not join the process group at MASTER_ADDR:MASTER_PORT={first}:(\d+) "
+                  rf"within {float(timeout_s)} s \(train.dist_timeout_s\)", text)
+    assert m, text[-3000:]
+    assert int(m.group(2)) == port + int(m.group(1))  # rank 1 dialled port + 1
+    assert "powerclip: rank" not in text  # no rank got past the rendezvous
+    # start-up (imports on a loaded 2-core machine) + the timeout, not a hang until the time limit
+    assert seconds < timeout_s + 120, seconds

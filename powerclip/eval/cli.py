@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on GPU)")
     p.add_argument("--seed", type=int, default=0, help="ARO order perturbation seed")
     p.add_argument("--all-valse", action="store_true", help="keep VALSE foils that annotators did not validate")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda:(LOCAL_RANK mod visible GPUs) if available, else cpu")
 
 
 def _init_distributed() -> None:
@@ -52,7 +52,14 @@ def main(args: argparse.Namespace) -> int:
     if len(args.task) != len(args.data):
         raise SystemExit(f"powerclip eval: {len(args.task)} --task but {len(args.data)} --data (one each)")
     _init_distributed()
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if args.device:
+        device = args.device
+    elif torch.cuda.is_available():  # one GPU per task shows every task a single cuda:0
+        from powerclip.train.dist_env import cuda_index
+
+        device = f"cuda:{cuda_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
+    else:
+        device = "cpu"
     loaded = load_model(args.model, device)
     opts = EvalOptions(batch_size=args.batch_size, text_batch_size=args.text_batch_size, workers=args.workers,
                        amp=args.amp, recall_k=tuple(args.recall_k), split=args.split, images=args.images,

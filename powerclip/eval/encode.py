@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,8 +46,7 @@ def _gather_ordered(local: torch.Tensor, n: int) -> torch.Tensor:
     """Concatenate every rank's equal-sized chunk in rank order and drop the padding rows."""
     if not pdist.is_distributed():
         return local[:n]
-    chunks = [torch.empty_like(local) for _ in range(pdist.world_size())]
-    dist.all_gather(chunks, local.contiguous())
+    chunks = pdist.all_gather_equal(local, what="evaluation features")
     return torch.cat(chunks, dim=0)[:n]
 
 

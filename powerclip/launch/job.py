@@ -42,6 +42,10 @@ from powerclip.launch.dist import export_dist_env
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "powerclip.train.loop:train"
+# A rank whose collective fails or times out aborts the process group, so srun ends the job instead of
+# the other ranks hanging until the time limit; NCCL reports warnings and errors only (set
+# NCCL_DEBUG=INFO in the job's environment to debug a hang or the network it picked).
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
 
 
 def slurm_dir(run_dir: str | Path) -> Path:
@@ -122,6 +126,8 @@ class TrainJob:
         from powerclip.train.cli import setup_logging
 
         dist_vars = export_dist_env(self.cfg.slurm.master_port)
+        for key, value in NCCL_ENV.items():  # what slurm/*.sbatch exports; a site's own values win
+            os.environ.setdefault(key, value)
         setup_logging(int(dist_vars["RANK"]))  # as `powerclip train` does: INFO on rank 0
         _ignore_user_signal_in_children(submitit.JobEnvironment._usr_sig())
         job_env = submitit.JobEnvironment()
@@ -198,8 +204,6 @@ def _ignore_user_signal_in_children(signum: int) -> None:
 def _teardown_process_group() -> None:
     """Leave no process group behind: submitit pickles the result after we return, and gloo may abort
     in its destructors at interpreter exit; a barrier then an explicit destroy avoids both."""
-    import torch.distributed as dist
+    from powerclip import distributed as pdist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    pdist.destroy()

@@ -1,8 +1,8 @@
 """Submit a training run to Slurm through submitit's AutoExecutor.
 
-Tasks: one per GPU (``slurm.gpus_per_node`` tasks on each node, each task sees its node's GPUs and
-picks ``cuda:LOCAL_RANK``); with ``gpus_per_node == 0`` it is ``slurm.tasks_per_node`` CPU tasks per
-node on gloo, which is how CI runs it on a one-node cluster. The sbatch options come from the
+Tasks: one per GPU (``slurm.gpus_per_node`` tasks on each node, each task picks
+``cuda:(LOCAL_RANK mod visible GPUs)``); with ``gpus_per_node == 0`` it is ``slurm.tasks_per_node``
+CPU tasks per node on gloo, which is how CI runs it on a two-node cluster. The sbatch options come from the
 ``slurm`` config section; ``--requeue`` is always requested (sites may default it off) and USR2 is
 sent ``slurm.signal_delay_s`` before the time limit so submitit can call ``TrainJob.checkpoint``.
 
@@ -25,10 +25,10 @@ from powerclip.launch.job import DEFAULT_ENTRY, TrainJob, slurm_dir
 def check_slurm_config(cfg: Config) -> None:
     """Range checks for the slurm section (the generic validate() does not know them)."""
     s = cfg.slurm
-    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_minutes"):
+    for key in ("nodes", "tasks_per_node", "time_minutes"):
         if getattr(s, key) < 1:
             raise ConfigError(f"slurm.{key} must be >= 1, got {getattr(s, key)}")
-    for key in ("gpus_per_node", "max_requeues", "signal_delay_s", "master_port"):
+    for key in ("gpus_per_node", "cpus_per_task", "max_requeues", "signal_delay_s", "master_port"):
         if getattr(s, key) < 0:
             raise ConfigError(f"slurm.{key} must be >= 0, got {getattr(s, key)}")
     if s.signal_delay_s >= 60 * s.time_minutes:
@@ -40,6 +40,18 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.slurm.gpus_per_node if cfg.slurm.gpus_per_node > 0 else cfg.slurm.tasks_per_node
 
 
+def cpus_per_task(cfg: Config) -> int:
+    """``slurm.cpus_per_task``, or when 0: one core per loader worker plus the trainer on GPU tasks.
+
+    Why derived: a GPU task decodes images in ``data.workers`` processes; with Slurm's default of one
+    core per task they all share it and the GPU waits on the loader. CPU tasks (gloo, CI) keep one
+    core, since there the trainer itself is the bottleneck and cores are what the tasks compete for.
+    """
+    if cfg.slurm.cpus_per_task > 0:
+        return cfg.slurm.cpus_per_task
+    return cfg.data.workers + 1 if cfg.slurm.gpus_per_node > 0 else 1
+
+
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """AutoExecutor ``slurm_*`` parameters for this config (pure; tested without a cluster)."""
     s = cfg.slurm
@@ -47,7 +59,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
         "name": s.job_name,
         "nodes": s.nodes,
         "tasks_per_node": tasks_per_node(cfg),
-        "cpus_per_task": s.cpus_per_task,
+        "cpus_per_task": cpus_per_task(cfg),
         "timeout_min": s.time_minutes,
         "slurm_signal_delay_s": s.signal_delay_s,
         "slurm_additional_parameters": {"requeue": True, **s.extra},

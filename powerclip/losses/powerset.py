@@ -129,13 +129,14 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
     if bool(empty.any()):
         raise ValueError(f"powerset loss: captions {empty.nonzero().flatten().tolist()} have no valid "
                          "phrase (every caption needs at least its root node in batch.phrase_tokens)")
-    k_max = max(pdist.gather_sizes(p.shape[1], p.device))
+    # one small collective: every rank's batch size (must agree) and phrase count (padded to the max)
+    per_rank = pdist.gather_ints([b, p.shape[1]])
+    pdist.require_equal("powerset loss local batch size", [r[0] for r in per_rank])
+    k_max = max(r[1] for r in per_rank)
     p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
 
     all_phi, all_rv = pdist.gather_with_grad(phi), _gather_bool(region_valid)
     all_p, all_pv = pdist.gather_with_grad(p), _gather_bool(phrase_valid)
-    if all_phi.shape[0] != b * pdist.world_size():
-        raise ValueError("every rank must hold the same local batch size for the powerset loss")
     positives = torch.arange(b, device=phi.device) + pdist.rank() * b
 
     t1_rows, t2_rows = pair_terms(phi, region_valid, all_p, all_pv, cfg, chunk)  # [B, G]

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from powerclip import distributed as pdist
 
 _OBJ = "__powerclip_object__"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -171,11 +172,7 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
 
 def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's private state (data cursor, RNG), in rank order."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [local]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, local)
-    return out
+    return pdist.all_gather_object(local)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
@@ -189,13 +186,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if before_latest is not None:
         before_latest(ckpt_dir / tag)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's optimizer shard is on disk
+    pdist.barrier()  # every rank's optimizer shard is on disk
     if is_main:
         write_latest(ckpt_dir, tag)
         prune(ckpt_dir, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    pdist.barrier()
     return tag
 
 

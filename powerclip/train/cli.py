@@ -67,8 +67,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"powerclip train: {e}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
-
+    from powerclip import distributed as pdist
     from powerclip.train.loop import train
 
     result = train(cfg)
@@ -76,8 +75,8 @@ def main(args: argparse.Namespace) -> int:
         loss = result["loss"]
         print(f"finished at step {result['step']}: loss {loss if loss is None else round(loss, 4)}, "
               f"{result['skipped_steps']} skipped steps, run folder {result['run_dir']}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    if pdist.is_initialized():
+        pdist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
         # gloo/NCCL sometimes abort in their destructors at interpreter exit; all work is on disk

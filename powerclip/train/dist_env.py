@@ -7,21 +7,33 @@ was started:
 * Slurm ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the node list; the
   master is the first node of the job and the port is derived from the job id, so every task agrees
   without talking to each other;
+* launchers in between (an sbatch script or MPI wrapper that exports ``RANK``/``WORLD_SIZE`` only):
+  what is missing comes from the Slurm variables when there are any, since guessing ``LOCAL_RANK=0``
+  puts every rank on one GPU and ``MASTER_ADDR=127.0.0.1`` makes every node its own master (a hang);
 * nothing at all: a single process (world size 1) on a free local port.
 
-The process group is created by ``deepspeed.init_distributed`` (NCCL on GPUs, gloo on CPU), unless a
-caller (a test harness, a notebook) already created one.
+The GPU is ``LOCAL_RANK`` modulo the number of GPUs this process sees: sites that give each task
+its own GPU (``--gpus-per-task=1``, one ``CUDA_VISIBLE_DEVICES`` per task) show every task a single
+device 0, whatever its local rank.
+
+The process group is created by ``deepspeed.init_distributed`` (NCCL on GPUs, gloo on CPU), with the
+timeout of ``train.dist_timeout_s``, unless a caller (a test harness, a notebook) already created one.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from powerclip import distributed as pdist
 
 
 @dataclass(frozen=True)
@@ -43,11 +55,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _slurm_master_addr() -> str:
-    """First host of the job's node list (``scontrol`` expands the compressed form)."""
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
-    if not nodelist:
-        return "127.0.0.1"
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list (``scontrol`` expands the compressed form when present)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                              text=True, check=True, timeout=30).stdout.split()
@@ -63,48 +72,96 @@ def _slurm_master_addr() -> str:
     return first
 
 
-def export_env_from_launcher() -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from Slurm or for a single process.
+def _slurm_master_addr(environ: Mapping[str, str] | None = None) -> str:
+    """First host of the step's (else the job's) node list; 127.0.0.1 outside Slurm."""
+    env = os.environ if environ is None else environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+    return first_host(nodelist) if nodelist else "127.0.0.1"
 
-    Variables a launcher already set are never overwritten.
+
+def _slurm_port(environ: Mapping[str, str]) -> str:
+    return str(20000 + int(environ.get("SLURM_JOB_ID", "0").split("_")[0] or 0) % 20000)
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT values ``environ`` lacks (pure).
+
+    Values already in ``environ`` are never replaced; only the missing ones are returned.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        return
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        job = int(os.environ.get("SLURM_JOB_ID", "0"))
-        os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    in_slurm = "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ
+    out: dict[str, str] = {}
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        pass
+    elif in_slurm:
+        out["RANK"], out["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+    else:  # a single process
+        out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        out["MASTER_PORT"] = environ.get("MASTER_PORT") or str(_free_port())
+        return {k: v for k, v in out.items() if k not in environ}
+    has_nodes = bool(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST"))
+    if "LOCAL_RANK" not in environ:
+        # SLURM_LOCALID is right whatever the task layout; without it the global rank is the best
+        # guess (modulo the visible GPUs it is right for nodes filled in rank order)
+        out["LOCAL_RANK"] = environ.get("SLURM_LOCALID", out.get("RANK", environ.get("RANK", "0")))
+    if "MASTER_ADDR" not in environ:
+        out["MASTER_ADDR"] = _slurm_master_addr(environ) if has_nodes else "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        out["MASTER_PORT"] = _slurm_port(environ) if "SLURM_JOB_ID" in environ else "29500"
+    return out
 
 
-def init_distributed() -> DistEnv:
-    """Create (or adopt) the process group and pick this rank's device."""
+def export_env_from_launcher() -> dict[str, str]:
+    """Fill the missing rendezvous variables into ``os.environ`` (see ``launcher_env``); returns them."""
+    values = launcher_env(os.environ)
+    os.environ.update(values)
+    return values
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a process with ``local_rank`` that sees ``visible`` devices."""
+    if visible < 1:
+        raise RuntimeError("CUDA is available but this process sees no GPU (check CUDA_VISIBLE_DEVICES)")
+    return local_rank % visible
+
+
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
+    """Create (or adopt) the process group and pick this rank's device.
+
+    ``timeout_s`` bounds every collective, the rendezvous included: a rank that cannot reach
+    MASTER_ADDR:MASTER_PORT fails with a message naming them instead of waiting forever.
+    """
     import deepspeed  # heavy import; only when a run really starts
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not pdist.is_initialized():
         export_env_from_launcher()
+        local_rank = int(os.environ["LOCAL_RANK"])
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            torch.cuda.set_device(cuda_index(local_rank, torch.cuda.device_count()))
+        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
+        except Exception as e:  # DistNetworkError, DistStoreError, TimeoutError, RuntimeError...
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise RuntimeError(
+                f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join the process "
+                f"group at MASTER_ADDR:MASTER_PORT={where} within {timeout_s or 'the default'} s "
+                f"(train.dist_timeout_s): is the port the same on every node, open between nodes, and "
+                f"did rank 0 start? ({type(e).__name__}: {e})") from e
     else:
         # adopted group (e.g. tests/dist_helpers.run_on_ranks): DeepSpeed's comm layer must know it
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = pdist.rank(), pdist.world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # one line per rank (the logging of ranks > 0 shows warnings only): where each rank landed is
+    # the first thing to check when a multi-node job hangs or two ranks share a GPU
+    print(f"powerclip: rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank}, {device}, "
+          f"{pdist.backend()}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})",
+          file=sys.stderr, flush=True)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
-                   backend=dist.get_backend())
+                   backend=str(pdist.backend()))

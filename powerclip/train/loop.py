@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from powerclip import distributed as pdist
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.train import checkpoint as ckpt
@@ -51,7 +51,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     if build_loader is None:
         from powerclip.data import build_loader
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     if env.device.type == "cpu" and cfg.train.keep_freed_host_memory:
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
@@ -61,7 +61,11 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- model, teacher, engine (same seed on every rank: identical initial weights)
     seed_all(cfg.train.seed)
-    model = create_model(cfg.model)  # starting weights (model.pretrained) and grad checkpointing too
+    if cfg.model.pretrained:  # starting weights: read by each node's local rank 0 first
+        model = pdist.local_zero_first(lambda: create_model(cfg.model), env.local_rank,
+                                       f"loading model.pretrained={cfg.model.pretrained!r}")
+    else:
+        model = create_model(cfg.model)  # grad checkpointing is set up here too
     model.to(env.device)
     teacher = None
     if needs_teacher(cfg.loss):
@@ -130,8 +134,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     if result is None:  # resumed at or past the last step: nothing ran
         log.info("run %s is already at step %d >= train.steps", run_dir, step)
     logger.close()
-    if dist.is_initialized():
-        dist.barrier()
+    pdist.barrier()
     return {"step": step, "samples_seen": samples_seen, "skipped_steps": skipped_steps,
             "loss": losses[-1] if losses else None, "losses": losses, "run_dir": str(run_dir)}
 
@@ -192,10 +195,8 @@ def _reduce_step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor],
                         + [terms[n].detach().float().reshape(()) for n in names])
     bad = (~torch.isfinite(local[:1])).float()
     packed = torch.cat([bad, local])
-    world = 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        dist.all_reduce(packed)
+    world = pdist.world_size()
+    packed = pdist.all_reduce_sum(packed)
     values = (packed[1:] / world).tolist()
     return StepResult(loss=values[0], terms=dict(zip(names, values[1:])),
                       logit_scale=float(logit_scale.detach().float()), applied=bool(packed[0].item() == 0))
@@ -218,17 +219,12 @@ def step_metrics(engine, loader, env: DistEnv, result: StepResult, lr: float, t_
     if norm is not None:
         values["optim/grad_norm"] = float(norm)
     stats = torch.tensor([t_data / max(t_step, 1e-9), peak_memory_mb(env.device)], dtype=torch.float64)
-    per_rank = [stats]
-    counters: dict[str, int] = dict(loader.counters()) if hasattr(loader, "counters") else {}
-    if dist.is_initialized() and env.world_size > 1:
-        per_rank = [torch.zeros_like(stats) for _ in range(env.world_size)]
-        dist.all_gather(per_rank, stats)
-        gathered: list[Any] = [None] * env.world_size
-        dist.all_gather_object(gathered, counters)
-        counters = {}
-        for c in gathered:
-            for k, v in c.items():
-                counters[k] = counters.get(k, 0) + int(v)
+    per_rank = pdist.all_gather_equal(stats)  # CPU stats; moved to the backend's device and back
+    local_counters: dict[str, int] = dict(loader.counters()) if hasattr(loader, "counters") else {}
+    counters: dict[str, int] = {}
+    for c in pdist.all_gather_object(local_counters):
+        for k, v in c.items():
+            counters[k] = counters.get(k, 0) + int(v)
     stacked = torch.stack(per_rank)
     values["perf/data_wait_frac"] = float(stacked[:, 0].mean())
     values["perf/data_wait_frac_max"] = float(stacked[:, 0].max())
@@ -246,11 +242,7 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv) -> bo
     due = step == cfg.train.steps or (c.every_steps > 0 and step % c.every_steps == 0)
     if c.every_minutes > 0:
         flag = torch.tensor([float(due or (time.time() - last_save) >= 60.0 * c.every_minutes)])
-        if dist.is_initialized() and env.world_size > 1:
-            if env.backend == "nccl":
-                flag = flag.to(env.device)
-            dist.broadcast(flag, src=0)
-        due = bool(flag.item())
+        due = bool(pdist.broadcast(flag, src=0).item())
     return due
 
 
