@@ -42,7 +42,12 @@ class DataConfig:
     # otherwise epoch mode, which needs at least ranks x workers shards (checked before training).
     resampled: bool = True
     batch_size: int = 32  # per rank, per micro-batch
-    workers: int = 2
+    workers: int = 2  # loader processes per rank (the GPU presets use 8)
+    # batches each worker prepares ahead (DataLoader prefetch_factor); each costs one uint8 image
+    # buffer of batch_size x 3 x H x W bytes in shared memory
+    prefetch_factor: int = 2
+    # page-locked host batches so the copy to the GPU is asynchronous (ignored without CUDA)
+    pin_memory: bool = True
     shuffle_buffer: int = 1000
     shard_shuffle: bool = True
     seed: int = 0
@@ -244,7 +249,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {choices}")
     positive = ["data.batch_size", "data.context_length", "data.num_regions", "data.max_phrases",
                 "train.steps", "train.accum_steps", "optim.lr", "loss.powerset.tau",
-                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb"]
+                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb", "data.prefetch_factor"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")

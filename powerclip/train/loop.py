@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
+from powerclip.data.device import to_device
+from powerclip.data.geometry import model_geometry
 from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches, splice_features
 from powerclip.train.dist_env import DistEnv, init_distributed
@@ -87,6 +89,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- the loop
     dense = needs_dense(cfg.loss)
+    geo = model_geometry(cfg)  # the loader ships uint8 pixels; to_device normalises them on the device
     dtype = PRECISION_DTYPES[cfg.train.precision]
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * env.world_size
@@ -99,7 +102,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
                  cfg.train.steps, global_batch, cfg.train.zero_stage, cfg.train.precision)
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro = [next(batches).to(env.device, dtype) for _ in range(accum)]
+        micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
         result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype)
