@@ -81,3 +81,20 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[W, *x.shape]: every rank's ``x`` in rank order, without gradient, on ``x``'s device.
+
+    One collective for a whole vector of per-rank values: sums, maxima and rank 0's entries are read
+    from the result afterwards, so reductions with different operators share one round trip. Under
+    NCCL a CPU ``x`` travels through the current CUDA device (NCCL accepts CUDA tensors only).
+    """
+    if not is_distributed():
+        return x.unsqueeze(0)
+    home = x.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":
+        x = x.to(torch.device("cuda", torch.cuda.current_device()))
+    out = torch.empty((world_size(), *x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather(list(out.unbind(0)), x.contiguous())
+    return out.to(home)
