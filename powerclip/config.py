@@ -123,6 +123,8 @@ class DeglaLossConfig:
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
     ema_decay: float = 0.9996
+    # EMA teacher weights: fp32, or bf16 (half the memory; stochastic rounding keeps the updates)
+    ema_dtype: str = "fp32"
     # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
     # error (False lets tests run the losses on random weights)
     require_pretrained: bool = False
@@ -232,6 +234,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "loss.degla.ema_dtype": ("fp32", "bf16"),
 }
 
 

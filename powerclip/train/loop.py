@@ -71,7 +71,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     if needs_teacher(cfg.loss):
         from powerclip.train.ema import EmaTeacher
 
-        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay)  # from the student's starting weights
+        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay,  # from the student's starting weights
+                             dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
     engine, scheduler = build_engine(cfg, model, env.world_size)
     ckpt.install_safe_checkpoint_engine(engine)
     engine.train()
