@@ -169,6 +169,16 @@ class TrainConfig:
     # CPU runs only: glibc keeps freed memory mapped between steps instead of returning it to the
     # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~9% of a CPU step)
     keep_freed_host_memory: bool = True
+    # DeepSpeed settings a GPU run wants (train.deepspeed below still overrides any of them):
+    # gradients accumulated over micro-batches in fp32 under bf16 (ZeRO >= 1; DeepSpeed's ZeRO-0 bf16
+    # path accumulates in bf16), and reduced across ranks in reduce_dtype (not in bf16)
+    grad_accum_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+    overlap_comm: bool = True  # ZeRO >= 1: reduce gradient buckets while backward still runs
+    contiguous_gradients: bool = True  # ZeRO >= 1: copy gradients into one buffer (less fragmentation)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per parameter all-gather bucket
+    prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -235,6 +245,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "loss.degla.ema_dtype": ("fp32", "bf16"),
+    "train.grad_accum_dtype": ("fp32", "bf16"),
+    "train.reduce_dtype": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -252,7 +264,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {choices}")
     positive = ["data.batch_size", "data.context_length", "data.num_regions", "data.max_phrases",
                 "train.steps", "train.accum_steps", "optim.lr", "loss.powerset.tau",
-                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb", "data.prefetch_factor"]
+                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb", "data.prefetch_factor",
+                "train.reduce_bucket_size", "train.allgather_bucket_size", "train.prefetch_bucket_size"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
