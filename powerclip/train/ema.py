@@ -97,6 +97,7 @@ class _MasterWeights:
     """
 
     def __init__(self, optimizer) -> None:
+        self.has_optimizer = optimizer is not None  # before deepspeed.initialize: no masters yet
         self.fp16_views: dict[int, torch.Tensor] = {}
         half_groups = getattr(optimizer, "fp16_groups", None) or []
         for params, flat in zip(half_groups, getattr(optimizer, "fp32_groups_flat", None) or []):
@@ -110,8 +111,8 @@ class _MasterWeights:
 
     def bucket(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
         """Full fp32 masters of ``params`` (a collective when any is fragmented), or None when every
-        one is fp32 already (then the gathered parameters themselves are read)."""
-        if all(p.dtype == torch.float32 for p in params):
+        one is fp32 already or there is no optimiser yet (then the gathered parameters are read)."""
+        if not self.has_optimizer or all(p.dtype == torch.float32 for p in params):
             return None
         if any(hasattr(p, "ds_id") for p in params):
             from deepspeed.utils import safe_get_full_fp32_param

@@ -16,6 +16,7 @@ One optimiser step = ``train.accum_steps`` micro-batches of ``data.batch_size`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -33,6 +34,7 @@ from powerclip.data.device import to_device
 from powerclip.data.geometry import model_geometry
 from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches, splice_features
+from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
@@ -65,13 +67,17 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- model, teacher, engine (same seed on every rank: identical initial weights)
     seed_all(cfg.train.seed)
-    model = create_model(cfg.model)  # starting weights (model.pretrained) and grad checkpointing too
-    model.to(env.device)
+    model = build_model(cfg, env)  # starting weights (model.pretrained); ZeRO-3: built partitioned
     teacher = None
     if needs_teacher(cfg.loss):
         from powerclip.train.ema import EmaTeacher
 
-        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay,  # from the student's starting weights
+        # a partitioned student cannot be deep-copied: the teacher is then a fresh module of the same
+        # architecture, whose values are overwritten by the gathered student weights
+        template = None
+        if cfg.train.zero_stage == 3:
+            template = create_model(dataclasses.replace(cfg.model, pretrained=None))
+        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
     engine, scheduler = build_engine(cfg, model, env.world_size)
     ckpt.install_safe_checkpoint_engine(engine)
