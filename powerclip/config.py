@@ -179,6 +179,9 @@ class TrainConfig:
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
     allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per parameter all-gather bucket
     prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead
+    # torch.compile the image and text towers (ZeRO 0/1/2); compile_backend is torch.compile's backend
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
