@@ -42,7 +42,12 @@ class DataConfig:
     # otherwise epoch mode, which needs at least ranks x workers shards (checked before training).
     resampled: bool = True
     batch_size: int = 32  # per rank, per micro-batch
-    workers: int = 2
+    workers: int = 2  # loader processes per rank (the GPU presets use 8)
+    # batches each worker prepares ahead (DataLoader prefetch_factor); each costs one uint8 image
+    # buffer of batch_size x 3 x H x W bytes in shared memory
+    prefetch_factor: int = 2
+    # page-locked host batches so the copy to the GPU is asynchronous (ignored without CUDA)
+    pin_memory: bool = True
     shuffle_buffer: int = 1000
     shard_shuffle: bool = True
     seed: int = 0
@@ -118,6 +123,8 @@ class DeglaLossConfig:
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
     ema_decay: float = 0.9996
+    # EMA teacher weights: fp32, or bf16 (half the memory; stochastic rounding keeps the updates)
+    ema_dtype: str = "fp32"
     # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
     # error (False lets tests run the losses on random weights)
     require_pretrained: bool = False
@@ -167,6 +174,19 @@ class TrainConfig:
     # it. Raise it when one rank alone does slow work between collectives (a checkpoint save to slow
     # storage, a long periodic evaluation).
     dist_timeout_s: float = 1800.0
+    # DeepSpeed settings a GPU run wants (train.deepspeed below still overrides any of them):
+    # gradients accumulated over micro-batches in fp32 under bf16 (ZeRO >= 1; DeepSpeed's ZeRO-0 bf16
+    # path accumulates in bf16), and reduced across ranks in reduce_dtype (not in bf16)
+    grad_accum_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+    overlap_comm: bool = True  # ZeRO >= 1: reduce gradient buckets while backward still runs
+    contiguous_gradients: bool = True  # ZeRO >= 1: copy gradients into one buffer (less fragmentation)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per parameter all-gather bucket
+    prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead
+    # torch.compile the image and text towers (ZeRO 0/1/2); compile_backend is torch.compile's backend
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +252,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "loss.degla.ema_dtype": ("fp32", "bf16"),
+    "train.grad_accum_dtype": ("fp32", "bf16"),
+    "train.reduce_dtype": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -249,7 +272,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {choices}")
     positive = ["data.batch_size", "data.context_length", "data.num_regions", "data.max_phrases",
                 "train.steps", "train.accum_steps", "train.dist_timeout_s", "optim.lr", "loss.powerset.tau",
-                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb"]
+                "loss.powerset.memory_budget_mb", "loss.concept.memory_budget_mb", "data.prefetch_factor",
+                "train.reduce_bucket_size", "train.allgather_bucket_size", "train.prefetch_bucket_size"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")

@@ -245,3 +245,12 @@ def local_zero_first(fn: Callable[[], T], local_rank: int, what: str) -> T:
             raise RuntimeError(f"{what}: failed on rank(s) {bad} (local rank {'0' if phase == 0 else '> 0'}); "
                                "their log has the error")
     return result  # type: ignore[return-value]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[W, *x.shape]: every rank's ``x`` in rank order, without gradient, on ``x``'s device.
+
+    One collective for a whole vector of per-rank values: sums, maxima and rank 0's entries are read
+    from the result afterwards, so reductions with different operators share one round trip.
+    """
+    return torch.stack(all_gather_equal(x), dim=0)

@@ -6,6 +6,7 @@ start without starting weights."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from tests.tiny import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cfg(root: Path, synth: Path, run: str, steps: int, decay: float = 0.5):
+def _cfg(root: Path, synth: Path, run: str, steps: int, decay: float = 0.5, *extra: str):
     return tiny_config([
         f"data.sources=[{{shards: '{synth}/train/{{00000..00002}}.tar'}}]", "data.batch_size=4",
         "data.workers=0", "data.num_negatives=4", f"model.pretrained={root / 'pretrained'}",
         "loss.degla.enabled=true", "loss.degla.require_pretrained=true", f"loss.degla.ema_decay={decay}",
         f"train.run_dir={root / run}", f"train.steps={steps}", "train.zero_stage=3", "train.log_every=1",
         "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=constant",  # resume with a longer run
-        "checkpoint.every_steps=2", "checkpoint.keep_last=5"])
+        "checkpoint.every_steps=2", "checkpoint.keep_last=5", *extra])
 
 
 def _teacher_at(run_dir: Path, step: int) -> dict:
@@ -43,6 +44,8 @@ def _job(rank: int, world: int, root: str, synth: str) -> dict:
            "full": train(_cfg(root_p, synth_p, "full", 4))["losses"]}
     first = train(_cfg(root_p, synth_p, "part", 2))["losses"]
     out["resumed"] = first + train(_cfg(root_p, synth_p, "part", 4))["losses"]
+    out["bf16_teacher"] = train(_cfg(root_p, synth_p, "bf16t", 2, 0.5, "loss.degla.ema_dtype=bf16",
+                                     "train.precision=bf16"))["losses"]
     return out
 
 
@@ -84,6 +87,13 @@ def test_degla_stage_trains_logs_every_term_and_starts_from_the_export(degla_run
 
 
 @pytest.mark.slow
+def test_bf16_teacher_trains_and_is_saved_in_bf16(degla_runs):
+    root, results = degla_runs
+    assert all(math.isfinite(v) for v in results[0]["bf16_teacher"])
+    saved = _teacher_at(root / "bf16t", 2)["module"]
+    assert {v.dtype for k, v in saved.items() if v.is_floating_point()} == {torch.bfloat16}
+
+
 def test_resumed_run_continues_the_same_ema(degla_runs):
     root, (r0, _) = degla_runs
     torch.testing.assert_close(torch.tensor(r0["resumed"]), torch.tensor(r0["full"]), rtol=1e-5, atol=1e-6)

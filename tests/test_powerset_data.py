@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from powerclip.config import PowersetLossConfig
-from powerclip.data import build_loader
+from powerclip.data import build_loader, model_geometry
+from powerclip.data.device import to_device
 from powerclip.losses.powerset import TERMS, powerset_loss
 from powerclip.model.factory import create_model
 from tests.tiny import tiny_config
@@ -24,7 +25,8 @@ def test_loss_runs_on_loader_batches(synthetic_root: Path, unit: str, source: st
     cfg = tiny_config([f"data.sources=[{{shards: '{synthetic_root}/train/{{00000..00002}}.tar'}}]",
                        "data.batch_size=6", "data.workers=0", "data.num_regions=5",
                        f"data.phrase_unit={unit}", f"data.region_source={source}"])
-    batch = next(iter(build_loader(cfg, 0, 1)))
+    geo = model_geometry(cfg)
+    batch = to_device(next(iter(build_loader(cfg, 0, 1))), "cpu", None, geo.mean, geo.std)  # uint8 → normalised
     assert batch.region_masks.shape[1] == 5 and batch.phrase_tokens is not None
     nodes = batch.phrase_tokens & batch.phrase_valid[..., None]
     sizes = nodes.sum(-1)  # tokens per valid node; node 0 is the root (the whole caption)

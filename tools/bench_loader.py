@@ -2,13 +2,13 @@
 """Loader throughput: samples/s per worker of the whole powerclip.data pipeline on 224 px JPEG
 shards, next to a bare loop that decodes and transforms the same images without webdataset.
 
-The bare loop (tarfile → PIL decode → powerclip's own image transform, written into the slots of a
-reused batch tensor, one thread) is the floor on this CPU: the image work any loader must pay per
+The bare loop (tarfile → PIL decode → powerclip's own image transform to uint8 pixels, written into
+the slots of a reused batch tensor, one thread) is the floor on this CPU: the image work any loader must pay per
 sample. The pipeline adds tar streaming, block shuffling, json parsing, tokenisation, span mapping,
 regions, concepts, negatives, collation and the hand-off to the main process. Target:
 pipeline / bare >= 0.85. A third loop runs open_clip's stock transform (torchvision ToTensor +
-Normalize) for reference: powerclip's image path fuses those two steps, so the floor above is
-lower than a loader built on the stock transform would have.
+Normalize) for reference: powerclip's loader stops at uint8 pixels (the device normalises them),
+so the floor above is lower than a loader built on the stock transform would have.
 
 Runs are interleaved, because other processes on a shared machine add noise. Two figures: wall-clock
 samples/s per worker, and samples per CPU-second (the worker's CPU time from RUSAGE_CHILDREN,
@@ -111,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # what a DataLoader worker uses
     # like a pipeline worker, write each image into its slot of a batch tensor (one of a ring, reused):
     # a loader's output is batches, and a single reused image buffer would stay in cache
-    ring = torch.empty(4, a.batch_size, 3, geo.image_size, geo.image_size)
+    ring = torch.empty(4, a.batch_size, 3, geo.image_size, geo.image_size, dtype=torch.uint8)
     slots = ring.view(-1, 3, geo.image_size, geo.image_size)
     seeds = iter(range(1 << 62))
 
     def powerclip_image(img) -> None:  # the pipeline's own image path (regions.apply_transform)
         i = next(seeds)
-        apply_transform(transform, img, slots[i % len(slots)], random.Random(i))
+        apply_transform(transform, img, slots[i % len(slots)], random.Random(i), uint8=True)
 
     best = {"open_clip": 0.0, "bare": 0.0, "pipe": 0.0}
     cpu: dict[str, list[float]] = {"open_clip": [], "bare": [], "pipe": []}

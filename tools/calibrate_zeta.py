@@ -113,18 +113,21 @@ def fit_zero_bias(cal: Calibration, iters: int = 50) -> float | None:
 
 
 def collect(cfg, batches: int) -> Calibration:
-    from powerclip.data import build_loader
+    from powerclip.data import build_loader, model_geometry
+    from powerclip.data.device import to_device
     from powerclip.model.factory import create_model
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model).eval()
     loader = build_loader(cfg, 0, 1)
+    geo = model_geometry(cfg)  # the loader ships uint8 pixels
     pcfg = cfg.loss.powerset
     cal = Calibration(pcfg.tau, pcfg.memory_budget_mb)
     with torch.no_grad():
         for n, batch in enumerate(loader):
             if n >= batches:
                 break
+            batch = to_device(batch, "cpu", None, geo.mean, geo.std)
             feats = model(batch, dense=True)
             phi, rv = region_embeddings(feats.patches, batch.region_masks, batch.region_valid)
             p, pv = phrase_embeddings(feats.tokens, batch.phrase_tokens, batch.phrase_valid, batch.token_valid,

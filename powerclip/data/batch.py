@@ -7,7 +7,8 @@ C concept rows, N negatives per sample):
 field              shape / dtype           meaning
 =================  =====================  =======================================================
 keys               list[str] (B)           webdataset ``__key__`` of each sample (resume tests)
-images             [B, 3, H, W] float      transformed images
+images             [B, 3, H, W] uint8/fp   transformed images: uint8 pixels from the loader,
+                                          normalised floats after ``data.device.to_device``
 text               [B, L] long             caption tokens (open_clip layout: SOT ... EOT, 0-pad)
 token_valid        [B, L] bool             real word tokens: not SOT, EOT or padding (METHODS 0)
 phrase_tokens      [B, K, L] bool          token positions of each parse-tree node (+ root)
@@ -58,6 +59,19 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
+
+    def pin_memory(self) -> Batch:
+        """Every tensor in page-locked host memory (numpy fields become tensors first), so that
+        ``to(device)`` copies asynchronously. DataLoader's pin-memory thread calls this."""
+        import numpy as np
+
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = torch.from_numpy(v)
+            out[f.name] = v.pin_memory() if isinstance(v, torch.Tensor) else v
+        return Batch(**out)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Move tensors to ``device``; ``dtype`` applies to the floating image tensor only."""

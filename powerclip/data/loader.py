@@ -49,8 +49,7 @@ from .text import build_tokenizer, span_positions
 STATE_VERSION = 1
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 SCHEMA_SUPPORTED = 1
-PREFETCH = 2  # DataLoader prefetch_factor: batches outstanding per worker
-RING = PREFETCH + 2  # shared-memory image buffers per worker
+RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
 PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
 
 
@@ -138,25 +137,26 @@ class SampleProcessor:
         self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
 
     def image_buffers(self, n: int) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-        """(batch image tensor, its n slot views) to write transformed images into (saves the stack
-        copy; the views are made once per buffer, indexing costs ~1 us each).
+        """(batch image tensor, its n slot views) to write transformed uint8 images into (saves the
+        stack copy; the views are made once per buffer, indexing costs ~1 us each).
 
         In the main process (workers=0) every batch gets a fresh tensor. Inside a DataLoader worker
-        a ring of RING shared-memory buffers is recycled: allocating and page-faulting a fresh
-        shared-memory tensor per batch cost about as much as decoding the images. The Loader copies
-        the images out of the ring as soon as it receives a batch; a worker has at most
-        PREFETCH batches outstanding (DataLoader's prefetch_factor), so with RING = PREFETCH + 2
+        a ring of data.prefetch_factor + RING_SPARE shared-memory buffers is recycled: allocating and
+        page-faulting a fresh shared-memory tensor per batch cost about as much as decoding the
+        images. The Loader (or DataLoader's pin-memory thread) copies the images out of the ring as
+        soon as it receives a batch; a worker has at most prefetch_factor batches outstanding, so
         the buffer of a batch is not rewritten before that copy."""
         shape = (n, 3, self.geo.image_size, self.geo.image_size)
         if self.in_main:
             while True:
-                images = torch.empty(shape)
+                images = torch.empty(shape, dtype=torch.uint8)
                 yield images, images.unbind(0)
-        ring = [torch.empty(shape).share_memory_() for _ in range(RING)]
+        ring_size = self.d.prefetch_factor + RING_SPARE
+        ring = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(ring_size)]
         ring_slots = [buf.unbind(0) for buf in ring]
         i = 0
         while True:
-            yield ring[i % RING], ring_slots[i % RING]
+            yield ring[i % ring_size], ring_slots[i % ring_size]
             i += 1
 
     def __call__(self, sample: dict, seed: int, out: torch.Tensor | None = None) -> dict | str:
@@ -193,7 +193,7 @@ class SampleProcessor:
             return "bad_image"
         rng = random.Random(seed)
         if self.rng_only:  # the crop is drawn from the sample's own rng
-            image, window = apply_transform(self.transform, img, out, rng)
+            image, window = apply_transform(self.transform, img, out, rng, uint8=True)
         else:
             # other random steps use torch's generator: seed it for this sample only (restored
             # after, so the trainer's RNG is untouched when workers=0)
@@ -201,7 +201,7 @@ class SampleProcessor:
             saved = gen.get_state() if self.in_main else None
             gen.manual_seed(seed)
             try:
-                image, window = apply_transform(self.transform, img, out)
+                image, window = apply_transform(self.transform, img, out, uint8=True)
             finally:
                 if saved is not None:
                     gen.set_state(saved)
@@ -401,8 +401,12 @@ class Loader:
         W = self.spec.workers if self.cfg.data.workers > 0 else 0
         ds = BatchStream(self.cfg, self.spec, copy.deepcopy(self._slots), self._batches % self.spec.workers,
                          self.train)
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=W,
-                                         persistent_workers=False, prefetch_factor=PREFETCH if W > 0 else None)
+        # pinned host batches (Batch.pin_memory, in DataLoader's pin thread) make the copy to the GPU
+        # asynchronous; without CUDA there is nothing to pin for
+        pin = bool(self.cfg.data.pin_memory) and torch.cuda.is_available()
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=W, persistent_workers=False,
+                                         prefetch_factor=self.cfg.data.prefetch_factor if W > 0 else None,
+                                         pin_memory=pin)
         if W > 0:
             # Fork the workers with the parent's objects frozen out of the garbage collector: else
             # each worker's first full collection touches every inherited object and copies the
@@ -416,7 +420,7 @@ class Loader:
         else:
             batches = iter(dl)
         for batch, slot, cursor, counters in batches:
-            if W > 0 and batch is not None:
+            if W > 0 and batch is not None and not batch.images.is_pinned():
                 batch.images = batch.images.clone()  # out of the worker's ring (see image_buffers)
                 for f in fields(batch):  # numpy arrays back to tensors (see BatchStream._out)
                     v = getattr(batch, f.name)

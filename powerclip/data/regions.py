@@ -82,15 +82,28 @@ def normalized_into(img: Image.Image, mean, std, out: torch.Tensor | None = None
     return out.sub_(shift).mul_(inv)
 
 
-def apply_transform(transform, img, out: torch.Tensor | None = None, rng: random.Random | None = None
-                    ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+def pixels_into(img: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The uint8 [3, H, W] pixels of an RGB PIL image (ToTensor without the float conversion),
+    written into ``out`` if given: the loader ships these and the device normalises them."""
+    with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    if out is None or out.shape != pixels.shape or out.dtype != torch.uint8:
+        return pixels.contiguous()
+    return out.copy_(pixels)
+
+
+def apply_transform(transform, img, out: torch.Tensor | None = None, rng: random.Random | None = None,
+                    uint8: bool = False) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
     """Apply an open_clip Compose; return (tensor, window) where window = (x0, y0, x1, y1) is the
     part of the original image, in 0..1 coordinates, that the output shows.
 
     ``out``: where the final Normalize writes (a slot of the batch tensor), which saves both
     open_clip's clone inside Normalize and the copy of stacking the batch afterwards.
     ``rng``: draws the RandomResizedCrop window (``crop_params``); without it the crop uses
-    torch's global generator exactly as open_clip's transform does."""
+    torch's global generator exactly as open_clip's transform does.
+    ``uint8``: stop at ToTensor and return the uint8 pixels; ToTensor's division and the Normalize
+    are then ``normalize_images``' job on the device (any other step after ToTensor is an error)."""
     w0, h0 = img.size
     win = [0.0, 0.0, float(w0), float(h0)]  # in original pixels
     steps = list(getattr(transform, "transforms", [transform]))
@@ -115,6 +128,14 @@ def apply_transform(transform, img, out: torch.Tensor | None = None, rng: random
             img = t(img)
         elif _is_convert_mode(t) and isinstance(img, Image.Image) and img.mode == t.mode:
             continue  # PIL's convert to the same mode is a full copy
+        elif uint8 and isinstance(t, ToTensor):
+            rest = steps[k:]
+            if not (isinstance(img, Image.Image) and img.mode == "RGB") or len(rest) > 1 or (
+                    rest and not isinstance(rest[0], Normalize)):
+                raise ValueError("uint8 images need an RGB image at ToTensor and nothing after it but "
+                                 f"Normalize; the transform is {transform}")
+            img = pixels_into(img, out)
+            k = len(steps)  # the Normalize runs on the device
         elif (isinstance(t, ToTensor) and k < len(steps) and isinstance(steps[k], Normalize)
               and isinstance(img, Image.Image) and img.mode == "RGB"):
             img = normalized_into(img, steps[k].mean, steps[k].std, out)

@@ -90,7 +90,14 @@ class PowerClipModel(nn.Module):
         Called once after the starting weights are loaded (create_model / load_state_dict_into);
         a resumed run rebuilds the model from the same config and weights, so it gets the same value.
         """
-        current = float(self.clip.logit_scale.detach().float().reshape(-1)[0])
+        scale = self.clip.logit_scale
+        if hasattr(scale, "ds_id"):  # ZeRO-3 partitioned (built under zero.Init): gather it to read it
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([scale]):
+                current = float(scale.detach().float().reshape(-1)[0])
+        else:
+            current = float(scale.detach().float().reshape(-1)[0])
         self.logit_scale_max = max(self.logit_scale_max_cfg, current)
 
     # ---------------------------------------------------------------------------- encoders

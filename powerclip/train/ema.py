@@ -6,8 +6,15 @@ keeps its own FULL teacher copy (it must run the teacher forward on its own loca
 the student's full parameters under ``deepspeed.zero.GatheredParameters`` a bucket at a time, so the
 transient memory is one bucket, never the whole model. Under ZeRO 0/1/2 the gather is a no-op.
 
-The teacher is kept in fp32 (``dtype``) whatever the student's precision: with α = 0.9996 an fp16 or
-bf16 teacher would round most (1−α)-sized updates away. ``features(batch, dtype)`` runs its forward
+The EMA blends the optimiser's fp32 MASTER weights, not the half-precision working copy the student
+runs with under bf16/fp16 (``_MasterWeights``): blending the rounded copy would add its rounding
+noise to the teacher at every step. Under ZeRO 1/2 each rank holds the master fragment of its
+partition; the fragments are summed into full values one bucket at a time (one all-reduce per bucket).
+
+The teacher is kept in fp32 (``dtype``) by default: with α = 0.9996 a bf16 teacher rounded to
+nearest would lose every (1−α)-sized update. ``dtype=torch.bfloat16`` halves its memory and rounds
+each blended value stochastically (unbiased: the updates survive in expectation), from a generator
+seeded by the update count, so every rank rounds alike. ``features(batch, dtype)`` runs its forward
 under autocast in the run's half dtype, so it costs what the student's forward costs.
 
 All ranks apply the same update to the same values, so teachers stay identical across ranks without
@@ -16,6 +23,7 @@ communication beyond the gathers; only rank 0 needs to save ``state_dict()``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Iterator
@@ -67,6 +75,75 @@ def _buckets(params: list[nn.Parameter], bucket_numel: int) -> Iterator[list[int
         yield bucket
 
 
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 → bf16 rounded up or down with probability proportional to the distance (unbiased):
+    random low 16 bits are added to the fp32 bit pattern, which is then truncated."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the 16 bits bf16 drops
+    out = rounded.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
+    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
+
+
+class _MasterWeights:
+    """The fp32 master value of each student parameter, from DeepSpeed's optimiser.
+
+    * fp32 working weights: the parameter is its own master.
+    * ZeRO 1/2 and DeepSpeed's bf16 optimiser: ``param._hp_mapping`` points at this rank's fp32
+      fragment; ``bucket`` sums the fragments of all ranks into full tensors (one all-reduce).
+    * ZeRO 3: ``safe_get_full_fp32_param`` (DeepSpeed gathers each parameter's fp32 partitions).
+    * FP16_Optimizer / FP16_UnfusedOptimizer (ZeRO 0, fp16 or bf16 with a client optimiser): one
+      flat fp32 copy per parameter group in the group's order / one fp32 copy per parameter.
+    """
+
+    def __init__(self, optimizer) -> None:
+        self.has_optimizer = optimizer is not None  # before deepspeed.initialize: no masters yet
+        self.fp16_views: dict[int, torch.Tensor] = {}
+        half_groups = getattr(optimizer, "fp16_groups", None) or []
+        for params, flat in zip(half_groups, getattr(optimizer, "fp32_groups_flat", None) or []):
+            offset = 0  # FP16_Optimizer: one flat fp32 copy per group
+            for p in params:
+                self.fp16_views[id(p)] = flat.detach().narrow(0, offset, p.numel()).view(p.shape)
+                offset += p.numel()
+        for params, masters in zip(half_groups, getattr(optimizer, "fp32_groups", None) or []):
+            for p, m in zip(params, masters):  # FP16_UnfusedOptimizer: one fp32 copy per parameter
+                self.fp16_views[id(p)] = m.detach()
+
+    def bucket(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
+        """Full fp32 masters of ``params`` (a collective when any is fragmented), or None when every
+        one is fp32 already or there is no optimiser yet (then the gathered parameters are read)."""
+        if not self.has_optimizer or all(p.dtype == torch.float32 for p in params):
+            return None
+        if any(hasattr(p, "ds_id") for p in params):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            out = []
+            for p in params:
+                if p.requires_grad:
+                    out.append(safe_get_full_fp32_param(p).view(p.ds_shape))
+                else:  # frozen: no master; its working value, gathered
+                    with _gathered([p]):
+                        out.append(p.detach().float().clone())
+            return out
+        if any(hasattr(p, "_hp_mapping") for p in params):
+            from powerclip import distributed as pdist
+
+            numels = [p.numel() for p in params]
+            flat = torch.zeros(sum(numels), dtype=torch.float32, device=params[0].device)
+            offset = 0
+            for p, n in zip(params, numels):
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is not None:  # this rank's fragment (None: another rank holds all of it)
+                    addr = mapping.lp_fragment_address
+                    flat.narrow(0, offset + addr.start, addr.numel).copy_(mapping.get_hp_fragment())
+                elif not hasattr(p, "_hp_mapping") and pdist.rank() == 0:  # frozen: no master; once
+                    flat.narrow(0, offset, n).copy_(p.detach().flatten())
+                offset += n
+            flat = pdist.all_reduce_sum(flat)
+            return [t.view(p.shape) for t, p in zip(flat.split(numels), params)]
+        return [self.fp16_views[id(p)] if id(p) in self.fp16_views else p.detach().float() for p in params]
+
+
 def _unwrap(student: nn.Module) -> nn.Module:
     """A DeepSpeed engine wraps the model in ``.module``; the teacher mirrors the model itself."""
     return getattr(student, "module", student) if hasattr(student, "optimizer") else student
@@ -89,6 +166,9 @@ class EmaTeacher:
         self.decay = float(decay)
         self.bucket_numel = int(bucket_numel)
         self.num_updates = 0
+        self.dtype = dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"EMA teacher dtype must be float32 or bfloat16, got {dtype}")
         if template is None:
             if _is_partitioned(student):
                 raise ValueError("the student is ZeRO-3 partitioned: pass template= (a fresh module of "
@@ -116,35 +196,43 @@ class EmaTeacher:
         return list(student.parameters()), [p for p in self.module.parameters()]
 
     @torch.no_grad()
-    def _blend(self, student: nn.Module, alpha: float) -> None:
-        """θ_T ← alpha·θ_T + (1−alpha)·θ_S, bucket by bucket; buffers are copied as they are."""
+    def _blend(self, student: nn.Module, alpha: float, optimizer=None) -> None:
+        """θ_T ← alpha·θ_T + (1−alpha)·θ_S, bucket by bucket, θ_S the fp32 masters of ``optimizer``
+        (the working weights without one); buffers are copied as they are."""
         s_params, t_params = self._pairs(student)
+        masters = _MasterWeights(optimizer)
+        gen = None
+        if self.dtype == torch.bfloat16:
+            device = t_params[0].device if t_params else torch.device("cpu")
+            gen = torch.Generator(device=device).manual_seed(1_000_003 * (self.num_updates + 1))
         for idx in _buckets(s_params, self.bucket_numel):
             group = [s_params[i] for i in idx]
-            with _gathered(group):
-                for i in idx:
-                    src = s_params[i].detach().to(device=t_params[i].device, dtype=t_params[i].dtype)
+            full = masters.bucket(group)  # None: the (gathered) parameters are the fp32 values
+            with _gathered(group) if full is None else contextlib.nullcontext():
+                for j, i in enumerate(idx):
+                    src = (s_params[i].detach() if full is None else full[j]).to(t_params[i].device)
                     if src.shape != t_params[i].shape:
                         raise RuntimeError(f"student parameter {i} has shape {tuple(src.shape)} but the "
                                            f"teacher's is {tuple(t_params[i].shape)}")
-                    if alpha == 0.0:
-                        t_params[i].copy_(src)
-                    elif alpha != 1.0:
-                        t_params[i].mul_(alpha).add_(src, alpha=1.0 - alpha)
+                    if alpha == 1.0:
+                        continue
+                    new = src.float() if alpha == 0.0 else t_params[i].float().mul_(alpha).add_(src.float(),
+                                                                                              alpha=1.0 - alpha)
+                    t_params[i].copy_(new if gen is None else stochastic_round_bf16(new, gen))
         for t_buf, s_buf in zip(self.module.buffers(), student.buffers()):
             t_buf.copy_(s_buf.detach().to(device=t_buf.device, dtype=t_buf.dtype))
 
     # --------------------------------------------------------------------------------- public
     def copy_from(self, student: nn.Module) -> None:
         """Set the teacher to the student's current weights (initialisation)."""
-        self._blend(_unwrap(student), 0.0)
+        self._blend(_unwrap(student), 0.0, getattr(student, "optimizer", None))
 
     def update(self, student: nn.Module) -> None:
         """One EMA step; call after every optimiser step that was applied (not after skipped ones).
 
         Collective under ZeRO-3 (every rank must call it), a no-op on the values when decay == 1.
         """
-        self._blend(_unwrap(student), self.decay)
+        self._blend(_unwrap(student), self.decay, getattr(student, "optimizer", None))
         self.num_updates += 1
 
     @torch.no_grad()
@@ -157,6 +245,8 @@ class EmaTeacher:
         """
         device = next(self.module.parameters()).device
         batch = batch.to(device, torch.float32)
+        if self.dtype == torch.bfloat16:  # a bf16 teacher always runs under bf16 autocast
+            dtype = torch.bfloat16
         if dtype is None or dtype == torch.float32:
             return self.module(batch, **kwargs)
         with torch.autocast(device_type=device.type, dtype=dtype):

@@ -32,14 +32,28 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     ``gradient_accumulation_steps`` = ``train.accum_steps``: DeepSpeed steps the optimiser once per
     accum_steps ``engine.step()`` calls; the loop feeds it feature-cached micro-batch passes (see
     ``powerclip.train.accum``).
+
+    Under bf16 DeepSpeed would reduce and accumulate gradients in bf16 (8 mantissa bits: a sum over
+    many ranks or micro-batches loses the small contributions); ``train.reduce_dtype`` and
+    ``train.grad_accum_dtype`` (fp32 by default) keep both in fp32. ZeRO-0 has no fp32 accumulation
+    path in DeepSpeed, so there only the reduction dtype applies.
     """
-    b, a = cfg.data.batch_size, cfg.train.accum_steps
+    b, a, t = cfg.data.batch_size, cfg.train.accum_steps, cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 1:
+        zero.update(overlap_comm=bool(t.overlap_comm), contiguous_gradients=bool(t.contiguous_gradients),
+                    reduce_bucket_size=int(t.reduce_bucket_size))
+    if t.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = int(t.allgather_bucket_size)
+    if t.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = int(t.prefetch_bucket_size)
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": b,
         "gradient_accumulation_steps": a,
         "train_batch_size": b * a * world_size,
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": zero,
+        "communication_data_type": t.reduce_dtype,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         # dynamic loss scaling (loss_scale 0): DeepSpeed skips overflowing steps and lowers the scale
         "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
@@ -49,6 +63,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16" and t.zero_stage >= 1:
+        derived["data_types"] = {"grad_accum_dtype": t.grad_accum_dtype}
     merged = deep_merge(derived, dict(cfg.train.deepspeed))
     if merged["train_batch_size"] != merged["train_micro_batch_size_per_gpu"] * merged[
             "gradient_accumulation_steps"] * world_size:

@@ -7,18 +7,20 @@ One optimiser step = ``train.accum_steps`` micro-batches of ``data.batch_size`` 
 
 * feature-caching accumulation (``accum.py``) so the contrastive negative pool is the whole global
   batch;
-* a non-finite loss (checked on every rank and all-reduced) skips the step on ALL ranks before any
+* a non-finite loss (checked on every rank and gathered) skips the step on ALL ranks before any
   backward, so no NaN reaches the weights; skipped steps still consume their data and are counted;
+* one host synchronisation per step (``step_sync``): the non-finite flag, the loss terms and the
+  previous step's perf values and skip counters travel in one small collective;
 * fp16 overflow steps are skipped by DeepSpeed's loss scaler and counted as ``overflow``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,16 @@ import torch
 from powerclip import distributed as pdist
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
+from powerclip.data.device import to_device
+from powerclip.data.geometry import model_geometry
 from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches, splice_features
+from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
+from powerclip.train.step_sync import HostStats, StepValues, reduce_step
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +67,18 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- model, teacher, engine (same seed on every rank: identical initial weights)
     seed_all(cfg.train.seed)
-    if cfg.model.pretrained:  # starting weights: read by each node's local rank 0 first
-        model = pdist.local_zero_first(lambda: create_model(cfg.model), env.local_rank,
-                                       f"loading model.pretrained={cfg.model.pretrained!r}")
-    else:
-        model = create_model(cfg.model)  # grad checkpointing is set up here too
-    model.to(env.device)
+    model = build_model(cfg, env)  # starting weights (model.pretrained); ZeRO-3: built partitioned
     teacher = None
     if needs_teacher(cfg.loss):
         from powerclip.train.ema import EmaTeacher
 
-        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay)  # from the student's starting weights
+        # a partitioned student cannot be deep-copied: the teacher is then a fresh module of the same
+        # architecture, whose values are overwritten by the gathered student weights
+        template = None
+        if cfg.train.zero_stage == 3:
+            template = create_model(dataclasses.replace(cfg.model, pretrained=None))
+        teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
+                             dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
     engine, scheduler = build_engine(cfg, model, env.world_size)
     ckpt.install_safe_checkpoint_engine(engine)
     engine.train()
@@ -91,6 +98,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     # ---- the loop
     dense = needs_dense(cfg.loss)
+    geo = model_geometry(cfg)  # the loader ships uint8 pixels; to_device normalises them on the device
     dtype = PRECISION_DTYPES[cfg.train.precision]
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * env.world_size
@@ -98,15 +106,17 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     last_save = time.time()
     losses: list[float] = []
     result: StepResult | None = None
+    host = HostStats()  # the previous step's host measurements, packed into the next step's sync
     if env.is_main:
         log.info("training %s from step %d to %d (global batch %d, ZeRO-%d, %s)", run_dir, step,
                  cfg.train.steps, global_batch, cfg.train.zero_stage, cfg.train.precision)
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro = [next(batches).to(env.device, dtype) for _ in range(accum)]
+        micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
-        result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype)
+        result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype, host,
+                            _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
             teacher.update(engine)
         step += 1
@@ -114,17 +124,19 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         skipped_steps += 0 if result.applied else 1
         t_step = time.perf_counter() - t0
         losses.append(result.loss)
+        host = HostStats(data_wait_frac=t_data / max(t_step, 1e-9), peak_mem_mb=peak_memory_mb(env.device),
+                         step_time_s=t_step, grad_norm=engine.get_global_grad_norm() if result.applied else None,
+                         counters=dict(loader.counters()) if hasattr(loader, "counters") else {}, valid=True)
 
         rec = {"loss": result.loss, **{f"loss/{k}": v for k, v in result.terms.items()}, "lr": lr,
                "skipped": not result.applied}
         logger.record(step, rec)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            values = step_metrics(engine, loader, env, result, lr, t_step, t_data, global_batch,
-                                  skipped_steps)
+            values = step_metrics(engine, env, result, lr, t_step, global_batch, skipped_steps)
             logger.scalars(step, values)
             logger.console(step, cfg.train.steps, values)
 
-        if checkpoint_due(cfg, step, last_save, env):
+        if checkpoint_due(cfg, step, last_save, env, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps)
             last_save = time.time()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
@@ -140,20 +152,17 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------------ one step
-@dataclass
-class StepResult:
-    loss: float  # mean over ranks of the local total loss
-    terms: dict[str, float]  # every composer term, mean over ranks
-    logit_scale: float
-    applied: bool  # False when a non-finite loss made every rank skip the step
+StepResult = StepValues  # what train_step returns (see powerclip.train.step_sync)
 
 
 def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: bool, teacher,
-               dtype: torch.dtype | None = None) -> StepResult:
+               dtype: torch.dtype | None = None, host: HostStats | None = None,
+               time_due: bool = False) -> StepResult:
     """Forward, loss, backward and optimiser step over ``accum_steps`` micro-batches.
 
     accum 1: the plain path. accum A > 1: feature caching (see ``powerclip.train.accum``); every pass
     computes the same loss value, so the finiteness check on pass 0 decides for the whole step.
+    ``host``/``time_due`` ride along in that check's collective (``step_sync.reduce_step``).
     """
     accum = len(micro)
     full = concat_batches(micro)
@@ -172,7 +181,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
         feats = live if cached is None else splice_features(cached, live, j)
         loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
         if j == 0:
-            result = _reduce_step_values(loss, terms, feats.logit_scale)
+            result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
             if not result.applied:
                 return result  # no backward on any rank: the step is skipped everywhere
         engine.backward(loss, scale_wrt_gas=False)
@@ -187,25 +196,12 @@ def _compose(compose_losses, feats, batch, cfg: Config, teacher_feats):
     return compose_losses(feats, batch, cfg.loss, teacher_features=teacher_feats)
 
 
-def _reduce_step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor],
-                        logit_scale: torch.Tensor) -> StepResult:
-    """One all-reduce: the non-finite flag, the loss and every term, averaged over ranks."""
-    names = sorted(terms)
-    local = torch.stack([loss.detach().float().reshape(())]
-                        + [terms[n].detach().float().reshape(()) for n in names])
-    bad = (~torch.isfinite(local[:1])).float()
-    packed = torch.cat([bad, local])
-    world = pdist.world_size()
-    packed = pdist.all_reduce_sum(packed)
-    values = (packed[1:] / world).tolist()
-    return StepResult(loss=values[0], terms=dict(zip(names, values[1:])),
-                      logit_scale=float(logit_scale.detach().float()), applied=bool(packed[0].item() == 0))
-
-
 # ----------------------------------------------------------------------------------- metrics
-def step_metrics(engine, loader, env: DistEnv, result: StepResult, lr: float, t_step: float, t_data: float,
-                 global_batch: int, skipped_steps: int) -> dict[str, float]:
-    """Everything TensorBoard shows for this step, reduced over ranks (collective)."""
+def step_metrics(engine, env: DistEnv, result: StepResult, lr: float, t_step: float, global_batch: int,
+                 skipped_steps: int) -> dict[str, float]:
+    """Everything TensorBoard shows for this step. No communication: the values of all ranks came
+    with the step's one collective (``result.previous``: the previous step's perf, gradient norm
+    and skip counters; ``perf/step_time_s`` is this rank's time of this step)."""
     values: dict[str, float] = {"loss/total": result.loss, "optim/lr": lr,
                                 "train/logit_scale": result.logit_scale,
                                 "train/skipped_steps": float(skipped_steps),
@@ -215,31 +211,26 @@ def step_metrics(engine, loader, env: DistEnv, result: StepResult, lr: float, t_
                                 "perf/samples_per_s_per_rank": global_batch / t_step / env.world_size}
     for name, v in result.terms.items():
         values[f"loss/{name}"] = v
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        values["optim/grad_norm"] = float(norm)
-    stats = torch.tensor([t_data / max(t_step, 1e-9), peak_memory_mb(env.device)], dtype=torch.float64)
-    per_rank = pdist.all_gather_equal(stats)  # CPU stats; moved to the backend's device and back
-    local_counters: dict[str, int] = dict(loader.counters()) if hasattr(loader, "counters") else {}
-    counters: dict[str, int] = {}
-    for c in pdist.all_gather_object(local_counters):
-        for k, v in c.items():
-            counters[k] = counters.get(k, 0) + int(v)
-    stacked = torch.stack(per_rank)
-    values["perf/data_wait_frac"] = float(stacked[:, 0].mean())
-    values["perf/data_wait_frac_max"] = float(stacked[:, 0].max())
-    values["perf/peak_mem_mb"] = float(stacked[:, 1].max())
-    values["data/skipped_samples"] = float(sum(counters.values()))  # all reasons, all ranks
-    for k, v in counters.items():
-        values[f"data/skipped_{k}"] = float(v)
+    values.update(result.previous)
     return values
 
 
 # -------------------------------------------------------------------------------- checkpoints
-def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv) -> bool:
-    """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step."""
+def _time_due(cfg: Config, last_save: float) -> bool:
+    """This rank's clock says checkpoint.every_minutes have passed since the last save."""
+    minutes = cfg.checkpoint.every_minutes
+    return minutes > 0 and (time.time() - last_save) >= 60.0 * minutes
+
+
+def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv, time_due: bool | None = None) -> bool:
+    """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step.
+
+    ``time_due``: rank 0's verdict as it came with the step's collective (the training loop);
+    without it the clocks are compared here with a broadcast of their own."""
     c = cfg.checkpoint
     due = step == cfg.train.steps or (c.every_steps > 0 and step % c.every_steps == 0)
+    if time_due is not None:
+        return due or time_due
     if c.every_minutes > 0:
         flag = torch.tensor([float(due or (time.time() - last_save) >= 60.0 * c.every_minutes)])
         due = bool(pdist.broadcast(flag, src=0).item())

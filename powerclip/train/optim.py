@@ -26,7 +26,8 @@ _NO_DECAY_NAMES = ("logit_scale", "logit_bias")
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """True for gains, biases, 1-D parameters and the logit scale/bias (open_clip's rule)."""
     leaf = name.split(".")[-1]
-    return param.ndim < 2 or leaf == "bias" or any(n in name for n in _NO_DECAY_NAMES)
+    ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition is flat: its full shape
+    return ndim < 2 or leaf == "bias" or any(n in name for n in _NO_DECAY_NAMES)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
