@@ -229,9 +229,10 @@ def step_metrics(engine, loader, env: DistEnv, result: StepResult, lr: float, t_
     values["perf/data_wait_frac"] = float(stacked[:, 0].mean())
     values["perf/data_wait_frac_max"] = float(stacked[:, 0].max())
     values["perf/peak_mem_mb"] = float(stacked[:, 1].max())
-    values["data/skipped_samples"] = float(sum(counters.values()))  # all reasons, all ranks
+    skips = {k: v for k, v in counters.items() if not k.startswith("regions_")}  # regions_*: not samples
+    values["data/skipped_samples"] = float(sum(skips.values()))  # all reasons, all ranks
     for k, v in counters.items():
-        values[f"data/skipped_{k}"] = float(v)
+        values[f"data/{k}" if k not in skips else f"data/skipped_{k}"] = float(v)
     return values
 
 
