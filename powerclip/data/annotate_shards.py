@@ -135,7 +135,8 @@ def annotate_one_shard(src: str, out: str) -> dict:
             w.addfile(*_with_stream(json_member(prev)))
     os.replace(tmp, out_dir / src_path.name)
     record = {"shard": src_path.name, "source": str(src_path), "count": len(keys),
-              "annotated": len(captions), "skipped": skipped}
+              "annotated": len(captions), "skipped": skipped,
+              "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}  # which task of a job array wrote it
     rec_path = out_dir / RECORDS / f"{src_path.name}.json"
     rec_tmp = rec_path.with_suffix(".json.tmp")
     rec_tmp.write_text(json.dumps(record))
@@ -151,13 +152,16 @@ def _settings(parser: str, model: str) -> dict:
     return {"parser": parser if parser == "rule" else f"spacy:{model}"}
 
 
-def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parser: str = "spacy",
-                    model: str = "en_core_web_sm", progress: bool = True, write_manifest: bool = True) -> dict:
-    """Annotate (or resume annotating) ``shards`` into ``out``; returns the manifest of every shard
-    finished in ``out`` so far (``write_manifest=False``: the records only, for one task of many)."""
+def prepare_output(shards: list[Path], out: str | Path, parser: str, model: str) -> Path:
+    """Check the input/output pair and record the settings in ``out`` (refusing a folder annotated
+    with other settings, which would mix two annotations in one shard set); returns ``out`` resolved.
+    Done once before a job array starts, so that its tasks only read the settings."""
     out = Path(out).resolve()
     if any(p.resolve().parent == out for p in shards):
         raise ValueError(f"{out}: the output folder must not be the input folder")
+    names = [p.name for p in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("shard names collide in one output folder")
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
     settings_path = out / RECORDS / "settings.json"
     settings = _settings(parser, model)
@@ -166,10 +170,17 @@ def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parse
             raise ValueError(f"{out} holds shards annotated with {settings_path.read_text()}, not {settings}; "
                              "use another output folder")
     else:
-        settings_path.write_text(json.dumps(settings))
-    names = [p.name for p in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("shard names collide in one output folder")
+        tmp = settings_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings))
+        os.replace(tmp, settings_path)
+    return out
+
+
+def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parser: str = "spacy",
+                    model: str = "en_core_web_sm", progress: bool = True, write_manifest: bool = True) -> dict:
+    """Annotate (or resume annotating) ``shards`` into ``out``; returns the manifest of every shard
+    finished in ``out`` so far (``write_manifest=False``: the records only, for one task of many)."""
+    out = prepare_output(shards, out, parser, model)
     todo = [p for p in shards if not ((out / RECORDS / f"{p.name}.json").is_file() and (out / p.name).is_file())]
     if todo:
         from tqdm import tqdm
