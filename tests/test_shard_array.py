@@ -73,3 +73,27 @@ def test_annotator_job_array_on_slurm(cluster, tmp_path: Path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "in 4 shards by 2 tasks (3 already done)" in r.stdout, r.stdout
     assert (out / "00000.tar").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_build_shards_job_array_on_slurm(cluster, tmp_path: Path):
+    from PIL import Image
+
+    raw, out = tmp_path / "raw", tmp_path / "shards"
+    raw.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(raw / f"im{i}.png")
+        (raw / f"im{i}.txt").write_text(f"a red cube number {i}")
+    (raw / "im9.png").write_bytes(b"not a png")  # skipped as bad_image, listed in the summary
+    (raw / "im9.txt").write_text("broken")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_shards.py"), str(raw), "--out", str(out),
+                        "--shard-size", "2", "--parser", "rule", "--no-progress", "--slurm-tasks", "2",
+                        "--slurm-partition", cluster.partition, "--slurm-time", "10"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "5 samples in 3 shards by 2 tasks (0 already done); skipped 1: {'bad_image': 1}" in r.stdout, r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["missing_shards"] == [] and manifest["num_inputs"] == 6
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}

@@ -11,12 +11,15 @@ so a failed task still gets its finished shards summarised) and lists shards no 
 
 from __future__ import annotations
 
+import argparse
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-TOOLS = ("annotate",)
+TOOLS = ("annotate", "build")
 
 
 def split_ranges(n: int, tasks: int) -> list[tuple[int, int]]:
@@ -34,13 +37,20 @@ def split_ranges(n: int, tasks: int) -> list[tuple[int, int]]:
     return out
 
 
-def _run_range(tool: str, shards: list[str], out: str, options: dict[str, Any]) -> dict:
+def _run_range(tool: str, shards: list, out: str, options: dict[str, Any]) -> dict:
+    """``shards``: input shard paths (annotate) or the [lo, hi) output shard numbers of the plan (build)."""
     if tool == "annotate":
         from .annotate_shards import annotate_shards
 
         return annotate_shards([Path(s) for s in shards], out, options.get("workers", 1),
                                options.get("parser", "spacy"), options.get("model", "en_core_web_sm"),
                                progress=False, write_manifest=False)
+    if tool == "build":
+        from .build import build_shards
+
+        opts = dict(options)
+        return build_shards(opts.pop("inputs"), out, progress=False, only=(shards[0], shards[-1] + 1),
+                            write_manifest=False, **opts)
     raise ValueError(f"unknown shard tool {tool!r}; one of {TOOLS}")
 
 
@@ -48,13 +58,19 @@ class ShardRangeTask(submitit.helpers.Checkpointable):
     """One array task. ``Checkpointable``: on timeout or preemption submitit requeues this same
     call; the tool skips the shards already finished, so the requeued task resumes."""
 
-    def __call__(self, tool: str, shards: list[str], out: str, options: dict[str, Any]) -> dict:
+    def __call__(self, tool: str, shards: list, out: str, options: dict[str, Any]) -> dict:
         m = _run_range(tool, shards, out, options)
         return {"shards": len(shards), "resumed_shards": m.get("resumed_shards", 0)}
 
 
 def summarize_task(tool: str, out: str, expected: list[str]) -> dict:
     """The summary job: the manifest of every finished shard, plus the shards still missing."""
+    if tool == "build":
+        from .build import build_manifest, write_build_manifest
+
+        manifest = build_manifest(out)  # knows the missing shards from the plan
+        write_build_manifest(out, manifest)
+        return manifest
     if tool != "annotate":
         raise ValueError(f"unknown shard tool {tool!r}; one of {TOOLS}")
     from .annotate_shards import summarize, write_summary
@@ -66,11 +82,12 @@ def summarize_task(tool: str, out: str, expected: list[str]) -> dict:
     return manifest
 
 
-def submit_array(tool: str, shards: list[str], out: str | Path, options: dict[str, Any], tasks: int, *,
+def submit_array(tool: str, shards: list, out: str | Path, options: dict[str, Any], tasks: int, *,
                  partition: str | None = None, time_min: int = 240, cpus_per_task: int = 1,
                  mem_gb: float | None = None, setup: list[str] | None = None, max_requeues: int = 3):
-    """Submit the array and its summary job; returns (array jobs, summary job). Logs and submitit's
-    files go to ``out/_slurm``."""
+    """Submit the array and its summary job; returns (array jobs, summary job). ``shards``: the
+    input shard paths (annotate) or the output shard numbers 0..n-1 of the plan (build); each task
+    gets a contiguous slice. Logs and submitit's files go to ``out/_slurm``."""
     out = Path(out).resolve()
     folder = out / "_slurm"
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,18 +109,56 @@ def submit_array(tool: str, shards: list[str], out: str | Path, options: dict[st
     array_id = str(jobs[0].job_id).split("_")[0]
     ex.update_parameters(**{**params, "cpus_per_task": 1, "name": f"powerclip-{tool}-summary",
                             "slurm_additional_parameters": {"dependency": f"afterany:{array_id}"}})
-    summary = ex.submit(summarize_task, tool, str(out), [Path(s).name for s in shards])
+    summary = ex.submit(summarize_task, tool, str(out), [Path(str(s)).name for s in shards])
     return jobs, summary
 
 
-def wait_array(jobs: list, summary, timeout_s: float | None = None) -> dict:
-    """Wait for every task and the summary job; returns the summary manifest with
-    ``resumed_shards`` (shards the tasks found already finished). A failed task re-raises its
-    error after the summary is written."""
-    from ..launch.submit import wait_for_result
+def wait_array(jobs: list, summary, total: int, finished: Callable[[], int], progress: bool = True,
+               timeout_s: float | None = None) -> dict:
+    """Wait for every task and the summary job, with a progress bar over ``total`` shards
+    (``finished()`` counts the shards done so far, from their records); returns the summary
+    manifest with ``resumed_shards`` (shards the tasks found already finished) and
+    ``array_tasks``. A failed task re-raises its error, after the summary is written."""
+    from tqdm import tqdm
 
+    from ..launch.submit import TERMINAL_STATES, scontrol_state, wait_for_result
+
+    bar = tqdm(total=total, desc="shards (array)", unit="shard", disable=not progress)
+    while not summary.paths.result_pickle.exists():
+        bar.n = min(total, finished())
+        bar.refresh()
+        if scontrol_state(str(summary.job_id)) in TERMINAL_STATES:  # ended: wait_for_result says how
+            break
+        time.sleep(2)
+    bar.n = min(total, finished())
+    bar.close()
     manifest = wait_for_result(summary, poll_s=1.0, timeout_s=timeout_s)[0]
     results = [wait_for_result(j, poll_s=1.0, timeout_s=60)[0] for j in jobs]
     manifest["resumed_shards"] = sum(r["resumed_shards"] for r in results)
     manifest["array_tasks"] = len(jobs)
     return manifest
+
+
+def add_slurm_args(p: argparse.ArgumentParser) -> None:
+    """The job-array options every shard tool offers."""
+    g = p.add_argument_group("Slurm job array (submitit)")
+    g.add_argument("--slurm-tasks", type=int, default=0, help="array tasks (0: run here)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-time", type=int, default=240, help="minutes per task (then requeued)")
+    g.add_argument("--slurm-mem-gb", type=float, default=None)
+    g.add_argument("--slurm-setup", action="append", default=[], help="shell line run before each task")
+    g.add_argument("--no-wait", action="store_true", help="submit and return (the summary job still runs)")
+
+
+def run_array_cli(a: argparse.Namespace, tool: str, shards: list, out: Path, options: dict[str, Any],
+                  finished: Callable[[], int]) -> dict | None:
+    """Submit from parsed ``add_slurm_args`` options; wait (unless --no-wait) and return the summary."""
+    jobs, summary = submit_array(tool, shards, out, options, a.slurm_tasks, partition=a.slurm_partition,
+                                 time_min=a.slurm_time, cpus_per_task=max(1, options.get("workers", 1)),
+                                 mem_gb=a.slurm_mem_gb, setup=a.slurm_setup)
+    array_id = str(jobs[0].job_id).split("_")[0]
+    print(f"submitted array job {array_id} ({len(jobs)} tasks) and summary job {summary.job_id}; "
+          f"logs in {out / '_slurm'}", flush=True)
+    if a.no_wait:
+        return None
+    return wait_array(jobs, summary, len(shards), finished, progress=not a.no_progress)
