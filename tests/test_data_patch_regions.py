@@ -196,7 +196,8 @@ def test_loader_reads_patch_regions_from_powerclip_layout(tmp_path: Path):
 
 def test_training_crops_drop_and_count_regions(tmp_path: Path):
     write_powerclip_shard(tmp_path / "00000.tar", 24, seed=1)
-    cfg = _cfg(str(tmp_path / "00000.tar"), "data.augment_scale=[0.08,0.2]")
+    # one DataLoader worker: the masks and the dropped count cross the process boundary
+    cfg = _cfg(str(tmp_path / "00000.tar"), "data.augment_scale=[0.08,0.2]", "data.workers=1")
     loader = build_loader(cfg, 0, 1)
     it = iter(loader)
     for _ in range(6):

@@ -278,10 +278,7 @@ def patch_region_masks(lens: np.ndarray, cat: np.ndarray, src_grid: int, window,
 
 def stack_regions(per_sample: list, grid: int) -> torch.Tensor:
     """[B, M, T] bool masks of a batch whose samples carry either cell boxes (``region_cells``)
-    or ready masks (``patch_region_masks``)."""
-    if all(isinstance(r, np.ndarray) for r in per_sample):
+    or ready masks (``patch_region_masks``): one region source per run, so never both."""
+    if isinstance(per_sample[0], np.ndarray):
         return torch.from_numpy(np.stack(per_sample))
-    if not any(isinstance(r, np.ndarray) for r in per_sample):
-        return cells_to_masks(per_sample, grid)
-    return torch.stack([torch.from_numpy(r) if isinstance(r, np.ndarray) else cells_to_masks([r], grid)[0]
-                        for r in per_sample])
+    return cells_to_masks(per_sample, grid)
