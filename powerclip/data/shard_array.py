@@ -129,7 +129,7 @@ def wait_array(jobs: list, summary, total: int, finished: Callable[[], int], pro
         bar.refresh()
         if scontrol_state(str(summary.job_id)) in TERMINAL_STATES:  # ended: wait_for_result says how
             break
-        time.sleep(2)
+        time.sleep(1)
     bar.n = min(total, finished())
     bar.close()
     manifest = wait_for_result(summary, poll_s=1.0, timeout_s=timeout_s)[0]
