@@ -55,7 +55,10 @@ class DataConfig:
     context_length: int = 77
     # regions (METHODS 2)
     num_regions: int = 10
-    region_source: str = "random"  # random | precomputed
+    region_source: str = "random"  # random | precomputed (json boxes) | patches (samlens/samcat .npy)
+    # grid of the ``patches`` regions' indices: 14 = patch 16 at 224 px, PowerCLIP's published
+    # shards; null = the model's own grid
+    region_grid: int | None = 14
     # parse-tree phrases (METHODS 2)
     max_phrases: int = 32
     phrase_unit: str = "tree"  # tree | token  (ablation: single tokens instead of tree nodes)
@@ -245,7 +248,7 @@ class Config:
 
 # ------------------------------------------------------------------------------------ loading
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.region_source": ("random", "precomputed"),
+    "data.region_source": ("random", "precomputed", "patches"),
     "data.phrase_unit": ("tree", "token"),
     "loss.global_loss": ("clip", "siglip"),
     "loss.powerset.phrase_pool": ("mean", "sum"),
@@ -307,6 +310,8 @@ def validate(cfg: Config) -> Config:
                           "model.pretrained=... (or set loss.degla.require_pretrained=false)")
     if cfg.loss.degla.tgc_scale <= 0:
         raise ConfigError(f"loss.degla.tgc_scale must be > 0, got {cfg.loss.degla.tgc_scale}")
+    if cfg.data.region_grid is not None and cfg.data.region_grid < 1:
+        raise ConfigError(f"data.region_grid must be >= 1 or null, got {cfg.data.region_grid}")
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")

@@ -7,6 +7,8 @@ and re-sharded). Output folder: NNNNN.tar, sizes.json, manifest.json (every skip
 why), _build/ (resume records: rerunning the same command redoes only unfinished shards).
 
 Example: python tools/build_shards.py data/raw_folder captions.parquet --out data/shards --workers 8
+On Slurm, as a job array (each task a disjoint range of output shards, requeued tasks resume, one summary):
+  python tools/build_shards.py captions.parquet --out data/shards --workers 8 --slurm-tasks 32 --slurm-time 240
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from powerclip.data.build import DEFAULT_MAX_PIXELS, build_shards  # noqa: E402
+from powerclip.data.build import DEFAULT_MAX_PIXELS, build_shards, plan_build  # noqa: E402
+from powerclip.data.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-col", default=None, help="table column of captions (auto-detected)")
     p.add_argument("--boxes-col", default=None, help="table column: JSON [[x0,y0,x1,y1] in 0..1, ...]")
     p.add_argument("--no-progress", action="store_true")
+    add_slurm_args(p)
     a = p.parse_args(argv)
     try:
+        if a.slurm_tasks > 0:
+            return _submit(a)
         m = build_shards(a.inputs, a.out, a.shard_size, a.workers, a.parser, a.spacy_model, a.max_pixels,
                          a.image_col, a.caption_col, a.boxes_col, progress=not a.no_progress)
     except ValueError as e:
@@ -43,6 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{m['num_samples']} samples in {m['num_shards']} shards ({m['resumed_shards']} already done); "
           f"skipped {m['num_skipped']}: {m['skipped_by_reason']}")
     return 0
+
+
+def _submit(a: argparse.Namespace) -> int:
+    # the plan is made here, once; every task re-derives the same plan and checks its hash (absolute
+    # paths: tasks may start in another directory)
+    a.inputs = [str(Path(i).resolve()) for i in a.inputs]
+    out, chunks = plan_build(a.inputs, a.out, a.shard_size, a.parser, a.spacy_model, a.image_col,
+                             a.caption_col, a.boxes_col)
+    options = {"inputs": a.inputs, "shard_size": a.shard_size, "workers": a.workers, "parser": a.parser,
+               "model": a.spacy_model, "max_pixels": a.max_pixels, "image_col": a.image_col,
+               "caption_col": a.caption_col, "boxes_col": a.boxes_col}
+    m = run_array_cli(a, "build", list(range(len(chunks))), out, options,
+                      lambda: sum(1 for s in range(len(chunks)) if (out / "_build" / f"{s:05d}.json").is_file()))
+    if m is None:
+        return 0
+    print(f"{m['num_samples']} samples in {m['num_shards']} shards by {m['array_tasks']} tasks "
+          f"({m['resumed_shards']} already done); skipped {m['num_skipped']}: {m['skipped_by_reason']}; "
+          f"missing shards: {len(m['missing_shards'])}")
+    return 0 if not m["missing_shards"] else 1
 
 
 if __name__ == "__main__":

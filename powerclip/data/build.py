@@ -267,11 +267,12 @@ def _plan_hash(items: list[Item], shard_size: int, parser: str, model: str) -> s
     return h.hexdigest()
 
 
-def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, workers: int = 1,
-                 parser: str = "spacy", model: str = "en_core_web_sm", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 image_col: str | None = None, caption_col: str | None = None, boxes_col: str | None = None,
-                 progress: bool = True) -> dict:
-    """Build (or resume building) shards; returns the manifest dict."""
+def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parser: str = "spacy",
+               model: str = "en_core_web_sm", image_col: str | None = None, caption_col: str | None = None,
+               boxes_col: str | None = None) -> tuple[Path, list[list[Item]]]:
+    """Enumerate the inputs, cut them into shards and record (or check) the plan in ``out``;
+    returns (out resolved, items per shard). Deterministic: every task of a job array that calls
+    it gets the same shards."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out).resolve()
@@ -286,17 +287,23 @@ def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, wor
         if old["hash"] != digest:
             raise ValueError(f"{out} holds a build of different inputs or settings; use an empty output folder")
     else:
-        plan_path.write_text(json.dumps({"hash": digest, "inputs": inputs, "items": len(items),
-                                         "shard_size": shard_size, "parser": parser, "model": model}))
-    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    records: dict[int, dict] = {}
-    todo = []
-    for s in range(len(chunks)):
-        rec = out / "_build" / f"{s:05d}.json"
-        if rec.is_file() and (out / f"{s:05d}.tar").is_file():
-            records[s] = json.loads(rec.read_text())
-        else:
-            todo.append(s)
+        tmp = plan_path.with_suffix(f".{os.getpid()}.tmp")  # tasks of an array may race here
+        tmp.write_text(json.dumps({"hash": digest, "inputs": inputs, "items": len(items),
+                                   "shard_size": shard_size, "parser": parser, "model": model}))
+        os.replace(tmp, plan_path)
+    return out, [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+
+
+def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, workers: int = 1,
+                 parser: str = "spacy", model: str = "en_core_web_sm", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 image_col: str | None = None, caption_col: str | None = None, boxes_col: str | None = None,
+                 progress: bool = True, only: tuple[int, int] | None = None, write_manifest: bool = True) -> dict:
+    """Build (or resume building) shards; returns the manifest dict. ``only=(lo, hi)``: build
+    shards lo..hi-1 of the plan only (one task of a job array), ``write_manifest=False``: leave
+    sizes.json/manifest.json to the summary (``build_manifest``)."""
+    out, chunks = plan_build(inputs, out, shard_size, parser, model, image_col, caption_col, boxes_col)
+    mine = range(len(chunks)) if only is None else range(max(0, only[0]), min(len(chunks), only[1]))
+    todo = [s for s in mine if not ((out / "_build" / f"{s:05d}.json").is_file() and (out / f"{s:05d}.tar").is_file())]
     if todo:
         from tqdm import tqdm
 
@@ -304,23 +311,45 @@ def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, wor
         if workers <= 1:
             _init_worker(parser, model)
             for s in todo:
-                records[s] = build_one_shard(str(out), s, chunks[s], max_pixels)
+                build_one_shard(str(out), s, chunks[s], max_pixels)
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
                                      initargs=(parser, model)) as ex:
                 futs = {ex.submit(build_one_shard, str(out), s, chunks[s], max_pixels): s for s in todo}
                 for fut in as_completed(futs):
-                    records[futs[fut]] = fut.result()
+                    fut.result()
                     bar.update(1)
         bar.close()
+    manifest = build_manifest(out)
+    manifest["resumed_shards"] = len(mine) - len(todo)
+    if write_manifest:
+        write_build_manifest(out, manifest)
+    return manifest
+
+
+def build_manifest(out: str | Path) -> dict:
+    """The manifest of every finished shard in ``out``, from the plan and the shard records."""
+    out = Path(out)
+    plan = json.loads((out / "_build" / "plan.json").read_text())
+    n_chunks = -(-plan["items"] // plan["shard_size"])
+    records = {}
+    for s in range(n_chunks):
+        rec = out / "_build" / f"{s:05d}.json"
+        if rec.is_file() and (out / f"{s:05d}.tar").is_file():
+            records[s] = json.loads(rec.read_text())
     sizes = {records[s]["shard"]: records[s]["count"] for s in sorted(records)}
     skipped = [x for s in sorted(records) for x in records[s]["skipped"]]
-    manifest = {"schema": 1, "inputs": inputs, "parser": parser if parser == "rule" else f"spacy:{model}",
-                "num_shards": len(sizes), "num_samples": sum(sizes.values()), "num_inputs": len(items),
-                "num_skipped": len(skipped), "skipped_by_reason": dict(Counter(x["reason"] for x in skipped)),
-                "skipped": skipped, "shards": f"{{00000..{len(sizes) - 1:05d}}}.tar",
-                "resumed_shards": len(chunks) - len(todo)}
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    parser, model = plan["parser"], plan["model"]
+    return {"schema": 1, "inputs": plan["inputs"], "parser": parser if parser == "rule" else f"spacy:{model}",
+            "num_shards": len(sizes), "num_samples": sum(sizes.values()), "num_inputs": plan["items"],
+            "num_skipped": len(skipped), "skipped_by_reason": dict(Counter(x["reason"] for x in skipped)),
+            "skipped": skipped, "shards": f"{{00000..{len(sizes) - 1:05d}}}.tar",
+            "missing_shards": [f"{s:05d}.tar" for s in range(n_chunks) if s not in records],
+            "sizes": sizes}
+
+
+def write_build_manifest(out: str | Path, manifest: dict) -> None:
+    out = Path(out)
+    (out / "sizes.json").write_text(json.dumps(manifest["sizes"], indent=1))
+    (out / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "sizes"}, indent=1))

@@ -35,7 +35,15 @@ from braceexpand import braceexpand
 from ..config import Config, ConfigError
 from .batch import Batch
 from .geometry import model_geometry
-from .regions import apply_transform, cells_to_masks, is_seeded_by_rng, region_cells
+from .regions import (
+    PatchRegionError,
+    apply_transform,
+    is_seeded_by_rng,
+    patch_region_masks,
+    read_patch_sets,
+    region_cells,
+    stack_regions,
+)
 from .stream import (
     ERROR_KEY,
     StreamSpec,
@@ -51,6 +59,9 @@ MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 SCHEMA_SUPPORTED = 1
 RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
 PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
+# counter of stored regions dropped because the crop left nothing of them: not a skipped sample
+# (counters named "regions_*" are logged apart from the skips)
+REGIONS_DROPPED = "regions_dropped"
 
 
 class DataError(ValueError):
@@ -133,6 +144,8 @@ class SampleProcessor:
                                          std=self.geo.std, aug_cfg=aug)
         self.rng_only = is_seeded_by_rng(self.transform)
         self.tok = build_tokenizer(d.tokenizer, d.context_length)
+        # grid of the stored patch-index regions: data.region_grid, or the model's own when null
+        self.region_grid = d.region_grid if d.region_grid is not None else self.geo.grid
         self.L = d.context_length
         self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
 
@@ -209,13 +222,38 @@ class SampleProcessor:
         n_tok = len(enc.ids)
         if n_tok <= 2:
             return "empty_caption"  # nothing the tokenizer keeps
+        patches = None
+        if self.d.region_source == "patches":
+            patches = self._patch_regions(sample, window, rng)
+            if isinstance(patches, str):
+                return patches
         try:
-            return self._text_fields(sample, ann, caption, enc, image, window, rng)
+            return self._text_fields(sample, ann, caption, enc, image, window, rng, patches)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             return "bad_annotation"  # phrases/concepts/negatives/boxes of the wrong shape
 
+    def _patch_regions(self, sample: dict, window, rng: random.Random) -> tuple[np.ndarray, int] | str:
+        """(masks, dropped) from the sample's ``samlens.npy``/``samcat.npy`` pair, or a skip reason.
+
+        An index beyond the configured grid is not a bad sample but a wrong setting for the whole
+        shard (its regions were made on another grid): that stops the run with an error naming
+        the shard, the sample and ``data.region_grid``."""
+        if "samlens.npy" not in sample or "samcat.npy" not in sample:
+            return "missing_regions"
+        try:
+            lens, cat = read_patch_sets(sample["samlens.npy"], sample["samcat.npy"])
+        except PatchRegionError:
+            return "bad_regions"
+        g = self.region_grid
+        if cat.size and int(cat.max()) >= g * g:
+            raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has patch index "
+                            f"{int(cat.max())}, beyond the {g}x{g} grid (data.region_grid="
+                            f"{self.d.region_grid}); set data.region_grid to the grid its samcat indices "
+                            "refer to")
+        return patch_region_masks(lens, cat, g, window, self.geo.grid, self.d.num_regions, rng)
+
     def _text_fields(self, sample: dict, ann: dict, caption: str, enc, image: torch.Tensor, window,
-                     rng: random.Random) -> dict:
+                     rng: random.Random, patches: tuple[np.ndarray, int] | None = None) -> dict:
         n_tok = len(enc.ids)
         # phrase nodes: root first (all real tokens), then tree nodes (or single tokens), deduplicated
         root = list(range(1, n_tok - 1))
@@ -239,8 +277,9 @@ class SampleProcessor:
         out = {
             "key": sample["__key__"], "image": image, "text": enc.ids, "n_tok": n_tok,
             "phrases": nodes,
-            "regions": region_cells(ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions,
-                                    self.d.region_source, rng),
+            "regions": patches[0] if patches is not None else region_cells(
+                ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions, self.d.region_source, rng),
+            "regions_dropped": patches[1] if patches is not None else 0,
             "meta": {"caption": caption, "label": ann.get("label"),
                      "eval_negatives": ann.get("eval_negatives") or {}, "url": sample.get("__url__")},
         }
@@ -294,7 +333,7 @@ def collate(samples: list[dict], cfg: Config, grid: int, images: torch.Tensor | 
                 pt[b, k, pos] = True
         pv[b, : len(s["phrases"])] = True
     phrase_tokens, phrase_valid = torch.from_numpy(pt), torch.from_numpy(pv)
-    regions = cells_to_masks([s["regions"] for s in samples], grid)
+    regions = stack_regions([s["regions"] for s in samples], grid)
     batch = Batch(
         keys=[s["key"] for s in samples], images=_stack_images([s["image"] for s in samples], images), text=text,
         token_valid=token_valid, phrase_tokens=phrase_tokens, phrase_valid=phrase_valid,
@@ -354,6 +393,8 @@ class BatchStream(torch.utils.data.IterableDataset):
                 counters[result] = counters.get(result, 0) + 1
                 unreported = True
                 continue
+            if result["regions_dropped"]:  # stored regions that left the crop: counted, not skips
+                counters[REGIONS_DROPPED] = counters.get(REGIONS_DROPPED, 0) + result["regions_dropped"]
             buf.append(result)
             if len(buf) == B:
                 yield self._out(collate(buf, self.cfg, proc.geo.grid, images)), slot, dict(cursor), dict(counters)

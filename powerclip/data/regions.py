@@ -220,3 +220,86 @@ def cells_to_masks(cells: list[list[tuple[int, int, int, int]]], grid: int) -> t
 def region_masks(boxes: list, window, grid: int, m: int, source: str, rng: random.Random) -> torch.Tensor:
     """[M, T] bool masks of one sample's regions (``region_cells`` drawn on the grid)."""
     return cells_to_masks([region_cells(boxes, window, grid, m, source, rng)], grid)[0]
+
+
+# ---------------------------------------------------------------- regions as sets of patch cells
+class PatchRegionError(ValueError):
+    """A sample's patch-index regions cannot be read (wrong dtype, shape or lengths)."""
+
+
+def read_patch_sets(lens_npy: bytes, cat_npy: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR pair of ``{key}.samlens.npy`` (patch indices per region) and ``{key}.samcat.npy``
+    (every region's patch indices, concatenated) as two int64 arrays, checked for consistency.
+
+    Why CSR: regions have different sizes; two flat arrays are what SAM annotators store and
+    avoid pickled object arrays (``allow_pickle`` stays off: a shard is untrusted input)."""
+    import io
+
+    try:
+        lens = np.load(io.BytesIO(lens_npy), allow_pickle=False)
+        cat = np.load(io.BytesIO(cat_npy), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PatchRegionError(f"unreadable .npy: {e}") from None
+    if lens.ndim != 1 or cat.ndim != 1 or lens.dtype.kind not in "iu" or (cat.size and cat.dtype.kind not in "iu"):
+        raise PatchRegionError(f"samlens {lens.dtype}{list(lens.shape)} / samcat {cat.dtype}{list(cat.shape)}: "
+                               "expected two 1-D integer arrays")
+    lens, cat = lens.astype(np.int64), cat.astype(np.int64)
+    if (lens < 0).any() or int(lens.sum()) != cat.size:
+        raise PatchRegionError(f"samlens sums to {int(lens.sum())} but samcat holds {cat.size} indices")
+    if (cat < 0).any():
+        raise PatchRegionError("negative patch index in samcat")
+    return lens, cat
+
+
+def patch_sets_in_view(lens: np.ndarray, cat: np.ndarray, src_grid: int, window, grid: int) -> np.ndarray:
+    """Regions given as patch indices on the stored image's ``src_grid`` x ``src_grid`` grid (row
+    major), mapped onto the model's ``grid`` for the view ``window`` (``apply_transform``'s crop):
+    [R, grid*grid] bool, a region that left the view being an all-False row.
+
+    A model cell belongs to a region when its area in the stored image overlaps one of the
+    region's cells: the rule ``box_to_cells`` applies to boxes, so a rectangular set of cells and
+    the equivalent box give the same mask. Overlap is counted with a summed-area table of every
+    region at once (one broadcast per sample, no loop over cells)."""
+    R, g = lens.size, src_grid
+    src = np.zeros((R, g * g), dtype=np.int32)
+    if cat.size:
+        src[np.repeat(np.arange(R), lens), cat] = 1
+    sat = np.zeros((R, g + 1, g + 1), dtype=np.int32)
+    sat[:, 1:, 1:] = src.reshape(R, g, g).cumsum(1).cumsum(2)
+    eps = 1e-6
+    edges = np.arange(grid + 1) / grid
+
+    def span(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        pos = (lo + edges * (hi - lo)) * g  # model cell edges in stored-grid units
+        first = np.clip(np.floor(pos[:-1] + eps), 0, g - 1).astype(np.int64)
+        last = np.clip(np.ceil(pos[1:] - eps), 0, g).astype(np.int64)
+        return first, np.maximum(last, first + 1)
+
+    c0, c1 = span(window[0], window[2])
+    r0, r1 = span(window[1], window[3])
+    count = (sat[:, r1[:, None], c1[None, :]] - sat[:, r0[:, None], c1[None, :]]
+             - sat[:, r1[:, None], c0[None, :]] + sat[:, r0[:, None], c0[None, :]])
+    return (count > 0).reshape(R, grid * grid)
+
+
+def patch_region_masks(lens: np.ndarray, cat: np.ndarray, src_grid: int, window, grid: int, m: int,
+                       rng: random.Random) -> tuple[np.ndarray, int]:
+    """M region masks [M, grid*grid] of one sample: its stored patch-set regions that are still in
+    the view, in stored order, then random boxes up to M (as ``region_cells``); and the number of
+    stored regions dropped because nothing of them is left in the view (or they were empty)."""
+    view = patch_sets_in_view(lens, cat, src_grid, window, grid)
+    alive = view[view.any(1)]
+    dropped = int(lens.size - alive.shape[0])
+    kept = alive[:m]
+    if kept.shape[0] == m:
+        return kept, dropped
+    fill = cells_to_masks([[random_cells(rng, grid) for _ in range(m - kept.shape[0])]], grid)[0].numpy()
+    return np.concatenate([kept, fill]), dropped
+
+
+def stack_regions(per_sample: list, grid: int) -> torch.Tensor:
+    """[B, M, T] bool masks of a batch whose samples carry either cell boxes (``region_cells``)
+    or ready masks (``patch_region_masks``): one region source per run, so never both."""
+    if isinstance(per_sample[0], np.ndarray):
+        return torch.from_numpy(np.stack(per_sample))
+    return cells_to_masks(per_sample, grid)

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 # skip reasons of the data pipeline, in a fixed order so every rank packs the same vector;
 # a reason not listed here is counted as "other" (and named in a warning by the rank that saw it)
 SKIP_REASONS = ("unreadable_shard", "truncated_tar", "missing_json", "bad_json", "unsupported_schema",
-                "bad_annotation", "bad_caption", "empty_caption", "missing_image", "bad_image", "other")
+                "bad_annotation", "bad_caption", "empty_caption", "missing_image", "bad_image",
+                "missing_regions", "bad_regions", "empty_shard", "other")
+# counters of the data pipeline that are not skipped samples (logged as data/NAME)
+EVENT_COUNTERS = ("regions_dropped",)
 _warned_reasons: set[str] = set()
 
 
@@ -56,7 +59,8 @@ class StepValues:
 
 
 def _counts(counters: dict[str, int]) -> list[float]:
-    out = dict.fromkeys(SKIP_REASONS, 0)
+    """The counters in the fixed order SKIP_REASONS + EVENT_COUNTERS."""
+    out = dict.fromkeys(SKIP_REASONS + EVENT_COUNTERS, 0)
     for reason, n in counters.items():
         if reason in out:
             out[reason] += int(n)
@@ -65,7 +69,7 @@ def _counts(counters: dict[str, int]) -> list[float]:
                 _warned_reasons.add(reason)
                 log.warning("data skip reason %r is not in step_sync.SKIP_REASONS: counted as 'other'", reason)
             out["other"] += int(n)
-    return [float(out[r]) for r in SKIP_REASONS]
+    return [float(out[r]) for r in SKIP_REASONS + EVENT_COUNTERS]
 
 
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
@@ -110,10 +114,12 @@ def reduce_step(loss: torch.Tensor, terms: dict[str, torch.Tensor], logit_scale:
         previous["perf/data_wait_frac_max"] = top[h + 2]
         previous["perf/peak_mem_mb"] = top[h + 3]
         previous["perf/step_time_max_s"] = top[h + 4]
-        skipped = total[h + 7:]
+        skipped = total[h + 7: h + 7 + len(SKIP_REASONS)]
         previous["data/skipped_samples"] = float(sum(skipped))
         for reason, v in zip(SKIP_REASONS, skipped):
             if v:
                 previous[f"data/skipped_{reason}"] = v
+        for name, v in zip(EVENT_COUNTERS, total[h + 7 + len(SKIP_REASONS):]):
+            previous[f"data/{name}"] = v
     return StepValues(loss=means[0], terms=dict(zip(names, means[1:])), logit_scale=first[i],
                       applied=total[0] == 0, checkpoint_time_due=first[h + 5] > 0, previous=previous)
