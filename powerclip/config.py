@@ -93,6 +93,9 @@ class PowersetLossConfig:
     singletons_only: bool = False
     exact: bool = False  # enumerate all 2^M subsets (M <= 12); tests and zeta calibration
     memory_budget_mb: float = 512.0  # per column chunk of the [rows, chunk, M, K] intermediates
+    # all | local | sample:N (losses/pool.py): captions/images each row is scored against; sample:4096
+    # is every column up to a global batch of 4096 (the paper's) and a fixed per-rank cost beyond
+    negative_pool: str = "sample:4096"
 
 
 @dataclass
@@ -105,6 +108,8 @@ class ConceptLossConfig:
     false_negative_fix: bool = True
     xac_lambda: float = 1.0
     memory_budget_mb: float = 512.0
+    # all | local | sample:N over the images whose concepts enter the pool (losses/pool.py)
+    negative_pool: str = "sample:1024"
 
 
 @dataclass

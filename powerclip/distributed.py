@@ -81,3 +81,24 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_known_sizes(x: torch.Tensor, sizes: list[int], with_grad: bool = True) -> torch.Tensor:
+    """All-gather rows whose per-rank counts ``sizes`` every rank already knows (no size exchange).
+
+    A negative pool drawn identically on every rank tells each rank how many rows every other rank
+    contributes, so unlike ``gather_variable`` this needs one collective and no host sync. Pads to
+    max(sizes) because all_gather needs equal shapes (a mismatch hangs under NCCL), then strips.
+    """
+    if not is_distributed():
+        return x
+    if x.shape[0] != sizes[rank()]:
+        raise ValueError(f"rank {rank()} passes {x.shape[0]} rows but the agreed count is {sizes[rank()]}")
+    pad = max(sizes) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0) if pad else x
+    if with_grad and padded.requires_grad:
+        chunks = dist_nn.all_gather(padded.contiguous())
+    else:
+        chunks = [torch.zeros_like(padded) for _ in range(world_size())]
+        dist.all_gather(chunks, padded.contiguous())
+    return torch.cat([c[:s] for c, s in zip(chunks, sizes)], dim=0)

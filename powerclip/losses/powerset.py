@@ -30,7 +30,13 @@ exactly dL/dtheta. The trainer logs the rank-mean of each entry, which is the gl
 slots are padded to the largest K over ranks before gathering (K is a per-rank batch max).
 On one rank both directions use the same G x G matrix, which is computed once.
 
-Cost: 2 B G M K multiply-adds of dimension D per rank plus O(B G M K) elementwise work, chunked
+Negative pool (``cfg.negative_pool``, see ``powerclip.losses.pool``): with ``all`` (or ``sample:N``,
+N >= G) the columns are the whole global batch as above. With ``sample:N`` < G the columns are the
+row's own positive plus a pool S of N pairs drawn identically on every rank from the step; only
+S's members are gathered (``gather_known_sizes``), and the hardest negative is mined in S minus the
+row itself. ``local`` scores each rank's rows against its own B columns only (no gather at all).
+
+Cost: 2 B G M K multiply-adds of dimension D per rank plus O(B G M K) elementwise work, (G becomes B + N under a sampled pool), chunked
 over columns so that the [rows, chunk, M, K] intermediates stay within ``cfg.memory_budget_mb``.
 """
 
@@ -41,6 +47,7 @@ import torch
 from powerclip import distributed as pdist
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
+from powerclip.losses.pool import members_per_rank, parse_pool, sample_members
 from powerclip.losses.powerset_embed import compute_dtype, phrase_embeddings, region_embeddings
 from powerclip.losses.powerset_exact import exact_pair_terms
 from powerclip.losses.powerset_nla import nla_pair_terms
@@ -74,21 +81,26 @@ def pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, p
                           cfg.use_t2, cfg.singletons_only, cfg.memory_budget_mb, chunk)
 
 
-def hardest_negative_triplet(x: torch.Tensor, positives: torch.Tensor,
-                             margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row hinge max(0, margin + max_{j != pos} x_ij - x_i,pos) [R] and the mask of active rows.
+def hardest_negative_triplet(x: torch.Tensor, positives: torch.Tensor, margin: float,
+                             negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row hinge max(0, margin + max_{j negative} x_ij - x_i,pos) [R] and the mask of active rows.
 
-    x [R, C], positives [R] column index of each row's positive. A row with no negative column
-    (C = 1) has hinge 0.
+    x [R, C], positives [R] column index of each row's positive, negatives [R, C] bool: the columns
+    that count as negatives of each row (default: every column but the positive; a negative pool
+    passes its own, so the hardest negative is mined within the pool). A row with no negative has
+    hinge 0.
     """
     r, c = x.shape
     rows = torch.arange(r, device=x.device)
     pos = x[rows, positives]
-    if c < 2:
-        zero = x.sum(1) * 0.0
-        return zero, zero > 0
-    neg = x.masked_fill(torch.nn.functional.one_hot(positives, c).bool(), float("-inf")).amax(dim=1)
-    hinge = torch.relu(margin + neg - pos)
+    if negatives is None:
+        if c < 2:
+            zero = x.sum(1) * 0.0
+            return zero, zero > 0
+        negatives = ~torch.nn.functional.one_hot(positives, c).bool()
+    neg = x.masked_fill(~negatives, float("-inf")).amax(dim=1)
+    has_neg = negatives.any(dim=1)
+    hinge = torch.where(has_neg, torch.relu(margin + neg.masked_fill(~has_neg, 0.0) - pos), pos * 0.0)
     return hinge, hinge > 0
 
 
@@ -103,6 +115,66 @@ def _pad_phrases(p: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Te
     p = torch.cat([p, p.new_zeros(p.shape[0], extra, p.shape[2])], dim=1)
     valid = torch.cat([valid, valid.new_zeros(valid.shape[0], extra)], dim=1)
     return p, valid
+
+
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _local_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
+                  cfg: PowersetLossConfig, chunk: int | None) -> Scores:
+    """Local rows against this rank's own columns only: one [B, B] matrix serves both directions."""
+    b = phi.shape[0]
+    t1, t2 = pair_terms(phi, rv, p, pv, cfg, chunk)
+    s = t1 + t2
+    negatives = ~torch.eye(b, dtype=torch.bool, device=phi.device)
+    return s, s.T, t1, t2, negatives
+
+
+def _all_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
+                cfg: PowersetLossConfig, chunk: int | None) -> Scores:
+    """Local rows against all G gathered columns, both directions; positives moved to columns 0..B-1
+    (columns are reordered [own block, other ranks' blocks], which changes no max)."""
+    b = phi.shape[0]
+    all_phi, all_rv = pdist.gather_with_grad(phi), _gather_bool(rv)
+    all_p, all_pv = pdist.gather_with_grad(p), _gather_bool(pv)
+    if all_phi.shape[0] != b * pdist.world_size():
+        raise ValueError("every rank must hold the same local batch size for the powerset loss")
+    order = _own_block_first(all_phi.shape[0], b, phi.device)
+    t1, t2 = pair_terms(phi, rv, all_p[order], all_pv[order], cfg, chunk)  # [B, G]
+    t1c, t2c = pair_terms(all_phi[order], all_rv[order], p, pv, cfg, chunk)  # [G, B]
+    negatives = torch.ones(b, all_phi.shape[0], dtype=torch.bool, device=phi.device)
+    negatives[:, :b] = ~torch.eye(b, dtype=torch.bool, device=phi.device)
+    return t1 + t2, (t1c + t2c).T, t1, t2, negatives
+
+
+def _own_block_first(g: int, b: int, device: torch.device) -> torch.Tensor:
+    start = pdist.rank() * b
+    idx = torch.arange(g, device=device)
+    return torch.cat([idx[start:start + b], idx[:start], idx[start + b:]])
+
+
+def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
+                    cfg: PowersetLossConfig, chunk: int | None, size: int) -> Scores:
+    """Local rows against [own B columns | the sampled pool S of the global batch] (pool.py).
+
+    Only the diagonal of the own block is used (each row's positive); the other own columns are
+    masked, since those in S appear again among the gathered columns. The column of S that is the
+    row's own pair is masked as a negative for the same reason.
+    """
+    b, world, me = phi.shape[0], pdist.world_size(), pdist.rank()
+    members = sample_members(b * world, size)
+    counts, owner_rank = members_per_rank(members, [r * b for r in range(world)], [b] * world)
+    mine = (members[owner_rank == me] - me * b).to(phi.device)
+    s_phi = pdist.gather_known_sizes(phi[mine], counts)
+    s_rv = pdist.gather_known_sizes(rv[mine].to(torch.uint8), counts, with_grad=False).bool()
+    s_p = pdist.gather_known_sizes(p[mine], counts)
+    s_pv = pdist.gather_known_sizes(pv[mine].to(torch.uint8), counts, with_grad=False).bool()
+    t1, t2 = pair_terms(phi, rv, torch.cat([p, s_p]), torch.cat([pv, s_pv]), cfg, chunk)  # [B, B + N]
+    t1c, t2c = pair_terms(torch.cat([phi, s_phi]), torch.cat([rv, s_rv]), p, pv, cfg, chunk)  # [B + N, B]
+    own = torch.arange(b, device=phi.device) + me * b
+    negatives = torch.cat([torch.zeros(b, b, dtype=torch.bool, device=phi.device),
+                           members.to(phi.device)[None, :] != own[:, None]], dim=1)
+    return t1 + t2, (t1c + t2c).T, t1, t2, negatives
 
 
 def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor,
@@ -129,29 +201,26 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
     if bool(empty.any()):
         raise ValueError(f"powerset loss: captions {empty.nonzero().flatten().tolist()} have no valid "
                          "phrase (every caption needs at least its root node in batch.phrase_tokens)")
-    k_max = max(pdist.gather_sizes(p.shape[1], p.device))
-    p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
-
-    all_phi, all_rv = pdist.gather_with_grad(phi), _gather_bool(region_valid)
-    all_p, all_pv = pdist.gather_with_grad(p), _gather_bool(phrase_valid)
-    if all_phi.shape[0] != b * pdist.world_size():
-        raise ValueError("every rank must hold the same local batch size for the powerset loss")
-    positives = torch.arange(b, device=phi.device) + pdist.rank() * b
-
-    t1_rows, t2_rows = pair_terms(phi, region_valid, all_p, all_pv, cfg, chunk)  # [B, G]
-    s_rows = t1_rows + t2_rows
-    if pdist.is_distributed():
-        t1_cols, t2_cols = pair_terms(all_phi, all_rv, p, phrase_valid, cfg, chunk)  # [G, B]
-        s_cols = (t1_cols + t2_cols).T  # [B, G]: local captions against gathered images
+    pool = parse_pool(cfg.negative_pool, "loss.powerset.negative_pool")
+    world = pdist.world_size()
+    if pool.kind == "local" or (world == 1 and pool.covers(b)):
+        s_rows, s_cols, t1_rows, t2_rows, negatives = _local_scores(phi, region_valid, p, phrase_valid, cfg, chunk)
     else:
-        s_cols = s_rows.T
-    hinge_i2t, act_i2t = hardest_negative_triplet(s_rows, positives, cfg.margin)
-    hinge_t2i, act_t2i = hardest_negative_triplet(s_cols, positives, cfg.margin)
+        k_max = max(pdist.gather_sizes(p.shape[1], p.device))
+        p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
+        if pool.covers(b * world):
+            s_rows, s_cols, t1_rows, t2_rows, negatives = _all_scores(phi, region_valid, p, phrase_valid, cfg,
+                                                                      chunk)
+        else:
+            s_rows, s_cols, t1_rows, t2_rows, negatives = _sampled_scores(phi, region_valid, p, phrase_valid,
+                                                                          cfg, chunk, pool.size)
+    positives = torch.arange(b, device=phi.device)
+    hinge_i2t, act_i2t = hardest_negative_triplet(s_rows, positives, cfg.margin, negatives)
+    hinge_t2i, act_t2i = hardest_negative_triplet(s_cols, positives, cfg.margin, negatives)
     l_i2t, l_t2i = hinge_i2t.mean(), hinge_t2i.mean()
 
     with torch.no_grad():
-        neg = torch.ones_like(s_rows, dtype=torch.bool)
-        neg[torch.arange(b, device=phi.device), positives] = False
+        neg = negatives
         rows = torch.arange(b, device=phi.device)
         n_neg = neg.sum().clamp_min(1)
         diag = {

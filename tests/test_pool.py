@@ -1,0 +1,114 @@
+"""Negative pools (losses/pool.py) for the powerset loss: parsing, the shared draw, the sampled
+loss against a brute-force restriction of the full score matrix (values and gradients), 'all' as
+today's formula, 'local' as per-rank blocks, and 1 rank vs 2 gloo ranks on the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from powerclip.config import PowersetLossConfig
+from powerclip.losses import pool
+from powerclip.losses.powerset import pair_terms
+from powerclip.losses.powerset_embed import phrase_embeddings, region_embeddings
+from tests.dist_helpers import run_on_ranks
+from tests.test_powerset import _global_case, _loss_on
+
+_CFG = dict(weight=1.0, tau=0.01, margin=0.1)
+_STEP = 7
+
+
+def test_parse_pool_and_errors_name_the_key():
+    assert pool.parse_pool("all", "k") == pool.PoolSpec("all")
+    assert pool.parse_pool(" Local ", "k") == pool.PoolSpec("local")
+    assert pool.parse_pool("sample:12", "k") == pool.PoolSpec("sample", 12)
+    assert pool.PoolSpec("sample", 12).covers(12) and not pool.PoolSpec("sample", 12).covers(13)
+    for bad in ("sample:0", "sample:x", "some", "sample"):
+        with pytest.raises(ValueError, match="loss.powerset.negative_pool"):
+            pool.parse_pool(bad, "loss.powerset.negative_pool")
+
+
+def test_sample_is_a_sorted_step_seeded_draw():
+    a = pool.sample_members(100, 10, step=3)
+    assert a.shape == (10,) and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 10
+    assert torch.equal(a, pool.sample_members(100, 10, step=3))
+    assert not torch.equal(a, pool.sample_members(100, 10, step=4))
+    assert torch.equal(pool.sample_members(5, 10), torch.arange(5))
+    counts, owner = pool.members_per_rank(torch.tensor([0, 2, 3, 5]), [0, 3], [3, 3])
+    assert counts == [2, 2] and owner.tolist() == [0, 0, 1, 1]
+
+
+def _reference(case, members: torch.Tensor | None, cfg: PowersetLossConfig, blocks: int = 1):
+    """Brute force on the full G x G matrix: row i's negatives are S minus i (S = members, or its
+    own block of G/blocks when members is None). Returns (loss, grad of the shared projection)."""
+    patches, tokens, masks, rvalid, nodes, pvalid, proj = case
+    proj = proj.clone().requires_grad_(True)
+    phi, rv = region_embeddings(F.normalize(patches @ proj, dim=-1), masks, rvalid)
+    p, pv = phrase_embeddings(F.normalize(tokens @ proj, dim=-1), nodes, pvalid)
+    t1, t2 = pair_terms(phi, rv, p, pv, cfg)
+    s = t1 + t2
+    g = s.shape[0]
+    hinges = []
+    for x in (s, s.T):
+        for i in range(g):
+            if members is None:
+                lo = i // (g // blocks) * (g // blocks)
+                cand = [j for j in range(lo, lo + g // blocks) if j != i]
+            else:
+                cand = [j for j in members.tolist() if j != i]
+            hard = max(x[i, j] for j in cand)
+            hinges.append(torch.relu(cfg.margin + hard - x[i, i]))
+    loss = torch.stack(hinges).mean()
+    loss.backward()
+    return loss.detach(), proj.grad
+
+
+def test_sampled_pool_equals_brute_force_restriction():
+    case = _global_case()
+    cfg = PowersetLossConfig(**_CFG, negative_pool="sample:3")
+    pool.set_step(_STEP)
+    got = _loss_on(0, 6, 6, case, cfg)
+    ref_loss, ref_grad = _reference(case, pool.sample_members(6, 3, step=_STEP), cfg)
+    assert got["terms"]["powerset"].item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-4, atol=1e-6)
+    assert ref_grad.abs().max() > 0
+    # a different pool gives a different loss: the sample is really used
+    full = _loss_on(0, 6, 6, case, PowersetLossConfig(**_CFG, negative_pool="all"))
+    assert full["terms"]["powerset"].item() != pytest.approx(ref_loss.item(), rel=1e-3)
+
+
+def test_pool_covering_the_batch_is_todays_formula():
+    case = _global_case()
+    ref_loss, ref_grad = _reference(case, torch.arange(6), PowersetLossConfig(**_CFG))
+    for spec in ("all", "sample:6", "sample:4096"):
+        got = _loss_on(0, 6, 6, case, PowersetLossConfig(**_CFG, negative_pool=spec))
+        assert got["terms"]["powerset"].item() == pytest.approx(ref_loss.item(), rel=1e-5), spec
+        torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def _rank_fn(rank: int, world: int, spec: str):
+    pool.set_step(_STEP)
+    k = 4 if rank == 0 else 6
+    return _loss_on(rank * 3, rank * 3 + 3, k, _global_case(), PowersetLossConfig(**_CFG, negative_pool=spec))
+
+
+@pytest.mark.slow
+def test_sampled_and_local_pools_on_two_ranks():
+    case = _global_case()
+    cfg = PowersetLossConfig(**_CFG, negative_pool="sample:3")
+    pool.set_step(_STEP)
+    single = _loss_on(0, 6, 6, case, cfg)
+    for spec, ref in (("sample:3", None), ("local", "blocks")):
+        ranks = run_on_ranks(_rank_fn, 2, spec)
+        mean = sum(r["terms"]["powerset"] for r in ranks) / 2
+        avg = sum(r["grad"] for r in ranks) / 2
+        if ref is None:  # same global batch, same step -> the same loss and gradient as one process
+            want_loss, want_grad = single["terms"]["powerset"], single["grad"]
+            for key in ("powerset_i2t", "powerset_t2i", "powerset_t1_pos", "powerset_active"):
+                got = sum(r["terms"][key] for r in ranks) / 2
+                assert got.item() == pytest.approx(single["terms"][key].item(), rel=1e-5, abs=1e-7), key
+        else:  # local: each rank's own block of 3 is the pool
+            want_loss, want_grad = _reference(case, None, PowersetLossConfig(**_CFG), blocks=2)
+        assert mean.item() == pytest.approx(want_loss.item(), rel=1e-5), spec
+        torch.testing.assert_close(avg, want_grad, rtol=1e-4, atol=1e-6)
