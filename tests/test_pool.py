@@ -4,15 +4,19 @@ today's formula, 'local' as per-rank blocks, and 1 rank vs 2 gloo ranks on the s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from powerclip.config import PowersetLossConfig
 from powerclip.losses import pool
+from powerclip.losses.concept import concept_losses
 from powerclip.losses.powerset import pair_terms
 from powerclip.losses.powerset_embed import phrase_embeddings, region_embeddings
 from tests.dist_helpers import run_on_ranks
+from tests.test_concept import _cfg, _Global, _global_batch, _make, _Pooled
 from tests.test_powerset import _global_case, _loss_on
 
 _CFG = dict(weight=1.0, tau=0.01, margin=0.1)
@@ -112,3 +116,75 @@ def test_sampled_and_local_pools_on_two_ranks():
             want_loss, want_grad = _reference(case, None, PowersetLossConfig(**_CFG), blocks=2)
         assert mean.item() == pytest.approx(want_loss.item(), rel=1e-5), spec
         torch.testing.assert_close(avg, want_grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ concept terms
+def _brute_pooled(vec, concepts, owners, ids, form, fix, members, scale=10.0, bias=-2.0):
+    """METHODS 3 loops with image i's columns restricted to its own concepts and those of S minus i."""
+    n_img = vec.n_img
+    total, rows = 0.0, 0
+    for i in range(n_img):
+        cand = [n for n in range(len(owners)) if owners[n] == i or (owners[n] in members and owners[n] != i)]
+        mine = {ids[m] for m in range(len(owners)) if owners[m] == i}
+        pos = [n for n in cand if owners[n] == i or (fix and ids[n] in mine)]
+        logits = {n: scale * float(vec(i, n) @ concepts[n]) for n in cand}
+        if form == "sigmoid":
+            for n in cand:
+                y = 1.0 if n in pos else -1.0
+                total += math.log1p(math.exp(-y * (logits[n] + bias)))
+        elif pos:
+            lse = math.log(sum(math.exp(x) for x in logits.values()))
+            total += -sum(logits[n] - lse for n in pos) / len(pos)
+            rows += 1
+    return total / (n_img if form == "sigmoid" else rows)
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_concept_sampled_pool_matches_brute_force(form):
+    leaves, feats, batch = _global_batch()
+    pool.set_step(_STEP)
+    cfg = _cfg(form=form, xac_lambda=3.0, negative_pool="sample:2")
+    out = concept_losses(feats, batch, cfg, "clip")
+    members = pool.sample_members(5, 2, salt=1, step=_STEP).tolist()
+    u, z, c = (leaves[k].detach().double() for k in ("image", "patches", "concepts"))
+    owners, ids = batch.concept_owner.tolist(), batch.concept_ids.tolist()
+    npc = _brute_pooled(_Global(u), c, owners, ids, form, True, members)
+    xac = _brute_pooled(_Pooled(z, c, 3.0), c, owners, ids, form, True, members)
+    assert out["concept_npc"].item() == pytest.approx(npc, rel=1e-5)
+    assert out["concept_xac"].item() == pytest.approx(xac, rel=1e-5)
+    full = concept_losses(feats, batch, _cfg(form=form, xac_lambda=3.0, negative_pool="all"), "clip")
+    assert full["concept_npc"].item() != pytest.approx(npc, rel=1e-3)  # the pool really restricts
+
+
+def _concept_rank_fn(rank: int, world: int, spec: str) -> dict:
+    from tests.test_concept import SPLIT
+    pool.set_step(_STEP)
+    b, owners, ids = SPLIT[rank]
+    leaves, feats, batch = _make(b, owners, ids, seed=rank)
+    out = {}
+    for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
+        for v in leaves.values():
+            v.grad = None
+        terms = concept_losses(feats, batch, _cfg(form=form, xac_lambda=2.0, negative_pool=spec), glob)
+        (terms["concept_npc"] + terms["concept_xac"]).backward()
+        out[form] = {"loss": (terms["concept_npc"] + terms["concept_xac"]).detach(),
+                     **{k: leaves[k].grad.clone() for k in ("image", "patches", "concepts", "scale")}}
+    return out
+
+
+@pytest.mark.slow
+def test_concept_sampled_pool_two_ranks_equal_one_rank():
+    ranks = run_on_ranks(_concept_rank_fn, 2, "sample:2")
+    leaves, feats, batch = _global_batch()
+    pool.set_step(_STEP)
+    for form, glob in (("sigmoid", "siglip"), ("softmax", "clip")):
+        for v in leaves.values():
+            v.grad = None
+        terms = concept_losses(feats, batch, _cfg(form=form, xac_lambda=2.0, negative_pool="sample:2"), glob)
+        loss = terms["concept_npc"] + terms["concept_xac"]
+        loss.backward()
+        r0, r1 = ranks[0][form], ranks[1][form]
+        assert torch.allclose((r0["loss"] + r1["loss"]) / 2, loss.detach(), atol=1e-5), form
+        for k in ("image", "patches", "concepts"):
+            torch.testing.assert_close(torch.cat([r0[k], r1[k]]) / 2, leaves[k].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close((r0["scale"] + r1["scale"]) / 2, leaves["scale"].grad, atol=1e-5, rtol=1e-4)

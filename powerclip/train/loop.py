@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
+from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches, splice_features
 from powerclip.train.dist_env import DistEnv, init_distributed
@@ -102,6 +103,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         micro = [next(batches).to(env.device, dtype) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
+        set_pool_step(step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype)
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
             teacher.update(engine)
