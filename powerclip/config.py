@@ -123,6 +123,9 @@ class DeglaLossConfig:
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
     ema_decay: float = 0.9996
+    # all | local | sample:N: samples whose hard negatives enter every image's NegCLIP columns (each
+    # image's own negatives always do; losses/pool.py); the paper's batch 256 is far below the default
+    negative_pool: str = "sample:4096"
     # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
     # error (False lets tests run the losses on random weights)
     require_pretrained: bool = False

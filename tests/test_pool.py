@@ -5,6 +5,7 @@ today's formula, 'local' as per-rank blocks, and 1 rank vs 2 gloo ranks on the s
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from powerclip.config import PowersetLossConfig
 from powerclip.losses import pool
 from powerclip.losses.concept import concept_losses
+from powerclip.losses.degla import degla_losses
 from powerclip.losses.powerset import pair_terms
 from powerclip.losses.powerset_embed import phrase_embeddings, region_embeddings
 from tests.dist_helpers import run_on_ranks
@@ -188,3 +190,51 @@ def test_concept_sampled_pool_two_ranks_equal_one_rank():
         for k in ("image", "patches", "concepts"):
             torch.testing.assert_close(torch.cat([r0[k], r1[k]]) / 2, leaves[k].grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close((r0["scale"] + r1["scale"]) / 2, leaves["scale"].grad, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ DeGLA NegCLIP base
+def test_degla_sampled_pool_matches_brute_force():
+    from tests.test_degla import CFG, _case, _dot, _nll
+    s, t, batch = _case(g=6)
+    pool.set_step(_STEP)
+    members = pool.sample_members(6, 2, salt=2, step=_STEP).tolist()
+    got = degla_losses(s, t, batch, replace(CFG, negative_pool="sample:2"))
+    valid, sc = batch.neg_valid, float(s.logit_scale)
+    g, k = valid.shape
+    i2t = t2i = 0.0
+    for i in range(g):
+        cols = [sc * _dot(s.image[i], s.text[j]) for j in range(g)]
+        cols += [sc * _dot(s.image[i], s.negatives[gg, kk]) for gg in sorted({i, *members}) for kk in range(k)
+                 if valid[gg, kk]]
+        i2t += _nll(cols, i)
+        t2i += _nll([sc * _dot(s.text[i], s.image[j]) for j in range(g)], i)
+    assert got["degla_base"].item() == pytest.approx((i2t + t2i) / (2 * g), rel=1e-6)
+    full = degla_losses(s, t, batch, replace(CFG, negative_pool="all"))
+    assert full["degla_base"].item() != pytest.approx(got["degla_base"].item(), rel=1e-4)
+    for key in ("degla_igc", "degla_tgc", "degla_distill"):  # per-sample terms: no pool
+        assert full[key].item() == got[key].item()
+
+
+def _degla_run(rows: slice, spec: str) -> dict:
+    import tests.test_degla as td
+    pool.set_step(_STEP)
+    saved = td.CFG  # td._run reads its module's CFG
+    td.CFG = replace(saved, negative_pool=spec)
+    try:
+        return td._run(rows)
+    finally:
+        td.CFG = saved
+
+
+def _degla_rank_fn(rank: int, world: int, spec: str) -> dict:
+    return _degla_run(slice(rank * 3, rank * 3 + 3), spec)
+
+
+@pytest.mark.slow
+def test_degla_sampled_pool_two_ranks_equal_one_rank():
+    single = _degla_run(slice(0, 6), "sample:2")
+    ranks = run_on_ranks(_degla_rank_fn, 2, "sample:2")
+    mean = sum(r["terms"]["degla_base"] for r in ranks) / 2
+    assert mean.item() == pytest.approx(single["terms"]["degla_base"].item(), rel=1e-5)
+    torch.testing.assert_close(sum(r["proj_grad"] for r in ranks) / 2, single["proj_grad"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(r["scale_grad"] for r in ranks) / 2, single["scale_grad"], rtol=1e-5, atol=1e-6)
