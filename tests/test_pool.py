@@ -238,3 +238,21 @@ def test_degla_sampled_pool_two_ranks_equal_one_rank():
     assert mean.item() == pytest.approx(single["terms"]["degla_base"].item(), rel=1e-5)
     torch.testing.assert_close(sum(r["proj_grad"] for r in ranks) / 2, single["proj_grad"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sum(r["scale_grad"] for r in ranks) / 2, single["scale_grad"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [{}, {"use_t1": False}, {"use_t2": False}, {"exact": True},
+                                     {"singletons_only": True}])
+def test_positive_pairs_scored_alone_equal_the_matrix_diagonal(variant):
+    from powerclip.losses.powerset import pair_terms_diag
+    from tests.test_powerset import _embeds
+
+    phi, rv, p, pv = _embeds(5, 5, 4, 3)
+    cfg = PowersetLossConfig(tau=0.02, **variant)
+    phi.requires_grad_(True)
+    t1, t2 = pair_terms(phi, rv, p, pv, cfg)
+    d1, d2 = pair_terms_diag(phi, rv, p, pv, cfg)
+    torch.testing.assert_close(d1, t1.diagonal(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(d2, t2.diagonal(), rtol=1e-9, atol=1e-12)
+    g_full = torch.autograd.grad((t1 + t2).diagonal().sum(), phi)[0]
+    g_diag = torch.autograd.grad((d1 + d2).sum(), phi)[0]
+    torch.testing.assert_close(g_diag, g_full, rtol=1e-7, atol=1e-10)

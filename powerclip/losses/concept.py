@@ -191,8 +191,8 @@ def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor,
         logits = logits.masked_fill(~candidates, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)
     npos = positives.sum(-1)
-    keep = npos > 0
-    per_row = -torch.where(positives, logp, torch.zeros_like(logp)).sum(-1)[keep] / npos[keep]
+    # rows without a positive have numerator 0: no boolean indexing (data-dependent shape, a host sync)
+    per_row = -torch.where(positives, logp, torch.zeros_like(logp)).sum(-1) / npos.clamp_min(1)
     return per_row.sum()
 
 

@@ -157,7 +157,7 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     # ---- distillation: squared L2 per vector, averaged over images + captions + valid negatives --
     sq = ((img - t_img).pow(2).sum(-1).sum() + (txt - t_txt).pow(2).sum(-1).sum()
           + ((neg - t_neg).pow(2).sum(-1) * valid).sum())
-    count_local = torch.tensor([2 * b + valid.sum().item()], dtype=torch.float32, device=img.device)
+    count_local = (valid.sum() + 2 * b).to(torch.float32).reshape(1)  # on the device: no host sync
     count_global = pdist.all_reduce_sum(count_local)
     out["degla_distill"] = sq * pdist.world_size() / count_global.squeeze(0)
     return out

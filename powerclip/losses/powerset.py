@@ -48,9 +48,9 @@ from powerclip import distributed as pdist
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.pool import members_per_rank, parse_pool, sample_members
-from powerclip.losses.powerset_embed import compute_dtype, phrase_embeddings, region_embeddings
+from powerclip.losses.powerset_embed import autocast_off, compute_dtype, phrase_embeddings, region_embeddings
 from powerclip.losses.powerset_exact import exact_pair_terms
-from powerclip.losses.powerset_nla import nla_pair_terms
+from powerclip.losses.powerset_nla import nla_pair_terms, nla_pair_terms_diag
 from powerclip.model.features import Features
 
 TERMS = ("powerset", "powerset_i2t", "powerset_t2i", "powerset_t1_pos", "powerset_t2_pos",
@@ -79,6 +79,22 @@ def pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, p
         return t1, t2
     return nla_pair_terms(phi, region_valid, scale, p, phrase_valid, cfg.tau, cfg.zeta, cfg.use_t1,
                           cfg.use_t2, cfg.singletons_only, cfg.memory_budget_mb, chunk)
+
+
+def pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
+                    cfg: PowersetLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T1, T2) [B] of the matched pairs (image i, caption i): the positives of a negative pool.
+
+    NLA: vectorised over the pairs. Exact enumeration and the singletons ablation (test and
+    calibration modes) go pair by pair through ``pair_terms``.
+    """
+    if not cfg.exact and not cfg.singletons_only:
+        scale = region_scale(region_valid, cfg, phi.dtype)
+        return nla_pair_terms_diag(phi, region_valid, scale, p, phrase_valid, cfg.tau, cfg.zeta, cfg.use_t1,
+                                   cfg.use_t2)
+    parts = [pair_terms(phi[i:i + 1], region_valid[i:i + 1], p[i:i + 1], phrase_valid[i:i + 1], cfg)
+             for i in range(phi.shape[0])]
+    return torch.cat([a.reshape(1) for a, _ in parts]), torch.cat([b.reshape(1) for _, b in parts])
 
 
 def hardest_negative_triplet(x: torch.Tensor, positives: torch.Tensor, margin: float,
@@ -155,11 +171,10 @@ def _own_block_first(g: int, b: int, device: torch.device) -> torch.Tensor:
 
 def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
                     cfg: PowersetLossConfig, chunk: int | None, size: int) -> Scores:
-    """Local rows against [own B columns | the sampled pool S of the global batch] (pool.py).
+    """Local rows against [own positive | the sampled pool S of the global batch] (pool.py).
 
-    Only the diagonal of the own block is used (each row's positive); the other own columns are
-    masked, since those in S appear again among the gathered columns. The column of S that is the
-    row's own pair is masked as a negative for the same reason.
+    Column 0 holds each row's positive, scored pair by pair (``pair_terms_diag``); the column of S
+    that is the row's own pair (if drawn) is masked as a negative, since it is the positive again.
     """
     b, world, me = phi.shape[0], pdist.world_size(), pdist.rank()
     members = sample_members(b * world, size)
@@ -169,12 +184,15 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
     s_rv = pdist.gather_known_sizes(rv[mine].to(torch.uint8), counts, with_grad=False).bool()
     s_p = pdist.gather_known_sizes(p[mine], counts)
     s_pv = pdist.gather_known_sizes(pv[mine].to(torch.uint8), counts, with_grad=False).bool()
-    t1, t2 = pair_terms(phi, rv, torch.cat([p, s_p]), torch.cat([pv, s_pv]), cfg, chunk)  # [B, B + N]
-    t1c, t2c = pair_terms(torch.cat([phi, s_phi]), torch.cat([rv, s_rv]), p, pv, cfg, chunk)  # [B + N, B]
+    d1, d2 = pair_terms_diag(phi, rv, p, pv, cfg)  # [B]: each row's positive, column 0
+    t1, t2 = pair_terms(phi, rv, s_p, s_pv, cfg, chunk)  # [B, N]
+    t1c, t2c = pair_terms(s_phi, s_rv, p, pv, cfg, chunk)  # [N, B]
+    t1, t2 = torch.cat([d1[:, None], t1], 1), torch.cat([d2[:, None], t2], 1)
+    diag = (d1 + d2)[:, None]
     own = torch.arange(b, device=phi.device) + me * b
-    negatives = torch.cat([torch.zeros(b, b, dtype=torch.bool, device=phi.device),
+    negatives = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=phi.device),
                            members.to(phi.device)[None, :] != own[:, None]], dim=1)
-    return t1 + t2, (t1c + t2c).T, t1, t2, negatives
+    return t1 + t2, torch.cat([diag, (t1c + t2c).T], 1), t1, t2, negatives
 
 
 def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor,
@@ -185,7 +203,7 @@ def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor,
 
     Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors.
     """
-    with torch.autocast(device_type=phi.device.type, enabled=False):
+    with autocast_off(phi.device):
         return _loss(phi, region_valid, p, phrase_valid, cfg, chunk)
 
 
@@ -198,11 +216,12 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
     phi, p = phi.to(dtype), p.to(dtype)
     region_valid, phrase_valid = region_valid.bool(), phrase_valid.bool()
     empty = ~phrase_valid.any(-1)
-    if bool(empty.any()):
+    if phi.device.type != "meta" and bool(empty.any()):  # the meta device (cost model) has no values
         raise ValueError(f"powerset loss: captions {empty.nonzero().flatten().tolist()} have no valid "
                          "phrase (every caption needs at least its root node in batch.phrase_tokens)")
     pool = parse_pool(cfg.negative_pool, "loss.powerset.negative_pool")
     world = pdist.world_size()
+    sampled = False
     if pool.kind == "local" or (world == 1 and pool.covers(b)):
         s_rows, s_cols, t1_rows, t2_rows, negatives = _local_scores(phi, region_valid, p, phrase_valid, cfg, chunk)
     else:
@@ -212,9 +231,11 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
             s_rows, s_cols, t1_rows, t2_rows, negatives = _all_scores(phi, region_valid, p, phrase_valid, cfg,
                                                                       chunk)
         else:
+            sampled = True
             s_rows, s_cols, t1_rows, t2_rows, negatives = _sampled_scores(phi, region_valid, p, phrase_valid,
                                                                           cfg, chunk, pool.size)
-    positives = torch.arange(b, device=phi.device)
+    # column of each row's positive: 0 under a sampled pool, the row's own index otherwise
+    positives = torch.arange(b, device=phi.device) * int(not sampled)
     hinge_i2t, act_i2t = hardest_negative_triplet(s_rows, positives, cfg.margin, negatives)
     hinge_t2i, act_t2i = hardest_negative_triplet(s_cols, positives, cfg.margin, negatives)
     l_i2t, l_t2i = hinge_i2t.mean(), hinge_t2i.mean()

@@ -38,6 +38,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from powerclip.losses.powerset_embed import autocast_off
+
 _LOG2 = math.log(2.0)
 # [R, M, chunk, K] tensors alive at once in forward or backward of ``_AbsLogSums`` (s/a, L or sign, q),
 # plus one for matmul workspace; the chunk is sized so that this many fit the memory budget.
@@ -83,7 +85,7 @@ class _AbsLogSums(torch.autograd.Function):
         tau = ctx.tau
         if g_a is None and g_lam is None:
             return None, None, None, None
-        with torch.autocast(device_type=phi.device.type, enabled=False):  # s/tau ~ 1e3: never in half
+        with autocast_off(phi.device):  # s/tau ~ 1e3: never in half
             return _AbsLogSums._grads(ctx, phi, p, v, tau, g_a, g_lam)
 
     @staticmethod
@@ -193,4 +195,32 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
                             tau, zeta, use_t1, use_t2) for start in range(0, c, step)]
     t1 = torch.cat([a for a, _ in parts], dim=1)
     t2 = torch.cat([b for _, b in parts], dim=1)
+    return t1, t2
+
+
+def nla_pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: torch.Tensor,
+                        p: torch.Tensor, phrase_valid: torch.Tensor, tau: float, zeta: float,
+                        use_t1: bool = True, use_t2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLA-T1 and NLA-T2 [B] of the B matched pairs (image i, caption i) only.
+
+    A negative pool scores each row's positive separately from the pool: computing the whole own
+    [B, B] block for its diagonal would cost B^2 pairs (and (A·B)^2 under accumulation). The [B, M, K]
+    tensors here are small, so plain autograd with the same stable forms as ``_nla_chunk`` does.
+    """
+    v = region_valid.to(phi.dtype)
+    phi_s = phi * (region_scale.to(phi.dtype)[:, None, None] * v[..., None])
+    u = phrase_valid.bool()
+    s = torch.einsum("bmd,bkd->bmk", phi_s, p)
+    a = s.abs()
+    lam = tau * torch.log1p(torch.exp(-a / tau))
+    vm = v[:, :, None]
+    kc = u.sum(-1).to(phi.dtype)
+    t1 = t2 = phi.new_zeros(phi.shape[0])
+    if use_t1:
+        per_phrase = ((0.5 * (s + a) + lam) * vm).sum(1)  # sum_m softplus_tau(s)
+        t1 = (per_phrase * u.to(phi.dtype)).sum(-1) / kc
+    if use_t2:
+        g_sum = ((0.5 * s + zeta * (0.5 * a + lam - tau * _LOG2)) * vm).sum(1)
+        logits = (g_sum / tau).masked_fill(~u, float("-inf"))
+        t2 = tau * torch.logsumexp(logits, dim=-1) - (1.0 - zeta) * tau * torch.log(kc)
     return t1, t2

@@ -30,7 +30,7 @@ from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
-from powerclip.train.accum import concat_batches, splice_features
+from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
@@ -151,8 +151,8 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
                dtype: torch.dtype | None = None) -> StepResult:
     """Forward, loss, backward and optimiser step over ``accum_steps`` micro-batches.
 
-    accum 1: the plain path. accum A > 1: feature caching (see ``powerclip.train.accum``); every pass
-    computes the same loss value, so the finiteness check on pass 0 decides for the whole step.
+    accum 1: the plain path. accum A > 1: feature caching with cached gradients (see
+    ``powerclip.train.accum``): the loss runs once, so its finiteness check decides for the whole step.
     """
     accum = len(micro)
     full = concat_batches(micro)
@@ -161,22 +161,25 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
         with torch.no_grad():
             # fp32 EMA weights under the run's autocast dtype; the DeGLA terms need no dense outputs
             teacher_feats = teacher.features(full, PRECISION_DTYPES[cfg.train.precision])
-    cached = None
-    if accum > 1:
+    if accum > 1:  # the loss once over all micro-batches' cached features, then one surrogate per pass
         with torch.no_grad():
             cached = [features_of(engine(b, dense=dense)) for b in micro]
-    result: StepResult | None = None
-    for j, b in enumerate(micro):
-        live = features_of(engine(b, dense=dense))
-        feats = live if cached is None else splice_features(cached, live, j)
-        loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
-        if j == 0:
-            result = _reduce_step_values(loss, terms, feats.logit_scale)
-            if not result.applied:
-                return result  # no backward on any rank: the step is skipped everywhere
-        engine.backward(loss, scale_wrt_gas=False)
-        engine.step()
-    assert result is not None
+        loss, terms, feats, grads = cached_loss(cached, lambda f: _compose(compose_losses, f, full, cfg,
+                                                                           teacher_feats))
+        result = _reduce_step_values(loss, terms, feats.logit_scale)
+        if not result.applied:
+            return result  # no backward on any rank: the step is skipped everywhere
+        for part in surrogate_passes(micro, lambda b: features_of(engine(b, dense=dense)), grads):
+            engine.backward(part, scale_wrt_gas=False)
+            engine.step()
+        return result
+    feats = features_of(engine(micro[0], dense=dense))
+    loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
+    result = _reduce_step_values(loss, terms, feats.logit_scale)
+    if not result.applied:
+        return result  # no backward on any rank: the step is skipped everywhere
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
     return result
 
 
