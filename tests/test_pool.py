@@ -256,3 +256,34 @@ def test_positive_pairs_scored_alone_equal_the_matrix_diagonal(variant):
     g_full = torch.autograd.grad((t1 + t2).diagonal().sum(), phi)[0]
     g_diag = torch.autograd.grad((d1 + d2).sum(), phi)[0]
     torch.testing.assert_close(g_diag, g_full, rtol=1e-7, atol=1e-10)
+
+
+def test_rows_are_chunked_when_one_column_exceeds_the_budget():
+    """Budget below one column of all rows: the rows are chunked down to one; same values and
+    gradients, and a lower peak than one column of all rows at once."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from powerclip.losses.powerset_nla import nla_pair_terms
+    from tests.test_powerset import _embeds
+
+    phi, rv, p, pv = _embeds(48, 6, 10, 16, d=32, seed=2)
+    phi, p = phi.float().requires_grad_(), p.float().requires_grad_()
+    scale = torch.full((48,), 0.1)
+
+    def run(budget: float):
+        tracker = MemTracker()
+        with tracker:
+            t1, t2 = nla_pair_terms(phi, rv, scale, p, pv, 0.01, 0.15, memory_budget_mb=budget)
+            g = torch.autograd.grad((t1 * 1.3 + t2).sum(), (phi, p))
+        peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+        return (t1, t2, *g), peak
+
+    one_column = 4 * 48 * 10 * 16 * 4 / 2**20  # _LIVE_NLA tensors of [48 rows, 1 column, M, K] fp32
+    ref, peak_ref = run(512.0)
+    got, peak_rows = run(one_column / 8)  # 6 rows per chunk
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert peak_rows < peak_ref
+    tiny, _ = run(1e-9)  # down to one row
+    for a, b in zip(tiny, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -168,7 +168,9 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
     phi [R, M, D] region embeddings, region_valid [R, M] bool, region_scale [R] (the 1/M factor),
     p [C, K, D] phrase embeddings, phrase_valid [C, K] bool (every caption needs >= 1 valid phrase).
     Inputs are computed in their own dtype (the caller casts to fp32/fp64). ``chunk`` overrides
-    the number of columns per chunk derived from ``memory_budget_mb``.
+    the number of columns per chunk derived from ``memory_budget_mb``; when even one column of all
+    R rows exceeds the budget (many rows, e.g. accumulated micro-batches), the rows are chunked too,
+    down to one row.
     """
     r, m, d = phi.shape
     c, k, _ = p.shape
@@ -179,6 +181,12 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
         z = phi.new_zeros(r, c) + 0.0 * (phi.sum() + p.sum())
         return z, z
     live = _LIVE_SINGLE if singletons_only else _LIVE_NLA
+    rows_fit = column_chunk(1, r, m * k, live, phi.element_size(), memory_budget_mb)  # rows x 1 column
+    if chunk is None and rows_fit < r:  # not even one column of all rows fits: chunk the rows too
+        parts = [nla_pair_terms(phi[i:i + rows_fit], region_valid[i:i + rows_fit], region_scale[i:i + rows_fit],
+                                p, phrase_valid, tau, zeta, use_t1, use_t2, singletons_only, memory_budget_mb)
+                 for i in range(0, r, rows_fit)]
+        return torch.cat([a for a, _ in parts], dim=0), torch.cat([b for _, b in parts], dim=0)
     step = chunk or column_chunk(r, c, m * k, live, phi.element_size(), memory_budget_mb)
     step = max(1, min(step, c))
     if singletons_only:
