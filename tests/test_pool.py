@@ -287,3 +287,20 @@ def test_rows_are_chunked_when_one_column_exceeds_the_budget():
     tiny, _ = run(1e-9)  # down to one row
     for a, b in zip(tiny, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_own_concepts_scored_with_their_owner_equal_the_explicit_pooling():
+    from powerclip.losses.concept_xac import xac_scores_explicit, xac_scores_paired
+
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(3, 5, 8, generator=gen, dtype=torch.float64), dim=-1).requires_grad_()
+    c = F.normalize(torch.randn(4, 8, generator=gen, dtype=torch.float64), dim=-1).requires_grad_()
+    owner = torch.tensor([0, 0, 2, 1])
+    got = xac_scores_paired(z, owner, c, 2.0)
+    want = xac_scores_explicit(z, c, 2.0)[owner, torch.arange(4)]
+    torch.testing.assert_close(got, want)
+    w = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=torch.float64)
+    g1 = torch.autograd.grad((got * w).sum(), (z, c))
+    g2 = torch.autograd.grad((want * w).sum(), (z, c))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from powerclip import distributed as pdist  # noqa: E402
 from powerclip.config import ConceptLossConfig, DeglaLossConfig, PowersetLossConfig  # noqa: E402
 from powerclip.data.batch import Batch  # noqa: E402
-from powerclip.losses.concept import contrast  # noqa: E402
-from powerclip.losses.concept_xac import xac_scores  # noqa: E402
+from powerclip.losses.concept import _with_own_block, contrast  # noqa: E402
+from powerclip.losses.concept_xac import xac_scores, xac_scores_paired  # noqa: E402
 from powerclip.losses.degla import degla_losses  # noqa: E402
 from powerclip.losses.global_loss import clip_loss  # noqa: E402
 from powerclip.losses.pool import PoolSpec, parse_pool  # noqa: E402
@@ -145,34 +145,40 @@ def powerset_case(s: Shapes, cfg: PowersetLossConfig, device: str = "meta"):
     return [phi, rv, p, pv], lambda *x: powerset_loss_from_embeddings(*x, cfg)["powerset"]
 
 
-def concept_columns(s: Shapes, world: int, pool: PoolSpec) -> int:
-    """Concept columns one rank scores (own concepts + the pool's; every image with the same count)."""
+def concept_columns(s: Shapes, world: int, pool: PoolSpec) -> tuple[int, int]:
+    """(own columns scored with their owner only, columns scored by every local image) of one rank,
+    every image holding the same number of concepts (as in losses/concept.py)."""
     per = s.concepts_per_image
     g = s.b * world
     if pool.covers(g):
-        return g * per
+        return 0, g * per
     if pool.kind == "local":
-        return s.b * per
-    return s.b * per + pool.size * per
+        return 0, s.b * per
+    return s.b * per, pool.size * per
 
 
 def concept_case(s: Shapes, cfg: ConceptLossConfig, term: str, world: int, device: str = "meta"):
     """NPC or XAC scoring of the local images against the concept columns the pool gives, and the
     softmax contrast over them (the data-dependent bookkeeping, masks and counts, is not counted)."""
-    cols = concept_columns(s, world, parse_pool(cfg.negative_pool, "loss.concept.negative_pool"))
-    own = s.b * s.concepts_per_image
+    own, dense = concept_columns(s, world, parse_pool(cfg.negative_pool, "loss.concept.negative_pool"))
     image = _leaf(s.b, s.d_concept, device=device)
     patches = _leaf(s.b, s.t, s.d_concept, device=device)
-    concepts = _leaf(own, s.d_concept, device=device)
+    concepts = _leaf(s.b * s.concepts_per_image, s.d_concept, device=device)
     scale = torch.tensor(10.0, device=device)
+    owner = torch.arange(s.b, device=device).repeat_interleave(s.concepts_per_image)[:own]
 
     def loss(image, patches, concepts):
-        columns = torch.cat([concepts, concepts.new_empty(cols - own, s.d_concept)]) if cols > own else concepts
+        columns = concepts if own == 0 and dense == concepts.shape[0] else torch.cat(
+            [concepts, concepts.new_empty(dense - concepts.shape[0] + own, s.d_concept)])
+        columns = columns[own:]  # the own concepts that are scored pair-wise come first
         if term == "concept_npc":
             scores = image @ columns.t()
+            paired = (image[owner] * concepts[:own]).sum(-1)
         else:
             scores = xac_scores(patches, columns, cfg.xac_lambda, cfg.memory_budget_mb)
-        pos = torch.zeros(s.b, cols, dtype=torch.bool, device=image.device)
+            paired = xac_scores_paired(patches, owner, concepts[:own], cfg.xac_lambda)
+        scores = _with_own_block(paired, owner, scores, s.b)
+        pos = torch.zeros(s.b, own + dense, dtype=torch.bool, device=image.device)
         pos[:, :1] = True
         return contrast(scores, pos, "softmax", Features(image=image, text=image, logit_scale=scale), float(s.b))
 
@@ -222,7 +228,7 @@ ALL_POOLS = {"powerset": "all", "concept": "all", "degla": "all"}
 
 def table(s: Shapes, results: dict[str, dict[str, dict[int, tuple[int, int]]]], worlds: tuple[int, ...]) -> str:
     vit = VIT_B16_FLOPS_PER_SAMPLE * s.b
-    head = "| term | pool | " + " | ".join(f"W={w}" for w in worlds) + " | max/min FLOPs |"
+    head = "| term | pool | " + " | ".join(f"W={w}" for w in worlds) + " | max/min FLOPs over the W run |"
     lines = [head, "|" + "---|" * (len(worlds) + 3)]
     for pools_name, res in results.items():
         for term, by_w in res.items():
@@ -300,9 +306,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(s, results, worlds),
         "",
-        "Targets under the default pools:",
+        "Targets under the default pools (flatness over the W at which the pool binds, G > 4096):",
         "",
         *targets(s, results["default"], worlds),
+        "",
+        "Notes: `clip (global)` is the global objective (B x G x D by design, not a method term). "
+        "`degla_base` is the DeGLA stage's NegCLIP objective, which replaces CLIP: its caption columns are "
+        "the whole global batch like CLIP's, and only its hard-negative columns are pooled, so its FLOPs "
+        "still grow with W at CLIP's rate. The `all` rows grow linearly in W; W=1024 is not run for them "
+        "by default (the meta device walks thousands of column chunks): 4x the W=256 column. "
+        "Elementwise work is not in the FLOP counts; the memory figure is fp32 and includes the gathered "
+        "tensors, saved activations and gradients the term adds over its inputs.",
     ])
     print(text)
     if args.write:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
-from powerclip.losses.concept_xac import xac_scores
+from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
 from powerclip.losses.pool import parse_pool, sample_members
 from powerclip.model.features import Features
 
@@ -84,6 +84,7 @@ class GatheredConcepts:
     num_images: int  # G, images in the global batch
     concept_sizes: list[int]  # concept rows per rank
     candidates: torch.Tensor | None = None  # [B, N] bool: columns in each local image's pool (None: all)
+    own_columns: int = 0  # leading columns that are this rank's own concepts, scored with their owner only
 
 
 def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None) -> GatheredConcepts:
@@ -149,7 +150,7 @@ def _pooled(concepts: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | Non
     if ids is not None:
         col_ids = torch.cat([ids, pdist.gather_variable(ids[in_pool], with_grad=False)[0]])
     cand = torch.cat([own_cand, pool_owner[None, :] != local_index[:, None]], dim=1)
-    return GatheredConcepts(cols, col_owner, col_ids, image_offset, num_images, sizes, cand)
+    return GatheredConcepts(cols, col_owner, col_ids, image_offset, num_images, sizes, cand, concepts.shape[0])
 
 
 def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | None,
@@ -211,6 +212,14 @@ def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features:
     return total * (pdist.world_size() / max(normaliser, 1.0))
 
 
+def _with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, b: int) -> torch.Tensor:
+    """[B, n_own + N] scores: each own column holds its owner's score (others 0: not candidates)."""
+    if own.shape[0] == 0:
+        return rest
+    block = own.new_zeros(b, own.shape[0]).index_put((owner, torch.arange(own.shape[0], device=own.device)), own)
+    return torch.cat([block, rest], dim=1)
+
+
 def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
                    global_loss: str) -> dict[str, torch.Tensor]:
     """The concept terms whose weight is > 0 (unweighted) and their diagnostics."""
@@ -241,14 +250,20 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
 
     out: dict[str, torch.Tensor] = {}
     concepts = g.concepts.float()
+    own_cols = g.own_columns
+    own_owner = g.owner[:own_cols] - g.image_offset  # local image of each own column
     if want_npc:
-        npc_scores = image.float() @ concepts.t()
+        img = image.float()
+        npc_own = (img[own_owner] * concepts[:own_cols]).sum(-1)
+        npc_scores = _with_own_block(npc_own, own_owner, img @ concepts[own_cols:].t(), b)
         out["concept_npc"] = contrast(npc_scores, pos, form, features, normaliser, cand)
     if want_xac:
         if features.patches is None:
             raise ValueError("loss.concept.xac_weight > 0 needs Features.patches [B, T, D] "
                              "(the model's dense patch path)")
-        xac = xac_scores(features.patches, concepts, cfg.xac_lambda, cfg.memory_budget_mb)
+        xac_own = xac_scores_paired(features.patches, own_owner, concepts[:own_cols], cfg.xac_lambda)
+        xac = _with_own_block(xac_own, own_owner,
+                              xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda, cfg.memory_budget_mb), b)
         out["concept_xac"] = contrast(xac, pos, form, features, normaliser, cand)
         with torch.no_grad():
             negs = ~pos if cand is None else cand & ~pos
