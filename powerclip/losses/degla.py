@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from powerclip import distributed as pdist
 from powerclip.config import DeglaLossConfig
 from powerclip.data.batch import Batch
-from powerclip.losses.pool import PoolSpec, members_per_rank, parse_pool, sample_members
+from powerclip.losses.pool import PoolSpec, members_per_rank, parse_pool, sample_members, to_device
 from powerclip.model.features import Features
 
 TERMS = ("degla_base", "degla_igc", "degla_tgc", "degla_distill")
@@ -99,12 +99,12 @@ def _negative_columns(neg: torch.Tensor, valid: torch.Tensor, g: int, pool: Pool
     world, me = pdist.world_size(), pdist.rank()
     members = sample_members(g, pool.size, salt=2)
     counts, owner_rank = members_per_rank(members, [r * b for r in range(world)], [b] * world)
-    mine = (members[owner_rank == me] - me * b).to(dev)
+    mine = to_device(members[owner_rank == me] - me * b, dev)
     s_neg = pdist.gather_known_sizes(neg[mine], counts)  # [P, N, D]
     s_valid = pdist.gather_known_sizes(valid[mine].to(torch.uint8), counts, with_grad=False).bool()
     own = torch.arange(b, device=dev) + me * b
     own_block = torch.eye(b, dtype=torch.bool, device=dev).repeat_interleave(n, dim=1) & vflat[None, :]
-    drawn = (members.to(dev)[None, :] != own[:, None]).repeat_interleave(n, dim=1) & s_valid.reshape(1, -1)
+    drawn = (to_device(members, dev)[None, :] != own[:, None]).repeat_interleave(n, dim=1) & s_valid.reshape(1, -1)
     return torch.cat([flat, s_neg.reshape(-1, d)]), torch.cat([own_block, drawn], dim=1)
 
 

@@ -88,3 +88,11 @@ def members_per_rank(members: torch.Tensor, offsets: list[int], sizes: list[int]
     owner_rank = torch.bucketize(members, bounds, right=True)
     counts = torch.bincount(owner_rank, minlength=len(sizes)).tolist()
     return counts, owner_rank
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a host-drawn index tensor to ``device`` without stalling the host on the GPU queue: a copy
+    from pageable memory waits for the stream, one from pinned memory with non_blocking does not."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

@@ -47,7 +47,7 @@ import torch
 from powerclip import distributed as pdist
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
-from powerclip.losses.pool import members_per_rank, parse_pool, sample_members
+from powerclip.losses.pool import members_per_rank, parse_pool, sample_members, to_device
 from powerclip.losses.powerset_embed import autocast_off, compute_dtype, phrase_embeddings, region_embeddings
 from powerclip.losses.powerset_exact import exact_pair_terms
 from powerclip.losses.powerset_nla import nla_pair_terms, nla_pair_terms_diag
@@ -179,7 +179,7 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
     b, world, me = phi.shape[0], pdist.world_size(), pdist.rank()
     members = sample_members(b * world, size)
     counts, owner_rank = members_per_rank(members, [r * b for r in range(world)], [b] * world)
-    mine = (members[owner_rank == me] - me * b).to(phi.device)
+    mine = to_device(members[owner_rank == me] - me * b, phi.device)
     s_phi = pdist.gather_known_sizes(phi[mine], counts)
     s_rv = pdist.gather_known_sizes(rv[mine].to(torch.uint8), counts, with_grad=False).bool()
     s_p = pdist.gather_known_sizes(p[mine], counts)
@@ -191,7 +191,7 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
     diag = (d1 + d2)[:, None]
     own = torch.arange(b, device=phi.device) + me * b
     negatives = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=phi.device),
-                           members.to(phi.device)[None, :] != own[:, None]], dim=1)
+                           to_device(members, phi.device)[None, :] != own[:, None]], dim=1)
     return t1 + t2, torch.cat([diag, (t1c + t2c).T], 1), t1, t2, negatives
 
 
