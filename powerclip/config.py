@@ -96,6 +96,9 @@ class PowersetLossConfig:
     # all | local | sample:N (losses/pool.py): captions/images each row is scored against; sample:4096
     # is every column up to a global batch of 4096 (the paper's) and a fixed per-rank cost beyond
     negative_pool: str = "sample:4096"
+    # run | fp32: dtype in which phi/p cross ranks. run = the model's dense-feature dtype (bf16 under a
+    # bf16 run: half the traffic and gather buffers); the scoring itself is always fp32
+    gather_precision: str = "run"
 
 
 @dataclass

@@ -304,3 +304,48 @@ def test_own_concepts_scored_with_their_owner_equal_the_explicit_pooling():
     g2 = torch.autograd.grad((want * w).sum(), (z, c))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ gathered tensors in bf16
+_PREC_CFG = dict(weight=1.0, margin=0.2)  # METHODS' delta and tau = 1e-3: the hardest case for rounding
+
+
+def _prec_embeds(lo: int, hi: int, dtype: torch.dtype):
+    patches, tokens, masks, rvalid, nodes, pvalid, proj = _global_case(seed=21)
+    proj = proj.double().clone().requires_grad_(True)
+    phi, rv = region_embeddings(F.normalize(patches[lo:hi].double() @ proj, dim=-1), masks[lo:hi], rvalid[lo:hi])
+    p, pv = phrase_embeddings(F.normalize(tokens[lo:hi].double() @ proj, dim=-1), nodes[lo:hi], pvalid[lo:hi])
+    return phi.to(dtype), rv, p.to(dtype), pv, proj
+
+
+def _prec_rank_fn(rank: int, world: int, spec: str) -> dict:
+    from powerclip.losses.powerset import powerset_loss_from_embeddings
+
+    pool.set_step(_STEP)
+    phi, rv, p, pv, proj = _prec_embeds(rank * 3, rank * 3 + 3, torch.float32)
+    out = powerset_loss_from_embeddings(phi, rv, p, pv, PowersetLossConfig(**_PREC_CFG, negative_pool=spec),
+                                        gather_dtype=torch.bfloat16)
+    out["powerset"].backward()
+    return {"loss": out["powerset"].detach(), "grad": proj.grad}
+
+
+@pytest.mark.slow
+def test_bf16_gathered_tensors_stay_within_a_thousandth_of_the_margin_of_fp64():
+    from powerclip.losses.powerset import powerset_loss_from_embeddings, run_gather_dtype
+
+    assert run_gather_dtype(torch.bfloat16, PowersetLossConfig()) == torch.bfloat16
+    assert run_gather_dtype(torch.float32, PowersetLossConfig()) is None
+    assert run_gather_dtype(torch.bfloat16, PowersetLossConfig(gather_precision="fp32")) is None
+    with pytest.raises(ValueError, match="loss.powerset.gather_precision"):
+        run_gather_dtype(torch.bfloat16, PowersetLossConfig(gather_precision="half"))
+    for spec in ("all", "sample:3"):
+        pool.set_step(_STEP)
+        phi, rv, p, pv, proj = _prec_embeds(0, 6, torch.float64)
+        ref = powerset_loss_from_embeddings(phi, rv, p, pv, PowersetLossConfig(**_PREC_CFG, negative_pool=spec))
+        ref["powerset"].backward()
+        assert ref["powerset"].item() > 0.01  # hinges active: the bound is not met trivially
+        ranks = run_on_ranks(_prec_rank_fn, 2, spec)
+        mean = sum(r["loss"] for r in ranks).item() / 2
+        assert abs(mean - ref["powerset"].item()) < 1e-3 * _PREC_CFG["margin"], spec
+        grad = sum(r["grad"] for r in ranks) / 2
+        assert (grad - proj.grad).norm() < 1e-2 * proj.grad.norm(), spec

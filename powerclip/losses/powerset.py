@@ -146,13 +146,20 @@ def _local_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torc
     return s, s.T, t1, t2, negatives
 
 
+def _gather(x: torch.Tensor, gather_dtype: torch.dtype | None) -> torch.Tensor:
+    """``gather_with_grad`` in ``gather_dtype`` (the run's precision), back in x's dtype for scoring."""
+    if gather_dtype is None or gather_dtype == x.dtype:
+        return pdist.gather_with_grad(x)
+    return pdist.gather_with_grad(x.to(gather_dtype)).to(x.dtype)
+
+
 def _all_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
-                cfg: PowersetLossConfig, chunk: int | None) -> Scores:
+                cfg: PowersetLossConfig, chunk: int | None, gather_dtype: torch.dtype | None = None) -> Scores:
     """Local rows against all G gathered columns, both directions; positives moved to columns 0..B-1
     (columns are reordered [own block, other ranks' blocks], which changes no max)."""
     b = phi.shape[0]
-    all_phi, all_rv = pdist.gather_with_grad(phi), _gather_bool(rv)
-    all_p, all_pv = pdist.gather_with_grad(p), _gather_bool(pv)
+    all_phi, all_rv = _gather(phi, gather_dtype), _gather_bool(rv)
+    all_p, all_pv = _gather(p, gather_dtype), _gather_bool(pv)
     if all_phi.shape[0] != b * pdist.world_size():
         raise ValueError("every rank must hold the same local batch size for the powerset loss")
     order = _own_block_first(all_phi.shape[0], b, phi.device)
@@ -170,7 +177,8 @@ def _own_block_first(g: int, b: int, device: torch.device) -> torch.Tensor:
 
 
 def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
-                    cfg: PowersetLossConfig, chunk: int | None, size: int) -> Scores:
+                    cfg: PowersetLossConfig, chunk: int | None, size: int,
+                    gather_dtype: torch.dtype | None = None) -> Scores:
     """Local rows against [own positive | the sampled pool S of the global batch] (pool.py).
 
     Column 0 holds each row's positive, scored pair by pair (``pair_terms_diag``); the column of S
@@ -180,9 +188,10 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
     members = sample_members(b * world, size)
     counts, owner_rank = members_per_rank(members, [r * b for r in range(world)], [b] * world)
     mine = to_device(members[owner_rank == me] - me * b, phi.device)
-    s_phi = pdist.gather_known_sizes(phi[mine], counts)
+    gdt = gather_dtype or phi.dtype
+    s_phi = pdist.gather_known_sizes(phi[mine].to(gdt), counts).to(phi.dtype)
     s_rv = pdist.gather_known_sizes(rv[mine].to(torch.uint8), counts, with_grad=False).bool()
-    s_p = pdist.gather_known_sizes(p[mine], counts)
+    s_p = pdist.gather_known_sizes(p[mine].to(gdt), counts).to(p.dtype)
     s_pv = pdist.gather_known_sizes(pv[mine].to(torch.uint8), counts, with_grad=False).bool()
     d1, d2 = pair_terms_diag(phi, rv, p, pv, cfg)  # [B]: each row's positive, column 0
     t1, t2 = pair_terms(phi, rv, s_p, s_pv, cfg, chunk)  # [B, N]
@@ -197,18 +206,20 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
 
 def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor,
                                   phrase_valid: torch.Tensor, cfg: PowersetLossConfig,
-                                  chunk: int | None = None) -> dict[str, torch.Tensor]:
+                                  chunk: int | None = None,
+                                  gather_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The loss from this rank's region embeddings phi [B, M, D] (+ valid [B, M]) and phrase
     embeddings p [B, K, D] (+ valid [B, K]); see the module docstring for the outputs.
+    ``gather_dtype``: dtype in which they cross ranks (None: the compute dtype).
 
     Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors.
     """
     with autocast_off(phi.device):
-        return _loss(phi, region_valid, p, phrase_valid, cfg, chunk)
+        return _loss(phi, region_valid, p, phrase_valid, cfg, chunk, gather_dtype)
 
 
 def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
-          cfg: PowersetLossConfig, chunk: int | None) -> dict[str, torch.Tensor]:
+          cfg: PowersetLossConfig, chunk: int | None, gather_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     b = phi.shape[0]
     if p.shape[0] != b:
         raise ValueError(f"powerset loss: {b} images but {p.shape[0]} captions")
@@ -229,11 +240,11 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
         p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
         if pool.covers(b * world):
             s_rows, s_cols, t1_rows, t2_rows, negatives = _all_scores(phi, region_valid, p, phrase_valid, cfg,
-                                                                      chunk)
+                                                                      chunk, gather_dtype)
         else:
             sampled = True
             s_rows, s_cols, t1_rows, t2_rows, negatives = _sampled_scores(phi, region_valid, p, phrase_valid,
-                                                                          cfg, chunk, pool.size)
+                                                                          cfg, chunk, pool.size, gather_dtype)
     # column of each row's positive: 0 under a sampled pool, the row's own index otherwise
     positives = torch.arange(b, device=phi.device) * int(not sampled)
     hinge_i2t, act_i2t = hardest_negative_triplet(s_rows, positives, cfg.margin, negatives)
@@ -267,4 +278,18 @@ def powerset_loss(features: Features, batch: Batch, cfg: PowersetLossConfig,
     phi, rv = region_embeddings(features.patches, batch.region_masks, batch.region_valid)
     p, pv = phrase_embeddings(features.tokens, batch.phrase_tokens, batch.phrase_valid, batch.token_valid,
                               cfg.phrase_pool)
-    return powerset_loss_from_embeddings(phi, rv, p, pv, cfg, chunk)
+    return powerset_loss_from_embeddings(phi, rv, p, pv, cfg, chunk, run_gather_dtype(features.patches.dtype, cfg))
+
+
+def run_gather_dtype(run_dtype: torch.dtype, cfg: PowersetLossConfig) -> torch.dtype | None:
+    """The dtype phi/p cross ranks in: the run's half precision under ``gather_precision: run``.
+
+    Safe because only the storage is rounded: every score, activation and reduction stays fp32, and
+    against an fp64 reference the loss moves by ~1e-5 of the margin (tests/test_pool.py bounds it
+    at 1e-3 of the margin on 2 ranks).
+    """
+    if cfg.gather_precision not in ("run", "fp32"):
+        raise ValueError(f"loss.powerset.gather_precision={cfg.gather_precision!r} is not one of 'run', 'fp32'")
+    if cfg.gather_precision == "run" and run_dtype in (torch.bfloat16, torch.float16):
+        return run_dtype
+    return None
