@@ -69,13 +69,13 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     this rank's shapes: gathers return tensors of the gathered shape (this rank's chunk keeps its
     gradient, the others are fresh), reductions return their input. Values are meaningless."""
     names = ("is_distributed", "world_size", "rank", "gather_with_grad", "gather_sizes", "gather_variable",
-             "all_reduce_sum", "gather_known_sizes")
+             "all_reduce_sum", "gather_known_sizes", "all_to_all_with_grad")
     saved = {n: getattr(pdist, n) for n in names}
 
     def others(x: torch.Tensor, rows: int) -> torch.Tensor:
         return x.new_empty((rows, *x.shape[1:]))
 
-    def gather(x: torch.Tensor) -> torch.Tensor:
+    def gather(x: torch.Tensor, check: str | None = None) -> torch.Tensor:
         return torch.cat([others(x, rank * x.shape[0]), x, others(x, (world - rank - 1) * x.shape[0])])
 
     def known(x: torch.Tensor, sizes: list[int], with_grad: bool = True) -> torch.Tensor:
@@ -85,10 +85,11 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     pdist.world_size = lambda: world
     pdist.rank = lambda: rank
     pdist.gather_with_grad = gather
-    pdist.gather_sizes = lambda n, device: [n] * world
+    pdist.gather_sizes = lambda n, device=None: [n] * world
     pdist.gather_variable = lambda x, with_grad=True: (gather(x), [int(x.shape[0])] * world)
     pdist.all_reduce_sum = lambda x: x
     pdist.gather_known_sizes = known
+    pdist.all_to_all_with_grad = lambda x: x.new_empty(x.shape) + 0 * x  # same shape, keeps the graph
     try:
         yield
     finally:

@@ -20,12 +20,13 @@ image i. That equals METHODS' 1/M whenever every slot is filled (random regions 
 boxes are topped up with random ones) and keeps padded slots exactly invisible otherwise.
 
 Distributed convention (the same as ``global_loss`` and ``degla``): rank r scores its B local images
-against all G gathered captions (l(S) rows) and its B local captions against all G gathered images
-(l(S^T) rows); the dense inputs (region embeddings, phrase embeddings and both validity masks) are
-gathered with ``gather_with_grad``, positives sit at column rank*B + i, and the per-rank value is the
-mean over the LOCAL rows. So mean_r L_r = L (the single-process loss on the concatenated batch), and
-since the all-gather's backward sums every rank's contribution into the owner's chunk, the gradient
-reaching rank r's features is W dL/df_r; DeepSpeed AVERAGES gradients over the W ranks, which gives
+against all G gathered captions (l(S) rows), and its B local captions against all G images (l(S^T)
+rows) whose scores the other ranks computed for their own image rows and hand over by a
+differentiable all-to-all (each pair is scored once in the job); the phrase embeddings and masks are
+gathered with ``gather_with_grad``, and the per-rank value is the mean over the LOCAL rows. So
+mean_r L_r = L (the single-process loss on the concatenated batch), and since the backward of the
+all-gather and of the all-to-all returns every rank's contribution to the owner of each input, the
+gradient reaching rank r's features is W dL/df_r; DeepSpeed AVERAGES gradients over the W ranks, which gives
 exactly dL/dtheta. The trainer logs the rank-mean of each entry, which is the global value. Phrase
 slots are padded to the largest K over ranks before gathering (K is a per-rank batch max).
 On one rank both directions use the same G x G matrix, which is computed once.
@@ -36,8 +37,11 @@ row's own positive plus a pool S of N pairs drawn identically on every rank from
 S's members are gathered (``gather_known_sizes``), and the hardest negative is mined in S minus the
 row itself. ``local`` scores each rank's rows against its own B columns only (no gather at all).
 
-Cost: 2 B G M K multiply-adds of dimension D per rank plus O(B G M K) elementwise work, (G becomes B + N under a sampled pool), chunked
-over columns so that the [rows, chunk, M, K] intermediates stay within ``cfg.memory_budget_mb``.
+Cost per rank: B G M K multiply-adds of dimension D plus O(B G M K) elementwise work with the whole
+batch as pool (one direction, the other arrives by the all-to-all); 2 B N M K under ``sample:N``
+(both directions score the pool; the positives B M K). Chunked over columns, and over rows when
+one column of all rows is too big, so that the [rows, chunk, M, K] intermediates stay within
+``cfg.memory_budget_mb``.
 """
 
 from __future__ import annotations
@@ -155,19 +159,25 @@ def _gather(x: torch.Tensor, gather_dtype: torch.dtype | None) -> torch.Tensor:
 
 def _all_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: torch.Tensor,
                 cfg: PowersetLossConfig, chunk: int | None, gather_dtype: torch.dtype | None = None) -> Scores:
-    """Local rows against all G gathered columns, both directions; positives moved to columns 0..B-1
-    (columns are reordered [own block, other ranks' blocks], which changes no max)."""
-    b = phi.shape[0]
-    all_phi, all_rv = _gather(phi, gather_dtype), _gather_bool(rv)
+    """Local rows against all G gathered columns, both directions, each pair scored ONCE in the job.
+
+    Rank q scores its B images against all G captions; block s of those columns (rank s's captions)
+    is exactly what rank s needs for its caption rows, so the blocks are exchanged by a differentiable
+    all-to-all instead of rank s scoring them again against gathered images (which would also need the
+    image-side gather). Columns come out reordered [own block, other ranks' blocks]; no max changes.
+    """
+    b, world = phi.shape[0], pdist.world_size()
     all_p, all_pv = _gather(p, gather_dtype), _gather_bool(pv)
-    if all_phi.shape[0] != b * pdist.world_size():
+    if all_p.shape[0] != b * world:
         raise ValueError("every rank must hold the same local batch size for the powerset loss")
-    order = _own_block_first(all_phi.shape[0], b, phi.device)
-    t1, t2 = pair_terms(phi, rv, all_p[order], all_pv[order], cfg, chunk)  # [B, G]
-    t1c, t2c = pair_terms(all_phi[order], all_rv[order], p, pv, cfg, chunk)  # [G, B]
-    negatives = torch.ones(b, all_phi.shape[0], dtype=torch.bool, device=phi.device)
+    t1, t2 = pair_terms(phi, rv, all_p, all_pv, cfg, chunk)  # [B images, G captions]
+    s_rows = t1 + t2
+    received = pdist.all_to_all_with_grad(s_rows.T.contiguous())  # [W x B captions of mine, B images of q]
+    s_cols = received.view(world, b, b).permute(1, 0, 2).reshape(b, world * b)  # [B captions, G images]
+    order = _own_block_first(world * b, b, phi.device)
+    negatives = torch.ones(b, world * b, dtype=torch.bool, device=phi.device)
     negatives[:, :b] = ~torch.eye(b, dtype=torch.bool, device=phi.device)
-    return t1 + t2, (t1c + t2c).T, t1, t2, negatives
+    return s_rows[:, order], s_cols[:, order], t1[:, order], t2[:, order], negatives
 
 
 def _own_block_first(g: int, b: int, device: torch.device) -> torch.Tensor:
