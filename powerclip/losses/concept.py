@@ -17,7 +17,8 @@ Negative pool (``cfg.negative_pool``, losses/pool.py). ``all`` (or ``sample:N`` 
 above. ``sample:N`` draws N IMAGES of the global batch (the same draw on every rank, from the step);
 image i is then scored against its own concepts and the concepts of the drawn images other than i,
 and only those are gathered, so per-rank work is B x (own + ~N·concepts per image) whatever W.
-``local``: only this rank's own concept rows. Positives and the false-negative fix apply within the
+Each image's own concepts are then scored against their owner only (``xac_scores_paired``), not as a
+B x C block whose off-owner entries would be masked. ``local``: only this rank's own concept rows. Positives and the false-negative fix apply within the
 candidates; the normalisers are unchanged (G images for sigmoid, images with a positive for softmax).
 
 Positives. P(i) = {n : o(n) = i}, plus, with ``false_negative_fix``, every n whose id equals the id of
