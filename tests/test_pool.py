@@ -93,10 +93,13 @@ def test_pool_covering_the_batch_is_todays_formula():
         torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-4, atol=1e-6)
 
 
-def _rank_fn(rank: int, world: int, spec: str):
-    pool.set_step(_STEP)
-    k = 4 if rank == 0 else 6
-    return _loss_on(rank * 3, rank * 3 + 3, k, _global_case(), PowersetLossConfig(**_CFG, negative_pool=spec))
+def _rank_fn(rank: int, world: int, specs: tuple[str, ...]):
+    out = {}
+    for spec in specs:
+        pool.set_step(_STEP)
+        k = 4 if rank == 0 else 6
+        out[spec] = _loss_on(rank * 3, rank * 3 + 3, k, _global_case(), PowersetLossConfig(**_CFG, negative_pool=spec))
+    return out
 
 
 @pytest.mark.slow
@@ -105,8 +108,9 @@ def test_sampled_and_local_pools_on_two_ranks():
     cfg = PowersetLossConfig(**_CFG, negative_pool="sample:3")
     pool.set_step(_STEP)
     single = _loss_on(0, 6, 6, case, cfg)
+    both = run_on_ranks(_rank_fn, 2, ("sample:3", "local"))
     for spec, ref in (("sample:3", None), ("local", "blocks")):
-        ranks = run_on_ranks(_rank_fn, 2, spec)
+        ranks = [r[spec] for r in both]
         mean = sum(r["terms"]["powerset"] for r in ranks) / 2
         avg = sum(r["grad"] for r in ranks) / 2
         if ref is None:  # same global batch, same step -> the same loss and gradient as one process
@@ -318,15 +322,18 @@ def _prec_embeds(lo: int, hi: int, dtype: torch.dtype):
     return phi.to(dtype), rv, p.to(dtype), pv, proj
 
 
-def _prec_rank_fn(rank: int, world: int, spec: str) -> dict:
+def _prec_rank_fn(rank: int, world: int, specs: tuple[str, ...]) -> dict:
     from powerclip.losses.powerset import powerset_loss_from_embeddings
 
-    pool.set_step(_STEP)
-    phi, rv, p, pv, proj = _prec_embeds(rank * 3, rank * 3 + 3, torch.float32)
-    out = powerset_loss_from_embeddings(phi, rv, p, pv, PowersetLossConfig(**_PREC_CFG, negative_pool=spec),
-                                        gather_dtype=torch.bfloat16)
-    out["powerset"].backward()
-    return {"loss": out["powerset"].detach(), "grad": proj.grad}
+    res = {}
+    for spec in specs:
+        pool.set_step(_STEP)
+        phi, rv, p, pv, proj = _prec_embeds(rank * 3, rank * 3 + 3, torch.float32)
+        out = powerset_loss_from_embeddings(phi, rv, p, pv, PowersetLossConfig(**_PREC_CFG, negative_pool=spec),
+                                            gather_dtype=torch.bfloat16)
+        out["powerset"].backward()
+        res[spec] = {"loss": out["powerset"].detach(), "grad": proj.grad}
+    return res
 
 
 @pytest.mark.slow
@@ -338,13 +345,15 @@ def test_bf16_gathered_tensors_stay_within_a_thousandth_of_the_margin_of_fp64():
     assert run_gather_dtype(torch.bfloat16, PowersetLossConfig(gather_precision="fp32")) is None
     with pytest.raises(ValueError, match="loss.powerset.gather_precision"):
         run_gather_dtype(torch.bfloat16, PowersetLossConfig(gather_precision="half"))
-    for spec in ("all", "sample:3"):
+    specs = ("all", "sample:3")
+    all_ranks = run_on_ranks(_prec_rank_fn, 2, specs)
+    for spec in specs:
         pool.set_step(_STEP)
         phi, rv, p, pv, proj = _prec_embeds(0, 6, torch.float64)
         ref = powerset_loss_from_embeddings(phi, rv, p, pv, PowersetLossConfig(**_PREC_CFG, negative_pool=spec))
         ref["powerset"].backward()
         assert ref["powerset"].item() > 0.01  # hinges active: the bound is not met trivially
-        ranks = run_on_ranks(_prec_rank_fn, 2, spec)
+        ranks = [r[spec] for r in all_ranks]
         mean = sum(r["loss"] for r in ranks).item() / 2
         assert abs(mean - ref["powerset"].item()) < 1e-3 * _PREC_CFG["margin"], spec
         grad = sum(r["grad"] for r in ranks) / 2
