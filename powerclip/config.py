@@ -101,6 +101,12 @@ class PowersetLossConfig:
     singletons_only: bool = False
     exact: bool = False  # enumerate all 2^M subsets (M <= 12); tests and zeta calibration
     memory_budget_mb: float = 512.0  # per column chunk of the [rows, chunk, M, K] intermediates
+    # all | local | sample:N (losses/pool.py): captions/images each row is scored against; sample:4096
+    # is every column up to a global batch of 4096 (the paper's) and a fixed per-rank cost beyond
+    negative_pool: str = "sample:4096"
+    # run | fp32: dtype in which phi/p cross ranks. run = the model's dense-feature dtype (bf16 under a
+    # bf16 run: half the traffic and gather buffers); the scoring itself is always fp32
+    gather_precision: str = "run"
 
 
 @dataclass
@@ -113,6 +119,8 @@ class ConceptLossConfig:
     false_negative_fix: bool = True
     xac_lambda: float = 1.0
     memory_budget_mb: float = 512.0
+    # all | local | sample:N over the images whose concepts enter the pool (losses/pool.py)
+    negative_pool: str = "sample:1024"
 
 
 @dataclass
@@ -128,6 +136,9 @@ class DeglaLossConfig:
     ema_decay: float = 0.9996
     # EMA teacher weights: fp32, or bf16 (half the memory; stochastic rounding keeps the updates)
     ema_dtype: str = "fp32"
+    # all | local | sample:N: samples whose hard negatives enter every image's NegCLIP columns (each
+    # image's own negatives always do; losses/pool.py); the paper's batch 256 is far below the default
+    negative_pool: str = "sample:4096"
     # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
     # error (False lets tests run the losses on random weights)
     require_pretrained: bool = False

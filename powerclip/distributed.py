@@ -254,3 +254,41 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     from the result afterwards, so reductions with different operators share one round trip.
     """
     return torch.stack(all_gather_equal(x), dim=0)
+
+
+def gather_known_sizes(x: torch.Tensor, sizes: list[int], with_grad: bool = True) -> torch.Tensor:
+    """All-gather rows whose per-rank counts ``sizes`` every rank already knows (no size exchange).
+
+    A negative pool drawn identically on every rank tells each rank how many rows every other rank
+    contributes, so unlike ``gather_variable`` this needs one collective and no host sync. Pads to
+    max(sizes) because all_gather needs equal shapes (a mismatch hangs under NCCL), then strips.
+    The tensor crosses on the backend's device (NCCL: CUDA only) and comes back on the caller's.
+    """
+    if not is_distributed():
+        return x
+    if x.shape[0] != sizes[rank()]:
+        raise ValueError(f"rank {rank()} passes {x.shape[0]} rows but the agreed count is {sizes[rank()]}")
+    pad = max(sizes) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0) if pad else x
+    padded = padded.to(comm_device()).contiguous()
+    if with_grad and padded.requires_grad:
+        chunks = dist_nn.all_gather(padded)
+    else:
+        chunks = [torch.zeros_like(padded) for _ in range(world_size())]
+        dist.all_gather(chunks, padded)
+    return torch.cat([c[:s] for c, s in zip(chunks, sizes)], dim=0).to(x.device)
+
+
+def all_to_all_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rank r sends chunk s of ``x`` (dim 0 split in W equal chunks) to rank s and receives chunk r of
+    every rank, concatenated in rank order; differentiable (the backward sends the gradients back).
+
+    Lets a loss compute each (row, column) block once on one rank and hand the other rank the block
+    it needs instead of recomputing it there.
+    """
+    if not is_distributed():
+        return x
+    if x.shape[0] % world_size():
+        raise ValueError(f"all_to_all_with_grad: dim 0 ({x.shape[0]}) is not a multiple of the world size")
+    send = x.to(comm_device()).contiguous()
+    return dist_nn.all_to_all_single(torch.empty_like(send), send).to(x.device)

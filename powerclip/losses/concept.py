@@ -13,6 +13,14 @@ cumulative sum of the per-rank IMAGE counts, so gathered concept n belongs to gl
 Both terms score this rank's LOCAL images against ALL N gathered concepts: NPC with the global image
 embedding u_i, XAC with the concept-specific pooling p_{in} of the image's (local) patches.
 
+Negative pool (``cfg.negative_pool``, losses/pool.py). ``all`` (or ``sample:N`` with N >= G) is the
+above. ``sample:N`` draws N IMAGES of the global batch (the same draw on every rank, from the step);
+image i is then scored against its own concepts and the concepts of the drawn images other than i,
+and only those are gathered, so per-rank work is B x (own + ~N·concepts per image) whatever W.
+Each image's own concepts are then scored against their owner only (``xac_scores_paired``), not as a
+B x C block whose off-owner entries would be masked. ``local``: only this rank's own concept rows. Positives and the false-negative fix apply within the
+candidates; the normalisers are unchanged (G images for sigmoid, images with a positive for softmax).
+
 Positives. P(i) = {n : o(n) = i}, plus, with ``false_negative_fix``, every n whose id equals the id of
 one of image i's own concepts (the same normalised noun phrase in another caption of the global batch
 is not a negative for i).
@@ -48,7 +56,8 @@ import torch.nn.functional as F
 from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
-from powerclip.losses.concept_xac import xac_scores
+from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
+from powerclip.losses.pool import parse_pool, sample_members
 from powerclip.model.features import Features
 
 TERMS = ("concept_npc", "concept_xac")
@@ -75,10 +84,16 @@ class GatheredConcepts:
     image_offset: int  # global index of this rank's first image
     num_images: int  # G, images in the global batch
     concept_sizes: list[int]  # concept rows per rank
+    candidates: torch.Tensor | None = None  # [B, N] bool: columns in each local image's pool (None: all)
+    own_columns: int = 0  # leading columns that are this rank's own concepts, scored with their owner only
 
 
-def gather_concepts(features: Features, batch: Batch) -> GatheredConcepts:
-    """All-gather concepts with variable per-rank sizes; owners shifted to global image indices."""
+def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None) -> GatheredConcepts:
+    """All-gather concepts with variable per-rank sizes; owners shifted to global image indices.
+
+    Under a negative pool smaller than the global batch, only the pool's columns (see ``_pooled``).
+    """
+    cfg = cfg or ConceptLossConfig(negative_pool="all")
     if features.concepts is None or batch.concept_owner is None:
         raise ValueError("concept losses need Features.concepts [C, D] and Batch.concept_owner [C] "
                          "(data.concepts: true and a model that encodes batch.concept_text)")
@@ -100,10 +115,43 @@ def gather_concepts(features: Features, batch: Batch) -> GatheredConcepts:
 
     image_sizes = pdist.gather_sizes(b, concepts.device)
     image_offset = pdist.rank_offset(image_sizes)
-    all_concepts, sizes = pdist.gather_variable(concepts, with_grad=True)
-    all_owner, _ = pdist.gather_variable(owner + image_offset, with_grad=False)
-    all_ids = pdist.gather_variable(ids, with_grad=False)[0] if ids is not None else None
-    return GatheredConcepts(all_concepts, all_owner, all_ids, image_offset, sum(image_sizes), sizes)
+    num_images = sum(image_sizes)
+    pool = parse_pool(cfg.negative_pool, "loss.concept.negative_pool")
+    if pool.covers(num_images):
+        all_concepts, sizes = pdist.gather_variable(concepts, with_grad=True)
+        all_owner, _ = pdist.gather_variable(owner + image_offset, with_grad=False)
+        all_ids = pdist.gather_variable(ids, with_grad=False)[0] if ids is not None else None
+        return GatheredConcepts(all_concepts, all_owner, all_ids, image_offset, num_images, sizes)
+    return _pooled(concepts, owner, ids, image_offset, num_images, b, pool.kind, pool.size)
+
+
+def _pooled(concepts: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | None, image_offset: int,
+            num_images: int, b: int, kind: str, size: int) -> GatheredConcepts:
+    """Columns [own concepts | concepts of the pooled images]; image i's candidates are its own concepts
+    and the concepts of the pooled images other than i (``local``: only this rank's own concepts).
+
+    The pool is a set of IMAGES (drawn like the powerset pool, losses/pool.py) because the concept
+    count per image varies; a concept enters with its owner. Own concepts are always scored, so every
+    image keeps its positives; the sampled pool does not depend on how the batch is split over ranks.
+    """
+    dev = concepts.device
+    glob_owner = owner + image_offset
+    local_index = torch.arange(b, device=dev) + image_offset
+    own_cand = glob_owner[None, :] == local_index[:, None]  # [B, C]
+    if kind == "local":
+        cand = torch.ones(b, concepts.shape[0], dtype=torch.bool, device=dev)
+        return GatheredConcepts(concepts, glob_owner, ids, image_offset, num_images, [concepts.shape[0]], cand)
+    members = sample_members(num_images, size, salt=1).to(dev)
+    in_pool = torch.isin(glob_owner, members)
+    pool_concepts, sizes = pdist.gather_variable(concepts[in_pool], with_grad=True)
+    pool_owner, _ = pdist.gather_variable(glob_owner[in_pool], with_grad=False)
+    cols = torch.cat([concepts, pool_concepts])
+    col_owner = torch.cat([glob_owner, pool_owner])
+    col_ids = None
+    if ids is not None:
+        col_ids = torch.cat([ids, pdist.gather_variable(ids[in_pool], with_grad=False)[0]])
+    cand = torch.cat([own_cand, pool_owner[None, :] != local_index[:, None]], dim=1)
+    return GatheredConcepts(cols, col_owner, col_ids, image_offset, num_images, sizes, cand, concepts.shape[0])
 
 
 def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | None,
@@ -128,23 +176,30 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
     return table[:, inv]
 
 
-def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """sum over pairs of -log sigmoid(y * logit), y = +1 / -1."""
+def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor,
+                     candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over (candidate) pairs of -log sigmoid(y * logit), y = +1 / -1."""
     y = positives.to(logits.dtype) * 2 - 1
-    return F.softplus(-y * logits).sum()
+    terms = F.softplus(-y * logits)
+    if candidates is not None:
+        terms = terms * candidates
+    return terms.sum()
 
 
-def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """sum over rows with a positive of -(mean over positives of log softmax(row))."""
+def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor,
+                               candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over rows with a positive of -(mean over positives of log softmax(row over its candidates))."""
+    if candidates is not None:
+        logits = logits.masked_fill(~candidates, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)
     npos = positives.sum(-1)
-    keep = npos > 0
-    per_row = -(logp * positives).sum(-1)[keep] / npos[keep]
+    # rows without a positive have numerator 0: no boolean indexing (data-dependent shape, a host sync)
+    per_row = -torch.where(positives, logp, torch.zeros_like(logp)).sum(-1) / npos.clamp_min(1)
     return per_row.sum()
 
 
 def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features: Features,
-             normaliser: float) -> torch.Tensor:
+             normaliser: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring)."""
     scale = features.logit_scale.float().reshape(())
     logits = scale * scores
@@ -152,10 +207,18 @@ def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features:
         if features.logit_bias is None:
             raise ValueError("the sigmoid concept loss needs Features.logit_bias (a SigLIP model: "
                              "model.init_logit_bias, e.g. -10); use loss.concept.form=softmax otherwise")
-        total = sigmoid_pair_sum(logits + features.logit_bias.float().reshape(()), positives)
+        total = sigmoid_pair_sum(logits + features.logit_bias.float().reshape(()), positives, candidates)
     else:
-        total = softmax_multi_positive_sum(logits, positives)
+        total = softmax_multi_positive_sum(logits, positives, candidates)
     return total * (pdist.world_size() / max(normaliser, 1.0))
+
+
+def _with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, b: int) -> torch.Tensor:
+    """[B, n_own + N] scores: each own column holds its owner's score (others 0: not candidates)."""
+    if own.shape[0] == 0:
+        return rest
+    block = own.new_zeros(b, own.shape[0]).index_put((owner, torch.arange(own.shape[0], device=own.device)), own)
+    return torch.cat([block, rest], dim=1)
 
 
 def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
@@ -166,33 +229,46 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
     if not (want_npc or want_xac):
         return {}
     form = resolve_form(cfg.form, global_loss)
-    g = gather_concepts(features, batch)
+    g = gather_concepts(features, batch, cfg)
     image = features.image
     b = image.shape[0]
     local_index = torch.arange(b, device=image.device) + g.image_offset
     pos = positive_mask(local_index, g.owner, g.ids, cfg.false_negative_fix)
+    cand = g.candidates
+    if cand is not None:
+        pos = pos & cand
 
     # Normalisers and diagnostics need global counts (no gradient).
-    counts = torch.tensor([float(pos.any(-1).sum()), float(pos.sum()),
-                           float((g.owner[None, :] == local_index[:, None]).sum())], device=image.device)
+    own = g.owner[None, :] == local_index[:, None]
+    if cand is not None:
+        own = own & cand
+    n_cand = float(cand.sum()) if cand is not None else float(b * g.concepts.shape[0])
+    counts = torch.tensor([float(pos.any(-1).sum()), float(pos.sum()), float(own.sum()), n_cand],
+                          device=image.device)
     counts = pdist.all_reduce_sum(counts)
-    images_with_pos, n_pos, n_own = (float(v) for v in counts)
+    images_with_pos, n_pos, n_own, n_all = (float(v) for v in counts)
     normaliser = float(g.num_images) if form == "sigmoid" else images_with_pos
 
     out: dict[str, torch.Tensor] = {}
     concepts = g.concepts.float()
+    own_cols = g.own_columns
+    own_owner = g.owner[:own_cols] - g.image_offset  # local image of each own column
     if want_npc:
-        npc_scores = image.float() @ concepts.t()
-        out["concept_npc"] = contrast(npc_scores, pos, form, features, normaliser)
+        img = image.float()
+        npc_own = (img[own_owner] * concepts[:own_cols]).sum(-1)
+        npc_scores = _with_own_block(npc_own, own_owner, img @ concepts[own_cols:].t(), b)
+        out["concept_npc"] = contrast(npc_scores, pos, form, features, normaliser, cand)
     if want_xac:
         if features.patches is None:
             raise ValueError("loss.concept.xac_weight > 0 needs Features.patches [B, T, D] "
                              "(the model's dense patch path)")
-        xac = xac_scores(features.patches, concepts, cfg.xac_lambda, cfg.memory_budget_mb)
-        out["concept_xac"] = contrast(xac, pos, form, features, normaliser)
+        xac_own = xac_scores_paired(features.patches, own_owner, concepts[:own_cols], cfg.xac_lambda)
+        xac = _with_own_block(xac_own, own_owner,
+                              xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda, cfg.memory_budget_mb), b)
+        out["concept_xac"] = contrast(xac, pos, form, features, normaliser, cand)
         with torch.no_grad():
-            pos_mean = pdist.all_reduce_sum(torch.stack([(xac * pos).sum(), (xac * ~pos).sum()]))
-            n_all = float(g.num_images * g.concepts.shape[0])
+            negs = ~pos if cand is None else cand & ~pos
+            pos_mean = pdist.all_reduce_sum(torch.stack([(xac * pos).sum(), (xac * negs).sum()]))
             out["concept_diag_xac_pos_cos"] = pos_mean[0] / max(n_pos, 1.0)
             out["concept_diag_xac_neg_cos"] = pos_mean[1] / max(n_all - n_pos, 1.0)
     dev = image.device

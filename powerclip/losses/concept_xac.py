@@ -92,3 +92,22 @@ def xac_scores_explicit(patches: torch.Tensor, concepts: torch.Tensor, lam: floa
     """Reference scores <p_{in}, c_n> by explicit pooling: [B, N]."""
     p = xac_pooled_explicit(patches, concepts, lam)
     return (p * concepts.float()[None]).sum(-1)
+
+
+def xac_scores_paired(patches: torch.Tensor, owner: torch.Tensor, concepts: torch.Tensor,
+                      lam: float = 1.0) -> torch.Tensor:
+    """Scores [C] of each concept against its OWN image only: <p_{o(n) n}, c_n>.
+
+    A negative pool scores each image's own concepts apart from the pool, so that its cost is C·T·D
+    rather than the B x C block whose off-diagonal would be masked anyway (B·C·T·D; under
+    accumulation that block grows with the square of the rows). Explicit pooling: no Gram matrix.
+    """
+    z = patches.float()
+    c = concepts.float()
+    if c.shape[0] == 0:
+        return c.new_zeros(0) + 0.0 * (z.sum() + c.sum())
+    zo = z[owner]  # [C, T, D]
+    s = torch.einsum("ctd,cd->ct", zo, c)
+    a = torch.softmax(lam * s, dim=-1)
+    pooled = torch.einsum("ct,ctd->cd", a, zo)
+    return (a * s).sum(-1) / pooled.norm(dim=-1).clamp_min(_EPS)

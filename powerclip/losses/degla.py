@@ -11,6 +11,11 @@ released DeGLA code builds its TGC mask by *tiling* the identity (column G + k·
 caption with other samples' negatives; here every per-sample term indexes the sample's OWN negatives
 directly ([B, N, D] rows), so that bug cannot occur (tests/test_degla.py has the counter-example).
 
+Negative pool (``cfg.negative_pool``, losses/pool.py): the captions stay the whole global batch (a
+global-loss cost); the HARD-NEGATIVE columns are every sample's (``all``, the layout above), or each
+image's own plus those of N samples drawn identically on every rank (``sample:N``), or this rank's
+own (``local``). Gathered negatives are the largest tensor of this stage: G·K rows.
+
 Distributed convention (the same as open_clip's ``local_loss + gather_with_grad``): each rank
 computes its B local rows against the gathered columns and returns the MEAN over its local rows.
 The backward of ``gather_with_grad`` sums every rank's contribution into the owner's chunk, so once
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from powerclip import distributed as pdist
 from powerclip.config import DeglaLossConfig
 from powerclip.data.batch import Batch
+from powerclip.losses.pool import PoolSpec, members_per_rank, parse_pool, sample_members, to_device
 from powerclip.model.features import Features
 
 TERMS = ("degla_base", "degla_igc", "degla_tgc", "degla_distill")
@@ -71,6 +77,37 @@ def _own_contrast(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch
     return -torch.log_softmax(logits, dim=1)[:, 0].mean()
 
 
+def _negative_columns(neg: torch.Tensor, valid: torch.Tensor, g: int, pool: PoolSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-negative columns of the NegCLIP i2t softmax and which of them each local image may use.
+
+    ``all``: every sample's negatives, row g·K + k for negative k of global sample g (METHODS 4).
+    ``local``: this rank's own samples' negatives. ``sample:N``: each image's own negatives plus those of
+    N samples drawn from the global batch (the same draw on every rank), laid out [own B·K | drawn N·K];
+    image i keeps its own block and the drawn samples other than i (those would be duplicates).
+    """
+    b, n, d = neg.shape
+    dev = neg.device
+    flat, vflat = neg.reshape(b * n, d), valid.reshape(b * n)
+    if pool.covers(g):
+        all_neg = pdist.gather_with_grad(flat)  # [G*N, D], row g*N + k
+        all_valid = pdist.gather_with_grad(vflat.to(torch.uint8)).bool()  # no grad needed
+        if all_neg.shape[0] != g * n:
+            raise ValueError("every rank must hold the same local batch size for DeGLA losses")
+        return all_neg, all_valid[None, :].expand(b, -1)
+    if pool.kind == "local":
+        return flat, vflat[None, :].expand(b, -1)
+    world, me = pdist.world_size(), pdist.rank()
+    members = sample_members(g, pool.size, salt=2)
+    counts, owner_rank = members_per_rank(members, [r * b for r in range(world)], [b] * world)
+    mine = to_device(members[owner_rank == me] - me * b, dev)
+    s_neg = pdist.gather_known_sizes(neg[mine], counts)  # [P, N, D]
+    s_valid = pdist.gather_known_sizes(valid[mine].to(torch.uint8), counts, with_grad=False).bool()
+    own = torch.arange(b, device=dev) + me * b
+    own_block = torch.eye(b, dtype=torch.bool, device=dev).repeat_interleave(n, dim=1) & vflat[None, :]
+    drawn = (to_device(members, dev)[None, :] != own[:, None]).repeat_interleave(n, dim=1) & s_valid.reshape(1, -1)
+    return torch.cat([flat, s_neg.reshape(-1, d)]), torch.cat([own_block, drawn], dim=1)
+
+
 def degla_losses(student: Features, teacher: Features | None, batch: Batch,
                  cfg: DeglaLossConfig) -> dict[str, torch.Tensor]:
     """The four DeGLA terms for this rank's local batch (unweighted; see the module docstring).
@@ -88,15 +125,14 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     # ---- L_base (NegCLIP): local rows against gathered columns -------------------------------
     all_img = pdist.gather_with_grad(img)  # [G, D]
     all_txt = pdist.gather_with_grad(txt)  # [G, D]
-    all_neg = pdist.gather_with_grad(neg.reshape(b * n, d))  # [G*N, D], row g*N + k
-    all_valid = pdist.gather_with_grad(valid.reshape(b * n).to(torch.uint8)).bool()  # no grad needed
     g = all_img.shape[0]
-    if all_txt.shape[0] != g or all_neg.shape[0] != g * n:
+    if all_txt.shape[0] != g:
         raise ValueError("every rank must hold the same local batch size for DeGLA losses")
     labels = torch.arange(b, device=img.device) + pdist.rank() * b
-    columns = torch.cat([all_txt, all_neg], dim=0)  # [G + G*N, D]: captions, then negatives (g, k)
-    col_valid = torch.cat([torch.ones(g, dtype=torch.bool, device=img.device), all_valid])
-    logits_i2t = (scale * img @ columns.T).masked_fill(~col_valid, float("-inf"))
+    neg_cols, neg_keep = _negative_columns(neg, valid, g, parse_pool(cfg.negative_pool, "loss.degla.negative_pool"))
+    columns = torch.cat([all_txt, neg_cols], dim=0)  # captions, then the pool's negatives
+    col_keep = torch.cat([torch.ones(b, g, dtype=torch.bool, device=img.device), neg_keep], dim=1)
+    logits_i2t = (scale * img @ columns.T).masked_fill(~col_keep, float("-inf"))
     logits_t2i = scale * txt @ all_img.T
     base = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
@@ -121,7 +157,7 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     # ---- distillation: squared L2 per vector, averaged over images + captions + valid negatives --
     sq = ((img - t_img).pow(2).sum(-1).sum() + (txt - t_txt).pow(2).sum(-1).sum()
           + ((neg - t_neg).pow(2).sum(-1) * valid).sum())
-    count_local = torch.tensor([2 * b + valid.sum().item()], dtype=torch.float32, device=img.device)
+    count_local = (valid.sum() + 2 * b).to(torch.float32).reshape(1)  # on the device: no host sync
     count_global = pdist.all_reduce_sum(count_local)
     out["degla_distill"] = sq * pdist.world_size() / count_global.squeeze(0)
     return out

@@ -10,8 +10,18 @@ All computation happens in fp32 (float64 stays float64, for gradcheck) whatever 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` (s/tau ~ 1e3 magnifies half-precision errors); the meta
+    device, on which tools/bench_scale.py counts the work, has no autocast to switch off."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -38,6 +38,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from powerclip.losses.powerset_embed import autocast_off
+
 _LOG2 = math.log(2.0)
 # [R, M, chunk, K] tensors alive at once in forward or backward of ``_AbsLogSums`` (s/a, L or sign, q),
 # plus one for matmul workspace; the chunk is sized so that this many fit the memory budget.
@@ -83,7 +85,7 @@ class _AbsLogSums(torch.autograd.Function):
         tau = ctx.tau
         if g_a is None and g_lam is None:
             return None, None, None, None
-        with torch.autocast(device_type=phi.device.type, enabled=False):  # s/tau ~ 1e3: never in half
+        with autocast_off(phi.device):  # s/tau ~ 1e3: never in half
             return _AbsLogSums._grads(ctx, phi, p, v, tau, g_a, g_lam)
 
     @staticmethod
@@ -166,7 +168,9 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
     phi [R, M, D] region embeddings, region_valid [R, M] bool, region_scale [R] (the 1/M factor),
     p [C, K, D] phrase embeddings, phrase_valid [C, K] bool (every caption needs >= 1 valid phrase).
     Inputs are computed in their own dtype (the caller casts to fp32/fp64). ``chunk`` overrides
-    the number of columns per chunk derived from ``memory_budget_mb``.
+    the number of columns per chunk derived from ``memory_budget_mb``; when even one column of all
+    R rows exceeds the budget (many rows, e.g. accumulated micro-batches), the rows are chunked too,
+    down to one row.
     """
     r, m, d = phi.shape
     c, k, _ = p.shape
@@ -177,6 +181,12 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
         z = phi.new_zeros(r, c) + 0.0 * (phi.sum() + p.sum())
         return z, z
     live = _LIVE_SINGLE if singletons_only else _LIVE_NLA
+    rows_fit = column_chunk(1, r, m * k, live, phi.element_size(), memory_budget_mb)  # rows x 1 column
+    if chunk is None and rows_fit < r:  # not even one column of all rows fits: chunk the rows too
+        parts = [nla_pair_terms(phi[i:i + rows_fit], region_valid[i:i + rows_fit], region_scale[i:i + rows_fit],
+                                p, phrase_valid, tau, zeta, use_t1, use_t2, singletons_only, memory_budget_mb)
+                 for i in range(0, r, rows_fit)]
+        return torch.cat([a for a, _ in parts], dim=0), torch.cat([b for _, b in parts], dim=0)
     step = chunk or column_chunk(r, c, m * k, live, phi.element_size(), memory_budget_mb)
     step = max(1, min(step, c))
     if singletons_only:
@@ -193,4 +203,32 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
                             tau, zeta, use_t1, use_t2) for start in range(0, c, step)]
     t1 = torch.cat([a for a, _ in parts], dim=1)
     t2 = torch.cat([b for _, b in parts], dim=1)
+    return t1, t2
+
+
+def nla_pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: torch.Tensor,
+                        p: torch.Tensor, phrase_valid: torch.Tensor, tau: float, zeta: float,
+                        use_t1: bool = True, use_t2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLA-T1 and NLA-T2 [B] of the B matched pairs (image i, caption i) only.
+
+    A negative pool scores each row's positive separately from the pool: computing the whole own
+    [B, B] block for its diagonal would cost B^2 pairs (and (A·B)^2 under accumulation). The [B, M, K]
+    tensors here are small, so plain autograd with the same stable forms as ``_nla_chunk`` does.
+    """
+    v = region_valid.to(phi.dtype)
+    phi_s = phi * (region_scale.to(phi.dtype)[:, None, None] * v[..., None])
+    u = phrase_valid.bool()
+    s = torch.einsum("bmd,bkd->bmk", phi_s, p)
+    a = s.abs()
+    lam = tau * torch.log1p(torch.exp(-a / tau))
+    vm = v[:, :, None]
+    kc = u.sum(-1).to(phi.dtype)
+    t1 = t2 = phi.new_zeros(phi.shape[0])
+    if use_t1:
+        per_phrase = ((0.5 * (s + a) + lam) * vm).sum(1)  # sum_m softplus_tau(s)
+        t1 = (per_phrase * u.to(phi.dtype)).sum(-1) / kc
+    if use_t2:
+        g_sum = ((0.5 * s + zeta * (0.5 * a + lam - tau * _LOG2)) * vm).sum(1)
+        logits = (g_sum / tau).masked_fill(~u, float("-inf"))
+        t2 = tau * torch.logsumexp(logits, dim=-1) - (1.0 - zeta) * tau * torch.log(kc)
     return t1, t2

@@ -1,29 +1,32 @@
-"""Gradient accumulation that keeps the whole negative pool (open_clip's feature-caching method).
+"""Gradient accumulation that keeps the whole negative pool (feature caching with cached gradients).
 
 With ``accum_steps = A`` micro-batches per optimiser step, DeepSpeed's own accumulation would give
-every micro-batch's contrastive loss only its own B·W negatives. Instead:
+every micro-batch's contrastive loss only its own B·W negatives. Instead (GradCache, Gao et al. 2021):
 
-1. forward all A micro-batches WITHOUT gradient and cache their features;
-2. for each micro-batch j: forward it again WITH gradient, put its features in place of the cached
-   ones (rows j·B ... (j+1)·B), compute the loss over the concatenated A·B local rows (and the gathered
-   columns of every rank), and backward.
+1. forward all A micro-batches WITHOUT gradient and concatenate their features F = [F_1; ...; F_A];
+2. compute the loss L(F) ONCE over the A·B local rows (and the gathered columns of every rank), with
+   F as leaf tensors, and take G = dL/dF (the finiteness check runs on this one value);
+3. for each micro-batch j: forward it again WITH gradient and back-propagate the surrogate
+   <F_j(theta), G_j> (the sum over every feature field of features times their cached gradient).
 
-Why this is exact: the loss L is a function of the features of all A micro-batches, and the cached
-features of the other micro-batches are constants in pass j, so pass j's backward yields exactly
-∂L/∂F_j · ∂F_j/∂θ. Summing over j (the gradients accumulate) gives ∂L/∂θ: the gradient of one big
-batch of A·B rows. Two details make it bit-for-bit the big-batch gradient rather than approximately:
+Why this is exact: d<F_j(theta), G_j>/dtheta = G_j · dF_j/dtheta, and summing over j (the gradients
+accumulate) gives dL/dF · dF/dtheta = dL/dtheta, the gradient of one big batch of A·B rows.
+``logit_scale``/``logit_bias`` are read by the loss directly: their cached gradient enters the
+surrogate of pass 0 only, so it is counted once.
 
-* each backward uses the loss as is (``scale_wrt_gas=False``): DeepSpeed's default 1/A scaling is
-  for independent micro-batch losses, not for A passes of one loss;
-* parameters the loss reads directly (``logit_scale``, ``logit_bias``) carry gradient only in
-  pass 0; otherwise their gradient would be counted A times (open_clip's implementation does that).
+Why not recompute the loss in every pass (splice the live features of j among the cached ones): the
+loss over A·B rows then runs A times, A^3 times one micro-batch's pairs for a loss whose pool grows
+with the rows (A^2 rows x columns, A times). Here it runs once: A^2 for the ``all`` pool (every pair
+of the big batch is scored once), A x one micro-batch once a negative pool binds.
 
-DeepSpeed is configured with ``gradient_accumulation_steps = A`` so it reduces gradients and steps the
-optimiser once per A micro-batches.
+Each backward uses the surrogate as is (``scale_wrt_gas=False``: DeepSpeed's default 1/A scaling
+is for independent micro-batch losses). DeepSpeed is configured with ``gradient_accumulation_steps
+= A`` so it reduces gradients and steps the optimiser once per A micro-batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 
 import torch
@@ -72,18 +75,72 @@ def concat_batches(batches: list[Batch]) -> Batch:
     return Batch(**out)
 
 
-def splice_features(cached: list[Features], live: Features, j: int) -> Features:
-    """The features of all micro-batches with micro-batch ``j``'s replaced by ``live`` (with grad).
+_LOSS_READ = ("logit_scale", "logit_bias")  # read by the loss directly, shared by the micro-batches
 
-    ``logit_scale``/``logit_bias`` come from ``live`` in pass 0 only (see the module docstring).
+
+def _rows(f: Features, name: str) -> int:
+    v = getattr(f, name)
+    return 0 if v is None or name in _LOSS_READ else int(v.shape[0])
+
+
+def cached_loss(cached: list[Features], compose: Callable[[Features], tuple[torch.Tensor, dict]]
+                ) -> tuple[torch.Tensor, dict, Features, Callable[[], list[Features]]]:
+    """The loss of the concatenated cached features, once, with those features as leaves.
+
+    Returns (loss, terms, the concatenated features, grads) where ``grads()`` back-propagates the
+    loss and returns, per micro-batch, a Features of dL/d(its features) (None where no gradient).
     """
-    parts = cached[:j] + [live] + cached[j + 1:]
-    out: dict = {}
+    leaf: dict = {}
     for f in fields(Features):
-        if f.name in ("logit_scale", "logit_bias"):
-            v = getattr(live, f.name)
-            out[f.name] = v if (v is None or j == 0) else v.detach()
+        values = [getattr(c, f.name) for c in cached]
+        if values[0] is None:
+            leaf[f.name] = None
             continue
-        values = [getattr(p, f.name) for p in parts]
-        out[f.name] = None if values[0] is None else _pad_cat(values)
-    return Features(**out)
+        v = values[0] if f.name in _LOSS_READ else _pad_cat(values)
+        leaf[f.name] = v.detach().requires_grad_(v.is_floating_point())
+    feats = Features(**leaf)
+    loss, terms = compose(feats)
+
+    def grads() -> list[Features]:
+        names = [n for n, v in leaf.items() if v is not None and v.requires_grad]
+        got = torch.autograd.grad(loss, [leaf[n] for n in names], allow_unused=True)
+        full = dict(zip(names, got))
+        out, start = [], {n: 0 for n in names}
+        for j, c in enumerate(cached):
+            per: dict = {f.name: None for f in fields(Features)}
+            for n in names:
+                g = full[n]
+                if g is None or (n in _LOSS_READ and j > 0):
+                    continue
+                if n in _LOSS_READ:
+                    per[n] = g
+                    continue
+                rows = _rows(c, n)
+                own = getattr(c, n)
+                per[n] = g[start[n]:start[n] + rows][tuple(slice(0, s) for s in own.shape)]
+                start[n] += rows
+            out.append(Features(**per))
+        return out
+
+    return loss, terms, feats, grads
+
+
+def surrogate(live: Features, grad: Features) -> torch.Tensor:
+    """<live features, their cached gradient>: its backward is dL/dtheta through this micro-batch."""
+    total: torch.Tensor | None = None
+    for f in fields(Features):
+        v, g = getattr(live, f.name), getattr(grad, f.name)
+        if v is None or g is None:
+            continue
+        part = (v.float() * g.float()).sum()
+        total = part if total is None else total + part
+    if total is None:  # no feature reaches the loss: keep the graph alive with a zero
+        total = live.image.sum() * 0.0
+    return total
+
+
+def surrogate_passes(micro: list, forward: Callable[[object], Features],
+                     grads: Callable[[], list[Features]]) -> Iterator[torch.Tensor]:
+    """For each micro-batch: forward it with gradient and yield its surrogate (the caller backwards it)."""
+    for b, g in zip(micro, grads()):
+        yield surrogate(forward(b), g)

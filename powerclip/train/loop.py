@@ -32,8 +32,9 @@ from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.data.device import to_device
 from powerclip.data.geometry import model_geometry
+from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
-from powerclip.train.accum import concat_batches, splice_features
+from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
@@ -115,6 +116,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
+        set_pool_step(step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype, host,
                             _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
@@ -160,8 +162,8 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
                time_due: bool = False) -> StepResult:
     """Forward, loss, backward and optimiser step over ``accum_steps`` micro-batches.
 
-    accum 1: the plain path. accum A > 1: feature caching (see ``powerclip.train.accum``); every pass
-    computes the same loss value, so the finiteness check on pass 0 decides for the whole step.
+    accum 1: the plain path. accum A > 1: feature caching with cached gradients (see
+    ``powerclip.train.accum``): the loss runs once, so its finiteness check decides for the whole step.
     ``host``/``time_due`` ride along in that check's collective (``step_sync.reduce_step``).
     """
     accum = len(micro)
@@ -171,22 +173,25 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
         with torch.no_grad():
             # fp32 EMA weights under the run's autocast dtype; the DeGLA terms need no dense outputs
             teacher_feats = teacher.features(full, PRECISION_DTYPES[cfg.train.precision])
-    cached = None
-    if accum > 1:
+    if accum > 1:  # the loss once over all micro-batches' cached features, then one surrogate per pass
         with torch.no_grad():
             cached = [features_of(engine(b, dense=dense)) for b in micro]
-    result: StepResult | None = None
-    for j, b in enumerate(micro):
-        live = features_of(engine(b, dense=dense))
-        feats = live if cached is None else splice_features(cached, live, j)
-        loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
-        if j == 0:
-            result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
-            if not result.applied:
-                return result  # no backward on any rank: the step is skipped everywhere
-        engine.backward(loss, scale_wrt_gas=False)
-        engine.step()
-    assert result is not None
+        loss, terms, feats, grads = cached_loss(cached, lambda f: _compose(compose_losses, f, full, cfg,
+                                                                           teacher_feats))
+        result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
+        if not result.applied:
+            return result  # no backward on any rank: the step is skipped everywhere
+        for part in surrogate_passes(micro, lambda b: features_of(engine(b, dense=dense)), grads):
+            engine.backward(part, scale_wrt_gas=False)
+            engine.step()
+        return result
+    feats = features_of(engine(micro[0], dense=dense))
+    loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
+    result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
+    if not result.applied:
+        return result  # no backward on any rank: the step is skipped everywhere
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
     return result
 
 

@@ -1,0 +1,98 @@
+"""tools/bench_scale.py simulates W ranks by the SHAPES of the gathered tensors on the meta device.
+This checks that the simulation counts what a real rank does: on 2 real gloo ranks at small size,
+each term's forward+backward FLOPs on every rank equal the simulated per-rank FLOPs at W = 2, for a
+pool that covers the batch and for one that binds. And that the table is written as its own section."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from powerclip.config import ConceptLossConfig
+from powerclip.data.batch import Batch
+from powerclip.losses import pool
+from powerclip.losses.concept import concept_losses
+from powerclip.model.features import Features
+from tests.dist_helpers import run_on_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "tools" / "bench_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scale"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SHAPES = dict(b=4, m=3, k=4, d=8, t=5, d_concept=8, concepts_per_image=3, negatives=2)
+POOLS = ({"powerset": "all", "concept": "all", "degla": "all"},
+         {"powerset": "sample:3", "concept": "sample:3", "degla": "sample:3"})
+
+
+def _real_concept(s, cfg: ConceptLossConfig, term: str, rank: int) -> int:
+    gen = torch.Generator().manual_seed(rank)
+    c = s.b * s.concepts_per_image
+    image = F.normalize(torch.randn(s.b, s.d_concept, generator=gen), dim=-1).requires_grad_()
+    patches = F.normalize(torch.randn(s.b, s.t, s.d_concept, generator=gen), dim=-1).requires_grad_()
+    concepts = F.normalize(torch.randn(c, s.d_concept, generator=gen), dim=-1).requires_grad_()
+    feats = Features(image=image, text=image, logit_scale=torch.tensor(10.0), patches=patches, concepts=concepts)
+    owner = torch.arange(s.b).repeat_interleave(s.concepts_per_image)
+    batch = Batch(keys=[""] * s.b, images=torch.zeros(1), text=torch.zeros(1), concept_owner=owner,
+                  concept_ids=torch.arange(c) + 100 * rank)
+    cfg = ConceptLossConfig(npc_weight=float(term == "concept_npc"), xac_weight=float(term == "concept_xac"),
+                            negative_pool=cfg.negative_pool)
+    with FlopCounterMode(display=False) as fc:
+        concept_losses(feats, batch, cfg, "clip")[term].backward()
+    return int(fc.get_total_flops())
+
+
+def _rank_fn(rank: int, world: int) -> list[dict[str, int]]:
+    bench = _bench()
+    s = bench.Shapes(**SHAPES)
+    pool.set_step(3)
+    out = []
+    for pools in POOLS:
+        counts = {}
+        for name, make in bench.cases(s, pools, world, device="cpu").items():
+            if name.startswith("concept"):
+                counts[name] = _real_concept(s, ConceptLossConfig(negative_pool=pools["concept"]), name, rank)
+            else:
+                counts[name] = bench.measure_flops(make)
+        out.append(counts)
+    return out
+
+
+@pytest.mark.slow
+def test_simulated_per_rank_flops_equal_two_real_ranks():
+    bench = _bench()
+    s = bench.Shapes(**SHAPES)
+    pool.set_step(3)
+    ranks = run_on_ranks(_rank_fn, 2)
+    for i, pools in enumerate(POOLS):
+        sim = bench.run(s, pools, (2,))
+        for name, by_w in sim.items():
+            assert by_w[2][0] > 0, name
+            for r in (0, 1):
+                assert ranks[r][i][name] == by_w[2][0], (pools, name, r)
+    # the pool binds: the sampled rows cost less than 'all' for the pool-aware terms
+    for name in ("powerset", "concept_xac", "degla_base"):
+        assert ranks[0][1][name] < ranks[0][0][name], name
+
+
+def test_table_section_is_rewritten_in_place(tmp_path: Path):
+    bench = _bench()
+    md = tmp_path / "B.md"
+    md.write_text("# title\n\nother section\n")
+    bench.write_section(md, "first")
+    bench.write_section(md, "second")
+    text = md.read_text()
+    assert text.startswith("# title\n\nother section\n") and "second" in text and "first" not in text
+    assert text.count(bench.SECTION_START) == 1
