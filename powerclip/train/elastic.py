@@ -313,3 +313,57 @@ def _load_buffers(model: nn.Module, module_sd: dict[str, Any]) -> None:
         for name, buf in model.named_buffers():
             if name in module_sd and isinstance(module_sd[name], torch.Tensor):
                 buf.copy_(module_sd[name].to(buf.device, buf.dtype))
+
+
+# ------------------------------------------------------------------------------ the resume
+def saved_layout(client: dict[str, Any], tag_dir: Path) -> tuple[int, int]:
+    """(world size, ZeRO stage) a checkpoint was written with."""
+    stage = client.get("zero_stage")
+    return int(client["world_size"]), int(stage) if stage is not None else saved_zero_stage(tag_dir)
+
+
+def needs_conversion(tag_dir: Path, client: dict[str, Any], world_size: int, zero_stage: int) -> bool:
+    return saved_layout(client, tag_dir) != (world_size, zero_stage)
+
+
+def adjust_global_batch(cfg, client: dict[str, Any], world_size: int, is_main: bool):
+    """The config to resume with on ``world_size`` ranks: the checkpoint's global batch is kept
+    (``data.batch_size`` per rank recomputed, logged) unless ``train.keep_global_batch`` is false."""
+    import copy
+
+    from powerclip.config import ConfigError
+
+    saved_world = int(client["world_size"])
+    accum, b = cfg.train.accum_steps, cfg.data.batch_size
+    saved = int(client.get("global_batch") or b * accum * saved_world)
+    now = b * accum * world_size
+    if saved_world == world_size or now == saved:
+        return cfg
+    if not cfg.train.keep_global_batch:
+        if is_main:
+            log.info("elastic resume on %d ranks (checkpoint: %d): global batch changes from %d to %d "
+                     "(train.keep_global_batch=false)", world_size, saved_world, saved, now)
+        return cfg
+    if saved % (accum * world_size):
+        raise ConfigError(f"cannot keep the global batch of {saved} on {world_size} ranks: it is not divisible by "
+                          f"ranks x train.accum_steps = {world_size} x {accum}; resume on a number of ranks "
+                          "that divides it, change train.accum_steps, or set train.keep_global_batch=false "
+                          "to train on with data.batch_size x ranks x train.accum_steps")
+    out = copy.deepcopy(cfg)
+    out.data.batch_size = saved // (accum * world_size)
+    if is_main:
+        log.info("elastic resume on %d ranks (checkpoint: %d): global batch %d kept, data.batch_size %d -> %d "
+                 "per rank (train.accum_steps %d)", world_size, saved_world, saved, b, out.data.batch_size, accum)
+    return out
+
+
+def resume(engine, scheduler, tag_dir: Path, client: dict[str, Any], weight_decay: float, rank: int) -> dict:
+    """Load ``tag_dir`` into an engine of another layout; this rank's resume state for the loop:
+    the data state maps every old rank's cursor (``powerclip.data.remap``), the RNG state is the old
+    rank's of the same number (None for a rank that did not exist: it is seeded afresh)."""
+    load_full_state(engine, read_full_state(tag_dir, engine.module, weight_decay), scheduler)
+    ranks = client["ranks"]
+    data = [r.get("data") for r in ranks]
+    return {"data": None if any(d is None for d in data) else
+            {"elastic_from": data, "salt": int(client["step"]) + 1},
+            "rng": ranks[rank]["rng"] if rank < len(ranks) else None}
