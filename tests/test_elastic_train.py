@@ -74,6 +74,13 @@ def test_two_one_three_ranks_one_epoch(six_shards, tmp_path):  # noqa: F811 - th
     keys = [k for batches in per_phase.values() for b in batches for k in b]
     assert Counter(keys) == Counter(f"train_{i:08d}" for i in range(SHARDS * PER_SHARD))
 
+    # every checkpoint of the three layouts exports to open_clip (ZeRO-2 x2, stage 0 x1, ZeRO-3 x3)
+    from powerclip.export import export_checkpoint
+
+    for tag in ("step_00000003", "step_00000005", "step_00000008"):
+        out = export_checkpoint(run, tmp_path / tag, tag=tag)
+        assert (Path(out) / "open_clip_model.safetensors").is_file()
+
 
 def _bad_job(rank: int, world: int, root: str, run: str) -> str:
     from powerclip.config import ConfigError

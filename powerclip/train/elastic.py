@@ -225,7 +225,9 @@ def link_optimizer_state(engine) -> None:
 def load_full_state(engine, state: FullState, scheduler) -> None:
     """Put ``state`` into a freshly built engine of any stage and world size (collective-free)."""
     model: nn.Module = engine.module
-    names = dict(model.named_parameters())
+    # frozen parameters never change in training: the new run's own (same seed, same pretrained
+    # weights) are the saved ones, and DeepSpeed keeps no fp32 master of them
+    names = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(names) - set(state.fp32))
     if missing:
         raise ElasticError(f"the checkpoint has no weights for {missing[:3]} ({len(missing)} parameters): "
@@ -241,6 +243,8 @@ def load_full_state(engine, state: FullState, scheduler) -> None:
             for group in opt.param_groups:
                 for p in group["params"]:
                     name = ids[id(p)]
+                    if name not in names:
+                        continue
                     p.copy_(state.fp32[name].to(p.dtype))
                     if name in state.moments and state.step is not None:
                         m = state.moments[name]
