@@ -17,7 +17,35 @@ import pytest
 
 from tests.dist_helpers import run_on_ranks
 from tests.test_data_elastic import PER_SHARD, SHARDS, six_shards  # noqa: F401 - the shared fixture
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, tiny_model_config
+
+
+@pytest.mark.slow
+def test_torchrun_resume_on_another_nproc_per_node(six_shards, tmp_path):  # noqa: F811 - the fixture
+    """The launch path: ``torchrun --nproc_per_node 2`` then ``--nproc_per_node 1`` on one run folder."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    cfg = {"data": {"sources": [{"shards": f"{six_shards}/train/{{00000..00005}}.tar"}], "batch_size": 6,
+                    "workers": 0, "resampled": False, "shuffle_buffer": 10},
+           "model": {"config": tiny_model_config()}, "train": {"steps": 2, "zero_stage": 2, "log_every": 1}}
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    logs = []
+    for nproc, steps in ((2, 2), (1, 3)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "powerclip", "train", "-c", str(config), f"train.run_dir={tmp_path / 'run'}",
+               f"train.steps={steps}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        logs.append(res.stdout + res.stderr)
+    assert "global batch 12 kept, data.batch_size 6 -> 12" in logs[1]
+    assert "elastic resume" in logs[1]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"
 
 
 class RecordingLoader:
@@ -82,17 +110,15 @@ def test_two_one_three_ranks_one_epoch(six_shards, tmp_path):  # noqa: F811 - th
         assert (Path(out) / "open_clip_model.safetensors").is_file()
 
 
-def _bad_job(rank: int, world: int, root: str, run: str) -> str:
+def test_global_batch_kept_or_refused():
     from powerclip.config import ConfigError
-    from powerclip.train.loop import train
+    from powerclip.train.elastic import adjust_global_batch
 
-    with pytest.raises(ConfigError) as e:
-        train(_cfg(root, run, 6, 2, batch=3), build_loader=RecordingLoader)
-    return str(e.value)
-
-
-def test_global_batch_not_divisible_is_refused(six_shards, tmp_path):  # noqa: F811 - the fixture
-    root, run = str(six_shards), str(tmp_path / "run")
-    run_on_ranks(_job, 1, root, run, 1, 2, 3)  # global batch 3 on one rank
-    msg = run_on_ranks(_bad_job, 2, root, run)[0]
-    assert "global batch of 3 on 2 ranks" in msg and "train.keep_global_batch=false" in msg
+    cfg = tiny_config(["data.batch_size=6", "train.accum_steps=2"])
+    saved = {"world_size": 2, "global_batch": 24}
+    assert adjust_global_batch(cfg, saved, 4, True).data.batch_size == 3  # 24 = 4 ranks x 2 x 3
+    assert adjust_global_batch(cfg, saved, 2, True) is cfg  # same world size: nothing to adjust
+    with pytest.raises(ConfigError, match=r"global batch of 24 on 5 ranks.*train.keep_global_batch=false"):
+        adjust_global_batch(cfg, saved, 5, True)
+    free = tiny_config(["data.batch_size=6", "train.accum_steps=2", "train.keep_global_batch=false"])
+    assert adjust_global_batch(free, saved, 5, True).data.batch_size == 6  # the user's choice
