@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerclip.train.checkpoint import SafeCheckpointEngine
+from powerclip.train.checkpoint import SafeCheckpointEngine, decode
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,16 @@ def saved_zero_stage(tag_dir: Path) -> int:
 
 def read_client_state(tag_dir: Path) -> dict[str, Any]:
     """The ``powerclip`` client state of a checkpoint (step, counters, per-rank cursors)."""
-    sd = _load(model_states_file(tag_dir))
+    path = model_states_file(tag_dir)
+    if not path.is_file():
+        raise ElasticError(f"{path}: missing (incomplete checkpoint?)")
+    try:  # memory-mapped: only the small client state is read, not the module weights beside it
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     if "powerclip" not in sd:
         raise ElasticError(f"{tag_dir}: not a powerclip checkpoint (no client state)")
-    return sd["powerclip"]
+    return decode(sd["powerclip"])
 
 
 def _adam_state(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
