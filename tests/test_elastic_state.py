@@ -1,7 +1,7 @@
 """Model and optimiser state across world sizes and ZeRO stages (powerclip.train.elastic).
 
 2 ranks at ZeRO-2 train and save; 3 ranks at ZeRO-3 load it, train and save; 2 ranks at ZeRO-2 and
-1 rank at stage 0 load that. After every load the fp32 master weights and both Adam moments of every
+1 rank at stage 0 load that; the stage-0 rank trains and saves, and 2 ranks at ZeRO-1 load it. After every load the fp32 master weights and both Adam moments of every
 parameter, read back through DeepSpeed's own ``safe_get_full_*`` (torch's optimizer state at stage
 0), equal bit for bit those the saving engine held, the LR schedule continues, and a step after the
 load gives a finite loss. Real gloo ranks, the tiny model, a few steps.
@@ -113,6 +113,10 @@ def test_zero2_to_zero3_and_back_across_world_sizes(tmp_path):
     _assert_equal(back["loaded"], z3["full"])
     assert back["steps"] == 4 and all(math.isfinite(x) for x in back["losses"])
 
-    zero0 = run_on_ranks(_resumed, 1, root, 0, "step_00000004", 0)[0]
+    zero0 = run_on_ranks(_resumed, 1, root, 0, "step_00000004", 5)[0]
     _assert_equal(zero0["loaded"], z3["full"])
     assert zero0["lr"] == back["lr"] and all(math.isfinite(x) for x in zero0["losses"])
+
+    z1 = run_on_ranks(_resumed, 2, root, 1, "step_00000005", 0)[0]  # stage 0 read, ZeRO-1 written
+    _assert_equal(z1["loaded"], zero0["full"])
+    assert z1["steps"] == 5 and all(math.isfinite(x) for x in z1["losses"])
