@@ -180,6 +180,10 @@ class TrainConfig:
     accum_steps: int = 1
     seed: int = 0
     log_every: int = 10
+    # Resuming on another number of ranks: keep the checkpoint's global batch (data.batch_size per
+    # rank becomes global / (ranks x accum_steps), logged) or, when false, train on with
+    # data.batch_size x ranks x accum_steps as configured.
+    keep_global_batch: bool = True
     # CPU runs only: glibc keeps freed memory mapped between steps instead of returning it to the
     # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~9% of a CPU step)
     keep_freed_host_memory: bool = True

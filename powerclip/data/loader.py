@@ -17,6 +17,7 @@ which is how counts made inside worker processes reach the main process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -44,6 +45,7 @@ from .regions import (
     region_cells,
     stack_regions,
 )
+from .remap import RemapError, check_compatible, pieces_from_json, remap, shards_fingerprint
 from .stream import (
     ERROR_KEY,
     StreamSpec,
@@ -417,19 +419,53 @@ class Loader:
             self.load_state_dict(state)
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "batches": self._batches, "workers": self.spec.workers,
-                "rank": self.spec.rank, "world_size": self.spec.world_size,
-                "slots": {str(k): copy.deepcopy(v) for k, v in self._slots.items()}}
+        spec = self.spec
+        return {"version": STATE_VERSION, "batches": self._batches, "workers": spec.workers,
+                "rank": spec.rank, "world_size": spec.world_size,
+                "slots": {str(k): copy.deepcopy(v) for k, v in self._slots.items()},
+                # what a resume on another layout needs to rebuild this rank's streams (remap.py)
+                "shards": shards_fingerprint(spec), "seed": spec.seed, "resampled": spec.resampled,
+                "shuffle_buffer": spec.shuffle_buffer, "shard_shuffle": spec.shard_shuffle,
+                "salts": list(spec.salts), "rest_epoch": spec.rest_epoch,
+                "rest": None if spec.rest is None else [[[u, a, b, list(o)] for u, a, b, o in slot]
+                                                        for slot in spec.rest]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data state version {state.get('version')} != {STATE_VERSION}")
+        """``state``: this rank's own saved state (exact resume, same layout), or
+        ``{"elastic_from": [every old rank's state], "salt": int}`` for a resume on any layout."""
+        if "elastic_from" in state:
+            old = state["elastic_from"]
+            for s in old:
+                self._check_version(s)
+            same = (len(old) == self.spec.world_size
+                    and all(int(s["workers"]) == self.spec.workers for s in old))
+            if not same:
+                try:
+                    self.spec, self._slots = remap(old, self.spec, int(state["salt"]))
+                except RemapError as e:
+                    raise DataError(str(e)) from e
+                self._batches = 0
+                return
+            state = old[self.spec.rank]
+        self._check_version(state)
         for key in ("workers", "world_size", "rank"):
             if state[key] != getattr(self.spec, key):
                 raise DataError(f"cannot resume the data stream exactly: checkpoint has {key}="
                                 f"{state[key]}, this run has {getattr(self.spec, key)}")
+        try:
+            check_compatible(state, self.spec)
+        except RemapError as e:
+            raise DataError(str(e)) from e
+        self.spec = dataclasses.replace(self.spec, rest=pieces_from_json(state.get("rest")),
+                                        rest_epoch=int(state.get("rest_epoch", -1)),
+                                        salts=tuple(int(x) for x in state.get("salts", ())))
         self._batches = int(state["batches"])
         self._slots = {int(k): copy.deepcopy(v) for k, v in state["slots"].items()}
+
+    @staticmethod
+    def _check_version(state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state version {state.get('version')} != {STATE_VERSION}")
 
     def counters(self) -> dict[str, int]:
         total: dict[str, int] = {}

@@ -15,6 +15,9 @@ whole history, so a checkpoint could only resume at a shard boundary. Here the s
   starts (shard sequence index k, raw sample offset off inside it) and how many of its permuted
   samples were already emitted. Restoring re-reads the block's raw bytes (no decoding) and
   continues at ``taken``: the next samples are exactly those of the uninterrupted run.
+* after a resume on another number of ranks or workers, a slot's sequence starts with *rest
+  pieces* (what the old slots had left of the epoch, see ``remap``), then its own shards from the
+  next epoch on; cursors count positions in that sequence.
 
 Bad input never stops the stream. Unreadable or truncated shards become *marker* items in the
 raw stream (so their counts are part of the deterministic stream and are not double counted on
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -49,10 +53,26 @@ class StreamSpec:
     workers: int  # slots per rank (max(1, data.workers))
     shuffle_buffer: int
     shard_shuffle: bool
+    # Set after a resume on another layout (see ``powerclip.data.remap``): per slot, the *pieces*
+    # of epochs <= rest_epoch this slot still has to deliver; its own epoch-mode shards follow from
+    # epoch rest_epoch + 1. ``salts`` (per slot, 0 = none) keep a slot that starts afresh after such
+    # a resume from replaying the shuffles and resampled draws of an earlier slot with its number.
+    rest: tuple[tuple[Piece, ...], ...] | None = None
+    rest_epoch: int = -1
+    salts: tuple[int, ...] = ()
 
     @property
     def all_shards(self) -> tuple[str, ...]:
         return tuple(u for urls, _ in self.sources for u in urls)
+
+    def salt(self, slot: int) -> tuple[int, ...]:
+        s = self.salts[slot] if slot < len(self.salts) else 0
+        return (s,) if s else ()  # no salt: the seeds of a run that was never remapped
+
+
+# (url, start, stop, offsets): the raw samples of shard ``url`` with index in [start, stop) (stop -1:
+# to its end), or only those listed in ``offsets`` when it is not empty
+Piece = tuple[str, int, int, tuple[int, ...]]
 
 
 def _rng(*ints: int) -> np.random.Generator:
@@ -65,10 +85,49 @@ def mix_seed(*ints: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
 
 
+def per_epoch(spec: StreamSpec, slot: int) -> int:
+    """How many shards slot ``slot`` reads per epoch (epoch mode)."""
+    n = len(range(spec.rank * spec.workers + slot, len(spec.all_shards), spec.world_size * spec.workers))
+    if n == 0:
+        raise ValueError(f"slot {spec.rank * spec.workers + slot} has no shards: {len(spec.all_shards)} "
+                         f"shards < {spec.world_size * spec.workers} ranks x workers")
+    return n
+
+
+def n_rest(spec: StreamSpec, slot: int) -> int:
+    """How many rest pieces precede the slot's own epoch-mode shards."""
+    return len(spec.rest[slot]) if spec.rest is not None and slot < len(spec.rest) else 0
+
+
+def epoch_of(spec: StreamSpec, slot: int, k: int) -> int:
+    """The epoch that position k of a slot's sequence belongs to (rest pieces: ``rest_epoch``)."""
+    p = n_rest(spec, slot)
+    if spec.rest is None:
+        return k // per_epoch(spec, slot)
+    return spec.rest_epoch if k < p else spec.rest_epoch + 1 + (k - p) // per_epoch(spec, slot)
+
+
+def epoch_end(spec: StreamSpec, slot: int, epoch: int) -> int:
+    """The first position of a slot's sequence after epoch ``epoch``."""
+    if spec.rest is None:
+        return (epoch + 1) * per_epoch(spec, slot)
+    return n_rest(spec, slot) + max(0, epoch - spec.rest_epoch) * per_epoch(spec, slot)
+
+
+def piece_at(spec: StreamSpec, slot: int, k: int) -> Piece:
+    """The k-th piece of a slot's infinite sequence: a rest piece or a whole shard."""
+    p = n_rest(spec, slot)
+    if k < p:
+        return spec.rest[slot][k]
+    if spec.rest is not None:
+        k = k - p + (spec.rest_epoch + 1) * per_epoch(spec, slot)
+    return shard_at(spec, slot, k), 0, -1, ()
+
+
 def shard_at(spec: StreamSpec, slot: int, k: int) -> str:
-    """The k-th shard of a slot's infinite shard sequence."""
+    """The k-th shard of a slot's infinite shard sequence (rest pieces not counted)."""
     if spec.resampled:
-        r = _rng(spec.seed, spec.rank, slot, k, 1)
+        r = _rng(spec.seed, spec.rank, slot, k, 1, *spec.salt(slot))
         weights = np.array([w for _, w in spec.sources], dtype=np.float64)
         s = int(r.choice(len(spec.sources), p=weights / weights.sum()))
         urls = spec.sources[s][0]
@@ -139,21 +198,74 @@ def read_shard(url: str) -> Iterator[dict]:
 
 
 def raw_stream(spec: StreamSpec, slot: int, k: int, off: int, finite: bool = False) -> Iterator[tuple[int, int, dict]]:
-    """(k, offset, raw sample) from shard sequence index k, skipping ``off`` raw samples of it."""
+    """(k, offset, raw sample) from sequence index k, skipping the raw samples of it before ``off``."""
     n_finite = len(range(spec.rank * spec.workers + slot, len(spec.all_shards),
                          spec.world_size * spec.workers))
     while True:
         if finite and k >= n_finite:
             return
-        url = shard_at(spec, slot, k)
-        for i, sample in enumerate(read_shard(url)):
-            if i >= off:
-                yield k, i, sample
+        url, start, stop, offsets = piece_at(spec, slot, k)
+        first, last = max(off, start), (max(offsets) + 1 if offsets else stop)
+        wanted = set(offsets) if offsets else None
+        if last < 0 or first < last:
+            for i, sample in enumerate(read_shard(url)):
+                if 0 <= last <= i:
+                    break
+                if i >= first and (wanted is None or i in wanted):
+                    yield k, i, sample
         k, off = k + 1, 0
+
+
+def shard_len(url: str) -> int:
+    """Raw items ``read_shard`` yields for a shard (an error marker counts as one).
+
+    A local uncompressed tar is counted from its headers alone (tarfile seeks over the member data);
+    anything else, or a tar whose last member runs past the end of the file, is read through."""
+    if not (url.startswith("pipe:") or "://" in url or url.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))):
+        try:
+            with open(url, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                tf = tarfile.open(fileobj=f, mode="r:")
+                n, prev, end = 0, None, 0
+                while (m := tf.next()) is not None:
+                    tf.members = []
+                    end = max(end, m.offset_data + m.size)
+                    if not m.isreg() or (m.name.startswith("__") and META.match(m.name)):
+                        continue
+                    prefix, _ = base_plus_ext(m.name)
+                    if prefix is not None and prefix != prev:
+                        n, prev = n + 1, prefix
+                if end <= size:
+                    return n
+        except (OSError, tarfile.TarError):
+            pass
+    return sum(1 for _ in read_shard(url))
+
+
+def block_order(spec: StreamSpec, slot: int, block: int, n: int) -> np.ndarray:
+    """The order in which the ``n`` raw items of a shuffle block are emitted."""
+    return _rng(spec.seed, spec.rank, slot, block, 3, *spec.salt(slot)).permutation(n)
 
 
 def initial_cursor() -> dict:
     return {"block": 0, "k": 0, "off": 0, "taken": 0}
+
+
+def take_block(spec: StreamSpec, slot: int, raw: Iterator[tuple[int, int, dict]], size: int,
+               carry: list[tuple[int, int, dict]]) -> tuple[list[tuple[int, int, dict]], list[tuple[int, int, dict]]]:
+    """The next shuffle block of up to ``size`` raw items (``carry``: an item read ahead, first).
+
+    A block never mixes a slot's rest pieces with the shards that follow them, so the epoch the
+    pieces finish is complete before the next one starts (a block may otherwise span two epochs)."""
+    p = n_rest(spec, slot) if spec.rest is not None else 0
+    items = list(carry)
+    for item in raw:
+        if p and items and items[-1][0] < p <= item[0]:
+            return items, [item]
+        items.append(item)
+        if len(items) == size:
+            break
+    return items, []
 
 
 def slot_samples(spec: StreamSpec, slot: int, cursor: dict, finite: bool = False) -> Iterator[tuple[dict, dict, int]]:
@@ -164,15 +276,12 @@ def slot_samples(spec: StreamSpec, slot: int, cursor: dict, finite: bool = False
     block, k, off, taken = cursor["block"], cursor["k"], cursor["off"], cursor["taken"]
     raw = raw_stream(spec, slot, k, off, finite)
     size = max(1, spec.shuffle_buffer) if not finite else 1
+    carry: list[tuple[int, int, dict]] = []
     while True:
-        items: list[tuple[int, int, dict]] = []
-        for item in raw:
-            items.append(item)
-            if len(items) == size:
-                break
+        items, carry = take_block(spec, slot, raw, size, carry)
         if not items:
             return
-        order = _rng(spec.seed, spec.rank, slot, block, 3).permutation(len(items)) if size > 1 else [0]
+        order = block_order(spec, slot, block, len(items)) if size > 1 else [0]
         next_k, next_off = items[-1][0], items[-1][1] + 1
         for j in range(taken, len(items)):
             sample = items[int(order[j])][2]
@@ -180,7 +289,7 @@ def slot_samples(spec: StreamSpec, slot: int, cursor: dict, finite: bool = False
                 cur = {"block": block, "k": k, "off": off, "taken": j + 1}
             else:
                 cur = {"block": block + 1, "k": next_k, "off": next_off, "taken": 0}
-            seed = mix_seed(spec.seed, spec.rank, slot, block, j)
+            seed = mix_seed(spec.seed, spec.rank, slot, block, j, *spec.salt(slot))
             yield sample, cur, seed
         block, k, off, taken = block + 1, next_k, next_off, 0
 

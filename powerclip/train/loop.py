@@ -34,6 +34,7 @@ from powerclip.data.device import to_device
 from powerclip.data.geometry import model_geometry
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
+from powerclip.train import elastic
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
@@ -63,6 +64,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    cfg = elastic_config(cfg, ckpt_dir, env)  # another world size: the global batch is kept
     if env.is_main:
         save_config(cfg, run_dir)
 
@@ -85,14 +87,14 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     engine.train()
 
     # ---- resume (default: this run's latest complete checkpoint)
-    resumed = load_resume(cfg, engine, ckpt_dir, env, teacher)
+    resumed = load_resume(cfg, engine, ckpt_dir, env, teacher, scheduler)
     step = resumed["step"] if resumed else 0
     samples_seen = resumed["samples_seen"] if resumed else 0
     skipped_steps = resumed["skipped_steps"] if resumed else 0
     rank_state = resumed["rank_state"] if resumed else None
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
     logger = RunLogger(run_dir, env.is_main, resume_step=step if resumed else None)
-    if rank_state:
+    if rank_state and rank_state["rng"] is not None:
         ckpt.set_rng_state(rank_state["rng"])
     else:
         seed_all(cfg.train.seed + 1 + env.rank)  # distinct per-rank streams for anything random
@@ -249,7 +251,8 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
              "rng": ckpt.rng_state()}
     client_state = {"powerclip": {"step": step, "samples_seen": samples_seen,
                                   "skipped_steps": skipped_steps, "config_hash": config_hash(cfg),
-                                  "world_size": env.world_size,
+                                  "world_size": env.world_size, "zero_stage": cfg.train.zero_stage,
+                                  "global_batch": cfg.data.batch_size * cfg.train.accum_steps * env.world_size,
                                   "ranks": ckpt.gather_rank_states(local)}}
     before_latest = None
     if teacher is not None and env.is_main:
@@ -262,19 +265,38 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
     return tag
 
 
-def load_resume(cfg: Config, engine, ckpt_dir: Path, env: DistEnv, teacher) -> dict[str, Any] | None:
-    """Load the checkpoint ``checkpoint.resume`` names; None for a fresh start."""
+def elastic_config(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Config:
+    """``cfg`` with the batch adjusted for a resume on another number of ranks (see ``elastic``)."""
+    target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+    if target is None:
+        return cfg
+    client = elastic.read_client_state(target[0] / target[1])
+    return elastic.adjust_global_batch(cfg, client, env.world_size, env.is_main)
+
+
+def load_resume(cfg: Config, engine, ckpt_dir: Path, env: DistEnv, teacher, scheduler=None) -> dict[str, Any] | None:
+    """Load the checkpoint ``checkpoint.resume`` names; None for a fresh start.
+
+    Another world size or ZeRO stage than the checkpoint's goes through ``elastic`` (the data
+    cursor is then remapped, not restored exactly)."""
     target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     if target is None:
         return None
     load_dir, tag = target
-    path, client = engine.load_checkpoint(str(load_dir), tag=tag)
-    if path is None or not client or "powerclip" not in client:
-        raise RuntimeError(f"could not resume from {load_dir / tag}: not a powerclip checkpoint")
-    state = client["powerclip"]
-    if state["world_size"] != env.world_size:
-        raise RuntimeError(f"{load_dir / tag} was saved by {state['world_size']} ranks, this run has "
-                           f"{env.world_size}; the exact data cursor needs the same world size")
+    saved = elastic.read_client_state(load_dir / tag)
+    rank_state = None
+    if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage):
+        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim.weight_decay, env.rank)
+        state = saved
+        if env.is_main:
+            log.info("elastic resume: %s was written by %d ranks at ZeRO-%d, this run has %d ranks at ZeRO-%d",
+                     load_dir / tag, *elastic.saved_layout(saved, load_dir / tag), env.world_size,
+                     cfg.train.zero_stage)
+    else:
+        path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+        if path is None or not client or "powerclip" not in client:
+            raise RuntimeError(f"could not resume from {load_dir / tag}: not a powerclip checkpoint")
+        state = client["powerclip"]
     if state["config_hash"] != config_hash(cfg) and env.is_main:
         log.warning("resuming %s with a changed config (hash %s -> %s)", load_dir / tag,
                     state["config_hash"], config_hash(cfg))
@@ -283,7 +305,8 @@ def load_resume(cfg: Config, engine, ckpt_dir: Path, env: DistEnv, teacher) -> d
     if env.is_main:
         log.info("resumed from %s at step %d", load_dir / tag, state["step"])
     return {"step": int(state["step"]), "samples_seen": int(state["samples_seen"]),
-            "skipped_steps": int(state["skipped_steps"]), "rank_state": state["ranks"][env.rank]}
+            "skipped_steps": int(state["skipped_steps"]),
+            "rank_state": rank_state if rank_state is not None else state["ranks"][env.rank]}
 
 
 # ------------------------------------------------------------------------------------- eval
