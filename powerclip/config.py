@@ -197,6 +197,9 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # 0 disables
     keep_last: int = 3
     resume: str = "latest"  # latest | none | /path/to/checkpoint/dir
+    # prune also complete checkpoints older than the one resumed from (written by an earlier process
+    # of this run, e.g. before a Slurm requeue); off: a process deletes only checkpoints it wrote
+    prune_inherited: bool = False
 
 
 @dataclass

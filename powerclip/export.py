@@ -88,8 +88,16 @@ def consolidate_checkpoint(path: str | Path, tag: str | None = None) -> dict[str
     ref = resolve_checkpoint(path, tag)
     if not _is_tag_dir(ref.dir):
         raise ExportError(f"{ref.dir}: no *model_states.pt files, not a DeepSpeed checkpoint")
+    from powerclip.train import ckpt_integrity
     from powerclip.train.safe_load import CheckpointReadError, consolidate_zero, safe_load
 
+    if (ref.dir / ckpt_integrity.MANIFEST).is_file():
+        try:
+            ckpt_integrity.verify(ref.dir)
+        except ckpt_integrity.CheckpointIntegrityError as e:
+            raise ExportError(str(e)) from None
+    else:
+        log.warning("%s has no %s: its files cannot be verified", ref.dir, ckpt_integrity.MANIFEST)
     try:
         if any(ref.dir.glob("*zero_pp_rank_*optim_states.pt")):
             return consolidate_zero(ref.dir)
@@ -182,6 +190,10 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
                               "(a live ZeRO-3 model holds only partitions: export its checkpoint instead)")
     tensors = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
                .contiguous().clone() for k, v in weights.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ExportError(f"refusing to export non-finite weights: {len(bad)} tensors hold NaN/inf, e.g. "
+                          f"{bad[:4]}")
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

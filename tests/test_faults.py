@@ -99,6 +99,7 @@ def test_hostile_zero_optimizer_shard_is_refused_and_runs_nothing(tmp_path, base
     assert shard.is_file()
     marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": {"zero_stage": 2, "x": _Exploit(marker)}}, shard)
+    _reseal(shard)  # an attacker rewrites the manifest too: the load itself must refuse
     assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     out = capsys.readouterr().out
     assert f"powerclip export: error: {shard}: refusing to load" in out
@@ -108,6 +109,15 @@ def test_hostile_zero_optimizer_shard_is_refused_and_runs_nothing(tmp_path, base
     assert (tmp_path / "ok" / "open_clip_model.safetensors").is_file()
 
 
+def _reseal(path: Path) -> None:
+    import json
+
+    manifest = path.parent / "checksums.json"
+    m = json.loads(manifest.read_text())
+    m["files"][path.name] = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    manifest.write_text(json.dumps(m))
+
+
 def test_truncated_and_unreadable_shards_name_the_file(tmp_path, base_run, capsys):
     run = _copy(base_run, tmp_path / "run")
     tag = run / "checkpoints" / "step_00000004"
@@ -115,7 +125,11 @@ def test_truncated_and_unreadable_shards_name_the_file(tmp_path, base_run, capsy
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert f"{shard}: unreadable checkpoint file" in capsys.readouterr().out
+    assert capsys.readouterr().out.strip() == (f"powerclip export: error: {shard}: {len(data) // 2} bytes, "
+                                               f"the checkpoint wrote {len(data)} (truncated?)")
+    _reseal(shard)  # past the checksums (or a checkpoint without them): the load names the file
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"{shard}: unreadable checkpoint file (truncated or corrupted?)" in capsys.readouterr().out
     if os.geteuid() != 0:  # root reads chmod-000 files anyway
         model = tag / "mp_rank_00_model_states.pt"
         model.chmod(0)
@@ -124,3 +138,228 @@ def test_truncated_and_unreadable_shards_name_the_file(tmp_path, base_run, capsy
             assert f"{model}: cannot read: Permission denied" in capsys.readouterr().out
         finally:
             model.chmod(0o644)
+
+
+# ------------------------------------------------- 2/3. 'latest' faults, integrity, fallback, pruning
+class _Records:
+    """Collects powerclip's log lines in the spawned rank (the test asserts on them)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.lines: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda r: self.lines.append(r.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("powerclip").addHandler(handler)
+        logging.getLogger("powerclip").setLevel(logging.INFO)
+
+
+def _resume_job(rank: int, world: int, runs: list[str], steps: int) -> dict:
+    """Resume each run to ``steps``; per run the result or the error, and the log lines."""
+    from powerclip.train.loop import train
+
+    rec = _Records()
+    out = {}
+    for run in runs:
+        rec.lines.clear()
+        try:
+            res = train(_cfg(Path(run), steps=steps), build_loader=MemoryLoader)
+            out[run] = {"step": res["step"], "log": list(rec.lines)}
+        except Exception as e:  # noqa: BLE001 - the test asserts on the message
+            out[run] = {"error": f"{type(e).__name__}: {e}", "log": list(rec.lines)}
+    return out
+
+
+def _steps(run: Path, name: str = "metrics.jsonl") -> list[int]:
+    import json
+
+    return [json.loads(x)["step"] for x in (run / name).read_text().splitlines()]
+
+
+def _tags(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_latest_faults_corruption_and_fallback(tmp_path, base_run):
+    ck = "checkpoints"
+    runs = {name: _copy(base_run, tmp_path / name) for name in
+            ("missing", "empty", "dangling", "flipped", "truncated", "killed_save", "none_complete")}
+    (runs["missing"] / ck / "latest").unlink()
+    (runs["empty"] / ck / "latest").write_text("")
+    (runs["dangling"] / ck / "latest").write_text("step_00000009")
+    shard = "step_00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray((runs["flipped"] / ck / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (runs["flipped"] / ck / shard).write_bytes(bytes(data))
+    (runs["truncated"] / ck / shard).write_bytes(bytes(data[:1000]))
+    # what kill -9 in the middle of saving step 4 leaves: latest still on step 3, step 4 unsealed
+    (runs["killed_save"] / ck / "latest").write_text("step_00000003")
+    (runs["killed_save"] / ck / "step_00000004" / "checksums.json").unlink()
+    (runs["killed_save"] / ck / shard).write_bytes(bytes(data[:1000]))
+    for tag in ("step_00000002", "step_00000003", "step_00000004"):
+        (runs["none_complete"] / ck / tag / "checksums.json").unlink()
+    (runs["none_complete"] / ck / "latest").unlink()
+    before = {name: _digests(run / ck) for name, run in runs.items()}
+    metrics_before = (base_run / "metrics.jsonl").read_text()
+
+    res = run_on_ranks(_resume_job, 1, [str(r) for r in runs.values()], 6)[0]
+    res = {name: res[str(run)] for name, run in runs.items()}
+
+    base_tags = ["step_00000002", "step_00000003", "step_00000004"]
+    for name, why in (("missing", "latest is missing"), ("empty", "latest is empty"),
+                      ("dangling", "latest names 'step_00000009', which does not exist")):
+        run, r = runs[name], res[name]
+        assert r.get("step") == 6, r
+        assert (f"resuming from the newest complete checkpoint {run / ck / 'step_00000004'} instead: "
+                f"{run / ck / 'latest'}"[:-len("latest")] + why) in r["log"], r["log"]
+        assert f"resumed from {run / ck / 'step_00000004'} at step 4" in r["log"]
+        # nothing this process did not write was deleted; those checkpoints are unchanged bit for bit
+        assert _tags(run) == base_tags + ["step_00000005", "step_00000006"]
+        now = _digests(run / ck)
+        assert {k: v for k, v in now.items() if k.split("/")[0] in base_tags} == \
+               {k: v for k, v in before[name].items() if k.split("/")[0] in base_tags}
+        assert _steps(run) == [1, 2, 3, 4, 5, 6]
+        assert (run / ck / "latest").read_text() == "step_00000006"
+
+    for name, msg in (("flipped", "sha256 differs from checksums.json (corrupted)"),
+                      ("truncated", "1000 bytes, the checkpoint wrote")):
+        run, r = runs[name], res[name]
+        assert r.get("step") == 6, r
+        warn = [x for x in r["log"] if x.startswith("resuming from the newest complete checkpoint")]
+        assert warn == [f"resuming from the newest complete checkpoint {run / ck / 'step_00000003'} instead: "
+                        f"{run / ck / shard}: {msg}" + (")" if False else "")] or msg in warn[0], r["log"]
+        assert f"{run / ck / shard}: {msg}" in warn[0]
+        assert f"resumed from {run / ck / 'step_00000003'} at step 3" in r["log"]
+        # the damaged step 4 was moved aside, not overwritten or deleted: its bytes are all still there
+        aside = [t for t in _tags(run) if t.startswith("step_00000004.aside-")]
+        assert len(aside) == 1
+        assert {k.replace(aside[0], "step_00000004", 1): v for k, v in _digests(run / ck).items()
+                if k.startswith(aside[0])} == {k: v for k, v in before[name].items()
+                                                if k.startswith("step_00000004/")}
+        assert _steps(run) == [1, 2, 3, 4, 5, 6]
+        assert _steps(run, "metrics.jsonl.cut") == [4]  # the lost step's record is kept, not erased
+
+    r = res["killed_save"]
+    assert r.get("step") == 6, r
+    assert f"resumed from {runs['killed_save'] / ck / 'step_00000003'} at step 3" in r["log"]
+    assert not any(x.startswith("resuming from the newest") for x in r["log"])  # latest was right
+
+    r, run = res["none_complete"], runs["none_complete"]
+    assert r["error"].startswith(f"CheckpointIntegrityError: {run / ck}: no complete checkpoint to resume "
+                                 f"from ({run / ck / 'latest'} is missing; ")
+    assert "refusing to start over it" in r["error"]
+    assert _digests(run / ck) == before["none_complete"]  # untouched
+    assert (run / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_export_verifies_checksums_and_refuses_nonfinite(tmp_path, base_run, capsys):
+    run = _copy(base_run, tmp_path / "run")
+    shard = run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().out.strip() == \
+        f"powerclip export: error: {shard}: sha256 differs from checksums.json (corrupted)"
+    from powerclip.export import ExportError, export_open_clip
+    from powerclip.model import create_model, model_cfg_dict
+
+    cfg = tiny_config()
+    model = create_model(cfg.model)
+    with torch.no_grad():
+        model.clip.visual.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ExportError, match=r"refusing to export non-finite weights: 1 tensors hold NaN/inf, "
+                                          r"e.g. \['visual.conv1.weight'\]"):
+        export_open_clip(model, model_cfg_dict(cfg.model), {}, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
+# ---------------------------------------------------------------------------- 4. run-folder lock
+_HOLD = ("import sys, time\nfrom powerclip.train.run_lock import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+         "print('locked', flush=True)\ntime.sleep(600)\n")
+
+
+def _hold_lock(run: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_run_lock_refuses_second_run_and_frees_on_kill_9(tmp_path, base_run):
+    import signal
+    import socket
+
+    from powerclip.train.run_lock import RunLock, RunLockError
+
+    run = _copy(base_run, tmp_path / "run")
+    before = _digests(run)
+    holder = _hold_lock(run)
+    try:
+        from powerclip.train.dist_env import DistEnv
+        from powerclip.train.loop import _lock_run_dir  # what train() does first, on every rank
+
+        with pytest.raises(RunLockError) as err:
+            _lock_run_dir(run, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                       backend="gloo"))
+        host = socket.gethostname()
+        assert str(err.value).startswith(f"run folder {run} is in use by another run (pid {holder.pid} "
+                                         f"on {host}, since ")
+        assert str(err.value).endswith(f"lock file {run}/.powerclip.lock); refusing to start a second run on it")
+        after = _digests(run)
+        assert {k: v for k, v in after.items() if k != ".powerclip.lock"} == \
+               {k: v for k, v in before.items() if k != ".powerclip.lock"}  # nothing written, nothing lost
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(run).acquire()  # the kernel dropped the dead holder's lock
+    lock.release()
+
+
+def test_run_lock_takes_over_stale_locks_of_dead_holders(tmp_path, monkeypatch, caplog):
+    import fcntl
+    import json
+    import subprocess
+    import sys
+
+    from powerclip.train.run_lock import LOCK_NAME, RunLock, RunLockError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"  # the Slurm client's answers for a live and an ended job
+    squeue.write_text('#!/bin/sh\nif [ "$3" = 111 ]; then echo RUNNING; exit 0; fi\n'
+                      'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    import socket
+
+    cases = [({"host": socket.gethostname(), "pid": int(dead)}, f"pid {dead} no longer exists"),
+             ({"host": "node-gone", "pid": 7, "slurm_job_id": "222"}, "Slurm job 222 is no longer running"),
+             ({"host": "node-busy", "pid": 7, "slurm_job_id": "111"}, None)]
+    for i, (holder, why) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        # a lock that outlived its holder (as on NFS): held here, recording the dead holder
+        fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({**holder, "started": "then"}).encode())
+        try:
+            if why is None:
+                with pytest.raises(RunLockError, match="in use by another run .pid 7 on node-busy, Slurm job 111"):
+                    RunLock(run).acquire()
+                continue
+            with caplog.at_level("WARNING", logger="powerclip"):
+                lock = RunLock(run).acquire()
+            assert f"taking over a stale lock (pid {holder['pid']} on {holder['host']}" in caplog.text
+            assert why in caplog.text
+            assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+            with pytest.raises(RunLockError, match=f"pid {os.getpid()} on"):
+                RunLock(run).acquire()  # and the new lock is really held
+            lock.release()
+        finally:
+            os.close(fd)

@@ -50,8 +50,34 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     """Train (or resume) the run described by ``cfg``; returns the final metrics.
 
     ``build_loader`` defaults to ``powerclip.data.build_loader``; any factory with the same signature
-    (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it.
+    (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it. The run
+    folder is locked for the duration (``run_lock``): a second run on it is refused.
     """
+    locks: list[Any] = []
+    try:
+        return _train(cfg, build_loader, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, env: DistEnv) -> Any:
+    """Rank 0 takes the run-folder lock; every rank raises the same error if it is held (collective)."""
+    from powerclip.train.run_lock import RunLock, RunLockError
+
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockError as e:
+            error = str(e)
+    errors = [e for e in ckpt.gather_rank_states({"error": error}) if e["error"]]
+    if errors:
+        raise RunLockError(errors[0]["error"])
+    return lock
+
+
+def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) -> dict[str, Any]:
     from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
     from powerclip.model.factory import create_model
 
@@ -62,6 +88,9 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    lock = _lock_run_dir(run_dir, env)  # before anything is written
+    if lock is not None:
+        locks.append(lock)
     if env.is_main:
         save_config(cfg, run_dir)
 
@@ -89,6 +118,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     samples_seen = resumed["samples_seen"] if resumed else 0
     skipped_steps = resumed["skipped_steps"] if resumed else 0
     rank_state = resumed["rank_state"] if resumed else None
+    inherited_before = step if resumed and cfg.checkpoint.prune_inherited else None
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
     logger = RunLogger(run_dir, env.is_main, resume_step=step if resumed else None)
     if rank_state:
@@ -137,7 +167,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
             logger.console(step, cfg.train.steps, values)
 
         if checkpoint_due(cfg, step, last_save, env, result.checkpoint_time_due):
-            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps)
+            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps,
+                            inherited_before=inherited_before)
             last_save = time.time()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, step, logger)
@@ -238,7 +269,7 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv, time_
 
 
 def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, step: int,
-                    samples_seen: int, skipped_steps: int) -> str:
+                    samples_seen: int, skipped_steps: int, inherited_before: int | None = None) -> str:
     """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank."""
     local = {"data": loader.state_dict() if hasattr(loader, "state_dict") else None,
              "rng": ckpt.rng_state()}
@@ -251,7 +282,7 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
         def before_latest(tag_dir: Path) -> None:
             teacher.save(tag_dir / "ema_teacher.pt")
     tag = ckpt.save(engine, ckpt_dir, step, client_state, cfg.checkpoint.keep_last, env.is_main,
-                    before_latest=before_latest)
+                    before_latest=before_latest, inherited_before=inherited_before)
     if env.is_main:
         log.info("saved checkpoint %s", ckpt_dir / tag)
     return tag
