@@ -363,3 +363,108 @@ def test_run_lock_takes_over_stale_locks_of_dead_holders(tmp_path, monkeypatch, 
             lock.release()
         finally:
             os.close(fd)
+
+
+# ------------------------------------------------------- 5. no valid sample: fail, do not spin forever
+def _bomb_png() -> bytes:
+    """A 10000 x 10000 PNG of zeros: ~100 KB on disk, 100 MP (300 MB as RGB) if decoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_with_no_valid_sample_fails_with_shards_and_reasons(tmp_path, workers):
+    import json
+    import tarfile
+    import warnings
+
+    import webdataset as wds
+    from PIL import Image
+
+    from powerclip.data import build_loader
+    from powerclip.data.loader import DataError
+
+    with tarfile.open(tmp_path / "a_empty.tar", "w"):
+        pass
+    with wds.TarWriter(str(tmp_path / "b_nojson.tar")) as w:
+        w.write({"__key__": "s0", "txt": b"a cat"})
+        w.write({"__key__": "s1", "txt": b"a dog"})
+    with wds.TarWriter(str(tmp_path / "c_bomb.tar")) as w:
+        w.write({"__key__": "bomb", "png": _bomb_png(), "json": json.dumps({"caption": "zeros"}).encode()})
+    (tmp_path / "d_garbage.tar").write_bytes(b"\x00not a tar" * 100)
+    shards = [str(tmp_path / n) for n in ("a_empty.tar", "b_nojson.tar", "c_bomb.tar", "d_garbage.tar")]
+    cfg = tiny_config([f"data.sources=[{{shards: '{tmp_path}/{{a_empty,b_nojson,c_bomb,d_garbage}}.tar'}}]",
+                       "data.resampled=false", "data.shard_shuffle=false", f"data.workers={workers}",
+                       "data.batch_size=2", "data.shuffle_buffer=4"])
+    loader = build_loader(cfg, 0, 1)
+    with pytest.raises(DataError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL warns at open; we refuse to decode
+        next(iter(loader))
+    msg = (f"no valid sample in a whole pass over the 4 shards of rank 0 worker slot 0: {', '.join(shards)}; "
+           "skipped samples by reason: bad_image=1, empty_shard=1, missing_json=2, truncated_tar=1")
+    assert msg in str(err.value)
+    from powerclip.train.cli import one_line
+
+    assert one_line(err.value) == msg  # what `powerclip train` prints, also when a worker raised it
+
+
+# ---------------------------------------------------------------- 6. config validation, one-line errors
+@pytest.mark.parametrize("override, message", [
+    ("data.context_length=64", "data.context_length=64 differs from the model's text context length 77 "
+                               "(model.config.text_cfg.context_length or model.name)"),
+    ("train.log_every=0", "train.log_every must be > 0, got 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1] must be in [0, 1), got 1.0"),
+    ("optim.betas=[-0.1, 0.9]", "optim.betas[0] must be in [0, 1), got -0.1"),
+    ("data.augment_scale=[0.9, 0.5]", "data.augment_scale must be [min, max] with 0 < min <= max <= 1, "
+                                      "got [0.9, 0.5]"),
+    ("data.augment_scale=[0.0, 1.0]", "data.augment_scale must be [min, max] with 0 < min <= max <= 1, "
+                                      "got [0.0, 1.0]"),
+    ("optim.lr=.nan", "optim.lr must be > 0, got nan"),
+    ("loss.powerset.margin=.inf", "loss.powerset.margin must be a finite number, got inf"),
+    ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1], got 2.0"),
+    ("model.init_logit_scale=9", "model.init_logit_scale (9.0) must be <= model.logit_scale_max"),
+])
+def test_config_ranges_are_checked_at_load_time(override, message):
+    from powerclip.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config([override])
+    assert str(err.value).startswith(message)
+
+
+def test_error_after_start_up_is_one_line_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.tiny import tiny_model_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"config": tiny_model_config()}, "train": {"run_dir": str(run)}}))
+    holder = _hold_lock(run)
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+            env.pop(k, None)
+        proc = subprocess.run([sys.executable, "-m", "powerclip", "train", "-c", str(config)], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("powerclip train: error")]
+    assert errors == [f"powerclip train: error (rank 0): run folder {run} is in use by another run "
+                      f"(pid {holder.pid} on {__import__('socket').gethostname()}, since "
+                      + errors[0].split(", since ", 1)[1]] if errors else False, proc.stderr[-3000:]
+    assert errors[0].endswith("refusing to start a second run on it")
+    assert not (run / "config.yaml").exists()  # refused before anything was written

@@ -43,6 +43,7 @@ from .stream import (
     image_bytes,
     initial_cursor,
     slot_samples,
+    slot_universe,
 )
 from .text import build_tokenizer, span_positions
 
@@ -347,13 +348,20 @@ class BatchStream(torch.utils.data.IterableDataset):
         buffers = proc.image_buffers(B)
         images, slots = next(buffers)
         unreported = False
+        universe = slot_universe(self.spec, slot) if self.train else frozenset()
+        barren: set[str] = set()  # shards seen since the last valid sample
         for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
             result = proc(raw, seed, slots[len(buf)])
             cursor = cur
             if isinstance(result, str):
                 counters[result] = counters.get(result, 0) + 1
                 unreported = True
+                if self.train:
+                    barren.add(raw.get("__url__", "?"))
+                    if barren >= universe:  # an infinite stream that will never yield: fail, do not spin
+                        raise DataError(no_valid_sample_message(self.spec, slot, universe, counters))
                 continue
+            barren.clear()
             buf.append(result)
             if len(buf) == B:
                 yield self._out(collate(buf, self.cfg, proc.geo.grid, images)), slot, dict(cursor), dict(counters)
@@ -363,6 +371,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         # that followed the last batch (the Loader records it and yields nothing)
         if buf or unreported:
             yield (self._out(collate(buf, self.cfg, proc.geo.grid, images)) if buf else None), slot, dict(cursor), dict(counters)
+
+
+def no_valid_sample_message(spec: StreamSpec, slot: int, shards: frozenset[str], counters: dict) -> str:
+    listed = sorted(shards)
+    more = f" (and {len(listed) - 8} more)" if len(listed) > 8 else ""
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+    return (f"no valid sample in a whole pass over the {len(listed)} shards of rank {spec.rank} worker slot "
+            f"{slot}: {', '.join(listed[:8])}{more}; skipped samples by reason: {reasons}")
 
 
 class Loader:

@@ -84,6 +84,17 @@ def shard_at(spec: StreamSpec, slot: int, k: int) -> str:
     return shards[int(order[g + i * n_slots])]
 
 
+def slot_universe(spec: StreamSpec, slot: int) -> frozenset[str]:
+    """Every shard a slot's infinite sequence can visit (for detecting a stream with no valid sample)."""
+    if spec.resampled:
+        return frozenset(u for urls, w in spec.sources if w > 0 for u in urls)
+    shards = spec.all_shards
+    if spec.shard_shuffle:  # each epoch's permutation deals every shard to some slot position
+        return frozenset(shards)
+    return frozenset(shards[i] for i in range(spec.rank * spec.workers + slot, len(shards),
+                                              spec.world_size * spec.workers))
+
+
 def _open(url: str):
     if url.startswith("pipe:") or "://" in url:
         from webdataset import gopen
@@ -111,7 +122,9 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
 
 
 def read_shard(url: str) -> Iterator[dict]:
-    """Samples of one tar in order; a truncated or unreadable tar ends with an error marker.
+    """Samples of one tar in order; a truncated or unreadable tar ends with an error marker, and a
+    tar without any sample is one ``empty_shard`` marker (so a stream of only empty shards still
+    hands control back, and the training loader can tell it will never yield a sample).
 
     The incomplete sample at a truncation point is dropped with the rest of the shard."""
     try:
@@ -134,6 +147,8 @@ def read_shard(url: str) -> Iterator[dict]:
                 current[suffix] = data
         if current is not None:
             yield current
+        else:
+            yield {ERROR_KEY: "empty_shard", "__url__": url}
     except Exception as e:  # noqa: BLE001 - any read failure ends this shard, counted by reason
         yield {ERROR_KEY: "truncated_tar", "__url__": url, "__detail__": f"{type(e).__name__}: {e}"}
 

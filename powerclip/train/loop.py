@@ -108,7 +108,13 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             template = create_model(dataclasses.replace(cfg.model, pretrained=None))
         teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
-    engine, scheduler = build_engine(cfg, model, env.world_size)
+    try:
+        engine, scheduler = build_engine(cfg, model, env.world_size)
+    except AssertionError as e:  # DeepSpeed validates its config with bare asserts
+        from powerclip.config import ConfigError
+
+        raise ConfigError(f"DeepSpeed rejected the engine config derived from train.* / optim.* / "
+                          f"train.deepspeed: {e or 'assertion failed'}") from e
     ckpt.install_safe_checkpoint_engine(engine)
     engine.train()
 
