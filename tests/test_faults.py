@@ -400,13 +400,13 @@ def test_stream_with_no_valid_sample_fails_with_shards_and_reasons(tmp_path, wor
     shards = [str(tmp_path / n) for n in ("a_empty.tar", "b_nojson.tar", "c_bomb.tar", "d_garbage.tar")]
     cfg = tiny_config([f"data.sources=[{{shards: '{tmp_path}/{{a_empty,b_nojson,c_bomb,d_garbage}}.tar'}}]",
                        "data.resampled=false", "data.shard_shuffle=false", f"data.workers={workers}",
-                       "data.batch_size=2", "data.shuffle_buffer=4"])
+                       "data.batch_size=2", "data.shuffle_buffer=1"])
     loader = build_loader(cfg, 0, 1)
     with pytest.raises(DataError) as err, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL warns at open; we refuse to decode
         next(iter(loader))
-    msg = (f"no valid sample in a whole pass over the 4 shards of rank 0 worker slot 0: {', '.join(shards)}; "
-           "skipped samples by reason: bad_image=1, empty_shard=1, missing_json=2, truncated_tar=1")
+    msg = (f"no valid sample in 3 passes over the 4 shards of rank 0 worker slot 0: {', '.join(shards)}; "
+           "skipped samples by reason: bad_image=3, empty_shard=3, missing_json=6, truncated_tar=3")  # 3 rounds
     assert msg in str(err.value)
     from powerclip.train.cli import one_line
 
@@ -468,3 +468,120 @@ def test_error_after_start_up_is_one_line_naming_the_holder(tmp_path):
                       + errors[0].split(", since ", 1)[1]] if errors else False, proc.stderr[-3000:]
     assert errors[0].endswith("refusing to start a second run on it")
     assert not (run / "config.yaml").exists()  # refused before anything was written
+
+
+# ------------------------------------------------- 7. skipped samples logged (first N), dropped fields counted
+def test_skips_are_logged_first_n_per_reason_and_dropped_fields_counted(tmp_path, synthetic_root, caplog):
+    import json
+
+    import webdataset as wds
+
+    from powerclip.data import build_loader
+    from powerclip.data.loader import SKIP_LOG_FIRST
+    from powerclip.data.stream import read_shard
+
+    good = list(read_shard(str(synthetic_root / "train" / "00000.tar")))[:4]
+    shard = tmp_path / "s.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(SKIP_LOG_FIRST + 2):
+            w.write({"__key__": f"nojson_{i}", "png": good[0]["png"]})
+        for i, s in enumerate(good):
+            ann = json.loads(s["json"])
+            ann["phrases"] = [{"label": "NP", "start": 500, "end": 510}, {"label": "NP", "start": 0, "end": 0}]
+            ann["concepts"] = [{"text": ""}, {"text": "  "}, {"text": "a thing"}]
+            ann["negatives"] = [{"text": ""}, {"text": "a wrong thing"}]
+            w.write({"__key__": f"good_{i}", "png": s["png"], "json": json.dumps(ann).encode()})
+    cfg = tiny_config([f"data.sources=[{{shards: '{shard}'}}]", "data.resampled=false", "data.workers=0",
+                       "data.batch_size=4", "data.shuffle_buffer=1", "data.concepts=true", "data.num_negatives=1"])
+    loader = build_loader(cfg, 0, 1)
+    with caplog.at_level("WARNING", logger="powerclip.data"):
+        next(iter(loader))
+    logged = [r.getMessage() for r in caplog.records if r.name == "powerclip.data.loader"]
+    assert logged == [f"skipped sample nojson_{i} of {shard}: missing_json" for i in range(SKIP_LOG_FIRST)] + \
+        ["more samples skipped for missing_json in worker slot 0: counted, no longer logged"]
+    assert loader.counters() == {"missing_json": SKIP_LOG_FIRST + 2, "field_phrase_span": 8,
+                                 "field_concept_empty": 8, "field_negative_empty": 4}
+
+
+def test_rare_valid_samples_are_not_mistaken_for_a_barren_stream(tmp_path, synthetic_root):
+    from itertools import islice
+
+    import webdataset as wds
+
+    from powerclip.data import build_loader
+    from powerclip.data.stream import read_shard
+
+    good = list(read_shard(str(synthetic_root / "train" / "00000.tar")))[0]
+    with wds.TarWriter(str(tmp_path / "rare.tar")) as w:
+        for i in range(9):
+            w.write({"__key__": f"bad_{i}", "png": good["png"]})
+            if i == 4:
+                w.write({"__key__": "good", "png": good["png"], "json": good["json"]})
+    cfg = tiny_config([f"data.sources=[{{shards: '{tmp_path}/rare.tar'}}]", "data.workers=0",
+                       "data.batch_size=1", "data.shuffle_buffer=4"])
+    loader = build_loader(cfg, 0, 1)
+    assert [b.keys for b in islice(iter(loader), 6)] == [["good"]] * 6
+    counts = loader.counters()
+    assert set(counts) == {"missing_json"} and 9 * 5 <= counts["missing_json"] <= 9 * 6  # 6 visits, all read
+
+
+# --------------------------------------------- 8. build_shards: links out of the input, truncated input tars
+def test_build_shards_refuses_links_leaving_the_input_and_keeps_samples_before_a_cut(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    import webdataset as wds
+    from PIL import Image
+
+    from powerclip.data.build import build_shards
+    from powerclip.data.stream import read_shard
+
+    def png(v: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (v, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png(1))
+    (outside / "secret.txt").write_text("the private caption")
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.png").write_bytes(png(2))
+    (src / "a.txt").write_text("a red square")
+    (src / "b.png").symlink_to(outside / "secret.png")  # image leaves the folder
+    (src / "b.txt").write_text("caption of b")
+    (src / "c.png").write_bytes(png(3))
+    (src / "c.txt").symlink_to(outside / "secret.txt")  # caption leaves the folder
+    (src / "sub" / "d.png").symlink_to(src / "a.png")  # a link inside the folder is fine
+    (src / "sub" / "d.txt").write_text("a linked square")
+    m = build_shards([str(src)], tmp_path / "out", parser="rule", progress=False)
+    assert m["num_samples"] == 2 and m["follow_links"] is False
+    assert m["refused_links"] == [
+        {"link": str(src / "b.png"), "target": str(outside / "secret.png"), "input": str(src / "b.png")},
+        {"link": str(src / "c.txt"), "target": str(outside / "secret.txt"), "input": str(src / "c.png")}]
+    caps = {s["txt"].decode() for s in read_shard(str(tmp_path / "out" / "00000.tar"))}
+    assert caps == {"a red square", "a linked square"}
+    m = build_shards([str(src)], tmp_path / "out_follow", parser="rule", progress=False, follow_links=True)
+    assert m["num_samples"] == 4 and m["refused_links"] == []
+
+    # an img2dataset tar cut in the middle: the samples before the cut are kept, the cut one reported
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    with wds.TarWriter(str(i2d / "00000.tar")) as w:
+        for i in range(6):
+            w.write({"__key__": f"{i:09d}", "png": png(10 * i), "txt": f"sample {i}".encode()})
+    data = (i2d / "00000.tar").read_bytes()
+    with tarfile.open(i2d / "00000.tar") as tf:
+        cut_member = [x for x in tf.getmembers() if x.name == "000000003.png"][0]
+    (i2d / "00000.tar").write_bytes(data[: cut_member.offset_data + 20])  # inside sample 3's image
+    m = build_shards([str(i2d)], tmp_path / "out_i2d", parser="rule", progress=False)
+    caps = sorted(s["txt"].decode() for s in read_shard(str(tmp_path / "out_i2d" / "00000.tar")))
+    assert caps == ["sample 0", "sample 1", "sample 2"]
+    assert m["num_samples"] == 3
+    assert m["skipped"] == [
+        {"input": f"{i2d / '00000.tar'}#000000003", "reason": "unreadable: ReadError"},
+        {"input": f"{i2d / '00000.tar'}#<truncated after 4 samples: ReadError: unexpected end of data>",
+         "reason": "truncated_tar"}]
+    assert json.loads((tmp_path / "out_i2d" / "sizes.json").read_text()) == {"00000.tar": 3}

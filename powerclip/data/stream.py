@@ -34,6 +34,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 ERROR_KEY = "__error__"
+SHARD_END = "__shard_end__"
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: such members are not sample files
 
 
@@ -124,13 +125,14 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
 def read_shard(url: str) -> Iterator[dict]:
     """Samples of one tar in order; a truncated or unreadable tar ends with an error marker, and a
     tar without any sample is one ``empty_shard`` marker (so a stream of only empty shards still
-    hands control back, and the training loader can tell it will never yield a sample).
+    hands control back, and the training loader can tell it will never yield a sample). The last
+    item of every shard carries ``SHARD_END`` (the training loader counts completed shard visits).
 
     The incomplete sample at a truncation point is dropped with the rest of the shard."""
     try:
         f = _open(url)
     except OSError as e:
-        yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e)}
+        yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e), SHARD_END: True}
         return
     current: dict | None = None
     try:
@@ -146,11 +148,13 @@ def read_shard(url: str) -> Iterator[dict]:
                     current = {"__key__": prefix, "__url__": url}
                 current[suffix] = data
         if current is not None:
+            current[SHARD_END] = True
             yield current
         else:
-            yield {ERROR_KEY: "empty_shard", "__url__": url}
+            yield {ERROR_KEY: "empty_shard", "__url__": url, SHARD_END: True}
     except Exception as e:  # noqa: BLE001 - any read failure ends this shard, counted by reason
-        yield {ERROR_KEY: "truncated_tar", "__url__": url, "__detail__": f"{type(e).__name__}: {e}"}
+        yield {ERROR_KEY: "truncated_tar", "__url__": url, "__detail__": f"{type(e).__name__}: {e}",
+               SHARD_END: True}
 
 
 def raw_stream(spec: StreamSpec, slot: int, k: int, off: int, finite: bool = False) -> Iterator[tuple[int, int, dict]]:

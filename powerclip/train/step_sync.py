@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 
 # skip reasons of the data pipeline, in a fixed order so every rank packs the same vector;
 # a reason not listed here is counted as "other" (and named in a warning by the rank that saw it)
-SKIP_REASONS = ("unreadable_shard", "truncated_tar", "missing_json", "bad_json", "unsupported_schema",
-                "bad_annotation", "bad_caption", "empty_caption", "missing_image", "bad_image", "other")
+SKIP_REASONS = ("unreadable_shard", "truncated_tar", "empty_shard", "missing_json", "bad_json",
+                "unsupported_schema", "bad_annotation", "bad_caption", "empty_caption", "missing_image",
+                "bad_image", "other")
+# annotation entries dropped from samples that are kept (the loader's ``field_*`` counters): reported
+# as data/dropped_*, not counted as skipped samples
+DROPPED_FIELDS = ("field_phrase_span", "field_phrase_over_max", "field_concept_empty", "field_concept_over_max",
+                  "field_negative_empty", "field_negative_over_max", "field_box_outside_crop",
+                  "field_box_over_max")
 _warned_reasons: set[str] = set()
 
 
@@ -56,7 +62,7 @@ class StepValues:
 
 
 def _counts(counters: dict[str, int]) -> list[float]:
-    out = dict.fromkeys(SKIP_REASONS, 0)
+    out = dict.fromkeys(SKIP_REASONS + DROPPED_FIELDS, 0)
     for reason, n in counters.items():
         if reason in out:
             out[reason] += int(n)
@@ -65,7 +71,7 @@ def _counts(counters: dict[str, int]) -> list[float]:
                 _warned_reasons.add(reason)
                 log.warning("data skip reason %r is not in step_sync.SKIP_REASONS: counted as 'other'", reason)
             out["other"] += int(n)
-    return [float(out[r]) for r in SKIP_REASONS]
+    return [float(out[r]) for r in SKIP_REASONS + DROPPED_FIELDS]
 
 
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
@@ -110,10 +116,14 @@ def reduce_step(loss: torch.Tensor, terms: dict[str, torch.Tensor], logit_scale:
         previous["perf/data_wait_frac_max"] = top[h + 2]
         previous["perf/peak_mem_mb"] = top[h + 3]
         previous["perf/step_time_max_s"] = top[h + 4]
-        skipped = total[h + 7:]
+        counts = total[h + 7:]
+        skipped, dropped = counts[: len(SKIP_REASONS)], counts[len(SKIP_REASONS):]
         previous["data/skipped_samples"] = float(sum(skipped))
         for reason, v in zip(SKIP_REASONS, skipped):
             if v:
                 previous[f"data/skipped_{reason}"] = v
+        for reason, v in zip(DROPPED_FIELDS, dropped):
+            if v:
+                previous[f"data/dropped_{reason[len('field_'):]}"] = v
     return StepValues(loss=means[0], terms=dict(zip(names, means[1:])), logit_scale=first[i],
                       applied=total[0] == 0, checkpoint_time_due=first[h + 5] > 0, previous=previous)
