@@ -585,3 +585,71 @@ def test_build_shards_refuses_links_leaving_the_input_and_keeps_samples_before_a
         {"input": f"{i2d / '00000.tar'}#<truncated after 4 samples: ReadError: unexpected end of data>",
          "reason": "truncated_tar"}]
     assert json.loads((tmp_path / "out_i2d" / "sizes.json").read_text()) == {"00000.tar": 3}
+
+
+# ------------------------------------------------------------- 9. the LLM key never leaves the process
+def test_llm_key_echoed_by_the_server_is_redacted_everywhere(tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from powerclip.negatives.llm import ChatClient, LLMError, LLMGenerator, ResponseCache
+
+    secret = "sk-proj-Zx81kQ0wPd93LmA7tYv2"
+    calls = []
+
+    class Echo(BaseHTTPRequestHandler):
+        """A server that echoes the request's headers back: in an error body, then in its answer."""
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(self.headers.get("Authorization"))
+            auth = self.headers.get("Authorization")
+            if len(calls) == 1:
+                payload = {"error": {"message": f"invalid key; you sent Authorization: {auth}, "
+                                                f"api_key={secret}, truncated {secret[:12]}, masked sk-****{secret[-9:]}"}}
+                return self._send(401, payload)
+            captions = json.loads(body["messages"][-1]["content"])
+            answer = [{"id": c["id"], "swap_nouns": f"{c['caption']} {auth}", "replace_nouns": f"{secret} ok"}
+                      for c in captions]
+            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": json.dumps(answer)}}]})
+
+        def _send(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PCLIP_FAULT_KEY", secret)
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1?api_key={secret}"
+        client = ChatClient(url, "m", api_key_env="PCLIP_FAULT_KEY", max_retries=0, sleep=lambda s: None)
+        cache = ResponseCache(tmp_path / "cache.sqlite")
+        gen = LLMGenerator(client, cache, ["swap_nouns", "replace_nouns"], batch_size=2, workers=1)
+        with caplog.at_level(logging.DEBUG):
+            with pytest.raises(LLMError) as err:
+                client.complete([{"role": "user", "content": "[]"}])
+            out = gen.generate(["a dog on a sofa", "a cat on a mat"])
+        cache.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert calls[0] == f"Bearer {secret}"  # the real key was sent
+    assert str(err.value) == (f"http://127.0.0.1:{httpd.server_address[1]}/v1?api_key=[REDACTED]: HTTP 401 "
+                              "(not retryable): Error code: 401 - invalid key; you sent Authorization: [REDACTED] "
+                              "[REDACTED], api_key=[REDACTED], truncated [REDACTED], masked sk-****[REDACTED]")
+    assert out[0] == {"swap_nouns": "a dog on a sofa Bearer [REDACTED]", "replace_nouns": "[REDACTED] ok"}
+    stored = (tmp_path / "cache.sqlite").read_bytes()
+    for text in (str(err.value), caplog.text, repr(client), json.dumps(out), json.dumps(dict(gen.stats)),
+                 stored.decode("latin-1")):
+        assert secret not in text and secret[:12] not in text and secret[-9:] not in text
