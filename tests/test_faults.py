@@ -653,3 +653,47 @@ def test_llm_key_echoed_by_the_server_is_redacted_everywhere(tmp_path, monkeypat
     for text in (str(err.value), caplog.text, repr(client), json.dumps(out), json.dumps(dict(gen.stats)),
                  stored.decode("latin-1")):
         assert secret not in text and secret[:12] not in text and secret[-9:] not in text
+
+
+# ------------------------------------------------------ 10. eval: an export whose config disagrees with its weights
+def test_eval_refuses_exports_whose_config_disagrees_with_the_weights(tmp_path, caplog, capsys):
+    import json
+
+    from powerclip.eval.model_io import ExportMismatchError, load_model
+    from powerclip.export import _preprocess_of, _reference_model, export_open_clip
+    from powerclip.model import create_model, model_cfg_dict
+
+    cfg = tiny_config()
+    mc = model_cfg_dict(cfg.model)
+    good = export_open_clip(create_model(cfg.model), mc, _preprocess_of(_reference_model(mc)), tmp_path / "good")
+
+    def variant(name: str, edit) -> Path:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        c = json.loads((d / "open_clip_config.json").read_text())
+        edit(c)
+        (d / "open_clip_config.json").write_text(json.dumps(c))
+        return d
+
+    ctx = variant("ctx", lambda c: c["model_cfg"]["text_cfg"].update(context_length=64))
+    img = variant("img", lambda c: c["model_cfg"]["vision_cfg"].update(image_size=64))
+    pre = variant("pre", lambda c: c["preprocess_cfg"].update(size=[64, 64]))
+    mean = variant("mean", lambda c: c["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5]))
+    with pytest.raises(ExportMismatchError) as e:
+        load_model(ctx)
+    assert str(e.value) == (f"{ctx}: weight positional_embedding has shape [77, 64] but open_clip_config.json "
+                            "builds [64, 64] (model_cfg.text_cfg.context_length); refusing to evaluate a model "
+                            "its config does not describe")
+    with pytest.raises(ExportMismatchError, match=r"weight visual.positional_embedding has shape \[17, 64\] but "
+                                                  r"open_clip_config.json builds \[65, 64\] \(model_cfg.vision_cfg"):
+        load_model(img)
+    with pytest.raises(ExportMismatchError, match=r"preprocess_cfg.size=\[64, 64\] but the model takes \[32, 32\] px"):
+        load_model(pre)
+    with caplog.at_level("WARNING", logger="powerclip.eval"):
+        loaded = load_model(mean)  # a legitimate choice, but not what the model was exported with: warned
+    assert loaded.model is not None
+    assert (f"{mean / 'open_clip_config.json'}: preprocess_cfg.mean=[0.5, 0.5, 0.5] differs from the model's "
+            "default [0.48145466, 0.4578275, 0.40821073]") in caplog.text
+    assert cli_main(["eval", "--model", str(ctx), "--task", "synthetic", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"powerclip eval: error: {ctx}: weight positional_embedding has shape [77, 64]")
