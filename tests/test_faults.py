@@ -495,9 +495,11 @@ def test_skips_are_logged_first_n_per_reason_and_dropped_fields_counted(tmp_path
             ann["phrases"] = [{"label": "NP", "start": 500, "end": 510}, {"label": "NP", "start": 0, "end": 0}]
             ann["concepts"] = [{"text": ""}, {"text": "  "}, {"text": "a thing"}]
             ann["negatives"] = [{"text": ""}, {"text": "a wrong thing"}]
+            ann["boxes"] = [[0.0, 0.0, 1.0, 1.0]] * 12 + [[2.0, 2.0, 3.0, 3.0]]  # 10 used, 2 over, 1 outside
             w.write({"__key__": f"good_{i}", "png": s["png"], "json": json.dumps(ann).encode()})
     cfg = tiny_config([f"data.sources=[{{shards: '{shard}'}}]", "data.resampled=false", "data.workers=0",
-                       "data.batch_size=4", "data.shuffle_buffer=1", "data.concepts=true", "data.num_negatives=1"])
+                       "data.batch_size=4", "data.shuffle_buffer=1", "data.concepts=true", "data.num_negatives=1",
+                       "data.region_source=precomputed"])
     loader = build_loader(cfg, 0, 1)
     with caplog.at_level("WARNING", logger="powerclip.data"):
         next(iter(loader))
@@ -505,7 +507,8 @@ def test_skips_are_logged_first_n_per_reason_and_dropped_fields_counted(tmp_path
     assert logged == [f"skipped sample nojson_{i} of {shard}: missing_json" for i in range(SKIP_LOG_FIRST)] + \
         ["more samples skipped for missing_json in worker slot 0: counted, no longer logged"]
     assert loader.counters() == {"missing_json": SKIP_LOG_FIRST + 2, "field_phrase_span": 8,
-                                 "field_concept_empty": 8, "field_negative_empty": 4}
+                                 "field_concept_empty": 8, "field_negative_empty": 4,
+                                 "field_box_outside_crop": 4, "field_box_over_max": 8}
 
 
 def test_rare_valid_samples_are_not_mistaken_for_a_barren_stream(tmp_path, synthetic_root):

@@ -36,7 +36,7 @@ from braceexpand import braceexpand
 from ..config import Config, ConfigError
 from .batch import Batch
 from .geometry import model_geometry
-from .regions import apply_transform, cells_to_masks, is_seeded_by_rng, region_cells
+from .regions import apply_transform, cells_to_masks, is_seeded_by_rng, map_box, region_cells
 from .stream import (
     ERROR_KEY,
     SHARD_END,
@@ -226,6 +226,15 @@ class SampleProcessor:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             return "bad_annotation"  # phrases/concepts/negatives/boxes of the wrong shape
 
+    def _regions(self, boxes: list, window, rng: random.Random) -> list:
+        """``region_cells``, counting stored boxes it does not use (cut away by the crop, or beyond
+        ``data.num_regions``)."""
+        if self.d.region_source == "precomputed" and boxes:
+            inside = sum(1 for b in boxes if map_box(b, window) is not None)
+            self._drop("field_box_outside_crop", len(boxes) - inside)
+            self._drop("field_box_over_max", inside - self.d.num_regions)
+        return region_cells(boxes, window, self.geo.grid, self.d.num_regions, self.d.region_source, rng)
+
     def _text_fields(self, sample: dict, ann: dict, caption: str, enc, image: torch.Tensor, window,
                      rng: random.Random) -> dict:
         n_tok = len(enc.ids)
@@ -254,8 +263,7 @@ class SampleProcessor:
         out = {
             "key": sample["__key__"], "image": image, "text": enc.ids, "n_tok": n_tok,
             "phrases": nodes,
-            "regions": region_cells(ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions,
-                                    self.d.region_source, rng),
+            "regions": self._regions(ann.get("boxes") or [], window, rng),
             "meta": {"caption": caption, "label": ann.get("label"),
                      "eval_negatives": ann.get("eval_negatives") or {}, "url": sample.get("__url__")},
         }
