@@ -385,9 +385,9 @@ def validate_ranges(cfg: Config) -> None:
     if cfg.loss.concept.xac_lambda < 0:
         raise ConfigError(f"loss.concept.xac_lambda must be >= 0, got {cfg.loss.concept.xac_lambda}")
     if cfg.slurm.nodes < 1 or cfg.slurm.gpus_per_node < 0 or cfg.slurm.tasks_per_node < 1 \
-            or cfg.slurm.cpus_per_task < 1 or cfg.slurm.time_minutes < 1 or cfg.slurm.max_requeues < 0:
-        raise ConfigError("slurm.nodes, tasks_per_node, cpus_per_task, time_minutes must be >= 1, "
-                          "slurm.gpus_per_node and max_requeues >= 0")
+            or cfg.slurm.cpus_per_task < 0 or cfg.slurm.time_minutes < 1 or cfg.slurm.max_requeues < 0:
+        raise ConfigError("slurm.nodes, tasks_per_node, time_minutes must be >= 1, slurm.gpus_per_node, "
+                          "cpus_per_task and max_requeues >= 0")
     n_ctx = model_context_length(cfg)
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
