@@ -355,7 +355,8 @@ def model_context_length(cfg: Config) -> int | None:
 
 def validate_ranges(cfg: Config) -> None:
     """Every numeric field finite, plus the ranges a run would otherwise fail on later (or worse,
-    train on silently): the logging period, Adam's betas, the crop scales, the context length."""
+    train on silently): the logging period, Adam's betas, the crop scales, the context length.
+    (``slurm.*`` is checked by ``powerclip submit``, the only command that uses it.)"""
     for key, value in _numbers(cfg, ""):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
@@ -384,10 +385,6 @@ def validate_ranges(cfg: Config) -> None:
         raise ConfigError("loss.powerset.margin must be >= 0 and loss.powerset.region_scale > 0 (or null)")
     if cfg.loss.concept.xac_lambda < 0:
         raise ConfigError(f"loss.concept.xac_lambda must be >= 0, got {cfg.loss.concept.xac_lambda}")
-    if cfg.slurm.nodes < 1 or cfg.slurm.gpus_per_node < 0 or cfg.slurm.tasks_per_node < 1 \
-            or cfg.slurm.cpus_per_task < 0 or cfg.slurm.time_minutes < 1 or cfg.slurm.max_requeues < 0:
-        raise ConfigError("slurm.nodes, tasks_per_node, time_minutes must be >= 1, slurm.gpus_per_node, "
-                          "cpus_per_task and max_requeues >= 0")
     n_ctx = model_context_length(cfg)
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
