@@ -2,12 +2,14 @@
 
 Layout (DeepSpeed's own, so ``zero_to_fp32`` and ``powerclip export`` read it)::
 
-    RUN/checkpoints/step_00001000/   mp_rank_00_model_states.pt, *_optim_states.pt (one per rank)
+    RUN/checkpoints/step_00001000/   mp_rank_00_model_states.pt, *_optim_states.pt (one per rank),
+                                     checksums.json (size + sha256 of each file: ckpt_integrity)
     RUN/checkpoints/latest           the tag of the newest COMPLETE checkpoint
 
 * ``latest`` is written by us, not by DeepSpeed (``save_latest=False``): only after every rank has
   finished writing (barrier), through a temporary file and ``os.replace`` (atomic on POSIX). A run
-  killed mid-save leaves ``latest`` on the previous checkpoint.
+  killed mid-save leaves ``latest`` on the previous checkpoint. Which checkpoint a run resumes from
+  when ``latest`` is lost or damaged, and which ones ``prune`` may delete, is ``ckpt_integrity``'s job.
 * DeepSpeed pickles a few of its own objects (the loss scaler, ZeRO's fragment addresses) into the
   files. ``SafeCheckpointEngine`` encodes those as tagged dicts of primitives on save and rebuilds
   them on load, so every file loads with ``torch.load(weights_only=True)`` and only classes from the
