@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,9 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # 0 disables
     keep_last: int = 3
     resume: str = "latest"  # latest | none | /path/to/checkpoint/dir
+    # prune also complete checkpoints older than the one resumed from (written by an earlier process
+    # of this run, e.g. before a Slurm requeue); off: a process deletes only checkpoints it wrote
+    prune_inherited: bool = False
 
 
 @dataclass
@@ -336,7 +339,76 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
     if cfg.eval.batch_size < 1 or cfg.eval.workers < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("eval.batch_size must be >= 1, eval.workers and eval.every_steps >= 0")
+    validate_ranges(cfg)
     return cfg
+
+
+def _numbers(obj: Any, prefix: str) -> list[tuple[str, float]]:
+    """Every int/float leaf of the typed config tree, by dotted key (free-form dicts excluded)."""
+    out: list[tuple[str, float]] = []
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, list):
+            out += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float))
+                    and not isinstance(v, bool)]
+            out += [x for i, v in enumerate(value) if is_dataclass(v) for x in _numbers(v, f"{key}[{i}].")]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((key, value))
+    return out
+
+
+def model_context_length(cfg: Config) -> int | None:
+    """The text context length of the configured model (None when it has no text tower we can read)."""
+    if cfg.model.config is not None:
+        text = cfg.model.config.get("text_cfg") or {}
+        return int(text.get("context_length", 77)) if isinstance(text, dict) else None
+    if cfg.model.name:
+        import open_clip
+
+        mc = open_clip.get_model_config(cfg.model.name)
+        text = (mc or {}).get("text_cfg") or {}
+        return int(text["context_length"]) if "context_length" in text else None
+    return None
+
+
+def validate_ranges(cfg: Config) -> None:
+    """Every numeric field finite, plus the ranges a run would otherwise fail on later (or worse,
+    train on silently): the logging period, Adam's betas, the crop scales, the context length.
+    (``slurm.*`` is checked by ``powerclip submit``, the only command that uses it.)"""
+    for key, value in _numbers(cfg, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    if cfg.train.log_every < 1:
+        raise ConfigError(f"train.log_every must be > 0, got {cfg.train.log_every}")
+    if cfg.train.steps < 1 or cfg.data.batch_size < 1:
+        raise ConfigError("train.steps and data.batch_size must be > 0")
+    for i, b in enumerate(cfg.optim.betas):
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {b}")
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0, got {cfg.optim.eps}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    scale = cfg.data.augment_scale
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"data.augment_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")
+    if cfg.data.max_concepts_per_caption is not None and cfg.data.max_concepts_per_caption < 1:
+        raise ConfigError(f"data.max_concepts_per_caption must be >= 1 (or null), got "
+                          f"{cfg.data.max_concepts_per_caption}")
+    if cfg.model.logit_scale_max <= 0 or cfg.model.init_logit_scale > cfg.model.logit_scale_max:
+        raise ConfigError(f"model.init_logit_scale ({cfg.model.init_logit_scale}) must be <= "
+                          f"model.logit_scale_max ({cfg.model.logit_scale_max}), which must be > 0")
+    if cfg.loss.powerset.margin < 0 or (cfg.loss.powerset.region_scale is not None
+                                        and cfg.loss.powerset.region_scale <= 0):
+        raise ConfigError("loss.powerset.margin must be >= 0 and loss.powerset.region_scale > 0 (or null)")
+    if cfg.loss.concept.xac_lambda < 0:
+        raise ConfigError(f"loss.concept.xac_lambda must be >= 0, got {cfg.loss.concept.xac_lambda}")
+    n_ctx = model_context_length(cfg)
+    if n_ctx is not None and cfg.data.context_length != n_ctx:
+        raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
+                          f"context length {n_ctx} (model.config.text_cfg.context_length or model.name)")
 
 
 def _to_dataclass(conf: DictConfig) -> Config:

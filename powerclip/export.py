@@ -12,7 +12,8 @@ Where the weights come from:
 * CHECKPOINT: a checkpoint root holding ``latest``, or one tag folder ``RUN/checkpoints/<tag>``.
 
 DeepSpeed checkpoints of ZeRO stage 1/2/3 are consolidated to fp32 with DeepSpeed's own
-``zero_to_fp32``; stage 0 stores the full module state, which is read directly.
+``zero_to_fp32`` merge, stage 0 stores the full module state; either way every file is read with
+``weights_only=True`` (``powerclip.train.safe_load``): a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
@@ -87,16 +88,26 @@ def consolidate_checkpoint(path: str | Path, tag: str | None = None) -> dict[str
     ref = resolve_checkpoint(path, tag)
     if not _is_tag_dir(ref.dir):
         raise ExportError(f"{ref.dir}: no *model_states.pt files, not a DeepSpeed checkpoint")
-    if any(ref.dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from powerclip.train import ckpt_integrity
+    from powerclip.train.safe_load import CheckpointReadError, consolidate_zero, safe_load
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), ref.tag)
-        return {k: v.contiguous() for k, v in sd.items()}
-    # ZeRO stage 0: one rank's module state holds every parameter (in the training dtype)
-    files = sorted(ref.dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise ExportError(f"{ref.dir}: no mp_rank_*_model_states.pt")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    if (ref.dir / ckpt_integrity.MANIFEST).is_file():
+        try:
+            ckpt_integrity.verify(ref.dir)
+        except ckpt_integrity.CheckpointIntegrityError as e:
+            raise ExportError(str(e)) from None
+    else:
+        log.warning("%s has no %s: its files cannot be verified", ref.dir, ckpt_integrity.MANIFEST)
+    try:
+        if any(ref.dir.glob("*zero_pp_rank_*optim_states.pt")):
+            return consolidate_zero(ref.dir)
+        # ZeRO stage 0: one rank's module state holds every parameter (in the training dtype)
+        files = sorted(ref.dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ExportError(f"{ref.dir}: no mp_rank_*_model_states.pt")
+        state = safe_load(files[0])
+    except CheckpointReadError as e:
+        raise ExportError(str(e)) from None
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise ExportError(f"{files[0]}: no 'module' state dict")
@@ -179,6 +190,10 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
                               "(a live ZeRO-3 model holds only partitions: export its checkpoint instead)")
     tensors = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
                .contiguous().clone() for k, v in weights.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ExportError(f"refusing to export non-finite weights: {len(bad)} tensors hold NaN/inf, e.g. "
+                          f"{bad[:4]}")
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

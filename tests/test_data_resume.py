@@ -61,7 +61,7 @@ def test_resume_refuses_other_layout(synthetic_root: Path):
     loader = build_loader(cfg, 0, 1)
     _take(loader, 2)
     other = load_config(None, [f"data.sources=[{{shards: '{synthetic_root}/train/{{00000..00002}}.tar'}}]",
-                               TINY, "data.workers=1"])
+                               TINY, "data.context_length=32", "data.workers=1"])
     with pytest.raises(ValueError, match="checkpoint has workers=2, this run has 1"):
         build_loader(other, 0, 1, state=loader.state_dict())
 

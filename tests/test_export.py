@@ -106,6 +106,7 @@ def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict
 
     from powerclip.config import save_config
     from powerclip.losses.global_loss import global_loss
+    from powerclip.train.checkpoint import install_safe_checkpoint_engine
 
     out = {}
     probe = _batch(4, 99)
@@ -121,6 +122,7 @@ def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict
                      "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        install_safe_checkpoint_engine(engine)  # as the trainer does: export reads weights-only files
         if bf16:  # the bf16 weights the forward used; the export must hold their fp32 masters
             batch = _batch(2, rank).to("cpu", torch.bfloat16)
             feats = engine(batch, dense=True)

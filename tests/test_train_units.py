@@ -149,13 +149,19 @@ def test_rng_state_round_trip():
 
 
 def test_latest_and_pruning(tmp_path):
+    from powerclip.train import ckpt_integrity
+
     for step in (2, 4, 6, 8):
         (tmp_path / ckpt.tag_for(step)).mkdir()
+        (tmp_path / ckpt.tag_for(step) / "w.pt").write_bytes(bytes([step]))
+    for step in (2, 4, 6):  # sealed by this process; step 8 is an unsealed (interrupted) save
+        ckpt_integrity.seal(tmp_path / ckpt.tag_for(step), 0, 1)
     ckpt.write_latest(tmp_path, ckpt.tag_for(6))
     removed = ckpt.prune(tmp_path, keep_last=2)
-    # step 8 is newer than latest: an interrupted save, removed; the 2 newest complete ones stay
-    assert sorted(removed) == ["step_00000002", "step_00000008"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+    # the oldest complete one this process wrote goes; the unsealed step 8 is not ours to delete
+    assert removed == ["step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006",
+                                                                        "step_00000008"]
     assert ckpt.read_latest(tmp_path) == "step_00000006"
     assert not list(tmp_path.glob(".latest.tmp*"))
     assert ckpt.resolve_resume("latest", tmp_path) == (tmp_path, "step_00000006")
@@ -163,6 +169,14 @@ def test_latest_and_pruning(tmp_path):
     assert ckpt.resolve_resume("latest", tmp_path / "fresh") is None
     with pytest.raises(FileNotFoundError, match="checkpoint.resume"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    # a checkpoint folder another process wrote is never pruned, even when it is old
+    other = tmp_path / "other"
+    for step in (1, 2, 3):
+        (other / ckpt.tag_for(step)).mkdir(parents=True)
+        (other / ckpt.tag_for(step) / "checksums.json").write_text('{"files": {}}')
+    ckpt.write_latest(other, ckpt.tag_for(3))
+    assert ckpt.prune(other, keep_last=1) == []
+    assert ckpt.prune(other, keep_last=1, inherited_before=3) == ["step_00000001", "step_00000002"]
 
 
 def test_concat_batches_pads_phrases_and_offsets_concept_owners():

@@ -36,18 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-col", default=None, help="table column of captions (auto-detected)")
     p.add_argument("--boxes-col", default=None, help="table column: JSON [[x0,y0,x1,y1] in 0..1, ...]")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symlinks that lead out of an input folder (refused and listed in the "
+                        "manifest by default)")
     add_slurm_args(p)
     a = p.parse_args(argv)
     try:
         if a.slurm_tasks > 0:
             return _submit(a)
         m = build_shards(a.inputs, a.out, a.shard_size, a.workers, a.parser, a.spacy_model, a.max_pixels,
-                         a.image_col, a.caption_col, a.boxes_col, progress=not a.no_progress)
+                         a.image_col, a.caption_col, a.boxes_col, progress=not a.no_progress,
+                         follow_links=a.follow_links)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{m['num_samples']} samples in {m['num_shards']} shards ({m['resumed_shards']} already done); "
-          f"skipped {m['num_skipped']}: {m['skipped_by_reason']}")
+          f"skipped {m['num_skipped']}: {m['skipped_by_reason']}"
+          + (f"; refused {len(m['refused_links'])} links leaving the input folder (see manifest.json)"
+             if m["refused_links"] else ""))
     return 0
 
 
@@ -56,8 +62,8 @@ def _submit(a: argparse.Namespace) -> int:
     # paths: tasks may start in another directory)
     a.inputs = [str(Path(i).resolve()) for i in a.inputs]
     out, chunks = plan_build(a.inputs, a.out, a.shard_size, a.parser, a.spacy_model, a.image_col,
-                             a.caption_col, a.boxes_col)
-    options = {"inputs": a.inputs, "shard_size": a.shard_size, "workers": a.workers, "parser": a.parser,
+                             a.caption_col, a.boxes_col, a.follow_links)
+    options = {"follow_links": a.follow_links, "inputs": a.inputs, "shard_size": a.shard_size, "workers": a.workers, "parser": a.parser,
                "model": a.spacy_model, "max_pixels": a.max_pixels, "image_col": a.image_col,
                "caption_col": a.caption_col, "boxes_col": a.boxes_col}
     m = run_array_cli(a, "build", list(range(len(chunks))), out, options,

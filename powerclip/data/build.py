@@ -19,6 +19,11 @@ rerun with different inputs fails instead of mixing two datasets in one folder. 
 written to ``NNNNN.tar.tmp`` and renamed when complete, so a killed build leaves no half shard.
 Keys are generated (``SSSSSIIII``), never taken from input file names, so nothing can escape
 ``out``.
+
+Symbolic links inside an input folder that lead out of it (an image, a caption or an input tar
+whose real path is outside the folder's real path) are not followed unless ``follow_links`` is
+set: a shared folder must not pull a private file elsewhere into the shards. Each refused link is
+listed in the manifest (``refused_links``). A truncated input tar keeps the samples before the cut.
 """
 
 from __future__ import annotations
@@ -55,10 +60,21 @@ class Item:
 
 
 # ------------------------------------------------------------------------------ enumeration
-def _folder_items(root: Path) -> list[Item]:
+def _leaves_root(path: Path, real_root: Path) -> bool:
+    """True when ``path`` is (or passes through) a symlink whose target is outside ``real_root``."""
+    return not path.resolve().is_relative_to(real_root)
+
+
+def _folder_items(root: Path, follow_links: bool, refused: list[dict]) -> list[Item]:
     items = []
+    real_root = root.resolve()
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
-        items.append(Item("file", str(path), str(path.with_suffix(".txt"))))
+        txt = path.with_suffix(".txt")
+        bad = [x for x in (path, txt) if x.exists() and not follow_links and _leaves_root(x, real_root)]
+        if bad:
+            refused.extend({"link": str(x), "target": str(x.resolve()), "input": str(path)} for x in bad)
+            continue
+        items.append(Item("file", str(path), str(txt)))
     return items
 
 
@@ -98,17 +114,36 @@ def _table_items(path: Path, image_col: str | None, caption_col: str | None, box
     return items
 
 
-def _tar_items(root: Path) -> list[Item]:
+def read_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None]:
+    """The members of ``tf`` up to the first unreadable header, and the error there (None if
+    none): a tar cut short keeps everything before the cut."""
+    members: list[tarfile.TarInfo] = []
+    try:
+        while (m := tf.next()) is not None:
+            members.append(m)
+    except (tarfile.TarError, OSError) as e:
+        return members, f"{type(e).__name__}: {e}"
+    return members, None
+
+
+def _tar_items(root: Path, follow_links: bool, refused: list[dict]) -> list[Item]:
     items = []
+    real_root = root.resolve()
     for tar in sorted(root.glob("*.tar")):
+        if not follow_links and _leaves_root(tar, real_root):
+            refused.append({"link": str(tar), "target": str(tar.resolve()), "input": str(tar)})
+            continue
         try:
             with tarfile.open(tar) as tf:
-                keys = sorted({m.name.rsplit(".", 1)[0] for m in tf.getmembers()
-                               if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)})
+                members, error = read_members(tf)
         except (tarfile.TarError, OSError) as e:
             items.append(Item("tar", str(tar), f"<unreadable: {type(e).__name__}>"))
             continue
+        keys = sorted({m.name.rsplit(".", 1)[0] for m in members
+                       if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)})
         items.extend(Item("tar", str(tar), k) for k in keys)
+        if error is not None:  # the samples after the cut are lost: say so in the manifest
+            items.append(Item("tar", str(tar), f"<truncated after {len(keys)} samples: {error}>"))
     return items
 
 
@@ -123,17 +158,20 @@ def detect_input(path: Path) -> str:
 
 
 def enumerate_items(inputs: list[str], image_col: str | None = None, caption_col: str | None = None,
-                    boxes_col: str | None = None) -> list[Item]:
+                    boxes_col: str | None = None, follow_links: bool = False,
+                    refused: list[dict] | None = None) -> list[Item]:
+    """Every input sample; links leaving a folder input are appended to ``refused`` instead."""
     items: list[Item] = []
+    refused = [] if refused is None else refused
     for inp in inputs:
         p = Path(inp)
         kind = detect_input(p)
         if kind == "table":
             items.extend(_table_items(p, image_col, caption_col, boxes_col))
         elif kind == "img2dataset":
-            items.extend(_tar_items(p))
+            items.extend(_tar_items(p, follow_links, refused))
         else:
-            items.extend(_folder_items(p))
+            items.extend(_folder_items(p, follow_links, refused))
     return items
 
 
@@ -177,10 +215,12 @@ def _load(item: Item, tars: dict) -> tuple[bytes, str, dict | None]:
         return data, txt.read_text(encoding="utf-8", errors="replace"), None
     if item.name.startswith("<unreadable"):
         raise KeyError("unreadable_tar")
+    if item.name.startswith("<truncated"):
+        raise KeyError("truncated_tar")
     if item.source not in tars:  # open each input tar once per shard job and index it by key
         tf = tarfile.open(item.source)
         index: dict[str, dict] = {}
-        for m in tf.getmembers():
+        for m in read_members(tf)[0]:
             if m.isfile() and "." in m.name:
                 index.setdefault(m.name.rsplit(".", 1)[0], {})[m.name] = m
         tars[item.source] = (tf, index)
@@ -218,7 +258,7 @@ def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) ->
         except KeyError as e:
             skipped.append({"input": item.label, "reason": e.args[0]})
             continue
-        except OSError as e:
+        except (OSError, tarfile.TarError) as e:  # a member cut by a truncation reads as TarError
             skipped.append({"input": item.label, "reason": f"unreadable: {type(e).__name__}"})
             continue
         caption = " ".join(caption.split())
@@ -269,14 +309,15 @@ def _plan_hash(items: list[Item], shard_size: int, parser: str, model: str) -> s
 
 def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parser: str = "spacy",
                model: str = "en_core_web_sm", image_col: str | None = None, caption_col: str | None = None,
-               boxes_col: str | None = None) -> tuple[Path, list[list[Item]]]:
+               boxes_col: str | None = None, follow_links: bool = False) -> tuple[Path, list[list[Item]]]:
     """Enumerate the inputs, cut them into shards and record (or check) the plan in ``out``;
     returns (out resolved, items per shard). Deterministic: every task of a job array that calls
-    it gets the same shards."""
+    it gets the same shards. Links refused by ``follow_links=False`` are recorded in the plan."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out).resolve()
-    items = enumerate_items(inputs, image_col, caption_col, boxes_col)
+    refused: list[dict] = []
+    items = enumerate_items(inputs, image_col, caption_col, boxes_col, follow_links, refused)
     if not items:
         raise ValueError(f"no input samples found in {inputs}")
     (out / "_build").mkdir(parents=True, exist_ok=True)
@@ -289,7 +330,8 @@ def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parse
     else:
         tmp = plan_path.with_suffix(f".{os.getpid()}.tmp")  # tasks of an array may race here
         tmp.write_text(json.dumps({"hash": digest, "inputs": inputs, "items": len(items),
-                                   "shard_size": shard_size, "parser": parser, "model": model}))
+                                   "shard_size": shard_size, "parser": parser, "model": model,
+                                   "follow_links": follow_links, "refused_links": refused}))
         os.replace(tmp, plan_path)
     return out, [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
 
@@ -297,11 +339,13 @@ def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parse
 def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, workers: int = 1,
                  parser: str = "spacy", model: str = "en_core_web_sm", max_pixels: int = DEFAULT_MAX_PIXELS,
                  image_col: str | None = None, caption_col: str | None = None, boxes_col: str | None = None,
-                 progress: bool = True, only: tuple[int, int] | None = None, write_manifest: bool = True) -> dict:
+                 progress: bool = True, only: tuple[int, int] | None = None, write_manifest: bool = True,
+                 follow_links: bool = False) -> dict:
     """Build (or resume building) shards; returns the manifest dict. ``only=(lo, hi)``: build
     shards lo..hi-1 of the plan only (one task of a job array), ``write_manifest=False``: leave
     sizes.json/manifest.json to the summary (``build_manifest``)."""
-    out, chunks = plan_build(inputs, out, shard_size, parser, model, image_col, caption_col, boxes_col)
+    out, chunks = plan_build(inputs, out, shard_size, parser, model, image_col, caption_col, boxes_col,
+                             follow_links)
     mine = range(len(chunks)) if only is None else range(max(0, only[0]), min(len(chunks), only[1]))
     todo = [s for s in mine if not ((out / "_build" / f"{s:05d}.json").is_file() and (out / f"{s:05d}.tar").is_file())]
     if todo:
@@ -346,6 +390,7 @@ def build_manifest(out: str | Path) -> dict:
             "num_skipped": len(skipped), "skipped_by_reason": dict(Counter(x["reason"] for x in skipped)),
             "skipped": skipped, "shards": f"{{00000..{len(sizes) - 1:05d}}}.tar",
             "missing_shards": [f"{s:05d}.tar" for s in range(n_chunks) if s not in records],
+            "follow_links": plan.get("follow_links", False), "refused_links": plan.get("refused_links", []),
             "sizes": sizes}
 
 

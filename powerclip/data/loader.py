@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import logging
 import random
 import re
 import warnings
@@ -40,6 +41,7 @@ from .regions import (
     PatchRegionError,
     apply_transform,
     is_seeded_by_rng,
+    map_box,
     patch_region_masks,
     read_patch_sets,
     region_cells,
@@ -48,11 +50,13 @@ from .regions import (
 from .remap import RemapError, check_compatible, pieces_from_json, remap, shards_fingerprint
 from .stream import (
     ERROR_KEY,
+    SHARD_END,
     StreamSpec,
     decode_image,
     image_bytes,
     initial_cursor,
     slot_samples,
+    slot_universe,
 )
 from .text import build_tokenizer, span_positions
 
@@ -64,6 +68,9 @@ PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
 # counter of stored regions dropped because the crop left nothing of them: not a skipped sample
 # (counters named "regions_*" are logged apart from the skips)
 REGIONS_DROPPED = "regions_dropped"
+SKIP_LOG_FIRST = 5  # skipped samples logged per reason and worker slot (all are counted)
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -150,6 +157,12 @@ class SampleProcessor:
         self.region_grid = d.region_grid if d.region_grid is not None else self.geo.grid
         self.L = d.context_length
         self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
+        # annotation entries dropped from samples that are kept (``field_*`` counters, by reason)
+        self.dropped: dict[str, int] = {}
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        if n > 0:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
 
     def image_buffers(self, n: int) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """(batch image tensor, its n slot views) to write transformed uint8 images into (saves the
@@ -254,6 +267,15 @@ class SampleProcessor:
                             "refer to")
         return patch_region_masks(lens, cat, g, window, self.geo.grid, self.d.num_regions, rng)
 
+    def _regions(self, boxes: list, window, rng: random.Random) -> list:
+        """``region_cells``, counting stored boxes it does not use (cut away by the crop, or beyond
+        ``data.num_regions``)."""
+        if self.d.region_source == "precomputed" and boxes:
+            inside = sum(1 for b in boxes if map_box(b, window) is not None)
+            self._drop("field_box_outside_crop", len(boxes) - inside)
+            self._drop("field_box_over_max", inside - self.d.num_regions)
+        return region_cells(boxes, window, self.geo.grid, self.d.num_regions, self.d.region_source, rng)
+
     def _text_fields(self, sample: dict, ann: dict, caption: str, enc, image: torch.Tensor, window,
                      rng: random.Random, patches: tuple[np.ndarray, int] | None = None) -> dict:
         n_tok = len(enc.ids)
@@ -270,8 +292,11 @@ class SampleProcessor:
                     pos = span_positions(enc, int(p["start"]), int(p["end"]))
                     if pos is not None:
                         cand.append(pos)
-        for pos in cand:
+                    else:  # a span outside the caption or cut by the context length
+                        self._drop("field_phrase_span")
+        for i, pos in enumerate(cand):
             if len(nodes) >= self.d.max_phrases:
+                self._drop("field_phrase_over_max", len(cand) - i)
                 break
             if tuple(pos) not in seen:
                 seen.add(tuple(pos))
@@ -279,22 +304,27 @@ class SampleProcessor:
         out = {
             "key": sample["__key__"], "image": image, "text": enc.ids, "n_tok": n_tok,
             "phrases": nodes,
-            "regions": patches[0] if patches is not None else region_cells(
-                ann.get("boxes") or [], window, self.geo.grid, self.d.num_regions, self.d.region_source, rng),
+            "regions": patches[0] if patches is not None else self._regions(ann.get("boxes") or [], window, rng),
             "regions_dropped": patches[1] if patches is not None else 0,
             "meta": {"caption": caption, "label": ann.get("label"),
                      "eval_negatives": ann.get("eval_negatives") or {}, "url": sample.get("__url__")},
         }
         if self.d.concepts:
-            texts = [c["text"] for c in ann.get("concepts", []) if c.get("text", "").strip()]
+            raw_concepts = ann.get("concepts", [])
+            texts = [c["text"] for c in raw_concepts if c.get("text", "").strip()]
+            self._drop("field_concept_empty", len(raw_concepts) - len(texts))
             if self.d.max_concepts_per_caption is not None:
+                self._drop("field_concept_over_max", len(texts) - self.d.max_concepts_per_caption)
                 texts = texts[: self.d.max_concepts_per_caption]
             texts = texts or [caption]  # METHODS 3: a caption with no concept uses the whole caption
             out["concepts"] = [self.tok.ids(t) for t in texts]
             out["concept_ids"] = [concept_id(t) for t in texts]
         if self.d.num_negatives > 0:
-            negs = [n["text"] for n in ann.get("negatives", []) if n.get("text", "").strip()]
+            raw_negs = ann.get("negatives", [])
+            negs = [n["text"] for n in raw_negs if n.get("text", "").strip()]
+            self._drop("field_negative_empty", len(raw_negs) - len(negs))
             if len(negs) > self.d.num_negatives:
+                self._drop("field_negative_over_max", len(negs) - self.d.num_negatives)
                 negs = [negs[i] for i in sorted(rng.sample(range(len(negs)), self.d.num_negatives))]
             out["negatives"] = [self.tok.ids(t) for t in negs]
         return out
@@ -357,6 +387,63 @@ def collate(samples: list[dict], cfg: Config, grid: int, images: torch.Tensor | 
 
 
 # ------------------------------------------------------------------------------- dataset
+class BarrenWatch:
+    """Tells when an infinite slot stream will never yield a valid sample.
+
+    Fires after three *rounds* without a valid sample, a round being a stretch in which a shard
+    visit of every shard the slot can draw ended (its ``SHARD_END`` item was emitted), each round
+    after the first starting at a shuffle-block boundary. Shuffling mixes items of neighbouring
+    shard visits inside a block, so one round could still count a visit whose valid sample came out
+    just before the last reset; a visit counted in the third round starts after the block holding
+    that reset, so all of its samples were seen and skipped.
+    """
+
+    ROUNDS = 3
+
+    def __init__(self, universe: frozenset[str]) -> None:
+        self.universe = universe
+        self.ended: set[str] = set()
+        self.rounds = 0
+        self.waiting_boundary = False
+
+    def valid(self) -> None:
+        if self.rounds or self.ended:
+            self.ended.clear()
+            self.rounds, self.waiting_boundary = 0, False
+
+    def skipped(self, raw: dict, cursor: dict) -> bool:
+        if not self.waiting_boundary and raw.get(SHARD_END):
+            self.ended.add(raw.get("__url__", "?"))
+            if len(self.ended) >= len(self.universe) and self.ended >= self.universe:
+                self.rounds += 1
+                self.ended.clear()
+                self.waiting_boundary = True
+                if self.rounds >= self.ROUNDS:
+                    return True
+        if self.waiting_boundary and cursor.get("taken") == 0:
+            self.waiting_boundary = False  # the next round starts with the next block
+        return False
+
+
+class SkipLog:
+    """Logs the first ``SKIP_LOG_FIRST`` skipped samples per reason (key and shard), then one line
+    saying the rest are only counted: enough to find the bad files, never a flood."""
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, reason: str, raw: dict) -> None:
+        n = self.seen[reason] = self.seen.get(reason, 0) + 1
+        if n <= SKIP_LOG_FIRST:
+            detail = raw.get("__detail__")
+            log.warning("skipped sample %s of %s: %s%s", raw.get("__key__", "-"), raw.get("__url__", "?"), reason,
+                        f" ({detail})" if detail else "")
+        elif n == SKIP_LOG_FIRST + 1:
+            log.warning("more samples skipped for %s in worker slot %d: counted, no longer logged", reason,
+                        self.slot)
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """Yields (Batch | None, slot, cursor, counters) from the slot that this worker plays."""
 
@@ -388,15 +475,26 @@ class BatchStream(torch.utils.data.IterableDataset):
         buffers = proc.image_buffers(B)
         images, slots = next(buffers)
         unreported = False
+        barren = BarrenWatch(slot_universe(self.spec, slot)) if self.train else None
+        skip_log = SkipLog(slot)
         for raw, cur, seed in slot_samples(self.spec, slot, cursor, finite=not self.train):
             result = proc(raw, seed, slots[len(buf)])
             cursor = cur
+            if proc.dropped:
+                for k, n in proc.dropped.items():
+                    counters[k] = counters.get(k, 0) + n
+                proc.dropped.clear()
             if isinstance(result, str):
                 counters[result] = counters.get(result, 0) + 1
+                skip_log(result, raw)
                 unreported = True
+                if barren is not None and barren.skipped(raw, cur):  # infinite, never yields: fail, do not spin
+                    raise DataError(no_valid_sample_message(self.spec, slot, barren.universe, counters))
                 continue
             if result["regions_dropped"]:  # stored regions that left the crop: counted, not skips
                 counters[REGIONS_DROPPED] = counters.get(REGIONS_DROPPED, 0) + result["regions_dropped"]
+            if barren is not None:
+                barren.valid()
             buf.append(result)
             if len(buf) == B:
                 yield self._out(collate(buf, self.cfg, proc.geo.grid, images)), slot, dict(cursor), dict(counters)
@@ -406,6 +504,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         # that followed the last batch (the Loader records it and yields nothing)
         if buf or unreported:
             yield (self._out(collate(buf, self.cfg, proc.geo.grid, images)) if buf else None), slot, dict(cursor), dict(counters)
+
+
+def no_valid_sample_message(spec: StreamSpec, slot: int, shards: frozenset[str], counters: dict) -> str:
+    listed = sorted(shards)
+    more = f" (and {len(listed) - 8} more)" if len(listed) > 8 else ""
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+    return (f"no valid sample in {BarrenWatch.ROUNDS} passes over the {len(listed)} shards of rank {spec.rank} worker slot "
+            f"{slot}: {', '.join(listed[:8])}{more}; skipped samples by reason: {reasons}")
 
 
 class Loader:

@@ -38,6 +38,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 ERROR_KEY = "__error__"
+SHARD_END = "__shard_end__"
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: such members are not sample files
 
 
@@ -143,6 +144,17 @@ def shard_at(spec: StreamSpec, slot: int, k: int) -> str:
     return shards[int(order[g + i * n_slots])]
 
 
+def slot_universe(spec: StreamSpec, slot: int) -> frozenset[str]:
+    """Every shard a slot's infinite sequence can visit (for detecting a stream with no valid sample)."""
+    if spec.resampled:
+        return frozenset(u for urls, w in spec.sources if w > 0 for u in urls)
+    shards = spec.all_shards
+    if spec.shard_shuffle:  # each epoch's permutation deals every shard to some slot position
+        return frozenset(shards)
+    return frozenset(shards[i] for i in range(spec.rank * spec.workers + slot, len(shards),
+                                              spec.world_size * spec.workers))
+
+
 def _open(url: str):
     if url.startswith("pipe:") or "://" in url:
         from webdataset import gopen
@@ -170,13 +182,16 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
 
 
 def read_shard(url: str) -> Iterator[dict]:
-    """Samples of one tar in order; a truncated or unreadable tar ends with an error marker.
+    """Samples of one tar in order; a truncated or unreadable tar ends with an error marker, and a
+    tar without any sample is one ``empty_shard`` marker (so a stream of only empty shards still
+    hands control back, and the training loader can tell it will never yield a sample). The last
+    item of every shard carries ``SHARD_END`` (the training loader counts completed shard visits).
 
     The incomplete sample at a truncation point is dropped with the rest of the shard."""
     try:
         f = _open(url)
     except OSError as e:
-        yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e)}
+        yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e), SHARD_END: True}
         return
     current: dict | None = None
     try:
@@ -192,9 +207,13 @@ def read_shard(url: str) -> Iterator[dict]:
                     current = {"__key__": prefix, "__url__": url}
                 current[suffix] = data
         if current is not None:
+            current[SHARD_END] = True
             yield current
+        else:
+            yield {ERROR_KEY: "empty_shard", "__url__": url, SHARD_END: True}
     except Exception as e:  # noqa: BLE001 - any read failure ends this shard, counted by reason
-        yield {ERROR_KEY: "truncated_tar", "__url__": url, "__detail__": f"{type(e).__name__}: {e}"}
+        yield {ERROR_KEY: "truncated_tar", "__url__": url, "__detail__": f"{type(e).__name__}: {e}",
+               SHARD_END: True}
 
 
 def raw_stream(spec: StreamSpec, slot: int, k: int, off: int, finite: bool = False) -> Iterator[tuple[int, int, dict]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -60,7 +61,13 @@ def main(args: argparse.Namespace) -> int:
         device = f"cuda:{cuda_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
     else:
         device = "cpu"
-    loaded = load_model(args.model, device)
+    from powerclip.eval.model_io import ExportMismatchError
+
+    try:
+        loaded = load_model(args.model, device)
+    except (FileNotFoundError, ExportMismatchError) as e:
+        print(f"powerclip eval: error: {e}", file=sys.stderr)
+        return 2
     opts = EvalOptions(batch_size=args.batch_size, text_batch_size=args.text_batch_size, workers=args.workers,
                        amp=args.amp, recall_k=tuple(args.recall_k), split=args.split, images=args.images,
                        dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse)

@@ -9,6 +9,7 @@ layout) into a temporary export folder, then loaded the same way.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 
 import open_clip
 import torch
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -34,6 +37,65 @@ class LoadedModel:
     pretrained: str  # "pretrained" field: the path the weights came from
 
 
+class ExportMismatchError(ValueError):
+    """An export folder's config does not describe its weights; the message names key and file."""
+
+
+def check_export(path: Path) -> list[str]:
+    """Compare an export's ``open_clip_config.json`` with its weights before open_clip loads them.
+
+    open_clip quietly interpolates position embeddings whose length differs from the config's
+    (context length, image size), so an edited or mixed-up config evaluates a different model and
+    reports different numbers without a word. Refused: a weight whose shape differs from the one
+    the config builds, missing or unexpected weights, a preprocessing size other than the model's
+    image size. Returned as warnings: preprocessing (mean, std, interpolation, resize mode) other
+    than open_clip's default for that model, which is what ``powerclip export`` writes.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    from powerclip.export import _preprocess_of, _reference_model
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        return [f"{path}: no {WEIGHTS_NAME}; the config cannot be checked against the weights"]
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+        model_cfg, pre = cfg["model_cfg"], cfg.get("preprocess_cfg", {})
+        ref = _reference_model(dict(model_cfg))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportMismatchError(f"{path / CONFIG_NAME}: unusable model_cfg ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    with safe_open(str(weights), "pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for k in sorted(set(have) & set(expected)):
+        if have[k] != expected[k] and not (k in ("logit_scale", "logit_bias") and
+                                           max(len(have[k]), len(expected[k])) <= 1):
+            hint = {"positional_embedding": " (model_cfg.text_cfg.context_length)",
+                    "visual.positional_embedding": " (model_cfg.vision_cfg.image_size / patch_size)"}.get(k, "")
+            raise ExportMismatchError(f"{path}: weight {k} has shape {list(have[k])} but {CONFIG_NAME} builds "
+                                      f"{list(expected[k])}{hint}; refusing to evaluate a model its config "
+                                      "does not describe")
+    missing, extra = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
+    if missing or extra:
+        raise ExportMismatchError(f"{path}: {WEIGHTS_NAME} and {CONFIG_NAME} disagree: missing weights "
+                                  f"{missing[:5]}, unexpected weights {extra[:5]}")
+    default = _preprocess_of(ref)
+    size = pre.get("size", default["size"])
+    size = [size, size] if isinstance(size, int) else list(size)
+    if size != list(default["size"]):
+        raise ExportMismatchError(f"{path / CONFIG_NAME}: preprocess_cfg.size={size} but the model takes "
+                                  f"{list(default['size'])} px images (model_cfg.vision_cfg.image_size)")
+    return [f"{path / CONFIG_NAME}: preprocess_cfg.{k}={pre[k]!r} differs from the model's default {default[k]!r}"
+            for k in ("mean", "std", "interpolation", "resize_mode")
+            if k in pre and k in default and _norm(pre[k]) != _norm(default[k])]
+
+
+def _norm(v: Any) -> Any:
+    return [round(float(x), 6) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def is_export_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
@@ -46,6 +108,8 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if not (path / WEIGHTS_NAME).is_file() and not any(path.glob("*.bin")) and not any(path.glob("*.pt")):
         # open_clip only warns and returns a randomly initialised model in this case
         raise FileNotFoundError(f"{path}: export folder has no weights file ({WEIGHTS_NAME})")
+    for warning in check_export(path):
+        log.warning("%s", warning)
     name = f"local-dir:{path.resolve()}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     tokenizer = open_clip.get_tokenizer(name)

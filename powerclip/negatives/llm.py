@@ -7,7 +7,10 @@ What makes it usable on millions of captions:
   capped), other 4xx fail at once because retrying cannot fix them;
 * an on-disk sqlite cache keyed by (prompt version, model, kinds, temperature, caption): a restarted
   run asks only for the captions it has not got yet, so it never pays twice;
-* the API key is read from an environment variable and never logged, printed or stored.
+* the API key is read from an environment variable and never logged, printed or stored: everything
+  the endpoint sends back (error bodies, answers) and every log line of this module passes through
+  ``redact.Redactor`` first (servers and proxies do echo request headers), and so does every log
+  record of the process once a client was made (the HTTP client logs request URLs).
 
 The DeGLA paper generates its negatives with in-context learning; the rules and examples below
 follow its five kinds (METHODS 4).
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from powerclip.negatives.redact import Redactor, redact_all_logging
 from powerclip.negatives.validate import KINDS
 
 log = logging.getLogger(__name__)
@@ -158,8 +162,10 @@ class ChatClient:
         self._openai = openai
         # vLLM and most local servers accept any key; the SDK insists on a non-empty one
         key = os.environ.get(api_key_env) or "EMPTY"
+        self.redact = Redactor(key)
+        redact_all_logging(self.redact)
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
-        self.base_url, self.model = base_url, model
+        self.base_url, self.model = self.redact(base_url), model
         self.max_retries, self.backoff_s, self.backoff_max_s = max_retries, backoff_s, backoff_max_s
         self.temperature, self.max_tokens = temperature, max_tokens
         self._sleep = sleep
@@ -193,12 +199,12 @@ class ChatClient:
                 resp = self._client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature,
                     max_tokens=self.max_tokens)
-                return resp.choices[0].message.content or ""
+                return self.redact(resp.choices[0].message.content or "")
             except oa.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS:
                     self._count("errors")
                     raise LLMError(f"{self.base_url}: HTTP {e.status_code} (not retryable): "
-                                   f"{str(e)[:200]}") from None
+                                   f"{self.redact(str(e))[:200]}") from None
                 err: Exception = e
                 self._count(f"http_{e.status_code}")
             except (oa.APIConnectionError, oa.APITimeoutError) as e:

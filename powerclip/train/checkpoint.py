@@ -2,12 +2,14 @@
 
 Layout (DeepSpeed's own, so ``zero_to_fp32`` and ``powerclip export`` read it)::
 
-    RUN/checkpoints/step_00001000/   mp_rank_00_model_states.pt, *_optim_states.pt (one per rank)
+    RUN/checkpoints/step_00001000/   mp_rank_00_model_states.pt, *_optim_states.pt (one per rank),
+                                     checksums.json (size + sha256 of each file: ckpt_integrity)
     RUN/checkpoints/latest           the tag of the newest COMPLETE checkpoint
 
 * ``latest`` is written by us, not by DeepSpeed (``save_latest=False``): only after every rank has
   finished writing (barrier), through a temporary file and ``os.replace`` (atomic on POSIX). A run
-  killed mid-save leaves ``latest`` on the previous checkpoint.
+  killed mid-save leaves ``latest`` on the previous checkpoint. Which checkpoint a run resumes from
+  when ``latest`` is lost or damaged, and which ones ``prune`` may delete, is ``ckpt_integrity``'s job.
 * DeepSpeed pickles a few of its own objects (the loss scaler, ZeRO's fragment addresses) into the
   files. ``SafeCheckpointEngine`` encodes those as tagged dicts of primitives on save and rebuilds
   them on load, so every file loads with ``torch.load(weights_only=True)`` and only classes from the
@@ -24,7 +26,6 @@ import importlib
 import os
 import random
 import re
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from powerclip import distributed as pdist
+from powerclip.train import ckpt_integrity
 
 _OBJ = "__powerclip_object__"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -153,21 +155,10 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / "latest")
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints; never the one ``latest`` names."""
-    latest = read_latest(ckpt_dir)
-    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
-                  key=lambda t: int(TAG_RE.match(t).group(1)))
-    if latest in tags:  # anything newer than latest is an incomplete save: remove it too
-        newer = tags[tags.index(latest) + 1:]
-        tags = tags[: tags.index(latest) + 1]
-    else:
-        newer = []
-    removed = tags[:-keep_last] + newer if len(tags) > keep_last else newer
-    for tag in removed:
-        if tag != latest:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    return removed
+def prune(ckpt_dir: Path, keep_last: int, inherited_before: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints this process wrote; never the one
+    ``latest`` names, never another process's (see ``ckpt_integrity.prune``)."""
+    return ckpt_integrity.prune(ckpt_dir, keep_last, read_latest(ckpt_dir), inherited_before)
 
 
 def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,20 +167,26 @@ def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
-         is_main: bool, before_latest: Callable[[Path], None] | None = None) -> str:
+         is_main: bool, before_latest: Callable[[Path], None] | None = None,
+         inherited_before: int | None = None) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
-    ``before_latest(tag_dir)`` writes extra files (the EMA teacher) before ``latest`` moves.
+    ``before_latest(tag_dir)`` writes extra files (the EMA teacher) before ``latest`` moves; the
+    checksums of every file are sealed after that, also before ``latest`` moves.
     """
     tag = tag_for(step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        ckpt_integrity.set_aside(ckpt_dir / tag)  # a leftover of another process: moved, not overwritten
+    pdist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if before_latest is not None:
         before_latest(ckpt_dir / tag)
     pdist.barrier()  # every rank's optimizer shard is on disk
+    ckpt_integrity.seal(ckpt_dir / tag, pdist.rank(), pdist.world_size())
     if is_main:
         write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, keep_last)
+        prune(ckpt_dir, keep_last, inherited_before)
     pdist.barrier()
     return tag
 
@@ -197,20 +194,27 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     """Map ``checkpoint.resume`` to (load_dir, tag), or None for a fresh start.
 
-    ``latest``: the run's own latest checkpoint if any (a fresh run has none). ``none``: start fresh.
-    Anything else: a checkpoint folder (``.../step_00001000``) or a checkpoints/run folder with a
-    ``latest`` file.
+    ``latest``: the run's own latest complete checkpoint if any (a fresh run has none). ``none``:
+    start fresh. Anything else: a checkpoint folder (``.../step_00001000``) or a checkpoints/run
+    folder. Collective (the ranks share the checksum verification); a damaged or missing ``latest``
+    falls back to the newest complete checkpoint (``ckpt_integrity.choose_resume_tag``).
     """
     if resume == "none":
         return None
+    rank, world = pdist.rank(), pdist.world_size()
     if resume == "latest":
-        tag = read_latest(ckpt_dir)
+        tag = ckpt_integrity.choose_resume_tag(ckpt_dir, read_latest(ckpt_dir), rank, world)
         return (ckpt_dir, tag) if tag else None
     path = Path(resume)
     for cand in (path, path / "checkpoints"):
-        tag = read_latest(cand) if cand.is_dir() else None
-        if tag:
-            return cand, tag
+        if cand.is_dir() and ((cand / "latest").exists() or ckpt_integrity.list_tags(cand)):
+            tag = ckpt_integrity.choose_resume_tag(cand, read_latest(cand), rank, world)
+            if tag:
+                return cand, tag
     if path.is_dir() and any(path.glob("*mp_rank_00_model_states.pt")):
+        if (path / ckpt_integrity.MANIFEST).is_file():
+            err = ckpt_integrity.verify_everywhere(path, rank, world)
+            if err:
+                raise ckpt_integrity.CheckpointIntegrityError(f"checkpoint.resume={resume!r}: {err}")
         return path.parent, path.name
     raise FileNotFoundError(f"checkpoint.resume={resume!r}: no DeepSpeed checkpoint or 'latest' file there")

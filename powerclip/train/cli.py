@@ -54,6 +54,30 @@ def _launcher_args(extra: list[str]) -> list[str]:
     return out
 
 
+def _CLEAR_ERRORS() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what is wrong and where (key, file, shard, holder)."""
+    from powerclip.config import ConfigError
+    from powerclip.data.loader import DataError
+    from powerclip.export import ExportError
+    from powerclip.model.factory import ModelLoadError
+    from powerclip.train.ckpt_integrity import CheckpointIntegrityError
+    from powerclip.train.run_lock import RunLockError
+    from powerclip.train.safe_load import CheckpointReadError
+
+    return (ConfigError, DataError, ExportError, ModelLoadError, CheckpointIntegrityError, RunLockError,
+            CheckpointReadError, FileNotFoundError, PermissionError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; for an error re-raised from a DataLoader worker (whose
+    message embeds the worker's traceback) the original error's own line."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in lines[1]:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
     import yaml
 
@@ -70,7 +94,13 @@ def main(args: argparse.Namespace) -> int:
     from powerclip import distributed as pdist
     from powerclip.train.loop import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback, then exit this rank
+        if not isinstance(e, _CLEAR_ERRORS()):
+            raise
+        print(f"powerclip train: error (rank {rank}): {one_line(e)}", file=sys.stderr, flush=True)
+        os._exit(2)  # the other ranks may be waiting in a collective; do not hang in destructors
     if rank == 0:
         loss = result["loss"]
         print(f"finished at step {result['step']}: loss {loss if loss is None else round(loss, 4)}, "

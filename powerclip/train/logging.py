@@ -4,7 +4,9 @@ Only rank 0 writes. Values arrive already reduced over ranks (the loop does the 
 this module does no communication.
 
 ``RUN/metrics.jsonl`` holds one line per optimiser step (step, loss, every loss term, lr...). On
-resume it is cut back to the checkpoint's step before appending, and TensorBoard is told to purge
+resume it is cut back to the checkpoint's step before appending (the cut lines are appended to
+``metrics.jsonl.cut``, never thrown away: a resume that fell back past a damaged checkpoint must
+not erase the record of the steps it lost), and TensorBoard is told to purge
 later events, so an interrupted-and-resumed run leaves the same records as an uninterrupted one
 (the exact-resume test compares these files).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -49,14 +52,20 @@ class RunLogger:
         """Drop records after ``keep_upto`` (steps a killed run did past its last checkpoint)."""
         if not self.metrics_path.exists():
             return
-        kept = []
+        kept, cut = [], []
         for line in self.metrics_path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut by kill -9
+                cut.append(line)
                 continue
-            if rec.get("step", 0) <= keep_upto:
-                kept.append(line)
+            (kept if rec.get("step", 0) <= keep_upto else cut).append(line)
+        if not cut:
+            return
+        with open(self.metrics_path.with_name(self.metrics_path.name + ".cut"), "a") as f:
+            f.write("".join(x + "\n" for x in cut))
+            f.flush()
+            os.fsync(f.fileno())
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(x + "\n" for x in kept))
         tmp.replace(self.metrics_path)

@@ -52,8 +52,34 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
     """Train (or resume) the run described by ``cfg``; returns the final metrics.
 
     ``build_loader`` defaults to ``powerclip.data.build_loader``; any factory with the same signature
-    (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it.
+    (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it. The run
+    folder is locked for the duration (``run_lock``): a second run on it is refused.
     """
+    locks: list[Any] = []
+    try:
+        return _train(cfg, build_loader, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, env: DistEnv) -> Any:
+    """Rank 0 takes the run-folder lock; every rank raises the same error if it is held (collective)."""
+    from powerclip.train.run_lock import RunLock, RunLockError
+
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockError as e:
+            error = str(e)
+    errors = [e for e in ckpt.gather_rank_states({"error": error}) if e["error"]]
+    if errors:
+        raise RunLockError(errors[0]["error"])
+    return lock
+
+
+def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) -> dict[str, Any]:
     from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
     from powerclip.model.factory import create_model
 
@@ -64,7 +90,12 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    cfg = elastic_config(cfg, ckpt_dir, env)  # another world size: the global batch is kept
+    lock = _lock_run_dir(run_dir, env)  # before anything is written
+    if lock is not None:
+        locks.append(lock)
+    # the checkpoint to resume from, chosen once (a fallback past a damaged 'latest' is logged once)
+    resume_target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+    cfg = elastic_config(cfg, resume_target, env)  # another world size: the global batch is kept
     if env.is_main:
         save_config(cfg, run_dir)
 
@@ -82,16 +113,23 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
             template = create_model(dataclasses.replace(cfg.model, pretrained=None))
         teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
-    engine, scheduler = build_engine(cfg, model, env.world_size)
+    try:
+        engine, scheduler = build_engine(cfg, model, env.world_size)
+    except AssertionError as e:  # DeepSpeed validates its config with bare asserts
+        from powerclip.config import ConfigError
+
+        raise ConfigError(f"DeepSpeed rejected the engine config derived from train.* / optim.* / "
+                          f"train.deepspeed: {e or 'assertion failed'}") from e
     ckpt.install_safe_checkpoint_engine(engine)
     engine.train()
 
     # ---- resume (default: this run's latest complete checkpoint)
-    resumed = load_resume(cfg, engine, ckpt_dir, env, teacher, scheduler)
+    resumed = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
     step = resumed["step"] if resumed else 0
     samples_seen = resumed["samples_seen"] if resumed else 0
     skipped_steps = resumed["skipped_steps"] if resumed else 0
     rank_state = resumed["rank_state"] if resumed else None
+    inherited_before = step if resumed and cfg.checkpoint.prune_inherited else None
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
     logger = RunLogger(run_dir, env.is_main, resume_step=step if resumed else None)
     if rank_state and rank_state["rng"] is not None:
@@ -141,7 +179,8 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
             logger.console(step, cfg.train.steps, values)
 
         if checkpoint_due(cfg, step, last_save, env, result.checkpoint_time_due):
-            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps)
+            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps,
+                            inherited_before=inherited_before)
             last_save = time.time()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, step, logger)
@@ -245,7 +284,7 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv, time_
 
 
 def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, step: int,
-                    samples_seen: int, skipped_steps: int) -> str:
+                    samples_seen: int, skipped_steps: int, inherited_before: int | None = None) -> str:
     """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank."""
     local = {"data": loader.state_dict() if hasattr(loader, "state_dict") else None,
              "rng": ckpt.rng_state()}
@@ -259,27 +298,26 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
         def before_latest(tag_dir: Path) -> None:
             teacher.save(tag_dir / "ema_teacher.pt")
     tag = ckpt.save(engine, ckpt_dir, step, client_state, cfg.checkpoint.keep_last, env.is_main,
-                    before_latest=before_latest)
+                    before_latest=before_latest, inherited_before=inherited_before)
     if env.is_main:
         log.info("saved checkpoint %s", ckpt_dir / tag)
     return tag
 
 
-def elastic_config(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Config:
+def elastic_config(cfg: Config, target: tuple[Path, str] | None, env: DistEnv) -> Config:
     """``cfg`` with the batch adjusted for a resume on another number of ranks (see ``elastic``)."""
-    target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     if target is None:
         return cfg
     client = elastic.read_client_state(target[0] / target[1])
     return elastic.adjust_global_batch(cfg, client, env.world_size, env.is_main)
 
 
-def load_resume(cfg: Config, engine, ckpt_dir: Path, env: DistEnv, teacher, scheduler=None) -> dict[str, Any] | None:
+def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistEnv, teacher,
+                scheduler=None) -> dict[str, Any] | None:
     """Load the checkpoint ``checkpoint.resume`` names; None for a fresh start.
 
     Another world size or ZeRO stage than the checkpoint's goes through ``elastic`` (the data
     cursor is then remapped, not restored exactly)."""
-    target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     if target is None:
         return None
     load_dir, tag = target

@@ -27,11 +27,17 @@ log = logging.getLogger(__name__)
 
 # skip reasons of the data pipeline, in a fixed order so every rank packs the same vector;
 # a reason not listed here is counted as "other" (and named in a warning by the rank that saw it)
-SKIP_REASONS = ("unreadable_shard", "truncated_tar", "missing_json", "bad_json", "unsupported_schema",
-                "bad_annotation", "bad_caption", "empty_caption", "missing_image", "bad_image",
-                "missing_regions", "bad_regions", "empty_shard", "other")
-# counters of the data pipeline that are not skipped samples (logged as data/NAME)
+SKIP_REASONS = ("unreadable_shard", "truncated_tar", "empty_shard", "missing_json", "bad_json",
+                "unsupported_schema", "bad_annotation", "bad_caption", "empty_caption", "missing_image",
+                "bad_image", "missing_regions", "bad_regions", "other")
+# annotation entries dropped from samples that are kept (the loader's ``field_*`` counters): reported
+# as data/dropped_*, not counted as skipped samples
+DROPPED_FIELDS = ("field_phrase_span", "field_phrase_over_max", "field_concept_empty", "field_concept_over_max",
+                  "field_negative_empty", "field_negative_over_max", "field_box_outside_crop",
+                  "field_box_over_max")
+# other counters of the data pipeline that are not skipped samples (logged as data/NAME)
 EVENT_COUNTERS = ("regions_dropped",)
+COUNTED = SKIP_REASONS + DROPPED_FIELDS + EVENT_COUNTERS  # the packed order
 _warned_reasons: set[str] = set()
 
 
@@ -59,8 +65,8 @@ class StepValues:
 
 
 def _counts(counters: dict[str, int]) -> list[float]:
-    """The counters in the fixed order SKIP_REASONS + EVENT_COUNTERS."""
-    out = dict.fromkeys(SKIP_REASONS + EVENT_COUNTERS, 0)
+    """The counters in the fixed order COUNTED."""
+    out = dict.fromkeys(COUNTED, 0)
     for reason, n in counters.items():
         if reason in out:
             out[reason] += int(n)
@@ -69,7 +75,7 @@ def _counts(counters: dict[str, int]) -> list[float]:
                 _warned_reasons.add(reason)
                 log.warning("data skip reason %r is not in step_sync.SKIP_REASONS: counted as 'other'", reason)
             out["other"] += int(n)
-    return [float(out[r]) for r in SKIP_REASONS + EVENT_COUNTERS]
+    return [float(out[r]) for r in COUNTED]
 
 
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
@@ -114,12 +120,17 @@ def reduce_step(loss: torch.Tensor, terms: dict[str, torch.Tensor], logit_scale:
         previous["perf/data_wait_frac_max"] = top[h + 2]
         previous["perf/peak_mem_mb"] = top[h + 3]
         previous["perf/step_time_max_s"] = top[h + 4]
-        skipped = total[h + 7: h + 7 + len(SKIP_REASONS)]
+        counts = total[h + 7:]
+        n_skip, n_drop = len(SKIP_REASONS), len(DROPPED_FIELDS)
+        skipped, dropped, events = counts[:n_skip], counts[n_skip: n_skip + n_drop], counts[n_skip + n_drop:]
         previous["data/skipped_samples"] = float(sum(skipped))
         for reason, v in zip(SKIP_REASONS, skipped):
             if v:
                 previous[f"data/skipped_{reason}"] = v
-        for name, v in zip(EVENT_COUNTERS, total[h + 7 + len(SKIP_REASONS):]):
+        for reason, v in zip(DROPPED_FIELDS, dropped):
+            if v:
+                previous[f"data/dropped_{reason[len('field_'):]}"] = v
+        for name, v in zip(EVENT_COUNTERS, events):
             previous[f"data/{name}"] = v
     return StepValues(loss=means[0], terms=dict(zip(names, means[1:])), logit_scale=first[i],
                       applied=total[0] == 0, checkpoint_time_due=first[h + 5] > 0, previous=previous)

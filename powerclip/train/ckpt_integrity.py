@@ -1,0 +1,204 @@
+"""Which checkpoints are complete and intact, which one to resume from, and which may be deleted.
+
+A run on shared storage for weeks meets every failure: a save killed half way, a ``latest`` file
+lost or emptied, a shard truncated by a full disk or flipped by a bad disk. The rules here:
+
+* **Sealed.** After every rank has written its files, ``seal`` records the size and sha256 of each
+  file of the checkpoint in ``<tag>/checksums.json`` (written atomically, before ``latest`` moves).
+  A tag folder with a manifest whose files all match is *complete*; anything else is not.
+  The hashing is shared out over the ranks (file i on rank i mod W), so a large checkpoint costs
+  each rank 1/W of its bytes.
+* **Resume.** ``latest`` names the checkpoint to resume. If it is missing, empty, dangling or its
+  checkpoint fails verification, the newest complete checkpoint is used instead and the log says
+  why; if tag folders exist but none is complete, the run refuses to start (no silent restart from
+  step 0 over someone's checkpoints).
+* **Never lose.** ``prune`` only deletes checkpoints this process wrote (plus, with
+  ``checkpoint.prune_inherited``, complete checkpoints older than the one it resumed from). A tag
+  folder that a new save would overwrite is moved aside (``<tag>.aside-<time>``), not deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "checksums.json"
+_WRITTEN: set[Path] = set()  # tag folders this process wrote (the only ones prune may delete)
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint is incomplete or damaged; the message names the folder and the bad file."""
+
+
+def _tag_re():
+    from powerclip.train.checkpoint import TAG_RE
+
+    return TAG_RE
+
+
+def tag_step(tag: str) -> int:
+    m = _tag_re().match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def list_tags(ckpt_dir: Path) -> list[str]:
+    """Tag folders (``step_XXXXXXXX``) under ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _tag_re().match(p.name)), key=tag_step)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _gather(local: Any) -> list[Any]:
+    from powerclip.train.checkpoint import gather_rank_states
+
+    return gather_rank_states(local)
+
+
+def seal(tag_dir: Path, rank: int, world: int) -> None:
+    """Collective, after every rank's files are on disk: write ``<tag>/checksums.json``."""
+    files = _files(tag_dir)
+    mine = {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for i, p in enumerate(files) if i % world == rank}
+    entries: dict[str, Any] = {}
+    for part in _gather(mine):
+        entries.update(part)
+    if rank == 0:
+        tmp = tag_dir / f".{MANIFEST}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"algorithm": "sha256", "files": dict(sorted(entries.items()))}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, tag_dir / MANIFEST)
+    _WRITTEN.add(tag_dir.resolve())
+
+
+def _manifest(tag_dir: Path) -> dict[str, Any]:
+    path = tag_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointIntegrityError(f"{tag_dir}: no {MANIFEST} (an interrupted save, or not a powerclip "
+                                       "checkpoint)")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointIntegrityError(f"{path}: unreadable manifest ({e})") from None
+    return files
+
+
+def verify(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Check this rank's share of the files (all of them when world == 1); raise naming a bad file."""
+    files = _manifest(tag_dir)
+    for i, (name, want) in enumerate(sorted(files.items())):
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointIntegrityError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CheckpointIntegrityError(f"{path}: {size} bytes, the checkpoint wrote {want['size']} "
+                                           "(truncated?)")
+        if i % world != rank:
+            continue
+        try:
+            digest = file_sha256(path)
+        except OSError as e:
+            raise CheckpointIntegrityError(f"{path}: cannot read: {e.strerror or e}") from None
+        if digest != want["sha256"]:
+            raise CheckpointIntegrityError(f"{path}: sha256 differs from {MANIFEST} (corrupted)")
+
+
+def verify_everywhere(tag_dir: Path, rank: int, world: int) -> str | None:
+    """Collective: each rank verifies its share; every rank gets the same verdict (None = intact)."""
+    try:
+        verify(tag_dir, rank, world)
+        mine = None
+    except CheckpointIntegrityError as e:
+        mine = str(e)
+    errors = [e for e in _gather(mine) if e]
+    return errors[0] if errors else None
+
+
+def choose_resume_tag(ckpt_dir: Path, latest: str | None, rank: int, world: int) -> str | None:
+    """Collective. The tag to resume from (see module docstring), or None for a fresh start.
+
+    Raises ``CheckpointIntegrityError`` when checkpoints exist but none is usable.
+    """
+    tags = list_tags(ckpt_dir)
+    problems: list[str] = []
+    if latest and latest in tags:
+        if not (ckpt_dir / latest / MANIFEST).is_file():  # written before checksums existed
+            if rank == 0:
+                log.warning("%s has no %s: resuming from it unverified", ckpt_dir / latest, MANIFEST)
+            return latest
+        err = verify_everywhere(ckpt_dir / latest, rank, world)
+        if err is None:
+            return latest
+        problems.append(err)
+    elif latest:
+        problems.append(f"{ckpt_dir / 'latest'} names {latest!r}, which does not exist")
+    elif (ckpt_dir / "latest").exists():
+        problems.append(f"{ckpt_dir / 'latest'} is empty")
+    elif tags:
+        problems.append(f"{ckpt_dir / 'latest'} is missing")
+    for tag in reversed(tags):
+        if tag == latest or not (ckpt_dir / tag / MANIFEST).is_file():
+            if tag != latest:
+                problems.append(f"{ckpt_dir / tag}: no {MANIFEST} (incomplete)")
+            continue
+        err = verify_everywhere(ckpt_dir / tag, rank, world)
+        if err is None:
+            if rank == 0:
+                log.warning("resuming from the newest complete checkpoint %s instead: %s", ckpt_dir / tag,
+                            "; ".join(problems))
+            return tag
+        problems.append(err)
+    if tags or latest or (ckpt_dir / "latest").exists():
+        raise CheckpointIntegrityError(
+            f"{ckpt_dir}: no complete checkpoint to resume from ({'; '.join(problems)}); refusing to start "
+            "over it. Repair it, resume from a named checkpoint (checkpoint.resume=PATH), or use another "
+            "train.run_dir")
+    return None
+
+
+def set_aside(tag_dir: Path) -> Path | None:
+    """Move an existing ``tag_dir`` out of the way of a new save (never delete what we did not write)."""
+    if not tag_dir.exists() or tag_dir.resolve() in _WRITTEN:
+        return None
+    aside = tag_dir.with_name(f"{tag_dir.name}.aside-{int(time.time())}-{os.getpid()}")
+    tag_dir.rename(aside)
+    log.warning("a checkpoint folder %s already existed (from another process); moved it to %s", tag_dir, aside)
+    return aside
+
+
+def prune(ckpt_dir: Path, keep_last: int, latest: str | None, inherited_before: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, among those this process wrote
+    (and, when ``inherited_before`` is a step, complete checkpoints older than it). Never ``latest``."""
+    import shutil
+
+    tags = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file() or t == latest]
+    doomed = tags[:-keep_last] if keep_last > 0 and len(tags) > keep_last else []
+    removed = []
+    for tag in doomed:
+        path = ckpt_dir / tag
+        mine = path.resolve() in _WRITTEN
+        inherited = inherited_before is not None and tag_step(tag) < inherited_before
+        if tag == latest or not (mine or inherited):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        _WRITTEN.discard(path.resolve())
+        removed.append(tag)
+    return removed
