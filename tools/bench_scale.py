@@ -69,7 +69,7 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     this rank's shapes: gathers return tensors of the gathered shape (this rank's chunk keeps its
     gradient, the others are fresh), reductions return their input. Values are meaningless."""
     names = ("is_distributed", "world_size", "rank", "gather_with_grad", "gather_sizes", "gather_variable",
-             "all_reduce_sum", "gather_known_sizes", "all_to_all_with_grad")
+             "all_reduce_sum", "gather_known_sizes", "all_to_all_with_grad", "gather_ints", "require_equal")
     saved = {n: getattr(pdist, n) for n in names}
 
     def others(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -86,6 +86,8 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     pdist.rank = lambda: rank
     pdist.gather_with_grad = gather
     pdist.gather_sizes = lambda n, device=None: [n] * world
+    pdist.gather_ints = lambda values, device=None: [list(values)] * world
+    pdist.require_equal = lambda what, per_rank: None
     pdist.gather_variable = lambda x, with_grad=True: (gather(x), [int(x.shape[0])] * world)
     pdist.all_reduce_sum = lambda x: x
     pdist.gather_known_sizes = known
