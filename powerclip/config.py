@@ -117,6 +117,9 @@ class DeglaLossConfig:
     tgc_weight: float = 0.1
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
+    # mean: squared L2 averaged per vector (images + captions + valid negatives); sum: summed over the
+    # global batch, the released recipe's reduction (F.mse_loss(reduction="sum"), weighted 0.005)
+    distill_reduction: str = "mean"
     ema_decay: float = 0.9996
     # presets set this: a DeGLA stage fine-tunes trained weights, so a missing model.pretrained is an
     # error (False lets tests run the losses on random weights)
@@ -225,6 +228,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.global_loss": ("clip", "siglip"),
     "loss.powerset.phrase_pool": ("mean", "sum"),
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
+    "loss.degla.distill_reduction": ("mean", "sum"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
