@@ -188,7 +188,7 @@ class _Ctx:
         correct = []
         for case in ds.cases:
             caps = text_features[[pos[c] for c in case.captions]]
-            correct.append(selection_correct(image_features[case.image], caps, case.correct))
+            correct.append(selection_correct(image_features[case.image], caps, case.correct, ds.ties))
         metrics = {"acc": sum(correct) / len(correct), "n": float(len(correct))}
         if ds.macro:
             metrics["macro_acc"] = comp.macro_accuracy(ds.macro, [c.group for c in ds.cases], correct)

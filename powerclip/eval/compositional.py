@@ -84,6 +84,10 @@ class SelectionSet:
     cases: list[SelectionCase]
     macro: str | None = None  # "vg_relation" | "vg_attribution": how to macro-average groups
     meta: dict = field(default_factory=dict)
+    # how a tie between the right caption and another one counts, as each benchmark's own script does:
+    # "strict" (SugarCrepe, VALSE: right only if its score is strictly the highest) or "first"
+    # (ARO: numpy argmax, the first of equal scores wins)
+    ties: str = "strict"
 
 
 @dataclass
@@ -190,7 +194,7 @@ def _load_aro_vg(root: Path, task: str) -> SelectionSet:
             group = f"{attrs[0]}_{attrs[1]}"
         cases.append(SelectionCase(table.add(ref), [_field(item, "false_caption", where),
                                                     _field(item, "true_caption", where)], 1, group))
-    return SelectionSet(f"aro/{task}", table.refs, cases, macro=task)
+    return SelectionSet(f"aro/{task}", table.refs, cases, macro=task, ties="first")
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -262,7 +266,7 @@ def _load_aro_order(root: Path, task: str, seed: int, max_words: int) -> Selecti
         tokens, tags = [t.text for t in doc], [t.tag_ for t in doc]
         options = [cap] + order_perturbations(tokens, tags, rng)
         cases.append(SelectionCase(img, [pre_caption(o, max_words) for o in options], 0))
-    return SelectionSet(f"aro/{task}", table.refs, cases)
+    return SelectionSet(f"aro/{task}", table.refs, cases, ties="first")
 
 
 # ---------------------------------------------------------------------------------- VALSE
