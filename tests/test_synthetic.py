@@ -84,8 +84,13 @@ def test_heldout_pairs_never_in_train(synthetic_root: Path):
     assert set(json.loads((synthetic_root / "manifest.json").read_text())["heldout_pairs"]) == held
     for split, expect in (("train", False), ("val", False), ("heldout", True)):
         for s in _samples(synthetic_root / split / "00000.tar"):
-            pairs = {f"{o['colour']} {o['shape']}" for o in json.loads(s["json"])["objects"]}
+            ann = json.loads(s["json"])
+            pairs = {f"{o['colour']} {o['shape']}" for o in ann["objects"]}
             assert bool(pairs & held) == expect
+            if split != "heldout":  # no negative may name a heldout pair: "unseen pair = false" shortcut
+                texts = [n["text"] for n in ann["negatives"]] + list(ann["eval_negatives"].values())
+                assert not [t for t in texts if any(p in t for p in held)], (split, texts)
+                assert len(texts[:len(ann["negatives"])]) == len({n["text"] for n in ann["negatives"]})
 
 
 def test_seeded_and_224(tmp_path: Path):

@@ -15,7 +15,7 @@ Phrase nodes: every NP, every "REL NP" (labelled PP) and the ROOT (whole caption
 the NPs. Evaluation negatives follow SugarCrepe's kinds; DeGLA training negatives follow
 METHODS 4's five kinds; both are generated from the grammar, never by string hacks on text.
 The heldout split contains only scenes with at least one (colour, shape) pair that never occurs
-in train/val (a compositional-generalisation probe).
+in train/val, not even in their negatives (a compositional-generalisation probe).
 """
 
 from __future__ import annotations
@@ -131,39 +131,59 @@ def _copy(o: Obj, **kw) -> Obj:
     return Obj(**d)
 
 
-def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> dict[str, str]:
-    """SugarCrepe-style hard negatives, each a caption that is false for this image."""
+def _names_forbidden(objs: list[Obj], forbid: set[tuple[str, str]]) -> bool:
+    return any((o.colour, o.shape) in forbid for o in objs)
+
+
+def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
+                   forbid: frozenset[tuple[str, str]] = frozenset()) -> dict[str, str]:
+    """SugarCrepe-style hard negatives, each a caption that is false for this image.
+
+    ``forbid``: (colour, shape) pairs no negative may name (the heldout pairs, outside the heldout
+    split): a pair that only ever occurs in false captions would be a shortcut ("this pair means
+    false") that a model trained on negatives learns and that the heldout split then punishes.
+    A kind that cannot avoid a forbidden pair is left out.
+    """
     out: dict[str, str] = {}
     pos = _text(objs, rel)
     i = rng.randrange(len(objs))
     # replace-att: one object's colour becomes a colour no object in the scene has
-    free_colours = [c for c in COLOURS if c != objs[i].colour]
+    free_colours = [c for c in COLOURS if c != objs[i].colour and (c, objs[i].shape) not in forbid]
     new = list(objs)
     new[i] = _copy(objs[i], colour=rng.choice(free_colours))
     out["replace-att"] = _text(new, rel)
     # replace-obj: one object's shape becomes a different shape
     new = list(objs)
-    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape
+                                              and (objs[i].colour, s) not in forbid]))
     out["replace-obj"] = _text(new, rel)
     if rel is not None:
         out["replace-rel"] = _text(objs, RELATIONS[rel])
     # add-obj: an object that is not in the scene
     present = {(o.colour, o.shape) for o in objs}
-    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (c, s) not in forbid])
     out["add-obj"] = pos + " and " + Obj(extra[1], extra[0], None, (0, 0)).np_text()
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
         if a.colour != b.colour:
             new = [_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:]
-            out["swap-att"] = _text(new, rel)
+            if not _names_forbidden(new, forbid):
+                out["swap-att"] = _text(new, rel)
         if a.shape != b.shape:
             new = [_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:]
-            out["swap-obj"] = _text(new, rel)
+            if not _names_forbidden(new, forbid):
+                out["swap-obj"] = _text(new, rel)
     return {k: v for k, v in out.items() if v != pos}
 
 
-def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> list[dict]:
-    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent."""
+def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
+                       forbid: frozenset[tuple[str, str]] = frozenset()) -> list[dict]:
+    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent.
+
+    No negative names a ``forbid`` pair (see ``eval_negatives``) and no text appears twice (two kinds
+    can coincide, e.g. a reorder of two same-shape objects equals their colour swap; a duplicate
+    would count one negative twice in the softmax).
+    """
     pos = _text(objs, rel)
     out: list[dict] = []
     if rel is not None and len(objs) >= 2:
@@ -178,20 +198,28 @@ def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> 
                 break
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
-        if a.shape != b.shape:
-            out.append({"kind": "swap_nouns",
-                        "text": _text([_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:], rel)})
-        if a.colour != b.colour:
-            out.append({"kind": "swap_adjectives",
-                        "text": _text([_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:], rel)})
+        swapped = [_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:]
+        if a.shape != b.shape and not _names_forbidden(swapped, forbid):
+            out.append({"kind": "swap_nouns", "text": _text(swapped, rel)})
+        swapped = [_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:]
+        if a.colour != b.colour and not _names_forbidden(swapped, forbid):
+            out.append({"kind": "swap_adjectives", "text": _text(swapped, rel)})
     i = rng.randrange(len(objs))
     new = list(objs)
-    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour]))
+    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour
+                                               and (c, objs[i].shape) not in forbid]))
     out.append({"kind": "replace_adjectives", "text": _text(new, rel)})
     new = list(objs)
-    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape
+                                              and (objs[i].colour, s) not in forbid]))
     out.append({"kind": "replace_nouns", "text": _text(new, rel)})
-    return [n for n in out if n["text"] != pos]
+    seen = {pos}
+    unique = []
+    for n in out:
+        if n["text"] not in seen:
+            seen.add(n["text"])
+            unique.append(n)
+    return unique
 
 
 # -------------------------------------------------------------------------------------- scenes
@@ -256,6 +284,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
     """One webdataset sample dict; a pure function of (index, split, seed, image_size)."""
     rng = random.Random(f"{seed}-{split}-{index}")
     objs, rel = sample_scene(rng, split, held)
+    forbid = frozenset() if split == "heldout" else frozenset(held)
     img, boxes = draw_scene(objs, image_size, rng)
     cap = render_caption(objs, rel)
     ann = {
@@ -269,8 +298,9 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
                      "box": b} for o, b in zip(objs, boxes)],
         "relation": rel,
         "label": CLASSNAMES.index(f"{objs[0].colour} {objs[0].shape}"),
-        "negatives": training_negatives(objs, rel, rng),
-        "eval_negatives": eval_negatives(objs, rel, rng),
+        # outside the heldout split no text names a heldout pair, negatives included (eval_negatives)
+        "negatives": training_negatives(objs, rel, rng, forbid),
+        "eval_negatives": eval_negatives(objs, rel, rng, forbid),
     }
     buf = io.BytesIO()
     if image_format == "png":
