@@ -253,10 +253,38 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
         text = s[0][0] > s[1][0] and s[1][1] > s[0][1]
         image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
         t, i, g = t + text, i + image, g + (text and image)
-    assert res["metrics"]["text_score"] == pytest.approx(t / 4)
-    assert res["metrics"]["image_score"] == pytest.approx(i / 4)
-    assert res["metrics"]["group_score"] == pytest.approx(g / 4)
+    # clip_benchmark's names: text_acc = text score, image_acc = image score, acc = group score
+    assert res["metrics"]["text_acc"] == pytest.approx(t / 4)
+    assert res["metrics"]["image_acc"] == pytest.approx(i / 4)
+    assert res["metrics"]["acc"] == pytest.approx(g / 4)
     assert res["task"] == "image_caption_selection"
+
+
+def test_winoground_hub_parquet_layout_gives_the_same_scores(loaded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = write_winoground(tmp_path / "wino", n=4)
+    want = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", root)["winoground"]
+    rows = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
+    # the hub's layout: data/test-*.parquet, images inline as {"bytes", "path"} (datasets' Image feature)
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    table = pa.Table.from_pylist([
+        {"id": r["id"], "caption_0": r["caption_0"], "caption_1": r["caption_1"], "tag": r["tag"],
+         **{f"image_{k}": {"bytes": (root / "images" / f"{r[f'image_{k}']}.png").read_bytes(), "path": None}
+            for k in (0, 1)}} for r in rows])
+    pq.write_table(table, hub / "data" / "test-00000-of-00001.parquet")
+    got = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", hub)["winoground"]
+    assert got["metrics"] == want["metrics"] and got["metrics"]["n"] == 4.0
+    assert len(comp.load_winoground(hub).images) == 8
+    broken = tmp_path / "broken"
+    (broken / "data").mkdir(parents=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("image_1"), "image_1",
+                                    pa.array([{"bytes": None, "path": "x.png"}] * 4)),
+                   broken / "data" / "test.parquet")
+    with pytest.raises(ValueError, match="row 0: image_1 holds no image bytes"):
+        comp.load_winoground(broken)
 
 
 def test_synthetic_benchmark(loaded, tmp_path):

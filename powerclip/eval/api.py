@@ -205,8 +205,9 @@ class _Ctx:
             im = image_features[list(case.images)]
             scores.append(winoground_scores(t @ im.T))
         n = len(scores)
-        metrics = {"text_score": sum(s[0] for s in scores) / n, "image_score": sum(s[1] for s in scores) / n,
-                   "group_score": sum(s[2] for s in scores) / n, "n": float(n)}
+        # clip_benchmark's names for Winoground's text / image / group scores
+        metrics = {"text_acc": sum(s[0] for s in scores) / n, "image_acc": sum(s[1] for s in scores) / n,
+                   "acc": sum(s[2] for s in scores) / n, "n": float(n)}
         return {"task": "image_caption_selection", "metrics": metrics}
 
 
