@@ -10,7 +10,6 @@ decoder clip_benchmark's ``wds`` loader uses, so both tools see identical pixels
 from __future__ import annotations
 
 import io
-
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
