@@ -75,6 +75,11 @@ class ModelConfig:
     logit_scale_max: float = math.log(100.0)  # clamp applied where the scale is used
     init_logit_bias: float | None = None  # SigLIP: -10
     grad_checkpointing: bool = False
+    # default: the open_clip config's pooling (ViT: CLS token, text: EOT token); mean: both towers
+    # average their tokens (PowerCLIP's released code). The ViT's is open_clip's own pool_type "avg"
+    # (patch tokens); the text tower's (SOT..EOT) has no open_clip config key, so the export records
+    # it under "powerclip" in open_clip_config.json and powerclip's evaluation applies it
+    pool: str = "default"
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -229,6 +234,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.powerset.phrase_pool": ("mean", "sum"),
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
     "loss.degla.distill_reduction": ("mean", "sum"),
+    "model.pool": ("default", "mean"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }

@@ -6,7 +6,7 @@ so the arms of one seed are paired):
 
   from random weights (configs/tiny_cpu.yaml), control ``clip``:
     clip        the plain CLIP loss
-    powerclip   + the powerset term (loss.powerset.weight = 0.2, the PowerCLIP preset's lambda)
+    powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
     concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
   from ONE pretrained start (a plain CLIP run, seed 0, exported), configs/degla_tiny_cpu.yaml,
   control ``clip_ft``:
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 SCRATCH_CONTROL, FT_CONTROL = "clip", "clip_ft"
 SCRATCH_ARMS: dict[str, list[str]] = {
     "clip": [],
-    "powerclip": ["loss.powerset.weight=0.2"],
+    "powerclip": ["loss.powerset.weight=0.2", "model.pool=mean"],
     "concept": ["data.concepts=true", "loss.concept.npc_weight=1.0", "loss.concept.xac_weight=0.01"],
 }
 FT_ARMS: dict[str, list[str]] = {
