@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=512, help="samples per shard (val/heldout: one shard each)")
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--relation-prob", type=float, default=1.0,
+                   help="synthetic generator: share of multi-object captions with a relation (0: bag-of-words trap)")
     p.add_argument("--pretrained", default=None, help="reuse this export as the fine-tuning start")
     p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
@@ -159,9 +161,15 @@ def run_job(job: Job, synth: str, out: str) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.time()
-    cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
-    train(cfg)
-    t_train = time.time() - t0
+    trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
+    if trained.is_file():
+        t_train = json.loads(trained.read_text())["train_s"]
+    else:
+        cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
+        train(cfg)
+        t_train = time.time() - t0
+        trained.write_text(json.dumps({"train_s": t_train}))
+        t0 = time.time() - t_train
     result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
     if job.name == "pretrain":
         from powerclip.export import export_checkpoint
@@ -313,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         from powerclip.data.synthetic import make_synthetic
 
         make_synthetic(synth, train_shards=args.train_shards, val_shards=1, heldout_shards=1,
-                       per_shard=args.per_shard, image_size=args.image_size, seed=0)
+                       per_shard=args.per_shard, image_size=args.image_size, seed=0,
+                       relation_prob=args.relation_prob)
     jobs = plan(args, synth)
     results: dict[str, dict[int, dict]] = {}
     pending = {j.name: j for j in jobs}
@@ -330,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 job = running.pop(fut)
-                res = fut.result()  # a failed run stops the comparison with its traceback
+                if fut.exception() is not None:  # stop at once (queued runs cancelled), with the traceback
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"run {job.name} failed (log above; finished runs are kept)") \
+                        from fut.exception()
+                res = fut.result()
                 finished.add(job.name)
                 print(f"[{time.time() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
                 if job.name != "pretrain":
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"seeds": args.seeds, "steps": f"scratch {args.scratch_steps}, pretrain {args.pretrain_steps}, "
             f"fine-tune {args.ft_steps} (batch {args.batch}, {args.jobs} jobs x {args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
-            f"{args.per_shard} heldout, {args.image_size} px", "extra overrides": " ".join(args.overrides) or "none",
+            f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}", "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
             "wall time": f"{time.time() - t0:.0f} s", "command": " ".join(sys.argv)}
     text = report(results, pretrained, meta)

@@ -223,12 +223,22 @@ def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
 
 
 # -------------------------------------------------------------------------------------- scenes
-def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]]) -> tuple[list[Obj], str | None]:
-    """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none."""
+def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]],
+                 relation_prob: float = 1.0) -> tuple[list[Obj], str | None]:
+    """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none.
+
+    ``relation_prob`` < 1: that share of multi-object scenes is said with a relation; the others are
+    "NP and NP [and NP]" in a random order of mention. Why: with a relation the order of mention
+    follows the layout ("X left of Y": X's colour is on the left), so a model can reject a colour
+    swap by matching word order to image position, without binding colours to shapes; without one,
+    only the binding tells "a red circle and a blue square" from its swap (a bag-of-words trap).
+    1.0 (the default) draws exactly the same dataset as before the option existed.
+    """
     n = rng.choice((1, 2, 2, 3))
     cells = rng.sample([(c, r) for c in range(3) for r in range(3)], n)
     rel: str | None = None
-    if n >= 2:
+    said = relation_prob >= 1.0 or rng.random() < relation_prob
+    if n >= 2 and said:
         options = [r for r in RELATIONS if _relation_holds(r, cells[0], cells[1])]
         rel = rng.choice(options) if options else None
         if rel is None and n == 2:
@@ -244,10 +254,10 @@ def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]]) -> 
             colour, shape = rng.choice([p for p in pairs_ok if p not in {(o.colour, o.shape) for o in objs}])
         size = rng.choice((None, "small", "large"))
         objs.append(Obj(shape=shape, colour=colour, size=size, cell=cells[k]))
-    if split == "heldout":
-        rng.shuffle(objs)  # the held pair is not always first
+    if split == "heldout" or not said:
+        rng.shuffle(objs)  # the held pair is not always first; no relation: mention order is random
         # keep the relation true after shuffling the objects between the cells
-        if n >= 2:
+        if n >= 2 and said:
             options = [r for r in RELATIONS if _relation_holds(r, objs[0].cell, objs[1].cell)]
             rel = rng.choice(options)
     return objs, rel
@@ -280,10 +290,10 @@ def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Im
 
 
 def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],
-                image_format: str = "png") -> dict:
-    """One webdataset sample dict; a pure function of (index, split, seed, image_size)."""
+                image_format: str = "png", relation_prob: float = 1.0) -> dict:
+    """One webdataset sample dict; a pure function of (index, split, seed, image_size, relation_prob)."""
     rng = random.Random(f"{seed}-{split}-{index}")
-    objs, rel = sample_scene(rng, split, held)
+    objs, rel = sample_scene(rng, split, held, relation_prob)
     forbid = frozenset() if split == "heldout" else frozenset(held)
     img, boxes = draw_scene(objs, image_size, rng)
     cap = render_caption(objs, rel)
@@ -313,7 +323,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
 
 
 def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: int, image_size: int,
-                held: set[tuple[str, str]], image_format: str = "png") -> dict[str, int]:
+                held: set[tuple[str, str]], image_format: str = "png", relation_prob: float = 1.0) -> dict[str, int]:
     """Write OUT/split/NNNNN.tar + sizes.json; returns the sizes mapping."""
     import webdataset as wds
 
@@ -327,7 +337,7 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
         # makes tarfile add one), which halves the tar headers every reader parses
         with wds.TarWriter(str(tmp), mtime=0) as w:
             for i in range(per_shard):
-                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format))
+                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format, relation_prob))
         tmp.replace(d / name)
         sizes[name] = per_shard
     (d / "sizes.json").write_text(json.dumps(sizes, indent=1))
@@ -336,10 +346,12 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
 
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
-                   image_format: str = "png") -> dict:
+                   image_format: str = "png", relation_prob: float = 1.0) -> dict:
     """Write the whole dataset under ``out``; returns the manifest dict (also written to disk)."""
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    if not 0.0 <= relation_prob <= 1.0:
+        raise ValueError(f"relation_prob must be in [0, 1], got {relation_prob}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     out = Path(out)
@@ -347,12 +359,12 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     held = heldout_pairs(seed)
     splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
-                      "image_size": image_size, "image_format": image_format,
+                      "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
                       "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue
-        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format)
+        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format, relation_prob)
         manifest["splits"][split] = {"shards": f"{split}/{{00000..{n - 1:05d}}}.tar",
                                      "num_samples": sum(sizes.values()), "skipped": []}
     (out / "classes.json").write_text(json.dumps({"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=1))
