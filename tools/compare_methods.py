@@ -355,8 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         if not cache.is_file():
             cache.write_text(json.dumps(evaluate_model(pretrained_path(args), str(synth))))
         pretrained = json.loads(cache.read_text())
-    meta = {"seeds": args.seeds, "steps": f"scratch {args.scratch_steps}, pretrain {args.pretrain_steps}, "
-            f"fine-tune {args.ft_steps} (batch {args.batch}, {args.jobs} jobs x {args.threads} threads)",
+    phases = []
+    if any(a in SCRATCH_ARMS for a in results):
+        phases.append(f"from scratch {args.scratch_steps}")
+    if any(a in FT_ARMS for a in results):
+        start = f"pretrained start {args.pretrained}" if args.pretrained else f"pretraining {args.pretrain_steps}"
+        phases.append(f"fine-tuning {args.ft_steps} from the {start}")
+    meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
+            f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
             f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}", "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
