@@ -83,6 +83,11 @@ class ModelConfig:
     logit_scale_max: float = math.log(100.0)  # clamp applied where the scale is used
     init_logit_bias: float | None = None  # SigLIP: -10
     grad_checkpointing: bool = False
+    # default: the open_clip config's pooling (ViT: CLS token, text: EOT token); mean: both towers
+    # average their tokens (PowerCLIP's released code). The ViT's is open_clip's own pool_type "avg"
+    # (patch tokens); the text tower's (SOT..EOT) has no open_clip config key, so the export records
+    # it under "powerclip" in open_clip_config.json and powerclip's evaluation applies it
+    pool: str = "default"
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -133,6 +138,9 @@ class DeglaLossConfig:
     tgc_weight: float = 0.1
     tgc_scale: float = 10.0
     distill_weight: float = 1.0
+    # mean: squared L2 averaged per vector (images + captions + valid negatives); sum: summed over the
+    # global batch, the released recipe's reduction (F.mse_loss(reduction="sum"), weighted 0.005)
+    distill_reduction: str = "mean"
     ema_decay: float = 0.9996
     # EMA teacher weights: fp32, or bf16 (half the memory; stochastic rounding keeps the updates)
     ema_dtype: str = "fp32"
@@ -271,6 +279,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.global_loss": ("clip", "siglip"),
     "loss.powerset.phrase_pool": ("mean", "sum"),
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
+    "loss.degla.distill_reduction": ("mean", "sum"),
+    "model.pool": ("default", "mean"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "loss.degla.ema_dtype": ("fp32", "bf16"),

@@ -161,8 +161,12 @@ def _reference_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 
 
 def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], model_cfg: dict[str, Any],
-                     preprocess: dict[str, Any], out_dir: str | Path) -> Path:
+                     preprocess: dict[str, Any], out_dir: str | Path, text_pool: str = "default") -> Path:
     """Write an open_clip folder at ``out_dir`` atomically (tmp folder, then rename).
+
+    ``text_pool="mean"`` is recorded as ``"powerclip": {"text_pool": "mean"}`` next to open_clip's
+    keys (open_clip reads only model_cfg/preprocess_cfg, so the folder still loads there, but with
+    open_clip's EOT pooling of the text tower; powerclip's evaluation applies the mean).
 
     ``model_or_state``: a PowerClipModel, a bare open_clip model, or a state dict of either (any
     prefix; extra training-only keys are dropped). Returns ``out_dir``.
@@ -200,8 +204,10 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
-                                                  indent=2))
+        meta: dict[str, Any] = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+        if text_pool != "default":
+            meta["powerclip"] = {"text_pool": text_pool}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -233,7 +239,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, tag: str | None = N
     ref_model = _reference_model(model_cfg)
     preprocess = _preprocess_of(ref_model)
     log.info("exporting %s (tag %s) to %s", ref.root, ref.tag, out_dir)
-    return export_open_clip(state, model_cfg, preprocess, out_dir)
+    return export_open_clip(state, model_cfg, preprocess, out_dir, text_pool=cfg.model.pool)
 
 
 def _preprocess_of(meta_model: torch.nn.Module) -> dict[str, Any]:

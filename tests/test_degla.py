@@ -138,6 +138,30 @@ def test_all_valid_default_and_fewer_slots_equivalence():
         assert a[key].item() == pytest.approx(b[key].item(), rel=1e-9), key
 
 
+def test_sum_reduction_is_the_released_summed_mse():
+    # the released recipe: F.mse_loss(student, teacher, reduction="sum") over images, captions and
+    # negatives; with our per-vector mean the same weight would be (2G + valid) times weaker
+    s, t, batch = _case()
+    valid = batch.neg_valid
+    want = (F.mse_loss(s.image, t.image, reduction="sum") + F.mse_loss(s.text, t.text, reduction="sum")
+            + F.mse_loss(s.negatives[valid], t.negatives[valid], reduction="sum")).item()
+    summed = degla_losses(s, t, batch, DeglaLossConfig(enabled=True, distill_reduction="sum"))["degla_distill"]
+    mean = degla_losses(s, t, batch, CFG)["degla_distill"]
+    assert summed.item() == pytest.approx(want, rel=1e-6)  # the losses sum in fp32
+    assert summed.item() == pytest.approx(mean.item() * (2 * 5 + int(valid.sum())), rel=1e-6)
+
+
+def test_degla_presets_use_the_released_distillation_strength():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("degla_tiny_cpu.yaml", "degla_vitb32_coco.yaml"):
+        d = yaml.safe_load((root / name).read_text())["loss"]["degla"]
+        assert (d["distill_reduction"], d["distill_weight"]) == ("sum", 0.005), name
+
+
 def test_teacher_equal_student_gives_zero_distillation():
     s, _, batch = _case()
     out = degla_losses(s, s, batch, CFG)
@@ -184,7 +208,7 @@ def _global_inputs():
     return x
 
 
-def _run(rows: slice) -> dict:
+def _run(rows: slice, cfg: DeglaLossConfig = CFG) -> dict:
     """Loss + gradients of a tiny linear 'model' on the rows of the global batch this rank holds."""
     x = _global_inputs()
     proj = x["proj"].clone().requires_grad_()
@@ -199,21 +223,22 @@ def _run(rows: slice) -> dict:
         teacher = feats(x["t_proj"], log_scale)
     batch = Batch(keys=[], images=torch.zeros(rows.stop - rows.start, 1), text=torch.zeros(1),
                   neg_valid=x["valid"][rows])
-    out = degla_losses(student, teacher, batch, CFG)
+    out = degla_losses(student, teacher, batch, cfg)
     total = out["degla_base"] + 0.1 * out["degla_igc"] + 0.1 * out["degla_tgc"] + out["degla_distill"]
     total.backward()
     return {"terms": {k: v.detach() for k, v in out.items()}, "proj_grad": proj.grad, "scale_grad": log_scale.grad}
 
 
-def _rank_fn(rank: int, world: int) -> dict:
+def _rank_fn(rank: int, world: int, reduction: str = "mean") -> dict:
     b = G // world
-    return _run(slice(rank * b, (rank + 1) * b))
+    return _run(slice(rank * b, (rank + 1) * b), DeglaLossConfig(enabled=True, distill_reduction=reduction))
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank():
-    single = _run(slice(0, G))
-    ranks = run_on_ranks(_rank_fn, 2)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_ranks_match_one_rank(reduction: str):
+    single = _run(slice(0, G), DeglaLossConfig(enabled=True, distill_reduction=reduction))
+    ranks = run_on_ranks(_rank_fn, 2, reduction)
     for key in TERMS:  # mean over ranks of the per-rank values == single-process value
         mean = sum(r["terms"][key] for r in ranks) / 2
         assert mean.item() == pytest.approx(single["terms"][key].item(), rel=1e-5), key

@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from powerclip.eval import compositional as comp
 from powerclip.eval import evaluate
-from powerclip.eval.metrics import retrieval_metrics, winoground_scores, zero_shot_metrics
+from powerclip.eval.metrics import retrieval_metrics, selection_correct, winoground_scores, zero_shot_metrics
 from powerclip.eval.model_io import load_model
 from tests.dist_helpers import run_on_ranks
 from tests.test_eval_support import (
@@ -52,9 +52,11 @@ def _txt(loaded, text):
     return F.normalize(loaded.model.encode_text(loaded.tokenizer([text])), dim=-1)[0]
 
 
-def _brute_select(loaded, image_path, captions, correct, crop=None) -> bool:
+def _brute_select(loaded, image_path, captions, correct, crop=None, ties="first") -> bool:
     i = _img(loaded, image_path, crop)
     scores = [float(i @ _txt(loaded, c)) for c in captions]
+    if ties == "strict":  # SugarCrepe / VALSE: caption score > every negative's
+        return all(scores[correct] > v for k, v in enumerate(scores) if k != correct)
     return max(range(len(scores)), key=lambda k: (scores[k], -k)) == correct
 
 
@@ -134,11 +136,45 @@ def test_sugarcrepe_loader_and_scores(loaded, tmp_path):
     res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "sugar_crepe", root, batch_size=3)
     for name in ("swap_att", "replace_rel"):
         ann = json.loads((root / f"{name}.json").read_text())
-        brute = [_brute_select(loaded, root / "val2017" / e["filename"], [e["caption"], e["negative_caption"]], 0)
-                 for e in ann.values()]
+        brute = [_brute_select(loaded, root / "val2017" / e["filename"], [e["caption"], e["negative_caption"]], 0,
+                               ties="strict") for e in ann.values()]
         assert res[f"sugar_crepe/{name}"]["metrics"]["acc"] == pytest.approx(sum(brute) / len(brute))
     one = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "sugar_crepe/swap_att", root)
     assert list(one) == ["sugar_crepe/swap_att"]
+
+
+def test_selection_ties_follow_each_benchmark_rule():
+    img = torch.tensor([1.0, 0.0])
+    tied = torch.tensor([[0.6, 0.8], [0.6, 0.8]])  # two captions with the same score
+    assert not selection_correct(img, tied, 0)  # SugarCrepe/VALSE: a tie is wrong
+    assert not selection_correct(img, tied, 1)
+    assert selection_correct(img, tied, 0, ties="first")  # ARO: numpy argmax, the first wins
+    assert not selection_correct(img, tied, 1, ties="first")
+    assert selection_correct(img, torch.tensor([[0.7, 0.7], [0.6, 0.8]]), 0)
+    with pytest.raises(ValueError, match="ties"):
+        selection_correct(img, tied, 0, ties="random")
+
+
+def test_identical_caption_and_negative_count_as_wrong(loaded, tmp_path):
+    # the same string must get the same embedding (encoded once) and the tie must count as wrong,
+    # whatever the case order; a per-batch encoding could differ in the last bit and flip a coin
+    root = write_sugarcrepe(tmp_path / "sc", tasks=("swap_att",), n=4)
+    ann = json.loads((root / "swap_att.json").read_text())
+    for e in ann.values():
+        e["negative_caption"] = e["caption"]
+    (root / "swap_att.json").write_text(json.dumps(ann))
+    res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "sugar_crepe", root, batch_size=3,
+                   text_batch_size=3)
+    assert res["sugar_crepe/swap_att"]["metrics"]["acc"] == 0.0
+    valse = write_valse(tmp_path / "valse", n=6)
+    ann = json.loads((valse / "existence.json").read_text())
+    for e in ann.values():
+        e["foil"] = e["caption"]
+    (valse / "existence.json").write_text(json.dumps(ann))
+    res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "valse", valse)
+    assert res["valse/existence"]["metrics"]["acc"] == 0.0
+    (aro_set,) = comp.load_aro(write_aro_vg(tmp_path / "aro", n=3), ["vg_relation"])
+    assert aro_set.ties == "first"
 
 
 def test_aro_vg_crops_and_macro(loaded, tmp_path):
@@ -200,8 +236,8 @@ def test_valse_filters_unvalidated_foils(loaded, tmp_path):
     assert len(comp.load_valse(root, all_valse=True)[0].cases) == 6
     res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "valse", root)
     ann = json.loads((root / "existence.json").read_text())
-    brute = [_brute_select(loaded, root / "images" / e["dataset"] / e["image_file"], [e["caption"], e["foil"]], 0)
-             for e in ann.values() if e["mturk"]["caption"] >= 2]
+    brute = [_brute_select(loaded, root / "images" / e["dataset"] / e["image_file"], [e["caption"], e["foil"]], 0,
+                           ties="strict") for e in ann.values() if e["mturk"]["caption"] >= 2]
     assert res["valse/existence"]["metrics"]["acc"] == pytest.approx(sum(brute) / len(brute))
 
 
@@ -217,10 +253,38 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
         text = s[0][0] > s[1][0] and s[1][1] > s[0][1]
         image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
         t, i, g = t + text, i + image, g + (text and image)
-    assert res["metrics"]["text_score"] == pytest.approx(t / 4)
-    assert res["metrics"]["image_score"] == pytest.approx(i / 4)
-    assert res["metrics"]["group_score"] == pytest.approx(g / 4)
+    # clip_benchmark's names: text_acc = text score, image_acc = image score, acc = group score
+    assert res["metrics"]["text_acc"] == pytest.approx(t / 4)
+    assert res["metrics"]["image_acc"] == pytest.approx(i / 4)
+    assert res["metrics"]["acc"] == pytest.approx(g / 4)
     assert res["task"] == "image_caption_selection"
+
+
+def test_winoground_hub_parquet_layout_gives_the_same_scores(loaded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = write_winoground(tmp_path / "wino", n=4)
+    want = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", root)["winoground"]
+    rows = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
+    # the hub's layout: data/test-*.parquet, images inline as {"bytes", "path"} (datasets' Image feature)
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    table = pa.Table.from_pylist([
+        {"id": r["id"], "caption_0": r["caption_0"], "caption_1": r["caption_1"], "tag": r["tag"],
+         **{f"image_{k}": {"bytes": (root / "images" / f"{r[f'image_{k}']}.png").read_bytes(), "path": None}
+            for k in (0, 1)}} for r in rows])
+    pq.write_table(table, hub / "data" / "test-00000-of-00001.parquet")
+    got = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", hub)["winoground"]
+    assert got["metrics"] == want["metrics"] and got["metrics"]["n"] == 4.0
+    assert len(comp.load_winoground(hub).images) == 8
+    broken = tmp_path / "broken"
+    (broken / "data").mkdir(parents=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("image_1"), "image_1",
+                                    pa.array([{"bytes": None, "path": "x.png"}] * 4)),
+                   broken / "data" / "test.parquet")
+    with pytest.raises(ValueError, match="row 0: image_1 holds no image bytes"):
+        comp.load_winoground(broken)
 
 
 def test_synthetic_benchmark(loaded, tmp_path):

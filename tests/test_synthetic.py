@@ -84,8 +84,29 @@ def test_heldout_pairs_never_in_train(synthetic_root: Path):
     assert set(json.loads((synthetic_root / "manifest.json").read_text())["heldout_pairs"]) == held
     for split, expect in (("train", False), ("val", False), ("heldout", True)):
         for s in _samples(synthetic_root / split / "00000.tar"):
-            pairs = {f"{o['colour']} {o['shape']}" for o in json.loads(s["json"])["objects"]}
+            ann = json.loads(s["json"])
+            pairs = {f"{o['colour']} {o['shape']}" for o in ann["objects"]}
             assert bool(pairs & held) == expect
+            if split != "heldout":  # no negative may name a heldout pair: "unseen pair = false" shortcut
+                texts = [n["text"] for n in ann["negatives"]] + list(ann["eval_negatives"].values())
+                assert not [t for t in texts if any(p in t for p in held)], (split, texts)
+                assert len(texts[:len(ann["negatives"])]) == len({n["text"] for n in ann["negatives"]})
+
+
+def test_relation_free_captions_leave_only_binding(tmp_path: Path):
+    held = heldout_pairs(0)
+    same = [make_sample(i, "train", 0, 32, held) for i in range(20)]
+    assert same == [make_sample(i, "train", 0, 32, held, relation_prob=1.0) for i in range(20)]  # default unchanged
+    firsts, swaps = set(), 0
+    for i in range(60):
+        ann = json.loads(make_sample(i, "train", 0, 32, held, relation_prob=0.0)["json"])
+        assert ann["relation"] is None and "replace-rel" not in ann["eval_negatives"]
+        assert not any(r in ann["caption"] for r in ("left of", "right of", "above", "below"))
+        if len(ann["objects"]) >= 2:
+            # the mention order is not the layout's: the first-named object is anywhere
+            firsts.add(tuple(round(v, 1) for v in ann["objects"][0]["box"][:2]))
+            swaps += "swap-att" in ann["eval_negatives"]
+    assert len(firsts) > 3 and swaps > 10
 
 
 def test_seeded_and_224(tmp_path: Path):

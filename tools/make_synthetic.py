@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64, help="pixels per side (64 default; 224 works)")
     p.add_argument("--format", choices=["png", "jpg"], default="png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relation-prob", type=float, default=1.0,
+                   help="share of multi-object captions said with a relation (the rest: 'X and Y', random order)")
     a = p.parse_args(argv)
     m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                       a.seed, a.format)
+                       a.seed, a.format, a.relation_prob)
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
     return 0

@@ -15,7 +15,7 @@ Phrase nodes: every NP, every "REL NP" (labelled PP) and the ROOT (whole caption
 the NPs. Evaluation negatives follow SugarCrepe's kinds; DeGLA training negatives follow
 METHODS 4's five kinds; both are generated from the grammar, never by string hacks on text.
 The heldout split contains only scenes with at least one (colour, shape) pair that never occurs
-in train/val (a compositional-generalisation probe).
+in train/val, not even in their negatives (a compositional-generalisation probe).
 """
 
 from __future__ import annotations
@@ -131,39 +131,59 @@ def _copy(o: Obj, **kw) -> Obj:
     return Obj(**d)
 
 
-def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> dict[str, str]:
-    """SugarCrepe-style hard negatives, each a caption that is false for this image."""
+def _names_forbidden(objs: list[Obj], forbid: set[tuple[str, str]]) -> bool:
+    return any((o.colour, o.shape) in forbid for o in objs)
+
+
+def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
+                   forbid: frozenset[tuple[str, str]] = frozenset()) -> dict[str, str]:
+    """SugarCrepe-style hard negatives, each a caption that is false for this image.
+
+    ``forbid``: (colour, shape) pairs no negative may name (the heldout pairs, outside the heldout
+    split): a pair that only ever occurs in false captions would be a shortcut ("this pair means
+    false") that a model trained on negatives learns and that the heldout split then punishes.
+    A kind that cannot avoid a forbidden pair is left out.
+    """
     out: dict[str, str] = {}
     pos = _text(objs, rel)
     i = rng.randrange(len(objs))
     # replace-att: one object's colour becomes a colour no object in the scene has
-    free_colours = [c for c in COLOURS if c != objs[i].colour]
+    free_colours = [c for c in COLOURS if c != objs[i].colour and (c, objs[i].shape) not in forbid]
     new = list(objs)
     new[i] = _copy(objs[i], colour=rng.choice(free_colours))
     out["replace-att"] = _text(new, rel)
     # replace-obj: one object's shape becomes a different shape
     new = list(objs)
-    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape
+                                              and (objs[i].colour, s) not in forbid]))
     out["replace-obj"] = _text(new, rel)
     if rel is not None:
         out["replace-rel"] = _text(objs, RELATIONS[rel])
     # add-obj: an object that is not in the scene
     present = {(o.colour, o.shape) for o in objs}
-    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (c, s) not in forbid])
     out["add-obj"] = pos + " and " + Obj(extra[1], extra[0], None, (0, 0)).np_text()
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
         if a.colour != b.colour:
             new = [_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:]
-            out["swap-att"] = _text(new, rel)
+            if not _names_forbidden(new, forbid):
+                out["swap-att"] = _text(new, rel)
         if a.shape != b.shape:
             new = [_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:]
-            out["swap-obj"] = _text(new, rel)
+            if not _names_forbidden(new, forbid):
+                out["swap-obj"] = _text(new, rel)
     return {k: v for k, v in out.items() if v != pos}
 
 
-def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> list[dict]:
-    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent."""
+def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
+                       forbid: frozenset[tuple[str, str]] = frozenset()) -> list[dict]:
+    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent.
+
+    No negative names a ``forbid`` pair (see ``eval_negatives``) and no text appears twice (two kinds
+    can coincide, e.g. a reorder of two same-shape objects equals their colour swap; a duplicate
+    would count one negative twice in the softmax).
+    """
     pos = _text(objs, rel)
     out: list[dict] = []
     if rel is not None and len(objs) >= 2:
@@ -178,29 +198,47 @@ def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random) -> 
                 break
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
-        if a.shape != b.shape:
-            out.append({"kind": "swap_nouns",
-                        "text": _text([_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:], rel)})
-        if a.colour != b.colour:
-            out.append({"kind": "swap_adjectives",
-                        "text": _text([_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:], rel)})
+        swapped = [_copy(a, shape=b.shape), _copy(b, shape=a.shape)] + objs[2:]
+        if a.shape != b.shape and not _names_forbidden(swapped, forbid):
+            out.append({"kind": "swap_nouns", "text": _text(swapped, rel)})
+        swapped = [_copy(a, colour=b.colour), _copy(b, colour=a.colour)] + objs[2:]
+        if a.colour != b.colour and not _names_forbidden(swapped, forbid):
+            out.append({"kind": "swap_adjectives", "text": _text(swapped, rel)})
     i = rng.randrange(len(objs))
     new = list(objs)
-    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour]))
+    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour
+                                               and (c, objs[i].shape) not in forbid]))
     out.append({"kind": "replace_adjectives", "text": _text(new, rel)})
     new = list(objs)
-    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape]))
+    new[i] = _copy(objs[i], shape=rng.choice([s for s in SHAPES if s != objs[i].shape
+                                              and (objs[i].colour, s) not in forbid]))
     out.append({"kind": "replace_nouns", "text": _text(new, rel)})
-    return [n for n in out if n["text"] != pos]
+    seen = {pos}
+    unique = []
+    for n in out:
+        if n["text"] not in seen:
+            seen.add(n["text"])
+            unique.append(n)
+    return unique
 
 
 # -------------------------------------------------------------------------------------- scenes
-def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]]) -> tuple[list[Obj], str | None]:
-    """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none."""
+def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]],
+                 relation_prob: float = 1.0) -> tuple[list[Obj], str | None]:
+    """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none.
+
+    ``relation_prob`` < 1: that share of multi-object scenes is said with a relation; the others are
+    "NP and NP [and NP]" in a random order of mention. Why: with a relation the order of mention
+    follows the layout ("X left of Y": X's colour is on the left), so a model can reject a colour
+    swap by matching word order to image position, without binding colours to shapes; without one,
+    only the binding tells "a red circle and a blue square" from its swap (a bag-of-words trap).
+    1.0 (the default) draws exactly the same dataset as before the option existed.
+    """
     n = rng.choice((1, 2, 2, 3))
     cells = rng.sample([(c, r) for c in range(3) for r in range(3)], n)
     rel: str | None = None
-    if n >= 2:
+    said = relation_prob >= 1.0 or rng.random() < relation_prob
+    if n >= 2 and said:
         options = [r for r in RELATIONS if _relation_holds(r, cells[0], cells[1])]
         rel = rng.choice(options) if options else None
         if rel is None and n == 2:
@@ -216,10 +254,10 @@ def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]]) -> 
             colour, shape = rng.choice([p for p in pairs_ok if p not in {(o.colour, o.shape) for o in objs}])
         size = rng.choice((None, "small", "large"))
         objs.append(Obj(shape=shape, colour=colour, size=size, cell=cells[k]))
-    if split == "heldout":
-        rng.shuffle(objs)  # the held pair is not always first
+    if split == "heldout" or not said:
+        rng.shuffle(objs)  # the held pair is not always first; no relation: mention order is random
         # keep the relation true after shuffling the objects between the cells
-        if n >= 2:
+        if n >= 2 and said:
             options = [r for r in RELATIONS if _relation_holds(r, objs[0].cell, objs[1].cell)]
             rel = rng.choice(options)
     return objs, rel
@@ -252,10 +290,11 @@ def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Im
 
 
 def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],
-                image_format: str = "png") -> dict:
-    """One webdataset sample dict; a pure function of (index, split, seed, image_size)."""
+                image_format: str = "png", relation_prob: float = 1.0) -> dict:
+    """One webdataset sample dict; a pure function of (index, split, seed, image_size, relation_prob)."""
     rng = random.Random(f"{seed}-{split}-{index}")
-    objs, rel = sample_scene(rng, split, held)
+    objs, rel = sample_scene(rng, split, held, relation_prob)
+    forbid = frozenset() if split == "heldout" else frozenset(held)
     img, boxes = draw_scene(objs, image_size, rng)
     cap = render_caption(objs, rel)
     ann = {
@@ -269,8 +308,9 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
                      "box": b} for o, b in zip(objs, boxes)],
         "relation": rel,
         "label": CLASSNAMES.index(f"{objs[0].colour} {objs[0].shape}"),
-        "negatives": training_negatives(objs, rel, rng),
-        "eval_negatives": eval_negatives(objs, rel, rng),
+        # outside the heldout split no text names a heldout pair, negatives included (eval_negatives)
+        "negatives": training_negatives(objs, rel, rng, forbid),
+        "eval_negatives": eval_negatives(objs, rel, rng, forbid),
     }
     buf = io.BytesIO()
     if image_format == "png":
@@ -283,7 +323,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
 
 
 def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: int, image_size: int,
-                held: set[tuple[str, str]], image_format: str = "png") -> dict[str, int]:
+                held: set[tuple[str, str]], image_format: str = "png", relation_prob: float = 1.0) -> dict[str, int]:
     """Write OUT/split/NNNNN.tar + sizes.json; returns the sizes mapping."""
     import webdataset as wds
 
@@ -297,7 +337,7 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
         # makes tarfile add one), which halves the tar headers every reader parses
         with wds.TarWriter(str(tmp), mtime=0) as w:
             for i in range(per_shard):
-                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format))
+                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format, relation_prob))
         tmp.replace(d / name)
         sizes[name] = per_shard
     (d / "sizes.json").write_text(json.dumps(sizes, indent=1))
@@ -306,10 +346,12 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
 
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
-                   image_format: str = "png") -> dict:
+                   image_format: str = "png", relation_prob: float = 1.0) -> dict:
     """Write the whole dataset under ``out``; returns the manifest dict (also written to disk)."""
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    if not 0.0 <= relation_prob <= 1.0:
+        raise ValueError(f"relation_prob must be in [0, 1], got {relation_prob}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     out = Path(out)
@@ -317,12 +359,12 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     held = heldout_pairs(seed)
     splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
-                      "image_size": image_size, "image_format": image_format,
+                      "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
                       "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue
-        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format)
+        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format, relation_prob)
         manifest["splits"][split] = {"shards": f"{split}/{{00000..{n - 1:05d}}}.tar",
                                      "num_samples": sum(sizes.values()), "skipped": []}
     (out / "classes.json").write_text(json.dumps({"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=1))

@@ -188,7 +188,7 @@ class _Ctx:
         correct = []
         for case in ds.cases:
             caps = text_features[[pos[c] for c in case.captions]]
-            correct.append(selection_correct(image_features[case.image], caps, case.correct))
+            correct.append(selection_correct(image_features[case.image], caps, case.correct, ds.ties))
         metrics = {"acc": sum(correct) / len(correct), "n": float(len(correct))}
         if ds.macro:
             metrics["macro_acc"] = comp.macro_accuracy(ds.macro, [c.group for c in ds.cases], correct)
@@ -205,8 +205,9 @@ class _Ctx:
             im = image_features[list(case.images)]
             scores.append(winoground_scores(t @ im.T))
         n = len(scores)
-        metrics = {"text_score": sum(s[0] for s in scores) / n, "image_score": sum(s[1] for s in scores) / n,
-                   "group_score": sum(s[2] for s in scores) / n, "n": float(n)}
+        # clip_benchmark's names for Winoground's text / image / group scores
+        metrics = {"text_acc": sum(s[0] for s in scores) / n, "image_acc": sum(s[1] for s in scores) / n,
+                   "acc": sum(s[2] for s in scores) / n, "n": float(n)}
         return {"task": "image_caption_selection", "metrics": metrics}
 
 

@@ -24,7 +24,9 @@ Caption order follows each reference implementation, so ``argmax`` tie-breaking 
   Only valid foils (``mturk.caption >= 2``, the VALSE README's rule) unless ``all_valse=True``.
   Captions [caption, foil], right = 0; metric is the pairwise accuracy acc_r.
 * Winoground: ``ROOT/examples.jsonl`` rows {"image_0", "image_1", "caption_0", "caption_1", ...};
-  images ``ROOT/images/<image_k>.png`` (any extension accepted).
+  images ``ROOT/images/<image_k>.png`` (any extension accepted); or the hub's parquet files
+  (``ROOT/data/*.parquet``, images inline). Metrics carry clip_benchmark's names: ``text_acc``
+  (the paper's text score), ``image_acc`` (image score), ``acc`` (group score).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from powerclip.eval.sources import FileImage, ImageRef, require_file
+from powerclip.eval.sources import BytesImage, FileImage, ImageRef, require_file
 
 SUGARCREPE_TASKS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 ARO_TASKS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
@@ -84,6 +86,10 @@ class SelectionSet:
     cases: list[SelectionCase]
     macro: str | None = None  # "vg_relation" | "vg_attribution": how to macro-average groups
     meta: dict = field(default_factory=dict)
+    # how a tie between the right caption and another one counts, as each benchmark's own script does:
+    # "strict" (SugarCrepe, VALSE: right only if its score is strictly the highest) or "first"
+    # (ARO: numpy argmax, the first of equal scores wins)
+    ties: str = "strict"
 
 
 @dataclass
@@ -190,7 +196,7 @@ def _load_aro_vg(root: Path, task: str) -> SelectionSet:
             group = f"{attrs[0]}_{attrs[1]}"
         cases.append(SelectionCase(table.add(ref), [_field(item, "false_caption", where),
                                                     _field(item, "true_caption", where)], 1, group))
-    return SelectionSet(f"aro/{task}", table.refs, cases, macro=task)
+    return SelectionSet(f"aro/{task}", table.refs, cases, macro=task, ties="first")
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -262,7 +268,7 @@ def _load_aro_order(root: Path, task: str, seed: int, max_words: int) -> Selecti
         tokens, tags = [t.text for t in doc], [t.tag_ for t in doc]
         options = [cap] + order_perturbations(tokens, tags, rng)
         cases.append(SelectionCase(img, [pre_caption(o, max_words) for o in options], 0))
-    return SelectionSet(f"aro/{task}", table.refs, cases)
+    return SelectionSet(f"aro/{task}", table.refs, cases, ties="first")
 
 
 # ---------------------------------------------------------------------------------- VALSE
@@ -295,8 +301,14 @@ def load_valse(root: str | Path, images: str | Path | None = None, files: Sequen
 
 # ------------------------------------------------------------------------------ Winoground
 def load_winoground(root: str | Path) -> WinogroundSet:
+    """``ROOT/examples.jsonl`` + ``ROOT/images/``, or else the hub's parquet layout
+    (``ROOT/data/*.parquet``, or parquet files directly in ROOT)."""
     root = Path(root)
-    path = require_file(root / "examples.jsonl", "Winoground")
+    if not (root / "examples.jsonl").is_file():
+        parquet = sorted((root / "data").glob("*.parquet")) or sorted(root.glob("*.parquet"))
+        if parquet:
+            return _load_winoground_parquet(parquet)
+    path = require_file(root / "examples.jsonl", "Winoground (examples.jsonl + images/, or data/*.parquet)")
     table, cases = _ImageTable(), []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
@@ -307,6 +319,29 @@ def load_winoground(root: str | Path) -> WinogroundSet:
         for k in ("image_0", "image_1"):
             ids.append(table.add(FileImage(str(_winoground_image(root / "images", _field(e, k, where))))))
         cases.append(WinogroundCase((ids[0], ids[1]), (_field(e, "caption_0", where), _field(e, "caption_1", where))))
+    return WinogroundSet("winoground", table.refs, cases)
+
+
+def _load_winoground_parquet(files: Sequence[Path]) -> WinogroundSet:
+    """The hub's layout (facebook/winoground): columns image_0/image_1 as ``{"bytes", "path"}``
+    structs (the datasets library's Image feature), caption_0/caption_1 as strings."""
+    import pyarrow.parquet as pq
+
+    table, cases = _ImageTable(), []
+    for f in files:
+        rows = pq.read_table(f).to_pylist()
+        for n, e in enumerate(rows):
+            where = f"{f} row {n}"
+            ids = []
+            for k in ("image_0", "image_1"):
+                cell = _field(e, k, where)
+                data = cell.get("bytes") if isinstance(cell, dict) else None
+                if not data:
+                    raise ValueError(f"Winoground: {where}: {k} holds no image bytes")
+                ids.append(table.add(BytesImage(f"{where} {k}", data)))
+            cases.append(WinogroundCase((ids[0], ids[1]), (_field(e, "caption_0", where), _field(e, "caption_1", where))))
+    if not cases:
+        raise ValueError(f"Winoground: the parquet files {[str(f) for f in files]} hold no rows")
     return WinogroundSet("winoground", table.refs, cases)
 
 

@@ -63,8 +63,23 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return out
 
 
-def selection_correct(image_feature: torch.Tensor, caption_features: torch.Tensor, correct: int) -> bool:
-    return int(torch.argmax(caption_features @ image_feature)) == correct
+def selection_correct(image_feature: torch.Tensor, caption_features: torch.Tensor, correct: int,
+                      ties: str = "strict") -> bool:
+    """Whether the right caption wins. ``ties="strict"``: only if its score is above every other one
+    (SugarCrepe's and VALSE's ``>``: a negative identical to the caption is wrong, not a coin flip of
+    the order); ``"first"``: argmax, the first of equal scores wins (ARO's ``np.argmax``).
+
+    Identical caption rows get bit-identical scores: each distinct row is scored once, because a
+    matrix-vector product may round two equal rows differently (BLAS kernels split rows unevenly).
+    """
+    if ties not in ("strict", "first"):
+        raise ValueError(f"ties must be 'strict' or 'first', got {ties!r}")
+    distinct, row_of = torch.unique(caption_features, dim=0, return_inverse=True)
+    scores = (distinct @ image_feature)[row_of]
+    if ties == "first":
+        return int(torch.argmax(scores)) == correct
+    others = torch.cat([scores[:correct], scores[correct + 1:]])
+    return bool(others.numel() == 0 or scores[correct] > others.max())
 
 
 def winoground_scores(s: torch.Tensor) -> tuple[bool, bool, bool]:

@@ -9,6 +9,7 @@ layout) into a temporary export folder, then loaded the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -114,6 +115,17 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     tokenizer = open_clip.get_tokenizer(name)
     model.eval()
+    text_pool = json.loads((path / CONFIG_NAME).read_text()).get("powerclip", {}).get("text_pool", "default")
+    if text_pool == "mean":  # PowerCLIP's token-mean text pooling, which open_clip's config cannot say
+        from powerclip.model.clip_model import mean_pool_text
+
+        def encode_text(text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+            x = mean_pool_text(model, text)
+            return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+        model.encode_text = encode_text
+    elif text_pool != "default":
+        raise ValueError(f"{path / CONFIG_NAME}: powerclip.text_pool={text_pool!r} is not 'default' or 'mean'")
     return LoadedModel(model, preprocess, tokenizer, name=name, pretrained=str(path.resolve()))
 
 

@@ -9,6 +9,7 @@ decoder clip_benchmark's ``wds`` loader uses, so both tools see identical pixels
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,21 @@ class TarMember:
         return f"{self.tar}:{self.name}"
 
 
-ImageRef = FileImage | TarMember
+@dataclass(frozen=True)
+class BytesImage:
+    """An encoded image held in memory (a Hugging Face parquet ``{"bytes", "path"}`` image cell)."""
+
+    name: str  # where it came from, for error messages: "file.parquet row 3 image_0"
+    data: bytes
+
+    def load(self) -> PIL.Image.Image:
+        return PIL.Image.open(io.BytesIO(self.data)).convert("RGB")
+
+    def describe(self) -> str:
+        return self.name
+
+
+ImageRef = FileImage | TarMember | BytesImage
 
 
 class ImageDataset(Dataset):

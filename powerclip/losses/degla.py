@@ -154,9 +154,15 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     # ---- TGC: student caption vs teacher caption (positive) and its OWN negatives, fixed scale --
     out["degla_tgc"] = _own_contrast(txt, t_txt, neg, valid, cfg.tgc_scale)
 
-    # ---- distillation: squared L2 per vector, averaged over images + captions + valid negatives --
+    # ---- distillation: squared L2 of images + captions + valid negatives, summed over the global
+    # batch (reduction "sum", the released recipe) or averaged per vector (reduction "mean") ----------
     sq = ((img - t_img).pow(2).sum(-1).sum() + (txt - t_txt).pow(2).sum(-1).sum()
           + ((neg - t_neg).pow(2).sum(-1) * valid).sum())
+    if cfg.distill_reduction == "sum":
+        out["degla_distill"] = sq * pdist.world_size()
+        return out
+    if cfg.distill_reduction != "mean":
+        raise ValueError(f"loss.degla.distill_reduction={cfg.distill_reduction!r} is not one of ('mean', 'sum')")
     count_local = (valid.sum() + 2 * b).to(torch.float32).reshape(1)  # on the device: no host sync
     count_global = pdist.all_reduce_sum(count_local)
     out["degla_distill"] = sq * pdist.world_size() / count_global.squeeze(0)

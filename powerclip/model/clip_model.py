@@ -33,11 +33,45 @@ def _project(x: torch.Tensor, proj: nn.Module | torch.Tensor | None) -> torch.Te
     return x @ proj
 
 
-class PowerClipModel(nn.Module):
-    """Wraps an open_clip CLIP / CustomTextCLIP; ``forward(batch, dense)`` returns ``Features``."""
+def mean_pool_text(clip: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """Unnormalised text embeddings [N, D] by averaging the ``ln_final`` token states over the real
+    tokens (SOT .. EOT, not the padding) and projecting: PowerCLIP's text pooling, which open_clip's
+    ``text_pool_type`` cannot express. One tower pass, read by a hook like the dense path."""
+    return _text_states_and_mean(clip, text)[1]
 
-    def __init__(self, clip: nn.Module, logit_scale_max: float = math.log(100.0)):
+
+def _text_states_and_mean(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    owner = clip.text if hasattr(clip, "text") else clip
+    ln = getattr(owner, "ln_final", None)
+    if not isinstance(ln, nn.Module) or not hasattr(owner, "text_projection"):
+        raise DenseUnsupportedError(f"mean text pooling needs a text tower with ln_final and text_projection, "
+                                    f"not {type(owner).__name__}")
+    captured: list[torch.Tensor] = []
+    handle = ln.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        type(clip).encode_text(clip, text)  # the class's method: an evaluation may patch the instance's
+    finally:
+        handle.remove()
+    states = captured[-1]
+    if states.ndim != 3 or states.shape[1] != text.shape[1]:
+        raise DenseUnsupportedError("text tower applies ln_final after pooling; no token states")
+    real = (text != 0).to(states.dtype).unsqueeze(-1)  # open_clip pads with 0; SOT/EOT are nonzero
+    pooled = (states * real).sum(1) / real.sum(1).clamp(min=1)
+    return states, _project(pooled, owner.text_projection)
+
+
+class PowerClipModel(nn.Module):
+    """Wraps an open_clip CLIP / CustomTextCLIP; ``forward(batch, dense)`` returns ``Features``.
+
+    ``text_pool="mean"`` averages the text tower's token states instead of open_clip's own pooling
+    (``mean_pool_text``); the image tower's pooling lives in the open_clip config (``pool_type``).
+    """
+
+    def __init__(self, clip: nn.Module, logit_scale_max: float = math.log(100.0), text_pool: str = "default"):
         super().__init__()
+        if text_pool not in ("default", "mean"):
+            raise ValueError(f"text_pool must be 'default' or 'mean', got {text_pool!r}")
+        self.text_pool = text_pool
         self.clip = clip
         self.logit_scale_max_cfg = float(logit_scale_max)
         self.logit_scale_max = float(logit_scale_max)  # set by reset_logit_scale_max()
@@ -147,6 +181,12 @@ class PowerClipModel(nn.Module):
         The token states are the output of the tower's ``ln_final`` in the same call that pools
         them, read by a forward hook; only the first ``dense_rows`` rows are projected.
         """
+        if self.text_pool == "mean":
+            states, pooled = _text_states_and_mean(self.clip, text)
+            if dense_rows <= 0:
+                return pooled, None
+            owner = self.clip.text if hasattr(self.clip, "text") else self.clip
+            return pooled, _project(states[:dense_rows], owner.text_projection)
         if dense_rows <= 0:
             return self.clip.encode_text(text), None
         ln, owner = self._text_parts()

@@ -57,9 +57,23 @@ def model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
         if key not in out:
             raise ModelLoadError(f"model.config is missing the open_clip key {key!r}")
     out.pop("nonscalar_logit_scale", None)
+    out = _with_pool(out, cfg.pool)
     if cfg.init_logit_bias is not None:
         out["init_logit_bias"] = float(cfg.init_logit_bias)
     return out
+
+
+def _with_pool(model_cfg: dict[str, Any], pool: str) -> dict[str, Any]:
+    """``model.pool=mean``: the ViT averages its patch tokens (open_clip's own ``pool_type: avg``)."""
+    if pool == "default":
+        return model_cfg
+    if pool != "mean":
+        raise ModelLoadError(f"model.pool={pool!r} is not one of ('default', 'mean')")
+    vision = dict(model_cfg["vision_cfg"])
+    if "timm_model_name" in vision:
+        raise ModelLoadError("model.pool=mean needs an open_clip ViT image tower (timm towers pool themselves)")
+    vision["pool_type"] = "avg"
+    return {**model_cfg, "vision_cfg": vision}
 
 
 def preprocess_cfg(model: PowerClipModel | torch.nn.Module) -> dict[str, Any]:
@@ -107,12 +121,17 @@ def create_model(cfg: ModelConfig) -> PowerClipModel:
             raise ModelLoadError(f"model.pretrained={cfg.pretrained!r}: no such file or folder, and not "
                                  f"an open_clip pretrained tag of {cfg.name!r}")
     if cfg.config is not None:
-        clip = _build_from_dict(dict(cfg.config), kwargs)
+        clip = _build_from_dict(_with_pool(dict(cfg.config), cfg.pool), kwargs)
+    elif cfg.name is not None and cfg.pool != "default":
+        if tag is not None:
+            raise ModelLoadError("model.pool=mean changes the architecture: it cannot load an open_clip "
+                                 "pretrained tag; pass an export folder or weights file as model.pretrained")
+        clip = _build_from_dict(model_cfg_dict(cfg), kwargs)
     elif cfg.name is not None:
         clip = open_clip.create_model(cfg.name, pretrained=tag, **kwargs)
     else:
         raise ModelLoadError("exactly one of model.name and model.config must be set")
-    model = PowerClipModel(clip, logit_scale_max=cfg.logit_scale_max)
+    model = PowerClipModel(clip, logit_scale_max=cfg.logit_scale_max, text_pool=cfg.pool)
     if cfg.pretrained and tag is None:
         load_state_dict_into(model, load_pretrained_state_dict(cfg.pretrained))
     model.reset_logit_scale_max()

@@ -1,0 +1,61 @@
+"""tools/compare_methods.py: the statistics against scipy/hand values, and a tiny end-to-end run
+(every arm, 2 seeds, 2 steps each) whose report and results hold every arm, split and metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+# a plain import (not a spec loader): the tool's spawned workers unpickle its functions by module name
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import compare_methods as cm  # noqa: E402
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mu, ci = cm.mean_ci([1.0, 2.0, 3.0])
+    assert mu == 2.0
+    assert ci == pytest.approx(4.302652729911275 / math.sqrt(3))  # t(0.975, 2) * sd / sqrt(n), sd = 1
+    mu, ci = cm.mean_ci([0.5])
+    assert mu == 0.5 and math.isnan(ci)
+
+
+def test_report_pairs_each_arm_with_its_control_by_seed():
+    def run(vals):
+        return {s: {"metrics": {"heldout/swap-att": v, "val/swap-att": v}} for s, v in enumerate(vals)}
+
+    # negclip beats clip_ft by exactly 0.1 on every seed: the paired CI is 0 and the row is bold,
+    # although the unpaired spreads overlap
+    results = {"clip_ft": run([0.5, 0.7, 0.9]), "negclip": run([0.6, 0.8, 1.0])}
+    text = cm.report(results, None, {"seeds": 3})
+    assert "| swap-att | **+0.100 ± 0.000** |" in text
+    assert "negclip − clip_ft" in text and "## val split" in text and "## heldout split" in text
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    assert cm.main(["--out", str(out), "--smoke", "--jobs", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    arms = {*cm.SCRATCH_ARMS, *cm.FT_ARMS}
+    assert set(res["results"]) == arms
+    kinds = {"swap-att", "swap-obj", "replace-att", "replace-obj", "replace-rel", "add-obj", "zeroshot_acc1",
+             "retrieval_i2t_R@1", "retrieval_t2i_R@1"}
+    for arm in arms:
+        assert set(res["results"][arm]) == {"0", "1"}, arm  # two seeds
+        for r in res["results"][arm].values():
+            assert {k.split("/", 1)[1] for k in r["metrics"]} <= kinds
+            for split in cm.SPLITS:
+                assert f"{split}/swap-att" in r["metrics"] and f"{split}/zeroshot_acc1" in r["metrics"]
+    # the fine-tuning arms start from the pretrained export, whose metrics are reported next to them
+    assert (out / "pretrained" / "open_clip_config.json").is_file() and res["pretrained"]
+    text = (out / "report.md").read_text()
+    for head in ("powerclip − clip", "concept − clip", "negclip − clip_ft", "degla − clip_ft"):
+        assert head in text
+    # a second call reuses every finished run
+    before = {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")}
+    assert cm.main(["--out", str(out), "--smoke", "--jobs", "1"]) == 0
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")} == before

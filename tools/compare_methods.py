@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Every method against its control on the synthetic benchmark, over seeds, with 95% confidence intervals.
+
+Arms (each trained once per seed; seed s fixes the initialisation AND the data order of every arm,
+so the arms of one seed are paired):
+
+  from random weights (configs/tiny_cpu.yaml), control ``clip``:
+    clip        the plain CLIP loss
+    powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
+    concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
+  from ONE pretrained start (a plain CLIP run, seed 0, exported), configs/degla_tiny_cpu.yaml,
+  control ``clip_ft``:
+    clip_ft     fine-tuned with the plain CLIP loss (more training, no negatives)
+    negclip     NegCLIP alone (the DeGLA base term: the grammar's hard negatives in the softmax)
+    degla       DeGLA as the preset sets it (NegCLIP + 0.1 IGC + 0.1 TGC + distillation, sum x 0.005)
+
+Every run is evaluated on the val split (seen colour-shape pairs, new scenes) and on the heldout
+split (scenes with a pair never named in training): accuracy per hard-negative kind, zero-shot top-1
+and retrieval R@1. The report gives mean +- 95% CI (Student t over seeds) per metric and arm, and
+the paired difference to the arm's control (per seed, then mean +- CI). The fine-tuning arms train
+on the generator's own negatives (the rule backend of tools/make_negatives.py would name heldout
+pairs in negatives, a shortcut the heldout split punishes).
+
+  python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
+  python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
+
+Runs already finished under --out are reused (a rerun only does what is missing). --jobs runs that
+many trainings at once, each with --threads torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCRATCH_CONTROL, FT_CONTROL = "clip", "clip_ft"
+SCRATCH_ARMS: dict[str, list[str]] = {
+    "clip": [],
+    "powerclip": ["loss.powerset.weight=0.2", "model.pool=mean"],
+    "concept": ["data.concepts=true", "loss.concept.npc_weight=1.0", "loss.concept.xac_weight=0.01"],
+}
+FT_ARMS: dict[str, list[str]] = {
+    "clip_ft": ["loss.degla.enabled=false", "data.num_negatives=0"],
+    "negclip": ["loss.degla.igc_weight=0", "loss.degla.tgc_weight=0", "loss.degla.distill_weight=0"],
+    "degla": [],
+}
+SPLITS = ("val", "heldout")
+
+
+@dataclass
+class Job:
+    name: str  # arm/seedN or "pretrain"
+    config: str
+    overrides: list[str]
+    run_dir: Path
+    evaluate: bool = True
+    after: list[str] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for data, runs, results and report.md")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 2 for a confidence interval)")
+    p.add_argument("--scratch-steps", type=int, default=300, help="steps of the arms trained from random weights")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of the shared pretrained start")
+    p.add_argument("--ft-steps", type=int, default=150, help="steps of the fine-tuning arms")
+    p.add_argument("--ft-lr", type=float, default=None, help="fine-tuning lr (default: the DeGLA preset's)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--train-shards", type=int, default=4)
+    p.add_argument("--per-shard", type=int, default=512, help="samples per shard (val/heldout: one shard each)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--relation-prob", type=float, default=1.0,
+                   help="synthetic generator: share of multi-object captions with a relation (0: bag-of-words trap)")
+    p.add_argument("--pretrained", default=None, help="reuse this export as the fine-tuning start")
+    p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per run: checks the tool only")
+    p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
+    return p
+
+
+def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
+    out = Path(args.out)
+    shards = f"{synth}/train/{{00000..{args.train_shards - 1:05d}}}.tar"
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in SCRATCH_ARMS and a not in FT_ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {[*SCRATCH_ARMS, *FT_ARMS]}")
+    common = [f"data.sources=[{{shards: '{shards}'}}]", f"data.batch_size={args.batch}", "data.workers=0",
+              "checkpoint.resume=none", "train.log_every=10"]
+    if args.image_size != 64:
+        common.append(f"model.config.vision_cfg.image_size={args.image_size}")
+    jobs: list[Job] = []
+    for arm in arms:
+        for seed in range(args.seeds):
+            seeded = [f"train.seed={seed}", f"data.seed={seed}"]
+            if arm in SCRATCH_ARMS:
+                steps = args.scratch_steps
+                jobs.append(Job(f"{arm}/seed{seed}", "configs/tiny_cpu.yaml",
+                                common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
+                                                   f"optim.warmup_steps={max(1, steps // 10)}"]
+                                + SCRATCH_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}"))
+            else:
+                steps = args.ft_steps
+                lr = [] if args.ft_lr is None else [f"optim.lr={args.ft_lr}"]
+                jobs.append(Job(f"{arm}/seed{seed}", "configs/degla_tiny_cpu.yaml",
+                                common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
+                                                   f"optim.warmup_steps={max(1, steps // 10)}",
+                                                   f"model.pretrained={pretrained_path(args)}"]
+                                + lr + FT_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
+                                after=[] if args.pretrained else ["pretrain"]))
+    if any(j.after for j in jobs):
+        steps = args.pretrain_steps
+        jobs.insert(0, Job("pretrain", "configs/tiny_cpu.yaml",
+                           common + ["train.seed=0", "data.seed=0", f"train.steps={steps}",
+                                     f"checkpoint.every_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}"]
+                           + args.overrides, out / "runs" / "pretrain"))
+    return jobs
+
+
+def pretrained_path(args: argparse.Namespace) -> str:
+    return str(Path(args.pretrained).resolve()) if args.pretrained else str(Path(args.out).resolve() / "pretrained")
+
+
+# ---------------------------------------------------------------------------------- one job
+def _worker_init(threads: int) -> None:
+    """Each worker process is its own single-rank 'world': its own rendezvous port, its own threads."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_job(job: Job, synth: str, out: str) -> dict:
+    """Train (unless already finished), export the pretrained start or evaluate both splits."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    from powerclip.config import load_config
+    from powerclip.train.loop import train
+
+    done = job.run_dir / "compare_done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
+    if trained.is_file():
+        t_train = json.loads(trained.read_text())["train_s"]
+    else:
+        cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
+        train(cfg)
+        t_train = time.time() - t0
+        trained.write_text(json.dumps({"train_s": t_train}))
+        t0 = time.time() - t_train
+    result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
+    if job.name == "pretrain":
+        from powerclip.export import export_checkpoint
+
+        export_checkpoint(job.run_dir, Path(out) / "pretrained")
+    if job.evaluate and job.name != "pretrain":
+        result["metrics"] = evaluate_model(job.run_dir, synth)
+    result["eval_s"] = time.time() - t0 - t_train
+    _cleanup(job.run_dir)
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _cleanup(run_dir: Path) -> None:
+    """Drop the DeepSpeed checkpoints once evaluated (optimiser states: ~3x the weights per run)."""
+    import shutil
+
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir():
+        shutil.rmtree(ckpt)
+
+
+def _loss_summary(run_dir: Path) -> dict[str, list[float]]:
+    """First and last logged value of every loss term (from the run's metrics.jsonl)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    keys = [k for k in rows[-1] if k == "loss" or k.startswith("loss/")]
+    return {k: [float(rows[0].get(k, math.nan)), float(rows[-1][k])] for k in keys}
+
+
+def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
+    """``{split/metric: value}`` for both splits: per-kind accuracy, zero-shot top-1, retrieval R@1."""
+    from powerclip.eval import evaluate
+    from powerclip.eval.model_io import load_model
+
+    loaded = load_model(model_path)
+    flat: dict[str, float] = {}
+    for split in SPLITS:
+        res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "synthetic", synth, split=split)
+        for ds, r in res.items():
+            m = r["metrics"]
+            if ds == "synthetic":
+                flat[f"{split}/zeroshot_acc1"] = m["acc1"]
+            elif ds == "synthetic/retrieval":
+                flat[f"{split}/retrieval_i2t_R@1"] = m["text_retrieval_recall@1"]
+                flat[f"{split}/retrieval_t2i_R@1"] = m["image_retrieval_recall@1"]
+            else:
+                flat[f"{split}/{ds.split('/', 1)[1]}"] = m["acc"]
+    return flat
+
+
+# ---------------------------------------------------------------------------------- statistics
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% Student-t interval (nan for a single value)."""
+    from scipy import stats
+
+    n = len(values)
+    mu = sum(values) / n
+    if n < 2:
+        return mu, math.nan
+    sd = math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1))
+    return mu, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def _fmt(mu: float, ci: float, signed: bool = False) -> str:
+    s = f"{mu:+.3f}" if signed else f"{mu:.3f}"
+    return s if math.isnan(ci) else f"{s} ± {ci:.3f}"
+
+
+def report(results: dict[str, dict[int, dict]], pretrained: dict[str, float] | None, meta: dict) -> str:
+    """The markdown report: per split, mean ± CI per arm, then the paired difference to the control."""
+    lines = [f"# Method comparison on the synthetic benchmark ({meta['seeds']} seeds, mean ± 95% CI)", ""]
+    lines += [f"* {k}: {v}" for k, v in meta.items()]
+    groups = [(SCRATCH_CONTROL, [a for a in SCRATCH_ARMS if a in results]),
+              (FT_CONTROL, [a for a in FT_ARMS if a in results])]
+    metrics = sorted({k for arm in results.values() for r in arm.values() for k in r.get("metrics", {})})
+    for split in SPLITS:
+        keys = [k for k in metrics if k.startswith(split + "/")]
+        for control, arms in groups:
+            if not arms:
+                continue
+            head = arms + (["pretrained"] if control == FT_CONTROL and pretrained else [])
+            lines += ["", f"## {split} split — arms {', '.join(arms)} (control: {control})", "",
+                      "| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+            for k in keys:
+                row = []
+                for arm in arms:
+                    vals = [r["metrics"][k] for r in results[arm].values() if k in r.get("metrics", {})]
+                    row.append(_fmt(*mean_ci(vals)) if vals else "–")
+                if control == FT_CONTROL and pretrained:
+                    row.append(f"{pretrained.get(k, math.nan):.3f}")
+                lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(row) + " |")
+            others = [a for a in arms if a != control and control in results]
+            if not others:
+                continue
+            lines += ["", f"Paired difference to {control} (same seed: same init and data order); "
+                      "**bold**: the 95% CI excludes 0.", "",
+                      "| metric | " + " | ".join(f"{a} − {control}" for a in others) + " |",
+                      "|---" * (len(others) + 1) + "|"]
+            for k in keys:
+                row = []
+                for arm in others:
+                    seeds = [s for s in results[arm] if s in results[control]
+                             and k in results[arm][s].get("metrics", {}) and k in results[control][s].get("metrics", {})]
+                    d = [results[arm][s]["metrics"][k] - results[control][s]["metrics"][k] for s in seeds]
+                    if not d:
+                        row.append("–")
+                        continue
+                    mu, ci = mean_ci(d)
+                    cell = _fmt(mu, ci, signed=True)
+                    row.append(f"**{cell}**" if not math.isnan(ci) and abs(mu) > ci else cell)
+                lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(row) + " |")
+    lines += ["", "## Training losses (first → last logged value, mean over seeds)", ""]
+    for arm, runs in results.items():
+        terms = sorted({t for r in runs.values() for t in r.get("losses", {})})
+        parts = []
+        for t in terms:
+            pairs = [r["losses"][t] for r in runs.values() if t in r.get("losses", {})]
+            parts.append(f"{t} {sum(p[0] for p in pairs) / len(pairs):.3f} → {sum(p[1] for p in pairs) / len(pairs):.3f}")
+        secs = [r.get("train_s", math.nan) for r in runs.values()]
+        lines.append(f"* {arm} ({sum(secs) / len(secs):.0f} s per run): " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- driver
+def machine_state() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return (f"{platform.node()}, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+            f"(1/5/15 min)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.scratch_steps = args.pretrain_steps = args.ft_steps = 2
+        args.train_shards, args.per_shard, args.batch = 1, 16, 8
+        args.seeds = max(2, min(args.seeds, 2))
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    state0 = machine_state()
+    synth = out / "synth"
+    if not (synth / "manifest.json").is_file():
+        from powerclip.data.synthetic import make_synthetic
+
+        make_synthetic(synth, train_shards=args.train_shards, val_shards=1, heldout_shards=1,
+                       per_shard=args.per_shard, image_size=args.image_size, seed=0,
+                       relation_prob=args.relation_prob)
+    jobs = plan(args, synth)
+    results: dict[str, dict[int, dict]] = {}
+    pending = {j.name: j for j in jobs}
+    finished: set[str] = set()
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
+                                initargs=(args.threads,)) as pool:
+        running: dict[cf.Future, Job] = {}
+        while pending or running:
+            for name, job in list(pending.items()):
+                if all(a in finished for a in job.after):
+                    running[pool.submit(run_job, job, str(synth), str(out))] = job
+                    del pending[name]
+            done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                if fut.exception() is not None:  # stop at once (queued runs cancelled), with the traceback
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"run {job.name} failed (log above; finished runs are kept)") \
+                        from fut.exception()
+                res = fut.result()
+                finished.add(job.name)
+                print(f"[{time.time() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
+                if job.name != "pretrain":
+                    arm, seed = job.name.split("/seed")
+                    results.setdefault(arm, {})[int(seed)] = res
+    pretrained = None
+    if any(a in FT_ARMS for a in results):
+        cache = out / "pretrained_metrics.json"
+        if not cache.is_file():
+            cache.write_text(json.dumps(evaluate_model(pretrained_path(args), str(synth))))
+        pretrained = json.loads(cache.read_text())
+    phases = []
+    if any(a in SCRATCH_ARMS for a in results):
+        phases.append(f"from scratch {args.scratch_steps}")
+    if any(a in FT_ARMS for a in results):
+        start = f"pretrained start {args.pretrained}" if args.pretrained else f"pretraining {args.pretrain_steps}"
+        phases.append(f"fine-tuning {args.ft_steps} from the {start}")
+    meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
+            f"{args.threads} threads)",
+            "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
+            f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}", "extra overrides": " ".join(args.overrides) or "none",
+            "machine at start": state0, "machine at end": machine_state(),
+            "wall time": f"{time.time() - t0:.0f} s", "command": " ".join(sys.argv)}
+    text = report(results, pretrained, meta)
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"results": results, "pretrained": pretrained, "meta": meta},
+                                                 indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
