@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from powerclip.checks import enabled_checks
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept import concept_losses, positive_mask, resolve_form
@@ -159,7 +160,7 @@ def test_form_follows_global_loss_and_weights_select_terms():
     with pytest.raises(ValueError, match="logit_bias"):
         concept_losses(feats, batch, _cfg(), "siglip")
     batch.concept_owner = torch.tensor([0, 1, 9] + [0] * 8)
-    with pytest.raises(ValueError, match="concept_owner"):
+    with enabled_checks(), pytest.raises(ValueError, match="concept_owner"):  # reads values: train.debug_checks
         concept_losses(feats, batch, _cfg(), "clip")
 
 

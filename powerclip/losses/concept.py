@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from powerclip import checks
 from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
@@ -104,7 +105,7 @@ def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | N
     if concepts.dim() != 2 or owner.shape != (c,):
         raise ValueError(f"Features.concepts {tuple(concepts.shape)} and Batch.concept_owner "
                          f"{tuple(owner.shape)} do not describe the same {c} concept rows")
-    if c and (int(owner.min()) < 0 or int(owner.max()) >= b):
+    if c and checks.enabled() and (int(owner.min()) < 0 or int(owner.max()) >= b):  # reads values: a host sync
         raise ValueError(f"Batch.concept_owner must index the {b} local images, got values in "
                          f"[{int(owner.min())}, {int(owner.max())}]")
     ids = batch.concept_ids
@@ -159,7 +160,9 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
     """[B, N] bool: concept n is a positive of image ``image_index[b]`` (global indices).
 
     Without the fix: o(n) = i. With it: ids[n] is among the ids of image i's own concepts. Computed
-    through a compact id vocabulary (B x U table, U distinct ids) instead of an [N, N] comparison.
+    through an id vocabulary (a B x N table indexed by each id's first position in sorted order)
+    instead of an [N, N] comparison; fixed shapes throughout (no ``unique``/``nonzero``, whose output
+    sizes depend on the values and would cost a host synchronisation).
     """
     own = owner[None, :] == image_index[:, None]
     if not false_negative_fix:
@@ -169,11 +172,11 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
                          "normalised concept text); switch the fix off or provide the ids")
     if owner.numel() == 0:
         return own
-    uniq, inv = torch.unique(ids, return_inverse=True)
-    table = torch.zeros(image_index.shape[0], uniq.shape[0], dtype=torch.bool, device=owner.device)
-    rows, cols = own.nonzero(as_tuple=True)  # (local image, its own concept n)
-    table[rows, inv[cols]] = True
-    return table[:, inv]
+    # equal ids share one slot: the position of their first occurrence in sorted order
+    inv = torch.searchsorted(torch.sort(ids).values, ids)[None, :].expand(own.shape[0], -1)
+    table = torch.zeros(own.shape, dtype=torch.int32, device=owner.device)
+    table.scatter_add_(1, inv, own.to(torch.int32))  # [B, slot]: image b owns a concept with that id
+    return table.gather(1, inv) > 0
 
 
 def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor,
@@ -199,8 +202,11 @@ def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor,
 
 
 def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features: Features,
-             normaliser: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring)."""
+             normaliser: float | torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring).
+
+    ``normaliser`` may be a device tensor (a count reduced over ranks): it stays on the device.
+    """
     scale = features.logit_scale.float().reshape(())
     logits = scale * scores
     if form == "sigmoid":
@@ -210,6 +216,8 @@ def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features:
         total = sigmoid_pair_sum(logits + features.logit_bias.float().reshape(()), positives, candidates)
     else:
         total = softmax_multi_positive_sum(logits, positives, candidates)
+    if isinstance(normaliser, torch.Tensor):
+        return total * (pdist.world_size() / normaliser.double().clamp_min(1.0)).to(total.dtype)
     return total * (pdist.world_size() / max(normaliser, 1.0))
 
 
@@ -238,15 +246,17 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
     if cand is not None:
         pos = pos & cand
 
-    # Normalisers and diagnostics need global counts (no gradient).
+    # Normalisers and diagnostics need global counts (no gradient); they stay on the device (reading
+    # them on the host would wait for the GPU) and are exact in float64 far beyond any batch size.
     own = g.owner[None, :] == local_index[:, None]
     if cand is not None:
         own = own & cand
-    n_cand = float(cand.sum()) if cand is not None else float(b * g.concepts.shape[0])
-    counts = torch.tensor([float(pos.any(-1).sum()), float(pos.sum()), float(own.sum()), n_cand],
-                          device=image.device)
+    n_cand = (cand.sum().to(torch.float64) if cand is not None
+              else torch.full((), float(b * g.concepts.shape[0]), dtype=torch.float64, device=image.device))
+    counts = torch.stack([pos.any(-1).sum(), pos.sum(), own.sum()]).to(torch.float64)
+    counts = torch.cat([counts, n_cand[None]])
     counts = pdist.all_reduce_sum(counts)
-    images_with_pos, n_pos, n_own, n_all = (float(v) for v in counts)
+    images_with_pos, n_pos, n_own, n_all = counts.unbind()
     normaliser = float(g.num_images) if form == "sigmoid" else images_with_pos
 
     out: dict[str, torch.Tensor] = {}
@@ -269,10 +279,10 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
         with torch.no_grad():
             negs = ~pos if cand is None else cand & ~pos
             pos_mean = pdist.all_reduce_sum(torch.stack([(xac * pos).sum(), (xac * negs).sum()]))
-            out["concept_diag_xac_pos_cos"] = pos_mean[0] / max(n_pos, 1.0)
-            out["concept_diag_xac_neg_cos"] = pos_mean[1] / max(n_all - n_pos, 1.0)
-    dev = image.device
-    out["concept_diag_concepts"] = torch.tensor(float(g.concepts.shape[0]), device=dev)
-    out["concept_diag_positives_per_image"] = torch.tensor(n_pos / max(g.num_images, 1), device=dev)
-    out["concept_diag_false_negative_share"] = torch.tensor((n_pos - n_own) / max(n_pos, 1.0), device=dev)
+            out["concept_diag_xac_pos_cos"] = pos_mean[0] / n_pos.clamp_min(1.0).to(pos_mean.dtype)
+            out["concept_diag_xac_neg_cos"] = pos_mean[1] / (n_all - n_pos).clamp_min(1.0).to(pos_mean.dtype)
+    # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from the host and wait
+    out["concept_diag_concepts"] = torch.full((), float(g.concepts.shape[0]), device=image.device)
+    out["concept_diag_positives_per_image"] = (n_pos / max(g.num_images, 1)).float()
+    out["concept_diag_false_negative_share"] = ((n_pos - n_own) / n_pos.clamp_min(1.0)).float()
     return out
