@@ -114,14 +114,18 @@ def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | N
         if ids.shape != (c,):
             raise ValueError(f"Batch.concept_ids has shape {tuple(ids.shape)}, expected ({c},)")
 
-    image_sizes = pdist.gather_sizes(b, concepts.device)
+    # one size exchange for the step (the host needs the sizes: under NCCL reading them waits for the
+    # GPU): every rank's image and concept counts and embedding width, then gathers of known sizes
+    per_rank = pdist.gather_ints([b, c, concepts.shape[1]])
+    pdist.require_equal("concept embedding width (Features.concepts dim 1)", [r[2] for r in per_rank])
+    image_sizes, sizes = [r[0] for r in per_rank], [r[1] for r in per_rank]
     image_offset = pdist.rank_offset(image_sizes)
     num_images = sum(image_sizes)
     pool = parse_pool(cfg.negative_pool, "loss.concept.negative_pool")
     if pool.covers(num_images):
-        all_concepts, sizes = pdist.gather_variable(concepts, with_grad=True)
-        all_owner, _ = pdist.gather_variable(owner + image_offset, with_grad=False)
-        all_ids = pdist.gather_variable(ids, with_grad=False)[0] if ids is not None else None
+        all_concepts = pdist.gather_known_sizes(concepts, sizes, with_grad=True)
+        all_owner = pdist.gather_known_sizes(owner + image_offset, sizes, with_grad=False)
+        all_ids = pdist.gather_known_sizes(ids, sizes, with_grad=False) if ids is not None else None
         return GatheredConcepts(all_concepts, all_owner, all_ids, image_offset, num_images, sizes)
     return _pooled(concepts, owner, ids, image_offset, num_images, b, pool.kind, pool.size)
 
