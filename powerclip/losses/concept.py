@@ -147,14 +147,16 @@ def _pooled(concepts: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | Non
         cand = torch.ones(b, concepts.shape[0], dtype=torch.bool, device=dev)
         return GatheredConcepts(concepts, glob_owner, ids, image_offset, num_images, [concepts.shape[0]], cand)
     members = sample_members(num_images, size, salt=1).to(dev)
-    in_pool = torch.isin(glob_owner, members)
-    pool_concepts, sizes = pdist.gather_variable(concepts[in_pool], with_grad=True)
-    pool_owner, _ = pdist.gather_variable(glob_owner[in_pool], with_grad=False)
+    # the pooled rows: their count depends on the values, so one host sync here (``nonzero``) and one
+    # size exchange, shared by the three gathers
+    rows = torch.isin(glob_owner, members).nonzero().flatten()
+    pool_concepts, sizes = pdist.gather_variable(concepts.index_select(0, rows), with_grad=True)
+    pool_owner = pdist.gather_known_sizes(glob_owner.index_select(0, rows), sizes, with_grad=False)
     cols = torch.cat([concepts, pool_concepts])
     col_owner = torch.cat([glob_owner, pool_owner])
     col_ids = None
     if ids is not None:
-        col_ids = torch.cat([ids, pdist.gather_variable(ids[in_pool], with_grad=False)[0]])
+        col_ids = torch.cat([ids, pdist.gather_known_sizes(ids.index_select(0, rows), sizes, with_grad=False)])
     cand = torch.cat([own_cand, pool_owner[None, :] != local_index[:, None]], dim=1)
     return GatheredConcepts(cols, col_owner, col_ids, image_offset, num_images, sizes, cand, concepts.shape[0])
 
