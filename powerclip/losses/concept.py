@@ -89,10 +89,12 @@ class GatheredConcepts:
     own_columns: int = 0  # leading columns that are this rank's own concepts, scored with their owner only
 
 
-def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None) -> GatheredConcepts:
+def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None,
+                    per_rank: list[list[int]] | None = None) -> GatheredConcepts:
     """All-gather concepts with variable per-rank sizes; owners shifted to global image indices.
 
     Under a negative pool smaller than the global batch, only the pool's columns (see ``_pooled``).
+    ``per_rank``: every rank's [images, concept rows, embedding width] if the caller exchanged them.
     """
     cfg = cfg or ConceptLossConfig(negative_pool="all")
     if features.concepts is None or batch.concept_owner is None:
@@ -116,7 +118,7 @@ def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | N
 
     # one size exchange for the step (the host needs the sizes: under NCCL reading them waits for the
     # GPU): every rank's image and concept counts and embedding width, then gathers of known sizes
-    per_rank = pdist.gather_ints([b, c, concepts.shape[1]])
+    per_rank = per_rank if per_rank is not None else pdist.gather_ints([b, c, concepts.shape[1]])
     pdist.require_equal("concept embedding width (Features.concepts dim 1)", [r[2] for r in per_rank])
     image_sizes, sizes = [r[0] for r in per_rank], [r[1] for r in per_rank]
     image_offset = pdist.rank_offset(image_sizes)
@@ -236,14 +238,15 @@ def _with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, 
 
 
 def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
-                   global_loss: str) -> dict[str, torch.Tensor]:
-    """The concept terms whose weight is > 0 (unweighted) and their diagnostics."""
+                   global_loss: str, per_rank: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """The concept terms whose weight is > 0 (unweighted) and their diagnostics (``per_rank``: see
+    ``gather_concepts``)."""
     want_npc = cfg.npc_weight > 0
     want_xac = cfg.xac_weight > 0
     if not (want_npc or want_xac):
         return {}
     form = resolve_form(cfg.form, global_loss)
-    g = gather_concepts(features, batch, cfg)
+    g = gather_concepts(features, batch, cfg, per_rank)
     image = features.image
     b = image.shape[0]
     local_index = torch.arange(b, device=image.device) + g.image_offset
