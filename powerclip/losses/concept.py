@@ -58,7 +58,7 @@ from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
-from powerclip.losses.pool import parse_pool, sample_members
+from powerclip.losses.pool import parse_pool, sample_members, to_device
 from powerclip.model.features import Features
 
 TERMS = ("concept_npc", "concept_xac")
@@ -148,7 +148,7 @@ def _pooled(concepts: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | Non
     if kind == "local":
         cand = torch.ones(b, concepts.shape[0], dtype=torch.bool, device=dev)
         return GatheredConcepts(concepts, glob_owner, ids, image_offset, num_images, [concepts.shape[0]], cand)
-    members = sample_members(num_images, size, salt=1).to(dev)
+    members = to_device(sample_members(num_images, size, salt=1), dev)  # pinned: no wait for the GPU
     # the pooled rows: their count depends on the values, so one host sync here (``nonzero``) and one
     # size exchange, shared by the three gathers
     rows = torch.isin(glob_owner, members).nonzero().flatten()
