@@ -182,9 +182,9 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
         return own
     # equal ids share one slot: the position of their first occurrence in sorted order
     inv = torch.searchsorted(torch.sort(ids).values, ids)[None, :].expand(own.shape[0], -1)
-    table = torch.zeros(own.shape, dtype=torch.int32, device=owner.device)
-    table.scatter_add_(1, inv, own.to(torch.int32))  # [B, slot]: image b owns a concept with that id
-    return table.gather(1, inv) > 0
+    table = torch.zeros(own.shape, dtype=torch.uint8, device=owner.device)  # 1 byte per pair, as bool
+    table.scatter_reduce_(1, inv, own.to(torch.uint8), reduce="amax")  # [B, slot]: owns that id
+    return table.gather(1, inv).bool()
 
 
 def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor,
