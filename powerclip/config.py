@@ -213,6 +213,9 @@ class TrainConfig:
     # torch.compile the image and text towers (ZeRO 0/1/2); compile_backend is torch.compile's backend
     compile: bool = False
     compile_backend: str = "inductor"
+    # Value checks inside the losses (concept owners in range, every caption has a phrase) read device
+    # tensors, one host synchronisation each: off by default, on to diagnose a bad batch (powerclip/checks.py)
+    debug_checks: bool = False
     # Extra DeepSpeed config merged over what powerclip derives (advanced; e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 

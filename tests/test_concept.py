@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from powerclip.checks import enabled_checks
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept import concept_losses, positive_mask, resolve_form
@@ -148,6 +149,20 @@ def test_positive_mask_false_negative_rule():
         [False, True, False, True, True]]
 
 
+def test_positive_mask_matches_pairwise_rule_on_random_ids():
+    """The fixed-shape id table against the [N, N] definition: many repeated ids, unsorted owners,
+    images without concepts, and a local image block that starts past global image 0."""
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 7, 40):
+        owner = torch.randint(0, 9, (n,), generator=gen)
+        ids = torch.randint(-3, 4, (n,), generator=gen) * 1_000_003
+        img = torch.arange(2, 8)
+        own = owner[None, :] == img[:, None]
+        same_id = ids[:, None] == ids[None, :]
+        ref = (own[:, :, None] & same_id[None]).any(1)  # [B, N]: an own concept m with ids[m] == ids[n]
+        assert torch.equal(positive_mask(img, owner, ids, True), ref)
+
+
 def test_form_follows_global_loss_and_weights_select_terms():
     assert resolve_form("auto", "siglip") == "sigmoid" and resolve_form("auto", "clip") == "softmax"
     assert resolve_form("softmax", "siglip") == "softmax"
@@ -159,7 +174,7 @@ def test_form_follows_global_loss_and_weights_select_terms():
     with pytest.raises(ValueError, match="logit_bias"):
         concept_losses(feats, batch, _cfg(), "siglip")
     batch.concept_owner = torch.tensor([0, 1, 9] + [0] * 8)
-    with pytest.raises(ValueError, match="concept_owner"):
+    with enabled_checks(), pytest.raises(ValueError, match="concept_owner"):  # reads values: train.debug_checks
         concept_losses(feats, batch, _cfg(), "clip")
 
 

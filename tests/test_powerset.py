@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from powerclip.checks import enabled_checks
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.powerset import (
@@ -338,7 +339,7 @@ def test_clear_errors():
     cfg = PowersetLossConfig(weight=1.0)
     feats, batch = _features_batch()
     batch.phrase_valid[1] = False
-    with pytest.raises(ValueError, match="no valid phrase"):
+    with enabled_checks(), pytest.raises(ValueError, match="no valid phrase"):  # train.debug_checks
         powerset_loss(feats, batch, cfg)
     feats.patches = None
     with pytest.raises(ValueError, match="dense features"):

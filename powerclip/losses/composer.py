@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from powerclip import distributed as pdist
 from powerclip.config import Config, LossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.global_loss import global_loss
@@ -64,6 +65,21 @@ def _term_fn(module: str, name: str, switch: str) -> Any:
         raise RuntimeError(f"{switch} is switched on but {module}.{name} is not available: {e}") from e
 
 
+def _shared_sizes(features: Features, batch: Batch, lc: LossConfig) -> list[list[int]] | None:
+    """Every rank's [images, phrases, concept rows, concept width] in ONE exchange when both the
+    powerset and the concept terms need sizes from the other ranks: reading an exchanged size on the
+    host waits for the GPU, so the two terms share one instead of making one each. None: each term
+    exchanges (or checks) on its own, e.g. when a field is missing and the term raises its own error.
+    """
+    concept_on = lc.concept.npc_weight > 0 or lc.concept.xac_weight > 0
+    if not (pdist.is_distributed() and lc.powerset.weight > 0 and concept_on):
+        return None
+    c = features.concepts
+    if c is None or c.dim() != 2 or batch.phrase_tokens is None or batch.concept_owner is None:
+        return None
+    return pdist.gather_ints([features.image.shape[0], batch.phrase_tokens.shape[1], c.shape[0], c.shape[1]])
+
+
 def compose_losses(features: Features, batch: Batch, cfg: Config | LossConfig,
                    teacher_features: Features | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted total of every switched-on term, and all returned entries (unweighted, detached).
@@ -77,12 +93,14 @@ def compose_losses(features: Features, batch: Batch, cfg: Config | LossConfig,
         terms.update(fn(features, teacher_features, batch, lc.degla))
     else:
         terms[lc.global_loss] = global_loss(features, lc.global_loss)
+    shared = _shared_sizes(features, batch, lc)
     if lc.powerset.weight > 0:
         fn = _term_fn("powerclip.losses.powerset", "powerset_loss", "loss.powerset.weight > 0")
-        terms.update(fn(features, batch, lc.powerset))
+        terms.update(fn(features, batch, lc.powerset, per_rank=shared and [r[:2] for r in shared]))
     if lc.concept.npc_weight > 0 or lc.concept.xac_weight > 0:
         fn = _term_fn("powerclip.losses.concept", "concept_losses", "loss.concept.npc_weight/xac_weight > 0")
-        terms.update(fn(features, batch, lc.concept, global_loss=lc.global_loss))
+        terms.update(fn(features, batch, lc.concept, global_loss=lc.global_loss,
+                        per_rank=shared and [[r[0], r[2], r[3]] for r in shared]))
 
     weights = weight_table(lc)
     missing = [name for name in weights if name not in terms]

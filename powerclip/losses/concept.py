@@ -53,11 +53,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from powerclip import checks
 from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
-from powerclip.losses.pool import parse_pool, sample_members
+from powerclip.losses.pool import parse_pool, sample_members, to_device
 from powerclip.model.features import Features
 
 TERMS = ("concept_npc", "concept_xac")
@@ -88,10 +89,12 @@ class GatheredConcepts:
     own_columns: int = 0  # leading columns that are this rank's own concepts, scored with their owner only
 
 
-def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None) -> GatheredConcepts:
+def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | None = None,
+                    per_rank: list[list[int]] | None = None) -> GatheredConcepts:
     """All-gather concepts with variable per-rank sizes; owners shifted to global image indices.
 
     Under a negative pool smaller than the global batch, only the pool's columns (see ``_pooled``).
+    ``per_rank``: every rank's [images, concept rows, embedding width] if the caller exchanged them.
     """
     cfg = cfg or ConceptLossConfig(negative_pool="all")
     if features.concepts is None or batch.concept_owner is None:
@@ -104,7 +107,7 @@ def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | N
     if concepts.dim() != 2 or owner.shape != (c,):
         raise ValueError(f"Features.concepts {tuple(concepts.shape)} and Batch.concept_owner "
                          f"{tuple(owner.shape)} do not describe the same {c} concept rows")
-    if c and (int(owner.min()) < 0 or int(owner.max()) >= b):
+    if c and checks.enabled() and (int(owner.min()) < 0 or int(owner.max()) >= b):  # reads values: a host sync
         raise ValueError(f"Batch.concept_owner must index the {b} local images, got values in "
                          f"[{int(owner.min())}, {int(owner.max())}]")
     ids = batch.concept_ids
@@ -113,14 +116,18 @@ def gather_concepts(features: Features, batch: Batch, cfg: ConceptLossConfig | N
         if ids.shape != (c,):
             raise ValueError(f"Batch.concept_ids has shape {tuple(ids.shape)}, expected ({c},)")
 
-    image_sizes = pdist.gather_sizes(b, concepts.device)
+    # one size exchange for the step (the host needs the sizes: under NCCL reading them waits for the
+    # GPU): every rank's image and concept counts and embedding width, then gathers of known sizes
+    per_rank = per_rank if per_rank is not None else pdist.gather_ints([b, c, concepts.shape[1]])
+    pdist.require_equal("concept embedding width (Features.concepts dim 1)", [r[2] for r in per_rank])
+    image_sizes, sizes = [r[0] for r in per_rank], [r[1] for r in per_rank]
     image_offset = pdist.rank_offset(image_sizes)
     num_images = sum(image_sizes)
     pool = parse_pool(cfg.negative_pool, "loss.concept.negative_pool")
     if pool.covers(num_images):
-        all_concepts, sizes = pdist.gather_variable(concepts, with_grad=True)
-        all_owner, _ = pdist.gather_variable(owner + image_offset, with_grad=False)
-        all_ids = pdist.gather_variable(ids, with_grad=False)[0] if ids is not None else None
+        all_concepts = pdist.gather_known_sizes(concepts, sizes, with_grad=True)
+        all_owner = pdist.gather_known_sizes(owner + image_offset, sizes, with_grad=False)
+        all_ids = pdist.gather_known_sizes(ids, sizes, with_grad=False) if ids is not None else None
         return GatheredConcepts(all_concepts, all_owner, all_ids, image_offset, num_images, sizes)
     return _pooled(concepts, owner, ids, image_offset, num_images, b, pool.kind, pool.size)
 
@@ -141,15 +148,17 @@ def _pooled(concepts: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor | Non
     if kind == "local":
         cand = torch.ones(b, concepts.shape[0], dtype=torch.bool, device=dev)
         return GatheredConcepts(concepts, glob_owner, ids, image_offset, num_images, [concepts.shape[0]], cand)
-    members = sample_members(num_images, size, salt=1).to(dev)
-    in_pool = torch.isin(glob_owner, members)
-    pool_concepts, sizes = pdist.gather_variable(concepts[in_pool], with_grad=True)
-    pool_owner, _ = pdist.gather_variable(glob_owner[in_pool], with_grad=False)
+    members = to_device(sample_members(num_images, size, salt=1), dev)  # pinned: no wait for the GPU
+    # the pooled rows: their count depends on the values, so one host sync here (``nonzero``) and one
+    # size exchange, shared by the three gathers
+    rows = torch.isin(glob_owner, members).nonzero().flatten()
+    pool_concepts, sizes = pdist.gather_variable(concepts.index_select(0, rows), with_grad=True)
+    pool_owner = pdist.gather_known_sizes(glob_owner.index_select(0, rows), sizes, with_grad=False)
     cols = torch.cat([concepts, pool_concepts])
     col_owner = torch.cat([glob_owner, pool_owner])
     col_ids = None
     if ids is not None:
-        col_ids = torch.cat([ids, pdist.gather_variable(ids[in_pool], with_grad=False)[0]])
+        col_ids = torch.cat([ids, pdist.gather_known_sizes(ids.index_select(0, rows), sizes, with_grad=False)])
     cand = torch.cat([own_cand, pool_owner[None, :] != local_index[:, None]], dim=1)
     return GatheredConcepts(cols, col_owner, col_ids, image_offset, num_images, sizes, cand, concepts.shape[0])
 
@@ -159,7 +168,9 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
     """[B, N] bool: concept n is a positive of image ``image_index[b]`` (global indices).
 
     Without the fix: o(n) = i. With it: ids[n] is among the ids of image i's own concepts. Computed
-    through a compact id vocabulary (B x U table, U distinct ids) instead of an [N, N] comparison.
+    through an id vocabulary (a B x N table indexed by each id's first position in sorted order)
+    instead of an [N, N] comparison; fixed shapes throughout (no ``unique``/``nonzero``, whose output
+    sizes depend on the values and would cost a host synchronisation).
     """
     own = owner[None, :] == image_index[:, None]
     if not false_negative_fix:
@@ -169,11 +180,11 @@ def positive_mask(image_index: torch.Tensor, owner: torch.Tensor, ids: torch.Ten
                          "normalised concept text); switch the fix off or provide the ids")
     if owner.numel() == 0:
         return own
-    uniq, inv = torch.unique(ids, return_inverse=True)
-    table = torch.zeros(image_index.shape[0], uniq.shape[0], dtype=torch.bool, device=owner.device)
-    rows, cols = own.nonzero(as_tuple=True)  # (local image, its own concept n)
-    table[rows, inv[cols]] = True
-    return table[:, inv]
+    # equal ids share one slot: the position of their first occurrence in sorted order
+    inv = torch.searchsorted(torch.sort(ids).values, ids)[None, :].expand(own.shape[0], -1)
+    table = torch.zeros(own.shape, dtype=torch.uint8, device=owner.device)  # 1 byte per pair, as bool
+    table.scatter_reduce_(1, inv, own.to(torch.uint8), reduce="amax")  # [B, slot]: owns that id
+    return table.gather(1, inv).bool()
 
 
 def sigmoid_pair_sum(logits: torch.Tensor, positives: torch.Tensor,
@@ -199,8 +210,11 @@ def softmax_multi_positive_sum(logits: torch.Tensor, positives: torch.Tensor,
 
 
 def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features: Features,
-             normaliser: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring)."""
+             normaliser: float | torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-rank loss value of one term: W * local sum / global normaliser (see module docstring).
+
+    ``normaliser`` may be a device tensor (a count reduced over ranks): it stays on the device.
+    """
     scale = features.logit_scale.float().reshape(())
     logits = scale * scores
     if form == "sigmoid":
@@ -210,6 +224,8 @@ def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features:
         total = sigmoid_pair_sum(logits + features.logit_bias.float().reshape(()), positives, candidates)
     else:
         total = softmax_multi_positive_sum(logits, positives, candidates)
+    if isinstance(normaliser, torch.Tensor):
+        return total * (pdist.world_size() / normaliser.double().clamp_min(1.0)).to(total.dtype)
     return total * (pdist.world_size() / max(normaliser, 1.0))
 
 
@@ -222,14 +238,15 @@ def _with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, 
 
 
 def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
-                   global_loss: str) -> dict[str, torch.Tensor]:
-    """The concept terms whose weight is > 0 (unweighted) and their diagnostics."""
+                   global_loss: str, per_rank: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """The concept terms whose weight is > 0 (unweighted) and their diagnostics (``per_rank``: see
+    ``gather_concepts``)."""
     want_npc = cfg.npc_weight > 0
     want_xac = cfg.xac_weight > 0
     if not (want_npc or want_xac):
         return {}
     form = resolve_form(cfg.form, global_loss)
-    g = gather_concepts(features, batch, cfg)
+    g = gather_concepts(features, batch, cfg, per_rank)
     image = features.image
     b = image.shape[0]
     local_index = torch.arange(b, device=image.device) + g.image_offset
@@ -238,15 +255,17 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
     if cand is not None:
         pos = pos & cand
 
-    # Normalisers and diagnostics need global counts (no gradient).
+    # Normalisers and diagnostics need global counts (no gradient); they stay on the device (reading
+    # them on the host would wait for the GPU) and are exact in float64 far beyond any batch size.
     own = g.owner[None, :] == local_index[:, None]
     if cand is not None:
         own = own & cand
-    n_cand = float(cand.sum()) if cand is not None else float(b * g.concepts.shape[0])
-    counts = torch.tensor([float(pos.any(-1).sum()), float(pos.sum()), float(own.sum()), n_cand],
-                          device=image.device)
+    n_cand = (cand.sum().to(torch.float64) if cand is not None
+              else torch.full((), float(b * g.concepts.shape[0]), dtype=torch.float64, device=image.device))
+    counts = torch.stack([pos.any(-1).sum(), pos.sum(), own.sum()]).to(torch.float64)
+    counts = torch.cat([counts, n_cand[None]])
     counts = pdist.all_reduce_sum(counts)
-    images_with_pos, n_pos, n_own, n_all = (float(v) for v in counts)
+    images_with_pos, n_pos, n_own, n_all = counts.unbind()
     normaliser = float(g.num_images) if form == "sigmoid" else images_with_pos
 
     out: dict[str, torch.Tensor] = {}
@@ -269,10 +288,10 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
         with torch.no_grad():
             negs = ~pos if cand is None else cand & ~pos
             pos_mean = pdist.all_reduce_sum(torch.stack([(xac * pos).sum(), (xac * negs).sum()]))
-            out["concept_diag_xac_pos_cos"] = pos_mean[0] / max(n_pos, 1.0)
-            out["concept_diag_xac_neg_cos"] = pos_mean[1] / max(n_all - n_pos, 1.0)
-    dev = image.device
-    out["concept_diag_concepts"] = torch.tensor(float(g.concepts.shape[0]), device=dev)
-    out["concept_diag_positives_per_image"] = torch.tensor(n_pos / max(g.num_images, 1), device=dev)
-    out["concept_diag_false_negative_share"] = torch.tensor((n_pos - n_own) / max(n_pos, 1.0), device=dev)
+            out["concept_diag_xac_pos_cos"] = pos_mean[0] / n_pos.clamp_min(1.0).to(pos_mean.dtype)
+            out["concept_diag_xac_neg_cos"] = pos_mean[1] / (n_all - n_pos).clamp_min(1.0).to(pos_mean.dtype)
+    # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from the host and wait
+    out["concept_diag_concepts"] = torch.full((), float(g.concepts.shape[0]), device=image.device)
+    out["concept_diag_positives_per_image"] = (n_pos / max(g.num_images, 1)).float()
+    out["concept_diag_false_negative_share"] = ((n_pos - n_own) / n_pos.clamp_min(1.0)).float()
     return out

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from powerclip import checks
 from powerclip import distributed as pdist
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
@@ -217,19 +218,22 @@ def _sampled_scores(phi: torch.Tensor, rv: torch.Tensor, p: torch.Tensor, pv: to
 def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor,
                                   phrase_valid: torch.Tensor, cfg: PowersetLossConfig,
                                   chunk: int | None = None,
-                                  gather_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                                  gather_dtype: torch.dtype | None = None,
+                                  per_rank: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """The loss from this rank's region embeddings phi [B, M, D] (+ valid [B, M]) and phrase
     embeddings p [B, K, D] (+ valid [B, K]); see the module docstring for the outputs.
-    ``gather_dtype``: dtype in which they cross ranks (None: the compute dtype).
+    ``gather_dtype``: dtype in which they cross ranks (None: the compute dtype). ``per_rank``: every
+    rank's [batch size, phrase count] when the caller already exchanged them (None: exchanged here).
 
     Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors.
     """
     with autocast_off(phi.device):
-        return _loss(phi, region_valid, p, phrase_valid, cfg, chunk, gather_dtype)
+        return _loss(phi, region_valid, p, phrase_valid, cfg, chunk, gather_dtype, per_rank)
 
 
 def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
-          cfg: PowersetLossConfig, chunk: int | None, gather_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+          cfg: PowersetLossConfig, chunk: int | None, gather_dtype: torch.dtype | None,
+          per_rank: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     b = phi.shape[0]
     if p.shape[0] != b:
         raise ValueError(f"powerset loss: {b} images but {p.shape[0]} captions")
@@ -237,7 +241,8 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
     phi, p = phi.to(dtype), p.to(dtype)
     region_valid, phrase_valid = region_valid.bool(), phrase_valid.bool()
     empty = ~phrase_valid.any(-1)
-    if phi.device.type != "meta" and bool(empty.any()):  # the meta device (cost model) has no values
+    # reads values (a host sync): only under train.debug_checks; the meta device (cost model) has none
+    if checks.enabled() and phi.device.type != "meta" and bool(empty.any()):
         raise ValueError(f"powerset loss: captions {empty.nonzero().flatten().tolist()} have no valid "
                          "phrase (every caption needs at least its root node in batch.phrase_tokens)")
     pool = parse_pool(cfg.negative_pool, "loss.powerset.negative_pool")
@@ -247,7 +252,7 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
         s_rows, s_cols, t1_rows, t2_rows, negatives = _local_scores(phi, region_valid, p, phrase_valid, cfg, chunk)
     else:
         # one small collective: every rank's batch size (must agree) and phrase count (padded to the max)
-        per_rank = pdist.gather_ints([b, p.shape[1]])
+        per_rank = per_rank if per_rank is not None else pdist.gather_ints([b, p.shape[1]])
         pdist.require_equal("powerset loss local batch size", [r[0] for r in per_rank])
         k_max = max(r[1] for r in per_rank)
         p, phrase_valid = _pad_phrases(p, phrase_valid, k_max)
@@ -280,8 +285,10 @@ def _loss(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase
 
 
 def powerset_loss(features: Features, batch: Batch, cfg: PowersetLossConfig,
-                  chunk: int | None = None) -> dict[str, torch.Tensor]:
-    """Entry point used by the composer: dense features + batch regions/phrases -> the terms above."""
+                  chunk: int | None = None, per_rank: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Entry point used by the composer: dense features + batch regions/phrases -> the terms above.
+
+    ``per_rank``: every rank's [batch size, phrase count] if the composer exchanged them already."""
     if features.patches is None or features.tokens is None:
         raise ValueError("loss.powerset needs dense features (Features.patches and Features.tokens); "
                          "the model must be asked for them (composer.needs_dense)")
@@ -291,7 +298,8 @@ def powerset_loss(features: Features, batch: Batch, cfg: PowersetLossConfig,
     phi, rv = region_embeddings(features.patches, batch.region_masks, batch.region_valid)
     p, pv = phrase_embeddings(features.tokens, batch.phrase_tokens, batch.phrase_valid, batch.token_valid,
                               cfg.phrase_pool)
-    return powerset_loss_from_embeddings(phi, rv, p, pv, cfg, chunk, run_gather_dtype(features.patches.dtype, cfg))
+    return powerset_loss_from_embeddings(phi, rv, p, pv, cfg, chunk, run_gather_dtype(features.patches.dtype, cfg),
+                                         per_rank)
 
 
 def run_gather_dtype(run_dtype: torch.dtype, cfg: PowersetLossConfig) -> torch.dtype | None:

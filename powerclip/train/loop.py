@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from powerclip import checks
 from powerclip import distributed as pdist
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
@@ -86,6 +87,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     if build_loader is None:
         from powerclip.data import build_loader
     env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    checks.set_enabled(cfg.train.debug_checks)
     if env.device.type == "cpu" and cfg.train.keep_freed_host_memory:
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
