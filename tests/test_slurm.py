@@ -12,6 +12,8 @@ only through MASTER_ADDR, which must be the first node of the job's node list.
 * the same tiny training through ``powerclip submit``, requeued with ``scontrol requeue`` as soon as
   its first checkpoint exists: it resumes from the latest checkpoint and its per-step losses equal
   the uninterrupted run's;
+* a 2-node job stopped after its first checkpoint and started again on 1 node: the elastic resume
+  (2 ranks -> 1, global batch kept) trains to the end;
 * a task that dials the wrong MASTER_PORT: the job fails within ``train.dist_timeout_s`` with a
   message naming MASTER_ADDR:MASTER_PORT, instead of hanging.
 """
@@ -333,3 +335,44 @@ def test_unreachable_master_port_fails_within_the_timeout(cluster, tiny_yaml, tm
     assert "powerclip: rank" not in text  # no rank got past the rendezvous
     # start-up (imports on a loaded 2-core machine) + the timeout, not a hang until the time limit
     assert seconds < timeout_s + 120, seconds
+
+
+def test_job_back_on_fewer_nodes_resumes_elastically(cluster, tiny_yaml, tmp_path):
+    """A 2-node job stopped after its first checkpoint (a preemption) comes back as a 1-node job on
+    the same run folder: it resumes from the checkpoint through the elastic path (2 ranks -> 1, the
+    global batch kept) and trains to the end; every step is logged once."""
+    run = tmp_path / "shrunk"
+    run.mkdir()
+
+    def sbatch(nodes: int) -> tuple[str, Path]:
+        log = tmp_path / f"shrunk-{nodes}-%j.out"
+        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=0",
+               "--cpus-per-task=1", "--time=10", f"--output={log}", f"--chdir={REPO}",
+               str(REPO / "slurm" / "pretrain.sbatch"), str(tiny_yaml), f"train.run_dir={run}"]
+        out = subprocess.run(cmd, env=_env(PYTHON=sys.executable, MAX_REQUEUES="0"), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        jid = out.stdout.strip().split(";")[0]
+        _SUBMITTED.append(jid)
+        return jid, Path(str(log).replace("%j", jid))
+
+    first, _ = sbatch(2)
+    _wait_until(lambda: _latest(run) is not None, JOB_TIMEOUT, "the first checkpoint", first, poll=0.1)
+    subprocess.run(["scancel", first], check=True, capture_output=True, timeout=30)
+    wait_job(first, JOB_TIMEOUT)
+    resumed_from = _latest(run)
+    resumed_step = int(resumed_from.split("_")[-1])
+    assert 0 < resumed_step < STEPS, "the first job finished before it was stopped"
+
+    second, log = sbatch(1)
+    state = wait_job(second, JOB_TIMEOUT)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+    assert "powerclip: rank 0/1 on" in text
+    assert re.search(rf"elastic resume: {run}/checkpoints/step_\d+ was written by 2 ranks at ZeRO-\d, "
+                     r"this run has 1 ranks", text), text[-3000:]
+    assert "elastic resume on 1 ranks (checkpoint: 2): global batch 16 kept, data.batch_size 8 -> 16" in text, \
+        text[-3000:]
+    assert re.search(rf"finished at step {STEPS}: loss [0-9.]+", text), text[-3000:]
+    assert _latest(run) == f"step_{STEPS:08d}"
+    assert sorted(_metrics_losses(run)) == list(range(1, STEPS + 1))
