@@ -159,6 +159,21 @@ class Vocabulary:
     def to_json(self) -> dict:
         return {w: dict(sorted(c.items())) for w, c in sorted(self.tags.items())}
 
+    def counts(self) -> dict:
+        """Every count the vocabulary holds, sorted, as JSON-ready data: a partial vocabulary of
+        some shards, which ``merge`` adds up (so a corpus can be counted in disjoint pieces)."""
+        return {"tags": self.to_json(),
+                "slots": {w: {str(k): v for k, v in sorted(c.items())} for w, c in sorted(self.slots.items())}}
+
+    def merge(self, counts: dict) -> None:
+        """Add a partial vocabulary (``counts()`` of another instance). Counts only add, so the
+        result is the same in any order of the pieces and equals one pass over all of them."""
+        for w, c in counts["tags"].items():
+            self.tags.setdefault(w, Counter()).update(c)
+        for w, c in counts["slots"].items():
+            self.slots.setdefault(w, Counter()).update({int(k): v for k, v in c.items()})
+        self._majority = None
+
     def size(self) -> dict[str, int]:
         """Distinct words per majority tag (reported by the tool)."""
         self.majority("")
