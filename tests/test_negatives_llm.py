@@ -24,7 +24,7 @@ class FakeChatServer:
     must reject it) and, when ``drop_last`` is set, the last caption of a batch is left out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.requests = 0
         self.script: list[int] = []  # HTTP statuses to answer before succeeding
         self.auth: list[str] = []
@@ -71,8 +71,8 @@ class FakeChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @staticmethod

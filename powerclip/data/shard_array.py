@@ -7,6 +7,12 @@ need no coordination beyond disjoint ranges. A task that hits its time limit or 
 requeued by submitit (``Checkpointable``) with the same range and, since finished shards are
 skipped, continues where it stopped. The summary job runs after every task has ended (``afterany``,
 so a failed task still gets its finished shards summarised) and lists shards no task finished.
+
+A tool whose shards depend on the whole corpus runs in phases: ``make_negatives`` with the rules
+backend first counts a partial vocabulary per shard (one array), then writes the shards with the
+merged vocabulary (a second array over the same ranges, started after the first has ended). The
+second phase refuses to start while any shard is uncounted, so the summary then names the shards
+missing instead of the run writing negatives from part of the corpus.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import submitit
 
-TOOLS = ("annotate", "build")
+TOOLS = ("annotate", "build", "negatives")
 
 
 def split_ranges(n: int, tasks: int) -> list[tuple[int, int]]:
@@ -51,7 +57,25 @@ def _run_range(tool: str, shards: list, out: str, options: dict[str, Any]) -> di
         opts = dict(options)
         return build_shards(opts.pop("inputs"), out, progress=False, only=(shards[0], shards[-1] + 1),
                             write_manifest=False, **opts)
+    if tool == "negatives":
+        return _negatives_range([Path(s) for s in shards], Path(out), options)
     raise ValueError(f"unknown shard tool {tool!r}; one of {TOOLS}")
+
+
+def _negatives_range(shards: list[Path], out: Path, options: dict[str, Any]) -> dict:
+    """One phase of make_negatives over this task's shards. The LLM answers cache goes to a file
+    of this task's own (named by its first shard, so a requeued task finds it again) unless one
+    was named: sqlite shared by many nodes needs file locks that network filesystems often lack."""
+    from dataclasses import replace
+
+    from ..negatives.shards import check_settings, run_phase
+
+    job = options["job"]
+    check_settings(out, job, shards)
+    if job.backend == "llm" and "cache" not in job.llm:
+        job = replace(job, llm={**job.llm, "cache": str(out / "_negatives" / "llm_cache" / f"{shards[0].name}.sqlite")})
+    resumed = run_phase(options["phase"], shards, out, job, options.get("workers", 1), progress=False)
+    return {"resumed_shards": resumed if options["phase"] == "write" else 0}
 
 
 class ShardRangeTask(submitit.helpers.Checkpointable):
@@ -71,6 +95,12 @@ def summarize_task(tool: str, out: str, expected: list[str]) -> dict:
         manifest = build_manifest(out)  # knows the missing shards from the plan
         write_build_manifest(out, manifest)
         return manifest
+    if tool == "negatives":
+        from ..negatives.shards import summarize, write_report
+
+        report = summarize(Path(out))
+        write_report(Path(out), report)
+        return report
     if tool != "annotate":
         raise ValueError(f"unknown shard tool {tool!r}; one of {TOOLS}")
     from .annotate_shards import summarize, write_summary
@@ -84,10 +114,13 @@ def summarize_task(tool: str, out: str, expected: list[str]) -> dict:
 
 def submit_array(tool: str, shards: list, out: str | Path, options: dict[str, Any], tasks: int, *,
                  partition: str | None = None, time_min: int = 240, cpus_per_task: int = 1,
-                 mem_gb: float | None = None, setup: list[str] | None = None, max_requeues: int = 3):
-    """Submit the array and its summary job; returns (array jobs, summary job). ``shards``: the
-    input shard paths (annotate) or the output shard numbers 0..n-1 of the plan (build); each task
-    gets a contiguous slice. Logs and submitit's files go to ``out/_slurm``."""
+                 mem_gb: float | None = None, setup: list[str] | None = None, max_requeues: int = 3,
+                 phases: list[dict[str, Any]] | None = None):
+    """Submit the array and its summary job; returns (array jobs of the last phase, summary job).
+    ``shards``: the input shard paths (annotate, negatives) or the output shard numbers 0..n-1 of
+    the plan (build); each task gets a contiguous slice. ``phases``: one array per entry, each
+    with ``options`` updated by it and started after the previous one has ended (default: one).
+    Logs and submitit's files go to ``out/_slurm``."""
     out = Path(out).resolve()
     folder = out / "_slurm"
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,9 +137,13 @@ def submit_array(tool: str, shards: list, out: str | Path, options: dict[str, An
     ranges = split_ranges(len(shards), tasks)
     ex.update_parameters(**params, slurm_array_parallelism=len(ranges))
     n = len(ranges)
-    jobs = ex.map_array(ShardRangeTask(), [tool] * n, [shards[lo:hi] for lo, hi in ranges], [str(out)] * n,
-                        [options] * n)
-    array_id = str(jobs[0].job_id).split("_")[0]
+    array_id = None
+    for phase in phases or [{}]:
+        if array_id is not None:
+            ex.update_parameters(slurm_additional_parameters={"requeue": True, "dependency": f"afterany:{array_id}"})
+        jobs = ex.map_array(ShardRangeTask(), [tool] * n, [shards[lo:hi] for lo, hi in ranges], [str(out)] * n,
+                            [{**options, **phase}] * n)
+        array_id = str(jobs[0].job_id).split("_")[0]
     ex.update_parameters(**{**params, "cpus_per_task": 1, "name": f"powerclip-{tool}-summary",
                             "slurm_additional_parameters": {"dependency": f"afterany:{array_id}"}})
     summary = ex.submit(summarize_task, tool, str(out), [Path(str(s)).name for s in shards])
@@ -151,14 +188,16 @@ def add_slurm_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_array_cli(a: argparse.Namespace, tool: str, shards: list, out: Path, options: dict[str, Any],
-                  finished: Callable[[], int]) -> dict | None:
-    """Submit from parsed ``add_slurm_args`` options; wait (unless --no-wait) and return the summary."""
+                  finished: Callable[[], int], phases: list[dict[str, Any]] | None = None,
+                  total: int | None = None) -> dict | None:
+    """Submit from parsed ``add_slurm_args`` options; wait (unless --no-wait) and return the summary.
+    ``finished()`` counts the work units done over ``total`` (default: one per shard)."""
     jobs, summary = submit_array(tool, shards, out, options, a.slurm_tasks, partition=a.slurm_partition,
                                  time_min=a.slurm_time, cpus_per_task=max(1, options.get("workers", 1)),
-                                 mem_gb=a.slurm_mem_gb, setup=a.slurm_setup)
+                                 mem_gb=a.slurm_mem_gb, setup=a.slurm_setup, phases=phases)
     array_id = str(jobs[0].job_id).split("_")[0]
     print(f"submitted array job {array_id} ({len(jobs)} tasks) and summary job {summary.job_id}; "
           f"logs in {out / '_slurm'}", flush=True)
     if a.no_wait:
         return None
-    return wait_array(jobs, summary, len(shards), finished, progress=not a.no_progress)
+    return wait_array(jobs, summary, total or len(shards), finished, progress=not a.no_progress)
