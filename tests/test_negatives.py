@@ -171,6 +171,66 @@ def test_shard_tool_rules_backend(tmp_path):
     assert {k: s.get("json") for k, s in _read(other).items()} != {k: s.get("json") for k, s in got.items()}
 
 
+def test_partial_vocabularies_merge_to_the_one_pass_vocabulary(tagged):
+    """Counted in pieces (any split, any order) and merged through JSON, the vocabulary is the one
+    counted in one pass: same counts, same majority tags, same frequency-weighted draws."""
+    import random
+
+    one = Vocabulary()
+    for t in tagged:
+        one.add(t)
+    pieces = []
+    for part in (tagged[:1], tagged[1:4], tagged[4:]):
+        v = Vocabulary()
+        for t in part:
+            v.add(t)
+        pieces.append(json.loads(json.dumps(v.counts())))
+    for order in (pieces, pieces[::-1]):
+        merged = Vocabulary()
+        for c in order:
+            merged.merge(c)
+        assert merged.counts() == one.counts()
+        assert merged.size() == one.size()
+        for tag, slot in (("NN", 0), ("JJ", 1), ("NNS", None)):
+            assert [merged.draw(tag, set(), random.Random(i), slot) for i in range(20)] == \
+                [one.draw(tag, set(), random.Random(i), slot) for i in range(20)]
+    assert one.counts()["slots"] and one.counts()["tags"]["red"] == {"JJ": 3}
+
+
+def test_shard_tool_resumes_and_workers_write_the_same_bytes(tmp_path):
+    _write_shards(tmp_path / "in")
+    shards = list_shards(str(tmp_path / "in"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    ref = make_negatives(shards, one, NegativesJob(k=4, seed=3))
+    make_negatives(shards, two, NegativesJob(k=4, seed=3), workers=2)
+    names = [p.name for p in shards]
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+    # the merged per-shard vocabularies are the vocabulary of all captions counted in one pass
+    from powerclip.negatives.shards import _read_captions
+
+    rows = [r for p in shards for r in _read_captions(p)]
+    whole = Vocabulary()
+    for t in tag_captions(load_tagger(), [c or "" for _, c, _ in rows], [con for _, _, con in rows]):
+        whole.add(t)
+    assert json.loads((two / "_negatives" / "vocabulary.json").read_text())["counts"] == whole.counts()
+    # a finished shard is skipped; one without its record, or cut short, is written again
+    (two / "_negatives" / "done" / "00000.tar.json").unlink()
+    stamp = (two / "00001.tar").stat().st_mtime_ns
+    again = make_negatives(shards, two, NegativesJob(k=4, seed=3))
+    assert again["resumed_shards"] == 1 and (two / "00001.tar").stat().st_mtime_ns == stamp
+    with open(two / "00001.tar", "r+b") as f:
+        f.truncate(512)
+    assert make_negatives(shards, two, NegativesJob(k=4, seed=3))["resumed_shards"] == 1
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+    report = json.loads((two / "negatives_report.json").read_text())
+    assert report["per_kind"] == ref["per_kind"] and report["missing_shards"] == []
+    # other settings, or another shard set (another vocabulary), are refused, not mixed in
+    with pytest.raises(ValueError, match="seed"):
+        make_negatives(shards, two, NegativesJob(k=4, seed=4))
+    with pytest.raises(ValueError, match="shards"):
+        make_negatives(shards[:1], two, NegativesJob(k=4, seed=3))
+
+
 def test_shard_tool_refuses_bad_input(tmp_path, capsys):
     _write_shards(tmp_path / "in")
     assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")]) == 1
