@@ -26,10 +26,12 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
+
+from .shard_pool import run_shards
 
 RECORDS = "_annotate"
 _ANNOTATOR = None
@@ -182,22 +184,8 @@ def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parse
     finished in ``out`` so far (``write_manifest=False``: the records only, for one task of many)."""
     out = prepare_output(shards, out, parser, model)
     todo = [p for p in shards if not ((out / RECORDS / f"{p.name}.json").is_file() and (out / p.name).is_file())]
-    if todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="annotate", unit="shard", disable=not progress)
-        if workers <= 1:
-            _init_worker(parser, model)
-            for p in todo:
-                annotate_one_shard(str(p), str(out))
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(parser, model)) as ex:
-                for fut in as_completed([ex.submit(annotate_one_shard, str(p), str(out)) for p in todo]):
-                    fut.result()
-                    bar.update(1)
-        bar.close()
+    run_shards([str(p) for p in todo], partial(annotate_one_shard, out=str(out)), workers=workers,
+               initializer=_init_worker, initargs=(parser, model), desc="annotate", progress=progress)
     manifest = summarize(out)
     manifest["resumed_shards"] = len(shards) - len(todo)
     if write_manifest:

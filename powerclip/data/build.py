@@ -35,9 +35,10 @@ import json
 import os
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+
+from .shard_pool import run_shards
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -299,6 +300,10 @@ def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) ->
     return record
 
 
+def _build_task(args: tuple[str, int, list[Item], int]) -> dict:
+    return build_one_shard(*args)
+
+
 # ------------------------------------------------------------------------------ whole build
 def _plan_hash(items: list[Item], shard_size: int, parser: str, model: str) -> str:
     h = hashlib.sha256(f"{shard_size}|{parser}|{model}".encode())
@@ -348,23 +353,8 @@ def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, wor
                              follow_links)
     mine = range(len(chunks)) if only is None else range(max(0, only[0]), min(len(chunks), only[1]))
     todo = [s for s in mine if not ((out / "_build" / f"{s:05d}.json").is_file() and (out / f"{s:05d}.tar").is_file())]
-    if todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
-        if workers <= 1:
-            _init_worker(parser, model)
-            for s in todo:
-                build_one_shard(str(out), s, chunks[s], max_pixels)
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(parser, model)) as ex:
-                futs = {ex.submit(build_one_shard, str(out), s, chunks[s], max_pixels): s for s in todo}
-                for fut in as_completed(futs):
-                    fut.result()
-                    bar.update(1)
-        bar.close()
+    run_shards([(str(out), s, chunks[s], max_pixels) for s in todo], _build_task, workers=workers,
+               initializer=_init_worker, initargs=(parser, model), desc="shards", progress=progress)
     manifest = build_manifest(out)
     manifest["resumed_shards"] = len(mine) - len(todo)
     if write_manifest:
