@@ -108,6 +108,26 @@ def _negatives_cli(src: Path, out: Path, cluster, *extra: str, env: dict | None 
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
 
+NOUNS = ["dog", "car", "house", "tree", "cat", "boat", "chair", "bird"]
+ADJS = ["red", "blue", "small", "green", "large", "wooden", "white", "old"]
+
+
+def _caption_shards(src: Path, shards: int, per: int) -> None:
+    """Shards whose words differ from shard to shard, so that a vocabulary counted over one task's
+    shards only would draw other replacements than the corpus vocabulary."""
+    import webdataset as wds
+
+    src.mkdir()
+    for s in range(shards):
+        with wds.TarWriter(str(src / f"{s:05d}.tar"), encoder=False) as w:
+            lo = 0 if s < shards // 2 else 3  # the first half of the shards has words 0..4, the rest 3..7
+            for i in range(per):
+                a, b = (2 * s + i) % 5, (3 * s + 2 * i + 1) % 5
+                cap = f"a {ADJS[lo + a]} {NOUNS[lo + b]} next to a {ADJS[lo + (a + 2) % 5]} {NOUNS[lo + (b + 3) % 5]}"
+                w.write({"__key__": f"{s:05d}{i:04d}", "jpg": bytes([s, i]) * 50, "txt": cap.encode(),
+                         "json": json.dumps({"caption": cap, "url": f"http://x/{s}/{i}"}).encode()})
+
+
 def _same_shards(a: Path, b: Path, names: list[str]) -> None:
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n  # whole tar, negatives and every member
@@ -121,12 +141,15 @@ def test_make_negatives_job_array_on_slurm_matches_one_machine(cluster, tmp_path
     from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives
 
     src, out, single = tmp_path / "src", tmp_path / "out", tmp_path / "single"
-    src.mkdir()
-    for s in range(4):
-        write_powerclip_shard(src / f"{s:05d}.tar", 4, seed=40 + s)
+    _caption_shards(src, 4, 4)
     names = [f"{s:05d}.tar" for s in range(4)]
     ref = make_negatives(list_shards(str(src)), single, NegativesJob(k=4, seed=5))
     assert ref["negatives_written"] > 0 and ref["missing_shards"] == []
+    # the test means something: task 0's shards alone make other negatives than the whole corpus
+    make_negatives(list_shards(str(src))[:2], tmp_path / "half", NegativesJob(k=4, seed=5))
+    assert (tmp_path / "half" / "_negatives" / "vocabulary.json").read_bytes() != \
+        (single / "_negatives" / "vocabulary.json").read_bytes()
+    assert any((tmp_path / "half" / n).read_bytes() != (single / n).read_bytes() for n in names[:2])
 
     r = _negatives_cli(src, out, cluster)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -422,14 +422,15 @@ def summarize(out: Path) -> dict:
     shards not finished yet."""
     settings = json.loads((out / STATE / "settings.json").read_text())
     names = settings["shards"]
-    records = [r for r in (_record(out, n) for n in names) if r is not None]
+    found = {n: _record(out, n) for n in names}
+    records = [r for r in found.values() if r is not None]
     per_count = _sum(records, "per_count")
     report: dict = {k: settings[k] for k in ("backend", "k", "kinds", "seed", "bounds")}
     report["shards"] = len(names)
     vocab_path = out / STATE / "vocabulary.json"
     if settings["backend"] == "rules" and vocab_path.is_file():
         report["vocabulary"] = merged_vocabulary(out, names).size()
-    report.update(num_shards=len(records), missing_shards=[n for n in names if _record(out, n) is None],
+    report.update(num_shards=len(records), missing_shards=[n for n, r in found.items() if r is None],
                   samples=sum(r["count"] for r in records),
                   per_kind=_sum(records, "per_kind", {k: 0 for k in settings["kinds"]}),
                   negatives_per_sample={k: per_count[k] for k in sorted(per_count, key=int)},
