@@ -231,6 +231,24 @@ def test_shard_tool_resumes_and_workers_write_the_same_bytes(tmp_path):
         make_negatives(shards[:1], two, NegativesJob(k=4, seed=3))
 
 
+def test_write_phase_refuses_a_corpus_not_fully_counted(tmp_path):
+    """What a job array's writing task meets when a counting task failed: a clear error, nothing
+    written from part of the vocabulary, and the summary names the missing shards."""
+    from powerclip.negatives.shards import prepare_output, run_phase, summarize
+
+    _write_shards(tmp_path / "in")
+    shards = list_shards(str(tmp_path / "in"))
+    job = NegativesJob(k=4, seed=3)
+    out = prepare_output(shards, tmp_path / "out", job)
+    assert run_phase("count", shards[:1], out, job) == 0
+    with pytest.raises(RuntimeError, match=r"1 of 2 shards have no partial vocabulary .*00001\.tar"):
+        run_phase("write", shards[:1], out, job)
+    assert not list(out.glob("*.tar")) and not (out / "_negatives" / "vocabulary.json").exists()
+    report = summarize(out)
+    assert report["missing_shards"] == ["00000.tar", "00001.tar"] and report["num_shards"] == 0
+    assert run_phase("count", shards, out, job) == 1  # the counted shard is not counted again
+
+
 def test_shard_tool_refuses_bad_input(tmp_path, capsys):
     _write_shards(tmp_path / "in")
     assert cli_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")]) == 1
