@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llm-base-url", default="http://127.0.0.1:8000/v1")
     g.add_argument("--llm-model", default=None)
     g.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="NAME of the env var holding the key")
-    g.add_argument("--llm-cache", default=None, help="sqlite cache (default OUTPUT/llm_cache.sqlite)")
+    g.add_argument("--llm-cache", default=None,
+                   help="sqlite cache (default OUTPUT/llm_cache.sqlite; job array: one per task under "
+                        "OUTPUT/_negatives/llm_cache/, or this one shared by every task, which needs a "
+                        "filesystem with working file locks)")
     g.add_argument("--llm-batch-size", type=int, default=8, help="captions per request")
     g.add_argument("--llm-workers", type=int, default=4, help="requests in flight")
     g.add_argument("--llm-max-retries", type=int, default=5)
