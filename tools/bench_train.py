@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -131,12 +130,6 @@ def machine() -> dict[str, str]:
     return info
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _pythonpath() -> str:
     """This checkout first, then whatever the caller's PYTHONPATH held (packages installed elsewhere)."""
     return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -155,8 +148,10 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
                BENCH_RESULT_DIR=str(result_dir))
     me = [str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec)]
     if ranks > 1:
+        from powerclip.train.dist_env import free_port
+
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), *me]
+               "--master_port", str(free_port()), *me]
     else:
         cmd = [sys.executable, *me]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
