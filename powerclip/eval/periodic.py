@@ -80,7 +80,3 @@ def run_periodic_eval(model: torch.nn.Module, cfg: Config, step: int, writer: An
         if writer is not None:
             writer.flush()
     return results
-
-
-def eval_due(cfg: Config, step: int) -> bool:
-    return bool(cfg.eval.tasks) and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0
