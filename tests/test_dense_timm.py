@@ -9,8 +9,9 @@ import torch
 from open_clip.model import _build_vision_tower
 
 from powerclip.config import ModelConfig
-from powerclip.model.dense_timm import register_tiny_siglip, timm_image_dense
+from powerclip.model.dense_timm import timm_image_dense
 from powerclip.model.factory import create_model
+from tests.tiny import register_tiny_siglip
 
 TINY = register_tiny_siglip()
 
