@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training performance of powerclip next to open_clip's own trainer, in one run: BENCHMARKS.md.
 
-    python tools/bench_train.py            # full bench: ~10-15 min on the idle 2-core CPU machine
-    python tools/bench_train.py --quick    # tiny sizes, a smoke run (~minutes on 2 shared cores)
+    python tools/bench_train.py            # full bench (what BENCHMARKS.md holds)
+    python tools/bench_train.py --quick    # tiny sizes, a smoke run
     python tools/bench_train.py --profile  # + torch.profiler top ops of powerclip's CLIP-only step
     python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 --precision bf16 \
         --term-batch 128 --peak-tflops 989 --threads 8 --workers 12 --parts 1,2 --no-shards --no-stock
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL_NAME = "powerclip-bench"  # the name open_clip registers our model config under
 
-# Sizes. FULL: step time dominates the overheads, and it runs in ~25 min on 2 idle cores.
+# Sizes. FULL: large enough that step time dominates the overheads, small enough for 2 CPU cores.
 FULL = dict(width=256, layers=4, image_size=64, patch_size=8, context_length=32, embed_dim=256,
             batch_size=64, steps=14, warmup=4, repeats=2, shard_batch=32, shard_steps=12,
             term_batch=32, term_steps=8, term_warmup=2, zero_batch=16, loader_samples=256)
@@ -712,7 +712,7 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   "per-parameter loop of about ten elementwise ops) and freed host memory kept mapped between "
                   "steps (train.keep_freed_host_memory; glibc's defaults unmap large blocks and page-fault "
                   "them back in every step). The 'stock settings' row turns both off.", ""]
-    lines += [f"GPU (issue 9 item 3): {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
+    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
               "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 "
               "--term-batch 256 --precision bf16 --peak-tflops 989 --threads 8 --parts 1,2` (part 3 needs 2 GPUs).",
               ""]
@@ -739,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     # 1 by default: with the one DataLoader worker each trainer runs, a second OpenMP thread
-    # oversubscribes a 2-core machine and its spin-waits make steps 4x slower (measured)
+    # oversubscribes a 2-core machine and its OpenMP spin-waits slow every step down
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks split them)")
     ap.add_argument("--model-name", default=None, help="an open_clip built-in instead of the bench ViT")
     ap.add_argument("--batch-size", type=int, default=None)
