@@ -4,7 +4,7 @@
 test, as training turns them on; the previous setting comes back afterwards.
 
 ``synthetic_root``: one small synthetic dataset (powerclip.data.synthetic) built once per test
-session, for every engineer's tests: OUT/train/{00000..00002}.tar (3 x 64 samples),
+session, for every test that reads shards: OUT/train/{00000..00002}.tar (3 x 64 samples),
 OUT/val/00000.tar and OUT/heldout/00000.tar (64 each), 32 px PNG, plus sizes.json per split,
 manifest.json and classes.json. Treat it as read-only; tests that need to damage shards copy them.
 """
