@@ -33,6 +33,14 @@ class Tagged:
     tags: list[str]
     chunks: list[tuple[int, int]] = field(default_factory=list)
 
+    def to_json(self) -> list:
+        return [self.words, self.spaces, self.pos, self.tags, [list(c) for c in self.chunks]]
+
+    @classmethod
+    def from_json(cls, data: list) -> Tagged:
+        w, s, p, t, c = data
+        return cls(w, s, p, t, [tuple(x) for x in c])
+
     def slot(self, i: int) -> int:
         """How many tokens before the next noun of its phrase token i sits (0: none follows).
 
@@ -147,6 +155,9 @@ class Vocabulary:
             return None
         words, weights = zip(*pool)
         return rng.choices(words, weights=weights, k=1)[0]
+
+    def to_json(self) -> dict:
+        return {w: dict(sorted(c.items())) for w, c in sorted(self.tags.items())}
 
     def size(self) -> dict[str, int]:
         """Distinct words per majority tag (reported by the tool)."""
