@@ -167,10 +167,10 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
 
 def emit(obj: dict[str, Any]) -> None:
     """Hand a child's result to ``run_child``: a file written atomically (tmp + rename)."""
-    out = Path(os.environ["BENCH_RESULT_DIR"]) / f"{os.getpid()}_{time.monotonic_ns()}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(out)
+    from powerclip.atomic import write_json_atomic
+
+    write_json_atomic(Path(os.environ["BENCH_RESULT_DIR"]) / f"{os.getpid()}_{time.monotonic_ns()}.json", obj,
+                      indent=None)
 
 
 def step_stats(times: list[float], warmup: int) -> dict[str, float]:

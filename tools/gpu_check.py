@@ -55,10 +55,9 @@ Row = list  # [measurement, value, verdict]
 # ------------------------------------------------------------------------------ child helpers
 def _emit(spec: dict[str, Any], rows: list[Row], **extra: Any) -> None:
     """Write this section's rows so far (atomically): a crash later still leaves them."""
-    out = Path(spec["result"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, **extra}))
-    tmp.replace(out)
+    from powerclip.atomic import write_json_atomic
+
+    write_json_atomic(spec["result"], {"rows": rows, **extra}, indent=None)
 
 
 def _deterministic() -> None:
