@@ -3,14 +3,11 @@
 Reading a value of a CUDA tensor on the host waits for the GPU: one such check per step costs more
 than the loss it guards, and the training step is allowed one synchronisation (train/step_sync.py).
 Shape checks are free (shapes live on the host) and always run; checks that read values run only
-when ``train.debug_checks`` is true (or inside ``enabled_checks()``), so a bad batch can still be
+when ``train.debug_checks`` is true, so a bad batch can still be
 diagnosed with a clear message by rerunning with the flag on.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 _enabled = False
 
@@ -25,13 +22,3 @@ def set_enabled(on: bool) -> None:
     global _enabled
     _enabled = bool(on)
 
-
-@contextlib.contextmanager
-def enabled_checks(on: bool = True) -> Iterator[None]:
-    """Value checks on (or off) for the duration of a block; restores the previous setting."""
-    global _enabled
-    before, _enabled = _enabled, bool(on)
-    try:
-        yield
-    finally:
-        _enabled = before

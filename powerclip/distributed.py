@@ -80,11 +80,10 @@ def _to_comm(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- size checking
-def gather_ints(values: Sequence[int], device: torch.device | None = None) -> list[list[int]]:
+def gather_ints(values: Sequence[int]) -> list[list[int]]:
     """Every rank's short vector of integers (sizes, shapes), in rank order: one small all-gather.
 
-    All ranks must pass the same number of values; ``device`` is accepted for callers that name
-    one, but the collective always runs on ``comm_device()``.
+    All ranks must pass the same number of values; the collective runs on ``comm_device()``.
     """
     local = [int(v) for v in values]
     if not is_distributed():
@@ -93,11 +92,6 @@ def gather_ints(values: Sequence[int], device: torch.device | None = None) -> li
     out = [torch.zeros_like(t) for _ in range(world_size())]
     dist.all_gather(out, t)
     return torch.stack(out).cpu().tolist()
-
-
-def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
-    """Every rank's count of something (images, concept rows), in rank order."""
-    return [row[0] for row in gather_ints([n], device)]
 
 
 def require_equal(what: str, per_rank: Sequence[Any]) -> None:

@@ -1,13 +1,17 @@
 """Shared pytest fixtures.
 
+``debug_checks``: the value-reading checks of ``powerclip.checks`` on (``train.debug_checks``) for one
+test, as training turns them on; the previous setting comes back afterwards.
+
 ``synthetic_root``: one small synthetic dataset (powerclip.data.synthetic) built once per test
-session, for every engineer's tests: OUT/train/{00000..00002}.tar (3 x 64 samples),
+session, for every test that reads shards: OUT/train/{00000..00002}.tar (3 x 64 samples),
 OUT/val/00000.tar and OUT/heldout/00000.tar (64 each), 32 px PNG, plus sizes.json per split,
 manifest.json and classes.json. Treat it as read-only; tests that need to damage shards copy them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,16 @@ import pytest
 SYNTH_TRAIN_SHARDS = 3
 SYNTH_PER_SHARD = 64
 SYNTH_IMAGE_SIZE = 32
+
+
+@pytest.fixture
+def debug_checks() -> Iterator[None]:
+    from powerclip import checks
+
+    before = checks.enabled()
+    checks.set_enabled(True)
+    yield
+    checks.set_enabled(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ level (it is pickled by name), take ``(rank, world_size, *args)`` and return som
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -18,11 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from powerclip.train.dist_env import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
@@ -43,7 +38,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
 def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args),
+        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args),
                            nprocs=world_size, join=True, start_method="spawn")
         results = []
         for r in range(world_size):

@@ -428,36 +428,9 @@ def job_state(job_id: str) -> str:
     return "UNKNOWN"
 
 
-def job_field(job_id: str, name: str) -> str | None:
-    out = _run(["scontrol", "show", "job", "-o", job_id], timeout=15)
-    for tok in out.stdout.split():
-        if tok.startswith(name + "="):
-            return tok.split("=", 1)[1]
-    return None
-
-
-# ------------------------------------------------------------------- job entry points for tests
-# ``powerclip submit --entry tests.slurm_cluster:NAME`` calls these with the Config on every task;
-# they prove the cluster + submitit + rendezvous plumbing independently of the trainer.
-
-def allreduce_entry(cfg) -> dict:
-    """Join the process group from the exported env vars, all_reduce rank+1, write what we saw."""
-    import json
-
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")  # env:// : RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t = torch.tensor([float(rank + 1)])
-    dist.all_reduce(t)
-    seen = {"rank": rank, "world": world, "sum": float(t.item()), "host": socket.gethostname(),
-            **{k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                              "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")}}
-    out = Path(cfg.train.run_dir) / f"allreduce_rank{rank}.json"
-    out.write_text(json.dumps(seen))
-    return seen
-
+# ------------------------------------------------------------------- job entry point for tests
+# ``powerclip submit --entry tests.slurm_cluster:resumable_entry`` calls it with the Config on every
+# task; it proves the cluster + submitit + rendezvous + requeue plumbing independently of the trainer.
 
 def resumable_entry(cfg) -> dict:
     """A stand-in trainer (fast to start: torch only): ``train.steps`` steps of an all_reduce recurrence, checkpointed by rank 0

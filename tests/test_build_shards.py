@@ -3,7 +3,6 @@ validation and skip reasons, resume, parallel processes, output confined to --ou
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -119,16 +118,10 @@ def test_tables(raw: Path, tmp_path: Path):
         build_shards([str(raw / "bad.csv")], tmp_path / "o3", parser="rule", progress=False)
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_resume_parallel_cli(raw: Path, tmp_path: Path, capsys):
     out = tmp_path / "out"
-    tool = _tool("build_shards")
+    from tools import build_shards as tool
+
     args = [str(raw / "folder"), "--out", str(out), "--shard-size", "3", "--workers", "2", "--parser", "rule",
             "--no-progress"]
     assert tool.main(args) == 0

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from powerclip.checks import enabled_checks
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept import concept_losses, positive_mask, resolve_form
@@ -163,7 +162,7 @@ def test_positive_mask_matches_pairwise_rule_on_random_ids():
         assert torch.equal(positive_mask(img, owner, ids, True), ref)
 
 
-def test_form_follows_global_loss_and_weights_select_terms():
+def test_form_follows_global_loss_and_weights_select_terms(debug_checks):
     assert resolve_form("auto", "siglip") == "sigmoid" and resolve_form("auto", "clip") == "softmax"
     assert resolve_form("softmax", "siglip") == "softmax"
     _, feats, batch = _global_batch()
@@ -174,7 +173,7 @@ def test_form_follows_global_loss_and_weights_select_terms():
     with pytest.raises(ValueError, match="logit_bias"):
         concept_losses(feats, batch, _cfg(), "siglip")
     batch.concept_owner = torch.tensor([0, 1, 9] + [0] * 8)
-    with enabled_checks(), pytest.raises(ValueError, match="concept_owner"):  # reads values: train.debug_checks
+    with pytest.raises(ValueError, match="concept_owner"):  # reads values: train.debug_checks
         concept_losses(feats, batch, _cfg(), "clip")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from powerclip.config import load_config
 from powerclip.data import build_loader
 from powerclip.data.text import build_tokenizer, span_positions
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ("model.config={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8, width: 32, layers: 1}, "
         "text_cfg: {context_length: 64, vocab_size: 40, width: 32, heads: 2, layers: 1}}")
 
@@ -20,9 +18,8 @@ TINY = ("model.config={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8
 @pytest.fixture(scope="module")
 def sp_model(synthetic_root: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "sp.model"
-    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "tools" / "train_tokenizer.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import train_tokenizer as tool
+
     assert tool.main(["--shards", f"{synthetic_root}/train/{{00000..00002}}.tar", "--out", str(out),
                       "--vocab-size", "40"]) == 0
     assert tool.main(["--shards", f"{synthetic_root}/nothing/{{00000..00001}}.tar", "--out", str(out)]) == 2

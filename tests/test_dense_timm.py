@@ -9,8 +9,9 @@ import torch
 from open_clip.model import _build_vision_tower
 
 from powerclip.config import ModelConfig
-from powerclip.model.dense_timm import register_tiny_siglip, timm_image_dense
+from powerclip.model.dense_timm import timm_image_dense
 from powerclip.model.factory import create_model
+from tests.tiny import register_tiny_siglip
 
 TINY = register_tiny_siglip()
 
@@ -67,7 +68,7 @@ def test_non_map_tower_is_refused_with_a_clear_error():
 
 
 def test_power_clip_model_dispatches_timm_towers():
-    """Through the model engineer's PowerClipModel: dense=True keeps the pooled embedding exact."""
+    """Through PowerClipModel: dense=True keeps the pooled embedding exact."""
     cfg = {"embed_dim": 64, "init_logit_bias": -10,
            "vision_cfg": {"image_size": 32, "timm_model_name": TINY, "timm_pool": "map", "timm_proj": "none"},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}

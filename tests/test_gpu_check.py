@@ -4,7 +4,6 @@ that did not run, and the BENCHMARKS.md section it appends and tools/bench_train
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,13 +11,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
@@ -57,7 +49,8 @@ def test_unknown_section_is_refused(tmp_path: Path):
 
 
 def test_gpu_tables_append_under_one_heading_and_survive_bench_rewrite(tmp_path: Path):
-    gpu_check, bench_train = _tool("gpu_check"), _tool("bench_train")
+    from tools import bench_train, gpu_check
+
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# powerclip training benchmarks\n\n| a | b |\n")
     gpu_check.append_to_benchmarks(md, "### GPU check, run 1\n")

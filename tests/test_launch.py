@@ -291,6 +291,19 @@ def test_launcher_env_single_process():
     assert "MASTER_PORT" not in launcher_env({"PATH": "/nonexistent", "MASTER_PORT": "4242"})  # kept
 
 
+def test_free_port_can_be_bound_at_once():
+    """The one port picker (rendezvous of single-process runs, tests, benchmarks) gives a usable port."""
+    import socket
+
+    from powerclip.train.dist_env import free_port
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # raises OSError (address in use) if the picker's socket still held it
+        s.listen()
+        assert s.getsockname()[1] == port
+
+
 @pytest.mark.parametrize("nodelist, first", [("gpu[07-08],cpu1", "gpu07"), ("node3", "node3"),
                                              ("a-b[3,5-6]", "a-b3"), ("x1,x2", "x1")])
 def test_first_host_without_scontrol(monkeypatch, nodelist, first):
@@ -316,13 +329,9 @@ def test_cuda_index_without_visible_devices():
 
 def test_rendezvous_failure_names_master_and_timeout(monkeypatch):
     """Rank 1 of 2 dialling a port where no rank 0 listens fails after train.dist_timeout_s, naming it."""
-    import socket as socket_mod
+    from powerclip.train.dist_env import free_port, init_distributed
 
-    from powerclip.train.dist_env import init_distributed
-
-    with socket_mod.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(k, v)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from powerclip.checks import enabled_checks
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.powerset import (
@@ -335,11 +334,11 @@ def test_low_precision_inputs_computed_in_fp32():
     torch.testing.assert_close(a.grad, ref_a.grad)
 
 
-def test_clear_errors():
+def test_clear_errors(debug_checks):
     cfg = PowersetLossConfig(weight=1.0)
     feats, batch = _features_batch()
     batch.phrase_valid[1] = False
-    with enabled_checks(), pytest.raises(ValueError, match="no valid phrase"):  # train.debug_checks
+    with pytest.raises(ValueError, match="no valid phrase"):  # reads values: train.debug_checks
         powerset_loss(feats, batch, cfg)
     feats.patches = None
     with pytest.raises(ValueError, match="dense features"):

@@ -35,8 +35,8 @@ from tests.slurm_cluster import SlurmUnavailable, ensure_cluster, job_state, toy
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 40  # tiny training: checkpoints every 2 steps; the requeue must land before the end (10 was
-# too few on an idle machine: the job finished before `scontrol requeue` reached it)
+STEPS = 40  # tiny training: checkpoints every 2 steps; the requeue must land before the end, so the job
+# must still be running when `scontrol requeue` reaches it, even on an idle machine
 JOB_TIMEOUT = 240  # seconds a single job may take on a loaded 2-core machine
 
 

@@ -68,7 +68,7 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     """Make ``powerclip.distributed`` answer as rank ``rank`` of ``world`` ranks whose tensors all have
     this rank's shapes: gathers return tensors of the gathered shape (this rank's chunk keeps its
     gradient, the others are fresh), reductions return their input. Values are meaningless."""
-    names = ("is_distributed", "world_size", "rank", "gather_with_grad", "gather_sizes", "gather_variable",
+    names = ("is_distributed", "world_size", "rank", "gather_with_grad", "gather_variable",
              "all_reduce_sum", "gather_known_sizes", "all_to_all_with_grad", "gather_ints", "require_equal")
     saved = {n: getattr(pdist, n) for n in names}
 
@@ -85,8 +85,7 @@ def simulated_world(world: int, rank: int = 0) -> Iterator[None]:
     pdist.world_size = lambda: world
     pdist.rank = lambda: rank
     pdist.gather_with_grad = gather
-    pdist.gather_sizes = lambda n, device=None: [n] * world
-    pdist.gather_ints = lambda values, device=None: [list(values)] * world
+    pdist.gather_ints = lambda values: [list(values)] * world
     pdist.require_equal = lambda what, per_rank: None
     pdist.gather_variable = lambda x, with_grad=True: (gather(x), [int(x.shape[0])] * world)
     pdist.all_reduce_sum = lambda x: x

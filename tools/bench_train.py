@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training performance of powerclip next to open_clip's own trainer, in one run: BENCHMARKS.md.
 
-    python tools/bench_train.py            # full bench: ~10-15 min on the idle 2-core CPU machine
-    python tools/bench_train.py --quick    # tiny sizes, a smoke run (~minutes on 2 shared cores)
+    python tools/bench_train.py            # full bench (what BENCHMARKS.md holds)
+    python tools/bench_train.py --quick    # tiny sizes, a smoke run
     python tools/bench_train.py --profile  # + torch.profiler top ops of powerclip's CLIP-only step
     python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 --precision bf16 \
         --term-batch 128 --peak-tflops 989 --threads 8 --workers 12 --parts 1,2 --no-shards --no-stock
@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL_NAME = "powerclip-bench"  # the name open_clip registers our model config under
 
-# Sizes. FULL: step time dominates the overheads, and it runs in ~25 min on 2 idle cores.
+# Sizes. FULL: large enough that step time dominates the overheads, small enough for 2 CPU cores.
 FULL = dict(width=256, layers=4, image_size=64, patch_size=8, context_length=32, embed_dim=256,
             batch_size=64, steps=14, warmup=4, repeats=2, shard_batch=32, shard_steps=12,
             term_batch=32, term_steps=8, term_warmup=2, zero_batch=16, loader_samples=256)
@@ -131,12 +130,6 @@ def machine() -> dict[str, str]:
     return info
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _pythonpath() -> str:
     """This checkout first, then whatever the caller's PYTHONPATH held (packages installed elsewhere)."""
     return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -155,8 +148,10 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
                BENCH_RESULT_DIR=str(result_dir))
     me = [str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec)]
     if ranks > 1:
+        from powerclip.train.dist_env import free_port
+
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), *me]
+               "--master_port", str(free_port()), *me]
     else:
         cmd = [sys.executable, *me]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -172,10 +167,10 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
 
 def emit(obj: dict[str, Any]) -> None:
     """Hand a child's result to ``run_child``: a file written atomically (tmp + rename)."""
-    out = Path(os.environ["BENCH_RESULT_DIR"]) / f"{os.getpid()}_{time.monotonic_ns()}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(out)
+    from powerclip.atomic import write_json_atomic
+
+    write_json_atomic(Path(os.environ["BENCH_RESULT_DIR"]) / f"{os.getpid()}_{time.monotonic_ns()}.json", obj,
+                      indent=None)
 
 
 def step_stats(times: list[float], warmup: int) -> dict[str, float]:
@@ -717,7 +712,7 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   "per-parameter loop of about ten elementwise ops) and freed host memory kept mapped between "
                   "steps (train.keep_freed_host_memory; glibc's defaults unmap large blocks and page-fault "
                   "them back in every step). The 'stock settings' row turns both off.", ""]
-    lines += [f"GPU (issue 9 item 3): {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
+    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
               "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 "
               "--term-batch 256 --precision bf16 --peak-tflops 989 --threads 8 --parts 1,2` (part 3 needs 2 GPUs).",
               ""]
@@ -744,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     # 1 by default: with the one DataLoader worker each trainer runs, a second OpenMP thread
-    # oversubscribes a 2-core machine and its spin-waits make steps 4x slower (measured)
+    # oversubscribes a 2-core machine and its OpenMP spin-waits slow every step down
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (ranks split them)")
     ap.add_argument("--model-name", default=None, help="an open_clip built-in instead of the bench ViT")
     ap.add_argument("--batch-size", type=int, default=None)

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -138,12 +137,12 @@ def pretrained_path(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------- one job
 def _worker_init(threads: int) -> None:
     """Each worker process is its own single-rank 'world': its own rendezvous port, its own threads."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch (and free_port's module) is imported
     import torch
 
+    from powerclip.train.dist_env import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
     torch.set_num_threads(threads)
 
 

@@ -55,10 +55,9 @@ Row = list  # [measurement, value, verdict]
 # ------------------------------------------------------------------------------ child helpers
 def _emit(spec: dict[str, Any], rows: list[Row], **extra: Any) -> None:
     """Write this section's rows so far (atomically): a crash later still leaves them."""
-    out = Path(spec["result"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, **extra}))
-    tmp.replace(out)
+    from powerclip.atomic import write_json_atomic
+
+    write_json_atomic(spec["result"], {"rows": rows, **extra}, indent=None)
 
 
 def _deterministic() -> None:
@@ -76,7 +75,7 @@ def _tiny_overrides(spec: dict[str, Any], run_dir: Path, steps: int, precision: 
             "checkpoint.every_minutes=0", "checkpoint.keep_last=2"]
 
 
-def _resume_pair(config: str, overrides: list[str], work: Path, steps: int, every: int) -> dict[str, Any]:
+def _resume_pair(config: str, overrides: list[str], work: Path, every: int) -> dict[str, Any]:
     """A full run checkpointing every ``every`` steps, then a new run resumed from its first checkpoint:
     the losses after the checkpoint must be equal, bit for bit."""
     from powerclip.config import load_config
@@ -174,7 +173,7 @@ def sec_zero(spec: dict[str, Any]) -> None:
             work = Path(spec["work"]) / f"zero_{precision}_{stage}"
             try:
                 r = _resume_pair(str(ROOT / "configs" / "tiny_cpu.yaml"),
-                                 _tiny_overrides(spec, work, steps, precision, stage), work, steps, every)
+                                 _tiny_overrides(spec, work, steps, precision, stage), work, every)
                 ok = r["equal"] and r["finite"]
                 value = (f"losses {', '.join(f'{x:.4f}' for x in r['losses'])}; resumed "
                          f"{'equal' if r['equal'] else 'DIFFER (max ' + format(r['max_diff'], '.2e') + ')'}; "
@@ -198,7 +197,7 @@ def sec_degla(spec: dict[str, Any]) -> None:
     work = Path(spec["work"]) / "degla"
     overrides = [*_tiny_overrides(spec, work, steps, precision, 2), "model.pretrained=null",
                  "loss.degla.require_pretrained=false"]
-    r = _resume_pair(str(ROOT / "configs" / "degla_tiny_cpu.yaml"), overrides, work, steps, every)
+    r = _resume_pair(str(ROOT / "configs" / "degla_tiny_cpu.yaml"), overrides, work, every)
     teacher = sorted((work / "full" / "checkpoints").glob("*/ema_teacher.pt"))
     ok = r["equal"] and r["finite"] and bool(teacher)
     rows = [[f"DeGLA tiny config with EMA teacher, {precision} ZeRO-2: {steps} steps, resume from step {every}",

@@ -8,8 +8,6 @@ TensorBoard and writes ``RUN/eval/step_<N>.json`` (a list of clip_benchmark-sche
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from powerclip import distributed as pdist
+from powerclip.atomic import write_json_atomic
 from powerclip.config import Config
 from powerclip.eval.api import EvalOptions, evaluate, flatten, unwrap
 from powerclip.eval.results import record
@@ -74,13 +73,7 @@ def run_periodic_eval(model: torch.nn.Module, cfg: Config, step: int, writer: An
                 for ds, r in results.items()]
         path = Path(cfg.train.run_dir) / "eval" / f"step_{step:08d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(recs, indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, recs)
         if writer is not None:
             writer.flush()
     return results
-
-
-def eval_due(cfg: Config, step: int) -> bool:
-    return bool(cfg.eval.tasks) and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0

@@ -7,9 +7,9 @@ put powerclip's and clip_benchmark's results side by side with the tool they alr
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from powerclip.atomic import write_json_atomic
 
 
 def record(dataset: str, task: str, metrics: dict[str, float], model: str, pretrained: str,
@@ -37,8 +37,5 @@ def write_results(results: dict[str, dict], out: str | Path, model: str, pretrai
         else:
             path = out / f"{slug(rec['dataset'])}_{slug(Path(pretrained).name or pretrained)}_{rec['task']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(write_json_atomic(path, rec))
     return paths

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def master_port_for(job_id: str | int, fixed: int = 0) -> int:
     """``fixed`` when set, else 20000 + (numeric job id) % 20000 (array ids use the main id)."""

@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from powerclip.atomic import write_json_atomic
 from powerclip.config import Config
 from powerclip.launch.dist import export_dist_env
 
@@ -64,12 +65,6 @@ def resolve_entry(entry: str) -> Callable[[Config], Any]:
     return fn
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 class RequeueLedger:
     """``RUN/slurm/requeues.json``: how many times ``checkpoint()`` resubmitted this run, and when.
 
@@ -95,7 +90,7 @@ class RequeueLedger:
         data["count"] = int(data["count"]) + 1
         data["events"].append({"time": time.time(), "job_id": job_id, "reason": reason})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.path, data)
+        write_json_atomic(self.path, data)
         return data["count"]
 
 

@@ -9,9 +9,9 @@ The closed form needs only [images, concepts, T] intermediates and one [images, 
 never the pooled vectors [images, concepts, D]: T = 196 < D = 768 for a ViT-B/16, so it is
 smaller, and cheaper once the Gram matrix is amortised: the explicit path costs 2*B*N*T*D
 multiply-adds (similarities + pooling), the closed form B*N*T*D + B*T^2*D + B*N*T^2, which is less
-whenever N is larger than about T (tools/bench_xac.py: 96 x 400 x 196 x 768 on CPU, about half the
-time and 60-75% of the peak memory of explicit pooling in one chunk; smaller budgets cut memory
-further at a time cost, since every chunk recomputes and adds its own [B, T, D] patch gradient).
+whenever N is larger than about T (tools/bench_xac.py measures time and peak memory against explicit
+pooling; smaller budgets cut memory further at a time cost, since every chunk recomputes and adds its
+own [B, T, D] patch gradient).
 
 Concepts are processed in chunks sized from ``memory_budget_mb``; each chunk runs under activation
 checkpointing when gradients are needed, so the backward pass also holds one chunk's [B, chunk, T]

@@ -39,10 +39,6 @@ def set_step(step: int) -> None:
     _STEP = int(step)
 
 
-def current_step() -> int:
-    return _STEP
-
-
 @dataclass(frozen=True)
 class PoolSpec:
     kind: str  # all | local | sample

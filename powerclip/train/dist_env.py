@@ -49,7 +49,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no process listens on at the moment of the call.
+
+    The OS picks it (bind to port 0); the socket is closed before returning, so another process could
+    take the port before the caller binds it: good enough for single-host rendezvous and tests.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -96,7 +101,7 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
         out["RANK"], out["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
     else:  # a single process
         out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        out["MASTER_PORT"] = environ.get("MASTER_PORT") or str(_free_port())
+        out["MASTER_PORT"] = environ.get("MASTER_PORT") or str(free_port())
         return {k: v for k, v in out.items() if k not in environ}
     has_nodes = bool(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST"))
     if "LOCAL_RANK" not in environ:

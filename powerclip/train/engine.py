@@ -103,6 +103,6 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
                                                        lr_scheduler=sched, config=ds_config)
     if world_size == 1 and cfg.train.zero_stage == 0:
         # one rank has nothing to reduce, but DeepSpeed's stage-0 all-reduce still flattens, divides and
-        # copies back every gradient each step (~10% of a CPU step, tools/bench_train.py --profile)
+        # copies back every gradient each step (tools/bench_train.py --profile shows what that costs)
         engine.enable_backward_allreduce = False
     return engine, scheduler

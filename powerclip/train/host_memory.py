@@ -4,8 +4,8 @@ Why: every CPU training step frees and re-allocates the same activations and gra
 MB). glibc serves blocks above its mmap threshold (at most 32 MB even after its dynamic adjustment;
 an embedding gradient of 49408 x 512 floats is 100 MB) with fresh ``mmap`` calls, and trims the
 heap top back to the kernel on ``free``; the next step then page-faults every page in again,
-zero-filled by the kernel. On the 2-core bench machine that was 40-90 thousand minor faults and
-about 9% of each step (1225 -> 1116 ms CPU for the bench ViT, measured alone). PyTorch's CPU
+zero-filled by the kernel, a cost paid again on every step (BENCHMARKS.md: the "stock settings" row
+of tools/bench_train.py turns this off together with the fused optimiser). PyTorch's CPU
 tuning guide recommends jemalloc or tcmalloc for the same reason; setting glibc's two thresholds
 does it without an LD_PRELOAD: large blocks come from the heap and freed memory stays mapped for
 the next step. The cost is that the process keeps its peak-step memory mapped, as GPU caching

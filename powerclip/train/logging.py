@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from powerclip.atomic import write_text_atomic
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA peak allocated memory, or this process's peak resident set size on CPU."""
@@ -66,9 +68,7 @@ class RunLogger:
             f.write("".join(x + "\n" for x in cut))
             f.flush()
             os.fsync(f.fileno())
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        tmp.replace(self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(x + "\n" for x in kept))
 
     def record(self, step: int, rec: dict[str, Any]) -> None:
         """One jsonl line per step (flushed: a killed run keeps what it logged)."""
