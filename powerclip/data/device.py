@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .batch import Batch
+from .batch import Batch, field_specs
 
 
 @functools.lru_cache(maxsize=16)
@@ -35,10 +35,11 @@ def normalize_images(images: torch.Tensor, mean, std, dtype: torch.dtype | None 
 
 def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype | None, mean, std) -> Batch:
     """``batch`` on ``device`` (asynchronous copies: the loader pins its buffers when CUDA is in use),
-    uint8 images normalised there with ``mean``/``std`` and cast to ``dtype``. Float images (batches
-    made by hand or by a custom loader) are only moved and cast."""
-    images = batch.images
+    uint8 ``pixels`` fields normalised there with ``mean``/``std`` and cast to ``dtype``. Float
+    images (batches made by hand or by a custom loader) are only moved and cast."""
     moved = batch.to(device, dtype)
-    if images.dtype == torch.uint8:
-        moved.images = normalize_images(moved.images, mean, std, dtype)
+    for name, spec in field_specs(type(batch)):
+        v = getattr(batch, name)
+        if spec.move == "pixels" and isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            setattr(moved, name, normalize_images(getattr(moved, name), mean, std, dtype))
     return moved
