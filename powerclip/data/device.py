@@ -2,7 +2,7 @@
 
 Why: fp32 images are 4x the bytes of uint8 in the loader workers' shared memory, in the pinned host
 buffers and over PCIe; the normalisation is two elementwise passes the GPU does for free. The
-arithmetic is the loader's old CPU path exactly, (x - 255 mean) * 1 / (255 std) in fp32, so the
+arithmetic is that of ``transforms.normalized_into`` exactly, (x - 255 mean) * 1 / (255 std) in fp32, so the
 pixels the model sees do not depend on where they were normalised.
 """
 

@@ -74,12 +74,12 @@ class SampleProcessor:
 
     def image_buffers(self, n: int) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """(batch image tensor, its n slot views) to write transformed uint8 images into (saves the
-        stack copy; the views are made once per buffer, indexing costs ~1 us each).
+        stack copy; the views are made once per buffer rather than indexed per sample).
 
         In the main process (workers=0) every batch gets a fresh tensor. Inside a DataLoader worker
         a ring of data.prefetch_factor + RING_SPARE shared-memory buffers is recycled: allocating and
-        page-faulting a fresh shared-memory tensor per batch cost about as much as decoding the
-        images. The Loader (or DataLoader's pin-memory thread) copies the images out of the ring as
+        page-faulting a fresh shared-memory tensor per batch is a cost of the order of decoding
+        the images. The Loader (or DataLoader's pin-memory thread) copies the images out of the ring as
         soon as it receives a batch; a worker has at most prefetch_factor batches outstanding, so
         the buffer of a batch is not rewritten before that copy."""
         shape = (n, 3, self.geo.image_size, self.geo.image_size)
@@ -102,7 +102,7 @@ class SampleProcessor:
         if "json" not in sample:
             return "missing_json"
         try:
-            ann = orjson.loads(sample["json"])  # a third of json.loads' time, the same objects
+            ann = orjson.loads(sample["json"])  # faster than json.loads, the same objects
             if not isinstance(ann, dict):
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError):

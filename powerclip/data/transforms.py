@@ -38,7 +38,7 @@ def crop_params(rng: random.Random, width: int, height: int, scale, ratio) -> tu
 
     Same algorithm and distribution as torchvision's (10 tries of area x log-uniform aspect,
     then the centre-crop fallback), but four Python floats instead of about ten torch RNG
-    calls: ~0.15 ms less per sample, and no global torch generator to seed and restore."""
+    calls, and no global torch generator to seed and restore per sample."""
     area = height * width
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
