@@ -62,3 +62,27 @@ def test_eval_sources_enforce_the_limit_naming_file_member_and_row(tmp_path):
     for i, name in enumerate(names):
         with pytest.raises(ImageTooLargeError, match="^" + name.replace(".", r"\.") + ": image of 10000x10000"):
             ds[i]
+
+
+def test_training_loader_skips_and_logs_an_image_over_the_limit(tmp_path, synthetic_root, caplog):
+    import webdataset as wds
+
+    from powerclip.data import build_loader
+    from powerclip.data.stream import read_shard
+    from tests.tiny import tiny_config
+
+    good = list(read_shard(str(synthetic_root / "train" / "00000.tar")))[:2]
+    shard = tmp_path / "s.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write({"__key__": "bomb", "png": _bomb(), "json": good[0]["json"]})
+        for i, s in enumerate(good):
+            w.write({"__key__": f"good_{i}", "png": s["png"], "json": s["json"]})
+    cfg = tiny_config([f"data.sources=[{{shards: '{shard}'}}]", "data.resampled=false", "data.workers=0",
+                       "data.batch_size=2", "data.shuffle_buffer=1"])
+    loader = build_loader(cfg, 0, 1)
+    with caplog.at_level("WARNING", logger="powerclip.data"):
+        batch = next(iter(loader))
+    assert batch.keys == ["good_0", "good_1"] and loader.counters() == {"bad_image": 1}
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "powerclip.data.loader"]
+    assert msg.startswith(f"skipped sample bomb of {shard}: bad_image (ImageTooLargeError: ")
+    assert "10000x10000 pixels exceeds the limit" in msg
