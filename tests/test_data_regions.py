@@ -10,7 +10,8 @@ import torch
 from open_clip import image_transform
 from PIL import Image, ImageDraw
 
-from powerclip.data.regions import apply_transform, box_to_cells, map_box, random_cells, region_masks
+from powerclip.data.regions import box_to_cells, map_box, random_cells, region_masks
+from powerclip.data.transforms import apply_transform
 
 
 def _scene() -> tuple[Image.Image, list[float]]:
@@ -75,11 +76,11 @@ def test_region_masks_precomputed_then_random():
 
 
 def test_fused_normalisation_equals_torchvision():
-    """ToTensor + Normalize fused into two passes from the uint8 pixels (regions.normalized_into)."""
+    """ToTensor + Normalize fused into two passes from the uint8 pixels (transforms.normalized_into)."""
     import numpy as np
     import torchvision.transforms.functional as TF
 
-    from powerclip.data.regions import normalized_into
+    from powerclip.data.transforms import normalized_into
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
@@ -97,7 +98,7 @@ def test_crop_params_follow_torchvision_distribution():
 
     from torchvision.transforms import RandomResizedCrop
 
-    from powerclip.data.regions import crop_params
+    from powerclip.data.transforms import crop_params
 
     W, H, scale, ratio = 120, 90, (0.3, 0.9), (3 / 4, 4 / 3)
     ours = [crop_params(random.Random(s), W, H, scale, ratio) for s in range(3000)]

@@ -16,7 +16,7 @@ from powerclip.data import build_loader
 from powerclip.data.batch import Batch
 from powerclip.data.device import normalize_images, to_device
 from powerclip.data.geometry import model_geometry
-from powerclip.data.regions import apply_transform
+from powerclip.data.transforms import apply_transform
 
 TINY = ("model.config={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8, width: 32, layers: 1}, "
         "text_cfg: {context_length: 32, width: 32, heads: 2, layers: 1}}")

@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def bare_loop(urls: list[str], image_fn, max_pixels: int) -> tuple[int, float, float]:
     """(samples, wall seconds, CPU seconds) of tarfile → decode → ``image_fn``."""
-    from powerclip.data.stream import decode_image
+    from powerclip.data.decode import decode_image
 
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
     for url in urls:
         with tarfile.open(url) as tf:
             for m in tf:
                 if m.name.endswith((".jpg", ".png", ".webp")):
-                    img = decode_image(tf.extractfile(m).read(), max_pixels)
+                    img = decode_image(tf.extractfile(m).read(), f"{url}:{m.name}", max_pixels)
                     image_fn(img)
                     n += 1
     return n, time.perf_counter() - t0, time.process_time() - c0
@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from open_clip import image_transform
 
     from powerclip.config import load_config
+    from powerclip.data.decode import MAX_PIXELS
     from powerclip.data.geometry import model_geometry
-    from powerclip.data.loader import MAX_PIXELS, expand_shards
-    from powerclip.data.regions import apply_transform
+    from powerclip.data.loader import expand_shards
     from powerclip.data.synthetic import make_synthetic
+    from powerclip.data.transforms import apply_transform
 
     tmp = None
     shards = a.shards
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     slots = ring.view(-1, 3, geo.image_size, geo.image_size)
     seeds = iter(range(1 << 62))
 
-    def powerclip_image(img) -> None:  # the pipeline's own image path (regions.apply_transform)
+    def powerclip_image(img) -> None:  # the pipeline's own image path (transforms.apply_transform)
         i = next(seeds)
         apply_transform(transform, img, slots[i % len(slots)], random.Random(i), uint8=True)
 

@@ -1,4 +1,4 @@
-"""Data: webdataset shards → typed Batch (see loader.py), shard tools, synthetic data.
+"""Data: webdataset shards → typed Batch (samples.py → collate.py → loader.py; fields declared in batch.py), shard tools, synthetic data.
 
 Names are imported lazily (PEP 562) so that light tools (build_shards, make_synthetic) do not pay
 for importing open_clip and torch just to reach ``powerclip.data.build``."""

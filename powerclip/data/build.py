@@ -38,11 +38,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .decode import MAX_PIXELS, ImageTooLargeError, decode_image
 from .shard_pool import run_shards
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -187,15 +188,9 @@ def _init_worker(parser: str, model: str) -> None:
     _ANNOTATOR = Annotator(parser, model)
 
 
-def _validate_image(data: bytes, max_pixels: int) -> tuple[bytes, str]:
+def _validate_image(data: bytes, max_pixels: int, name: str) -> tuple[bytes, str]:
     """Decode fully once; keep the original bytes for JPEG/PNG/WEBP, re-encode others as PNG."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"too_large: {w}x{h} > {max_pixels} pixels")
-    img.load()
+    img = decode_image(data, name, max_pixels, rgb=False)
     fmt = KEEP_FORMATS.get(img.format or "")
     if fmt is not None:
         return data, fmt
@@ -267,11 +262,10 @@ def build_one_shard(out: str, shard: int, items: list[Item], max_pixels: int) ->
             skipped.append({"input": item.label, "reason": "empty_caption"})
             continue
         try:
-            data, ext = _validate_image(data, max_pixels)
+            data, ext = _validate_image(data, max_pixels, item.label)
         except Exception as e:  # noqa: BLE001 - PIL raises many exception types for bad bytes
-            reason = "too_large" if str(e).startswith("too_large") or "DecompressionBomb" in type(e).__name__ \
-                else "bad_image"
-            skipped.append({"input": item.label, "reason": reason})
+            skipped.append({"input": item.label, "reason": "too_large" if isinstance(e, ImageTooLargeError)
+                            else "bad_image"})
             continue
         boxes = []
         if item.boxes:

@@ -2,7 +2,7 @@
 
 Why: fp32 images are 4x the bytes of uint8 in the loader workers' shared memory, in the pinned host
 buffers and over PCIe; the normalisation is two elementwise passes the GPU does for free. The
-arithmetic is the loader's old CPU path exactly, (x - 255 mean) * 1 / (255 std) in fp32, so the
+arithmetic is that of ``transforms.normalized_into`` exactly, (x - 255 mean) * 1 / (255 std) in fp32, so the
 pixels the model sees do not depend on where they were normalised.
 """
 
@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .batch import Batch
+from .batch import Batch, field_specs
 
 
 @functools.lru_cache(maxsize=16)
@@ -35,10 +35,11 @@ def normalize_images(images: torch.Tensor, mean, std, dtype: torch.dtype | None 
 
 def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype | None, mean, std) -> Batch:
     """``batch`` on ``device`` (asynchronous copies: the loader pins its buffers when CUDA is in use),
-    uint8 images normalised there with ``mean``/``std`` and cast to ``dtype``. Float images (batches
-    made by hand or by a custom loader) are only moved and cast."""
-    images = batch.images
+    uint8 ``pixels`` fields normalised there with ``mean``/``std`` and cast to ``dtype``. Float
+    images (batches made by hand or by a custom loader) are only moved and cast."""
     moved = batch.to(device, dtype)
-    if images.dtype == torch.uint8:
-        moved.images = normalize_images(moved.images, mean, std, dtype)
+    for name, spec in field_specs(type(batch)):
+        v = getattr(batch, name)
+        if spec.move == "pixels" and isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            setattr(moved, name, normalize_images(getattr(moved, name), mean, std, dtype))
     return moved

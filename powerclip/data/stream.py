@@ -318,15 +318,3 @@ def image_bytes(sample: dict) -> bytes | None:
         if ext in sample:
             return sample[ext]
     return None
-
-
-def decode_image(data: bytes, max_pixels: int):
-    """PIL decode with a pixel-count limit checked *before* the pixels are decoded."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}")
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")

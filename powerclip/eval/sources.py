@@ -3,13 +3,13 @@
 Evaluation wants map-style access (shard the items over ranks, decode in DataLoader workers,
 encode each distinct image once), while WebDataset shards are streams. A tar shard is indexed once
 (member offsets from ``tarfile``; samples grouped by webdataset's own key rule ``base_plus_ext``) and
-members are then read by offset; images are decoded by webdataset's ``ImageHandler('pil')``, the
-decoder clip_benchmark's ``wds`` loader uses, so both tools see identical pixels.
+members are then read by offset. Every image is decoded by ``data.decode.decode_image`` (the pixel
+limit, errors naming the file or member), in RGB: the pixels of webdataset's ``ImageHandler('pil')``,
+the decoder clip_benchmark's ``wds`` loader uses, so both tools see identical pixels.
 """
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,11 +19,11 @@ from typing import Any
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
-from webdataset.autodecode import ImageHandler
 from webdataset.tariterators import base_plus_ext
 
+from ..data.decode import ImageTooLargeError, decode_image
+
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order of preference
-_DECODE = ImageHandler("pil", extensions=list(IMAGE_EXTS))
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class FileImage:
     crop: tuple[float, float, float, float] | None = None
 
     def load(self) -> PIL.Image.Image:
-        img = PIL.Image.open(self.path).convert("RGB")
+        img = decode_image(self.path, self.path)
         return img.crop(self.crop) if self.crop is not None else img
 
     def describe(self) -> str:
@@ -56,7 +56,7 @@ class TarMember:
             return f.read(self.size)
 
     def load(self) -> PIL.Image.Image:
-        return _DECODE(self.name, self.read())
+        return decode_image(self.read(), self.describe())
 
     def describe(self) -> str:
         return f"{self.tar}:{self.name}"
@@ -70,7 +70,7 @@ class BytesImage:
     data: bytes
 
     def load(self) -> PIL.Image.Image:
-        return PIL.Image.open(io.BytesIO(self.data)).convert("RGB")
+        return decode_image(self.data, self.name)
 
     def describe(self) -> str:
         return self.name
@@ -94,6 +94,8 @@ class ImageDataset(Dataset):
             img = ref.load()
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {ref.describe()}") from None
+        except ImageTooLargeError:
+            raise  # its message names the image already
         except Exception as e:
             raise RuntimeError(f"cannot decode image {ref.describe()}: {e}") from e
         return self.preprocess(img)

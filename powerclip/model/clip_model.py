@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from powerclip.data.batch import Batch
+from powerclip.data.batch import Batch, text_fields
 from powerclip.model.features import Features
 
 
@@ -214,30 +214,34 @@ class PowerClipModel(nn.Module):
                 "logit_scale": self.logit_scale(), "logit_bias": self.logit_bias()}
 
     def forward(self, batch: Batch, dense: bool = False, images: bool = True) -> Features:
-        """Encode a batch. Captions, concept rows and hard negatives go through ONE text-tower call
-        (concatenated, then split back), so the tower runs once per step.
+        """Encode a batch. Every text-tower field the batch declares (``FieldSpec.encodes``: captions,
+        concept rows, hard negatives) goes through ONE text-tower call (concatenated, then split
+        back into the Features field it names), so the tower runs once per step.
 
         ``dense`` adds patch and token embeddings (METHODS §0). ``images=False`` skips the image
         tower (Features.image is then an empty [0, D] tensor), for text-only passes.
         """
-        parts = [batch.text]
-        n_cap = batch.text.shape[0]
-        n_con = 0 if batch.concept_text is None else batch.concept_text.shape[0]
-        neg_shape = None
-        if batch.concept_text is not None:
-            parts.append(batch.concept_text)
-        if batch.neg_text is not None:
-            neg_shape = batch.neg_text.shape[:2]
-            parts.append(batch.neg_text.reshape(-1, batch.neg_text.shape[-1]))
-        all_text = torch.cat(parts, dim=0) if len(parts) > 1 else batch.text
+        # every text-tower field of the batch (captions first), flattened to rows and concatenated
+        parts, shapes = [], []
+        for name, spec in text_fields(type(batch)):
+            v = getattr(batch, name)
+            if v is not None:
+                parts.append(v.reshape(-1, v.shape[-1]))
+                shapes.append((spec.encodes, v.shape[:-1]))
+        if not shapes or shapes[0][0] != "text":
+            raise ValueError("the batch's first text-tower field must be the captions (Batch.text)")
+        n_cap = parts[0].shape[0]
+        all_text = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         out = self.encoder(batch.images if images else None, all_text, dense, n_cap)
 
         pooled_text = F.normalize(out["text"], dim=-1)
-        text = pooled_text[:n_cap]
-        concepts = pooled_text[n_cap:n_cap + n_con] if batch.concept_text is not None else None
-        negatives = None
-        if neg_shape is not None:
-            negatives = pooled_text[n_cap + n_con:].reshape(*neg_shape, -1)
+        encoded: dict[str, torch.Tensor] = {}
+        start = 0
+        for target, shape in shapes:  # split back into each field's own leading shape
+            n = math.prod(shape)
+            encoded[target] = pooled_text[start:start + n].reshape(*shape, pooled_text.shape[-1])
+            start += n
+        text = encoded.pop("text")
         image = out["image"]
         if image is None:
             image = text.new_zeros((0, text.shape[-1]))
@@ -248,8 +252,7 @@ class PowerClipModel(nn.Module):
             logit_bias=out["logit_bias"],
             patches=None if out["patches"] is None else F.normalize(out["patches"], dim=-1),
             tokens=None if out["tokens"] is None else F.normalize(out["tokens"], dim=-1),
-            concepts=concepts,
-            negatives=negatives,
+            **encoded,
         )
 
 

@@ -32,11 +32,8 @@ from dataclasses import fields
 import torch
 import torch.nn.functional as F
 
-from powerclip.data.batch import Batch
+from powerclip.data.batch import Batch, field_specs
 from powerclip.model.features import Features
-
-# Batch fields indexed by concept row (dim 0 = C), not by image; concept_owner is shifted on concat.
-_CONCEPT_FIELDS = ("concept_text", "concept_owner", "concept_ids")
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -51,28 +48,38 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
+def _row_counts(batches: list[Batch], rows: str) -> list[int]:
+    """Rows of kind ``rows`` in each micro-batch, read from any set field that declares them."""
+    for name, spec in field_specs(type(batches[0])):
+        if spec.rows == rows and all(getattr(b, name) is not None for b in batches):
+            return [int(getattr(b, name).shape[0]) for b in batches]
+    raise ValueError(f"no field of the micro-batches has {rows!r} rows to offset indices by")
+
+
 def concat_batches(batches: list[Batch]) -> Batch:
-    """One Batch holding the micro-batches in order (K padded to the max, concept owners offset)."""
+    """One Batch holding the micro-batches in order, each field joined by its declared ``concat``
+    rule (phrase slots padded to the largest micro-batch, ...) and index fields offset by the rows
+    before them (concept owners)."""
     if len(batches) == 1:
         return batches[0]
+    batch_type = type(batches[0])
     out: dict = {}
-    for f in fields(Batch):
-        values = [getattr(b, f.name) for b in batches]
-        if f.name in ("keys", "meta"):
-            out[f.name] = [x for v in values for x in v]
+    for name, spec in field_specs(batch_type):
+        values = [getattr(b, name) for b in batches]
+        if spec.concat == "list":
+            out[name] = [x for v in values for x in v]
         elif all(v is None for v in values):
-            out[f.name] = None
+            out[name] = None
         elif any(v is None for v in values):
-            raise ValueError(f"Batch.{f.name} is set in some micro-batches and not in others")
-        elif f.name == "concept_owner":
-            offsets, total = [], 0
-            for b in batches:
-                offsets.append(total)
-                total += b.size
-            out[f.name] = torch.cat([v + o for v, o in zip(values, offsets)], dim=0)
+            raise ValueError(f"Batch.{name} is set in some micro-batches and not in others")
         else:
-            out[f.name] = _pad_cat(values)
-    return Batch(**out)
+            if spec.index_of is not None:
+                offsets = [0]
+                for n in _row_counts(batches, spec.index_of)[:-1]:
+                    offsets.append(offsets[-1] + n)
+                values = [v + o for v, o in zip(values, offsets)]
+            out[name] = _pad_cat(values) if spec.concat == "pad" else torch.cat(values, dim=0)
+    return batch_type(**out)
 
 
 _LOSS_READ = ("logit_scale", "logit_bias")  # read by the loss directly, shared by the micro-batches

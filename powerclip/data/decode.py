@@ -1,0 +1,49 @@
+"""The one image decode: PIL with a pixel-count limit checked before any pixel is decoded.
+
+Why one function: shards, evaluation files and parquet cells are untrusted input, and a small
+compressed file can declare billions of pixels (a decompression bomb). Every reader of images (the
+training loader, the evaluation sources, the shard builder, the tools) decodes through here, so the
+limit and the error that names the offending sample or file are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+
+
+class ImageTooLargeError(ValueError):
+    """The image declares more pixels than the limit allows; it was not decoded."""
+
+
+def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PIXELS,
+                 rgb: bool = True) -> Image.Image:
+    """The decoded image of ``source`` (encoded bytes or a file path), in RGB unless ``rgb`` is
+    False (then in its stored mode, ``format`` kept). ``name`` says where the image came from
+    (shard and sample, file, parquet row) and starts every error message.
+
+    The size is read from the header and checked against ``max_pixels`` before the pixels are
+    decoded; PIL's own bomb check (a warning above its limit, an error above twice it) is folded
+    into the same ``ImageTooLargeError``. Unreadable bytes raise PIL's own errors (OSError, ...),
+    a missing file ``FileNotFoundError``."""
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLargeError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
+                                 "(decompression-bomb guard)")
+    img.load()
+    if not rgb or img.mode == "RGB":
+        return img
+    return img.convert("RGB")

@@ -1,0 +1,244 @@
+"""Sample processing: one raw webdataset sample → the per-sample values of every Batch field.
+
+decode (pixel limit) → open_clip transform (seeded per sample, written as uint8 into the batch's
+image buffer) → tokenize → char spans to token positions → regions → concepts → negatives. The
+result holds one value per Batch field under the field's name (``data.collate`` turns B of them
+into a Batch by each field's declared rule), plus ``regions_dropped`` (a counter, not a field); a
+sample that must be skipped yields the reason instead, and the caller counts it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import orjson
+import torch
+
+from ..config import Config
+from .decode import MAX_PIXELS, decode_image
+from .geometry import model_geometry
+from .regions import PatchRegionError, map_box, patch_region_masks, read_patch_sets, region_cells
+from .stream import ERROR_KEY, image_bytes
+from .text import build_tokenizer, span_positions
+from .transforms import apply_transform, is_seeded_by_rng
+
+SCHEMA_SUPPORTED = 1
+RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
+PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
+
+
+class DataError(ValueError):
+    """The data cannot be read as configured (raised before training starts)."""
+
+
+@functools.lru_cache(maxsize=65536)
+def concept_id(text: str) -> int:
+    """int64 hash of the normalised concept text: lower case, no punctuation, no leading article."""
+    t = re.sub(r"[^\w\s]", " ", text.lower())
+    words = t.split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    h = hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little", signed=True)
+
+
+class SampleProcessor:
+    """Turns one raw sample into tensors, or returns the reason it must be skipped."""
+
+    def __init__(self, cfg: Config, train: bool):
+        from open_clip import image_transform
+
+        d = cfg.data
+        self.d = d
+        self.geo = model_geometry(cfg)
+        aug = {"scale": tuple(d.augment_scale)} if train else None
+        self.transform = image_transform(self.geo.image_size, is_train=train, mean=self.geo.mean,
+                                         std=self.geo.std, aug_cfg=aug)
+        self.rng_only = is_seeded_by_rng(self.transform)
+        self.tok = build_tokenizer(d.tokenizer, d.context_length)
+        # grid of the stored patch-index regions: data.region_grid, or the model's own when null
+        self.region_grid = d.region_grid if d.region_grid is not None else self.geo.grid
+        self.L = d.context_length
+        self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
+        # annotation entries dropped from samples that are kept (``field_*`` counters, by reason)
+        self.dropped: dict[str, int] = {}
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        if n > 0:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def image_buffers(self, n: int) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """(batch image tensor, its n slot views) to write transformed uint8 images into (saves the
+        stack copy; the views are made once per buffer rather than indexed per sample).
+
+        In the main process (workers=0) every batch gets a fresh tensor. Inside a DataLoader worker
+        a ring of data.prefetch_factor + RING_SPARE shared-memory buffers is recycled: allocating and
+        page-faulting a fresh shared-memory tensor per batch is a cost of the order of decoding
+        the images. The Loader (or DataLoader's pin-memory thread) copies the images out of the ring as
+        soon as it receives a batch; a worker has at most prefetch_factor batches outstanding, so
+        the buffer of a batch is not rewritten before that copy."""
+        shape = (n, 3, self.geo.image_size, self.geo.image_size)
+        if self.in_main:
+            while True:
+                images = torch.empty(shape, dtype=torch.uint8)
+                yield images, images.unbind(0)
+        ring_size = self.d.prefetch_factor + RING_SPARE
+        ring = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(ring_size)]
+        ring_slots = [buf.unbind(0) for buf in ring]
+        i = 0
+        while True:
+            yield ring[i % ring_size], ring_slots[i % ring_size]
+            i += 1
+
+    def __call__(self, sample: dict, seed: int, out: torch.Tensor | None = None) -> dict | str:
+        """``out``: the batch slot the image should be written to (see ``image_buffers``)."""
+        if ERROR_KEY in sample:
+            return sample[ERROR_KEY]
+        if "json" not in sample:
+            return "missing_json"
+        try:
+            ann = orjson.loads(sample["json"])  # faster than json.loads, the same objects
+            if not isinstance(ann, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            return "bad_json"
+        schema = ann.get("schema", 1)
+        if not isinstance(schema, int) or schema > SCHEMA_SUPPORTED:
+            return "unsupported_schema"
+        caption = ann.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            return "bad_annotation"
+        if not caption and "txt" in sample:
+            try:
+                caption = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                return "bad_caption"
+        if not caption or not str(caption).strip():
+            return "empty_caption"
+        data = image_bytes(sample)
+        if data is None:
+            return "missing_image"
+        try:
+            img = decode_image(data, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}", MAX_PIXELS)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt bytes
+            sample.setdefault("__detail__", f"{type(e).__name__}: {e}")  # for the skip log
+            return "bad_image"
+        rng = random.Random(seed)
+        if self.rng_only:  # the crop is drawn from the sample's own rng
+            image, window = apply_transform(self.transform, img, out, rng, uint8=True)
+        else:
+            # other random steps use torch's generator: seed it for this sample only (restored
+            # after, so the trainer's RNG is untouched when workers=0)
+            gen = torch.default_generator
+            saved = gen.get_state() if self.in_main else None
+            gen.manual_seed(seed)
+            try:
+                image, window = apply_transform(self.transform, img, out, uint8=True)
+            finally:
+                if saved is not None:
+                    gen.set_state(saved)
+        enc = self.tok.encode(caption)
+        n_tok = len(enc.ids)
+        if n_tok <= 2:
+            return "empty_caption"  # nothing the tokenizer keeps
+        patches = None
+        if self.d.region_source == "patches":
+            patches = self._patch_regions(sample, window, rng)
+            if isinstance(patches, str):
+                return patches
+        try:
+            return self._text_fields(sample, ann, caption, enc, image, window, rng, patches)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            return "bad_annotation"  # phrases/concepts/negatives/boxes of the wrong shape
+
+    def _patch_regions(self, sample: dict, window, rng: random.Random) -> tuple[np.ndarray, int] | str:
+        """(masks, dropped) from the sample's ``samlens.npy``/``samcat.npy`` pair, or a skip reason.
+
+        An index beyond the configured grid is not a bad sample but a wrong setting for the whole
+        shard (its regions were made on another grid): that stops the run with an error naming
+        the shard, the sample and ``data.region_grid``."""
+        if "samlens.npy" not in sample or "samcat.npy" not in sample:
+            return "missing_regions"
+        try:
+            lens, cat = read_patch_sets(sample["samlens.npy"], sample["samcat.npy"])
+        except PatchRegionError:
+            return "bad_regions"
+        g = self.region_grid
+        if cat.size and int(cat.max()) >= g * g:
+            raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has patch index "
+                            f"{int(cat.max())}, beyond the {g}x{g} grid (data.region_grid="
+                            f"{self.d.region_grid}); set data.region_grid to the grid its samcat indices "
+                            "refer to")
+        return patch_region_masks(lens, cat, g, window, self.geo.grid, self.d.num_regions, rng)
+
+    def _regions(self, boxes: list, window, rng: random.Random) -> list:
+        """``region_cells``, counting stored boxes it does not use (cut away by the crop, or beyond
+        ``data.num_regions``)."""
+        if self.d.region_source == "precomputed" and boxes:
+            inside = sum(1 for b in boxes if map_box(b, window) is not None)
+            self._drop("field_box_outside_crop", len(boxes) - inside)
+            self._drop("field_box_over_max", inside - self.d.num_regions)
+        return region_cells(boxes, window, self.geo.grid, self.d.num_regions, self.d.region_source, rng)
+
+    def _text_fields(self, sample: dict, ann: dict, caption: str, enc, image: torch.Tensor, window,
+                     rng: random.Random, patches: tuple[np.ndarray, int] | None = None) -> dict:
+        n_tok = len(enc.ids)
+        # phrase nodes: root first (all real tokens), then tree nodes (or single tokens), deduplicated
+        root = list(range(1, n_tok - 1))
+        nodes = [root]
+        seen = {tuple(root)}
+        if self.d.phrase_unit == "token":
+            cand = [[i] for i in range(1, n_tok - 1)]
+        else:
+            cand = []
+            for p in ann.get("phrases", []):
+                if p.get("label") in PHRASE_LABELS and p.get("label") != "ROOT":
+                    pos = span_positions(enc, int(p["start"]), int(p["end"]))
+                    if pos is not None:
+                        cand.append(pos)
+                    else:  # a span outside the caption or cut by the context length
+                        self._drop("field_phrase_span")
+        for i, pos in enumerate(cand):
+            if len(nodes) >= self.d.max_phrases:
+                self._drop("field_phrase_over_max", len(cand) - i)
+                break
+            if tuple(pos) not in seen:
+                seen.add(tuple(pos))
+                nodes.append(pos)
+        # one value per Batch field, under its name (see data.collate.RULES for what each becomes)
+        regions = patches[0] if patches is not None else self._regions(ann.get("boxes") or [], window, rng)
+        out = {
+            "keys": sample["__key__"], "images": image, "text": enc.ids, "token_valid": n_tok,
+            "phrase_tokens": nodes, "phrase_valid": len(nodes),
+            "region_masks": regions, "region_valid": len(regions),
+            "meta": {"caption": caption, "label": ann.get("label"),
+                     "eval_negatives": ann.get("eval_negatives") or {}, "url": sample.get("__url__")},
+            "regions_dropped": patches[1] if patches is not None else 0,
+        }
+        if self.d.concepts:
+            raw_concepts = ann.get("concepts", [])
+            texts = [c["text"] for c in raw_concepts if c.get("text", "").strip()]
+            self._drop("field_concept_empty", len(raw_concepts) - len(texts))
+            if self.d.max_concepts_per_caption is not None:
+                self._drop("field_concept_over_max", len(texts) - self.d.max_concepts_per_caption)
+                texts = texts[: self.d.max_concepts_per_caption]
+            texts = texts or [caption]  # METHODS 3: a caption with no concept uses the whole caption
+            out["concept_text"] = [self.tok.ids(t) for t in texts]
+            out["concept_owner"] = len(texts)
+            out["concept_ids"] = [concept_id(t) for t in texts]
+        if self.d.num_negatives > 0:
+            N = self.d.num_negatives
+            raw_negs = ann.get("negatives", [])
+            negs = [n["text"] for n in raw_negs if n.get("text", "").strip()]
+            self._drop("field_negative_empty", len(raw_negs) - len(negs))
+            if len(negs) > N:
+                self._drop("field_negative_over_max", len(negs) - N)
+                negs = [negs[i] for i in sorted(rng.sample(range(len(negs)), N))]
+            out["neg_text"] = [self.tok.ids(t) for t in negs] + [[]] * (N - len(negs))
+            out["neg_valid"] = [len(r) > 0 for r in out["neg_text"]]
+        return out
