@@ -112,6 +112,9 @@ class PowersetLossConfig:
     # run | fp32: dtype in which phi/p cross ranks. run = the model's dense-feature dtype (bf16 under a
     # bf16 run: half the traffic and gather buffers); the scoring itself is always fp32
     gather_precision: str = "run"
+    # fp32 | bf16: operands of the score matmuls (losses/matmul_precision.py); activations, softmax /
+    # log-sum-exp and reductions stay fp32 either way. bf16 runs on tensor cores; fp32 is the safe default
+    matmul_precision: str = "fp32"
 
 
 @dataclass
@@ -126,6 +129,9 @@ class ConceptLossConfig:
     memory_budget_mb: float = 512.0
     # all | local | sample:N over the images whose concepts enter the pool (losses/pool.py)
     negative_pool: str = "sample:1024"
+    # fp32 | bf16: operands of XAC's similarity / Gram matmuls (losses/matmul_precision.py); the
+    # attention softmax, norms and reductions stay fp32 either way
+    matmul_precision: str = "fp32"
 
 
 @dataclass
@@ -281,6 +287,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.phrase_unit": ("tree", "token"),
     "loss.global_loss": ("clip", "siglip"),
     "loss.powerset.phrase_pool": ("mean", "sum"),
+    "loss.powerset.matmul_precision": ("fp32", "bf16"),
+    "loss.concept.matmul_precision": ("fp32", "bf16"),
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
     "loss.degla.distill_reduction": ("mean", "sum"),
     "model.pool": ("default", "mean"),

@@ -1,7 +1,8 @@
 """tools/bench_scale.py simulates W ranks by the SHAPES of the gathered tensors on the meta device.
 This checks that the simulation counts what a real rank does: on 2 real gloo ranks at small size,
 each term's forward+backward FLOPs on every rank equal the simulated per-rank FLOPs at W = 2, for a
-pool that covers the batch and for one that binds. And that the table is written as its own section."""
+pool that covers the batch and for one that binds; that DeGLA's cost beyond the global loss it replaces is
+flat in W; and that the table is written as its own section."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def _rank_fn(rank: int, world: int) -> list[dict[str, int]]:
                 counts[name] = _real_concept(s, ConceptLossConfig(negative_pool=pools["concept"]), name, rank)
             else:
                 counts[name] = bench.measure_flops(make)
+        counts[bench.DEGLA_TERMS] = counts[bench.DEGLA_TOTAL] - counts[bench.DEGLA_GLOBAL]
         out.append(counts)
     return out
 
@@ -83,8 +85,27 @@ def test_simulated_per_rank_flops_equal_two_real_ranks():
             for r in (0, 1):
                 assert ranks[r][i][name] == by_w[2][0], (pools, name, r)
     # the pool binds: the sampled rows cost less than 'all' for the pool-aware terms
-    for name in ("powerset", "concept_xac", "degla_base"):
+    for name in ("powerset", "concept_xac", _bench().DEGLA_TERMS):
         assert ranks[0][1][name] < ranks[0][0][name], name
+
+
+def test_degla_cost_beyond_the_global_loss_is_flat_in_world_size():
+    """At the preset shapes and the default pool, the DeGLA objective minus its image-caption block
+    (the global loss it replaces, which grows as B x G by design) stays flat in W and within the
+    targets; the caption block itself grows with G, so the split is not trivially flat."""
+    bench = _bench()
+    s = bench.Shapes()
+    worlds = (64, 256, 1024)
+    res = bench.run(s, bench.DEFAULT_POOLS, worlds, only=(bench.DEGLA_GLOBAL, bench.DEGLA_TOTAL))
+    term = [res[bench.DEGLA_TERMS][w][0] for w in worlds]
+    assert min(term) > 0 and max(term) <= 1.1 * min(term), term
+    caption = [res[bench.DEGLA_GLOBAL][w][0] for w in worlds]
+    assert caption[-1] == 16 * caption[0]  # B x G x D: linear in W
+    flops, mem = res[bench.DEGLA_TERMS][1024]
+    assert flops <= 0.1 * bench.VIT_B16_FLOPS_PER_SAMPLE * s.b and mem <= 4 * 2**30
+    # the caption block is exactly CLIP's global loss
+    clip = bench.run(s, bench.DEFAULT_POOLS, (64,), only=("clip (global)",))["clip (global)"][64][0]
+    assert clip == caption[0]
 
 
 def test_table_section_is_rewritten_in_place(tmp_path: Path):

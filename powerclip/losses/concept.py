@@ -58,6 +58,7 @@ from powerclip import distributed as pdist
 from powerclip.config import ConceptLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
+from powerclip.losses.matmul_precision import operand_dtype
 from powerclip.losses.pool import parse_pool, sample_members, to_device
 from powerclip.model.features import Features
 
@@ -281,9 +282,10 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
         if features.patches is None:
             raise ValueError("loss.concept.xac_weight > 0 needs Features.patches [B, T, D] "
                              "(the model's dense patch path)")
-        xac_own = xac_scores_paired(features.patches, own_owner, concepts[:own_cols], cfg.xac_lambda)
-        xac = _with_own_block(xac_own, own_owner,
-                              xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda, cfg.memory_budget_mb), b)
+        mdt = operand_dtype(cfg.matmul_precision, "loss.concept.matmul_precision")
+        xac_own = xac_scores_paired(features.patches, own_owner, concepts[:own_cols], cfg.xac_lambda, mdt)
+        xac = _with_own_block(xac_own, own_owner, xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda,
+                                                             cfg.memory_budget_mb, mdt), b)
         out["concept_xac"] = contrast(xac, pos, form, features, normaliser, cand)
         with torch.no_grad():
             negs = ~pos if cand is None else cand & ~pos

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from powerclip.losses import matmul_precision as mp
+
 # Live [B, chunk, T] float32 tensors per chunk, forward + backward under recomputation: S, lambda*S,
 # a, a*S, a@K, (a@K)*a and their gradients; generous so that the measured peak stays under budget.
 _LIVE_TENSORS_PER_CHUNK = 12
@@ -40,20 +42,22 @@ def chunk_size(num_images: int, num_tokens: int, num_concepts: int, memory_budge
     return max(1, min(num_concepts, fit))
 
 
-def _chunk_scores(z: torch.Tensor, gram: torch.Tensor, c: torch.Tensor, lam: float) -> torch.Tensor:
+def _chunk_scores(z: torch.Tensor, gram: torch.Tensor, c: torch.Tensor, lam: float,
+                  mdt: torch.dtype | None = None) -> torch.Tensor:
     """Closed-form scores of all images against one chunk of concepts: [B, n]."""
-    s = torch.einsum("btd,nd->bnt", z, c)  # [B, n, T] similarities S_t
+    s = mp.einsum("btd,nd->bnt", z, c, mdt)  # [B, n, T] similarities S_t
     a = torch.softmax(lam * s, dim=-1)
     num = (a * s).sum(-1)  # <sum_t a_t z_t, c>
-    sq_norm = (torch.bmm(a, gram) * a).sum(-1)  # ||sum_t a_t z_t||^2 = a^T K a
+    sq_norm = (mp.bmm(a, gram, mdt) * a).sum(-1)  # ||sum_t a_t z_t||^2 = a^T K a
     return num / sq_norm.clamp_min(_EPS * _EPS).sqrt()
 
 
 def xac_scores(patches: torch.Tensor, concepts: torch.Tensor, lam: float = 1.0,
-               memory_budget_mb: float = 512.0) -> torch.Tensor:
+               memory_budget_mb: float = 512.0, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cosine <p_{in}, c_n> for every image i and concept n: [B, N] (float32).
 
     patches [B, T, D] and concepts [N, D] must be L2-normalised (``Features`` guarantees it).
+    ``matmul_dtype``: operand dtype of the similarity and Gram matmuls (losses/matmul_precision.py).
     """
     if patches.dim() != 3 or concepts.dim() != 2 or patches.shape[-1] != concepts.shape[-1]:
         raise ValueError(f"xac_scores needs patches [B, T, D] and concepts [N, D], got "
@@ -64,18 +68,18 @@ def xac_scores(patches: torch.Tensor, concepts: torch.Tensor, lam: float = 1.0,
     n = c.shape[0]
     if n == 0 or b == 0:
         return z.new_zeros((b, n)) + 0.0 * (z.sum() + c.sum())  # keeps the graph connected
-    gram = torch.bmm(z, z.transpose(1, 2))  # [B, T, T]
+    gram = mp.bmm(z, z.transpose(1, 2), matmul_dtype)  # [B, T, T]
     step = chunk_size(b, t, n, memory_budget_mb)
     if step >= n:
-        return _chunk_scores(z, gram, c, lam)
+        return _chunk_scores(z, gram, c, lam, matmul_dtype)
     recompute = torch.is_grad_enabled() and (z.requires_grad or c.requires_grad)
     out = []
     for start in range(0, n, step):
         cc = c[start:start + step]
         if recompute:
-            out.append(checkpoint(_chunk_scores, z, gram, cc, lam, use_reentrant=False))
+            out.append(checkpoint(_chunk_scores, z, gram, cc, lam, matmul_dtype, use_reentrant=False))
         else:
-            out.append(_chunk_scores(z, gram, cc, lam))
+            out.append(_chunk_scores(z, gram, cc, lam, matmul_dtype))
     return torch.cat(out, dim=1)
 
 
@@ -95,7 +99,7 @@ def xac_scores_explicit(patches: torch.Tensor, concepts: torch.Tensor, lam: floa
 
 
 def xac_scores_paired(patches: torch.Tensor, owner: torch.Tensor, concepts: torch.Tensor,
-                      lam: float = 1.0) -> torch.Tensor:
+                      lam: float = 1.0, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Scores [C] of each concept against its OWN image only: <p_{o(n) n}, c_n>.
 
     A negative pool scores each image's own concepts apart from the pool, so that its cost is C·T·D
@@ -107,7 +111,7 @@ def xac_scores_paired(patches: torch.Tensor, owner: torch.Tensor, concepts: torc
     if c.shape[0] == 0:
         return c.new_zeros(0) + 0.0 * (z.sum() + c.sum())
     zo = z[owner]  # [C, T, D]
-    s = torch.einsum("ctd,cd->ct", zo, c)
+    s = mp.einsum("ctd,cd->ct", zo, c, matmul_dtype)
     a = torch.softmax(lam * s, dim=-1)
-    pooled = torch.einsum("ct,ctd->cd", a, zo)
+    pooled = mp.einsum("ct,ctd->cd", a, zo, matmul_dtype)
     return (a * s).sum(-1) / pooled.norm(dim=-1).clamp_min(_EPS)

@@ -11,10 +11,10 @@ released DeGLA code builds its TGC mask by *tiling* the identity (column G + k·
 caption with other samples' negatives; here every per-sample term indexes the sample's OWN negatives
 directly ([B, N, D] rows), so that bug cannot occur (tests/test_degla.py has the counter-example).
 
-Negative pool (``cfg.negative_pool``, losses/pool.py): the captions stay the whole global batch (a
-global-loss cost); the HARD-NEGATIVE columns are every sample's (``all``, the layout above), or each
-image's own plus those of N samples drawn identically on every rank (``sample:N``), or this rank's
-own (``local``). Gathered negatives are the largest tensor of this stage: G·K rows.
+Negative pool (``cfg.negative_pool``, losses/pool.py): the captions stay the whole global batch
+(``caption_logits``: that block IS the global loss of this stage, CLIP's B x G x D); the HARD-NEGATIVE
+columns are every sample's (``all``, the layout above), or each image's own plus those of N samples
+drawn identically on every rank (``sample:N``), or this rank's own (``local``). Gathered negatives are the largest tensor of this stage: G·K rows.
 
 Distributed convention (the same as open_clip's ``local_loss + gather_with_grad``): each rank
 computes its B local rows against the gathered columns and returns the MEAN over its local rows.
@@ -108,6 +108,24 @@ def _negative_columns(neg: torch.Tensor, valid: torch.Tensor, g: int, pool: Pool
     return torch.cat([flat, s_neg.reshape(-1, d)]), torch.cat([own_block, drawn], dim=1)
 
 
+def caption_logits(img: torch.Tensor, txt: torch.Tensor,
+                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image-caption block of NegCLIP: local images x all G captions, local captions x all G images.
+
+    This block is CLIP's global loss (the same two B x G x D matmuls as ``global_loss.clip_loss``), which
+    NegCLIP replaces in a DeGLA stage; it is kept apart from the hard-negative columns so that its cost
+    is accounted as the global loss's (tools/bench_scale.py), and only the rest must stay flat in W.
+    Returns (i2t logits [B, G], t2i logits [B, G], the label of each local row).
+    """
+    b = img.shape[0]
+    all_img = pdist.gather_with_grad(img)  # [G, D]
+    all_txt = pdist.gather_with_grad(txt)  # [G, D]
+    if all_txt.shape[0] != all_img.shape[0]:
+        raise ValueError("every rank must hold the same local batch size for DeGLA losses")
+    labels = torch.arange(b, device=img.device) + pdist.rank() * b
+    return scale * img @ all_txt.T, scale * txt @ all_img.T, labels
+
+
 def degla_losses(student: Features, teacher: Features | None, batch: Batch,
                  cfg: DeglaLossConfig) -> dict[str, torch.Tensor]:
     """The four DeGLA terms for this rank's local batch (unweighted; see the module docstring).
@@ -123,17 +141,11 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     scale = student.logit_scale.float()
 
     # ---- L_base (NegCLIP): local rows against gathered columns -------------------------------
-    all_img = pdist.gather_with_grad(img)  # [G, D]
-    all_txt = pdist.gather_with_grad(txt)  # [G, D]
-    g = all_img.shape[0]
-    if all_txt.shape[0] != g:
-        raise ValueError("every rank must hold the same local batch size for DeGLA losses")
-    labels = torch.arange(b, device=img.device) + pdist.rank() * b
+    caption_i2t, logits_t2i, labels = caption_logits(img, txt, scale)
+    g = caption_i2t.shape[1]
     neg_cols, neg_keep = _negative_columns(neg, valid, g, parse_pool(cfg.negative_pool, "loss.degla.negative_pool"))
-    columns = torch.cat([all_txt, neg_cols], dim=0)  # captions, then the pool's negatives
-    col_keep = torch.cat([torch.ones(b, g, dtype=torch.bool, device=img.device), neg_keep], dim=1)
-    logits_i2t = (scale * img @ columns.T).masked_fill(~col_keep, float("-inf"))
-    logits_t2i = scale * txt @ all_img.T
+    neg_i2t = (scale * img @ neg_cols.T).masked_fill(~neg_keep, float("-inf"))
+    logits_i2t = torch.cat([caption_i2t, neg_i2t], dim=1)  # captions, then the pool's negatives
     base = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
     # ---- IGC: each image against its own caption and its own valid negatives, learned scale ----

@@ -52,6 +52,7 @@ from powerclip import checks
 from powerclip import distributed as pdist
 from powerclip.config import PowersetLossConfig
 from powerclip.data.batch import Batch
+from powerclip.losses import matmul_precision as mp
 from powerclip.losses.pool import members_per_rank, parse_pool, sample_members, to_device
 from powerclip.losses.powerset_embed import autocast_off, compute_dtype, phrase_embeddings, region_embeddings
 from powerclip.losses.powerset_exact import exact_pair_terms
@@ -74,7 +75,11 @@ def pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, p
                cfg: PowersetLossConfig, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T1, T2) [R, C] of R images against C captions under ``cfg`` (zeros for a term switched off)."""
     scale = region_scale(region_valid, cfg, phi.dtype)
+    mdt = mp.operand_dtype(cfg.matmul_precision, "loss.powerset.matmul_precision")
     if cfg.exact:
+        if mdt is not None:
+            raise ValueError("loss.powerset.exact is the full-precision reference: it takes "
+                             f"loss.powerset.matmul_precision=fp32, not {cfg.matmul_precision!r}")
         t1, t2 = exact_pair_terms(phi, region_valid, scale, p, phrase_valid, cfg.singletons_only,
                                   cfg.memory_budget_mb, chunk)
         if not cfg.use_t1:
@@ -83,7 +88,7 @@ def pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, p
             t2 = torch.zeros_like(t2)
         return t1, t2
     return nla_pair_terms(phi, region_valid, scale, p, phrase_valid, cfg.tau, cfg.zeta, cfg.use_t1,
-                          cfg.use_t2, cfg.singletons_only, cfg.memory_budget_mb, chunk)
+                          cfg.use_t2, cfg.singletons_only, cfg.memory_budget_mb, chunk, mdt)
 
 
 def pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tensor, phrase_valid: torch.Tensor,
@@ -95,8 +100,9 @@ def pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, p: torch.Tens
     """
     if not cfg.exact and not cfg.singletons_only:
         scale = region_scale(region_valid, cfg, phi.dtype)
+        mdt = mp.operand_dtype(cfg.matmul_precision, "loss.powerset.matmul_precision")
         return nla_pair_terms_diag(phi, region_valid, scale, p, phrase_valid, cfg.tau, cfg.zeta, cfg.use_t1,
-                                   cfg.use_t2)
+                                   cfg.use_t2, mdt)
     parts = [pair_terms(phi[i:i + 1], region_valid[i:i + 1], p[i:i + 1], phrase_valid[i:i + 1], cfg)
              for i in range(phi.shape[0])]
     return torch.cat([a.reshape(1) for a, _ in parts]), torch.cat([b.reshape(1) for _, b in parts])
@@ -225,7 +231,8 @@ def powerset_loss_from_embeddings(phi: torch.Tensor, region_valid: torch.Tensor,
     ``gather_dtype``: dtype in which they cross ranks (None: the compute dtype). ``per_rank``: every
     rank's [batch size, phrase count] when the caller already exchanged them (None: exchanged here).
 
-    Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors.
+    Autocast is switched off inside: s/tau ~ 1e3 magnifies half-precision matmul errors, so only the
+    score matmuls' operands may be rounded, by the explicit ``cfg.matmul_precision`` (activations fp32).
     """
     with autocast_off(phi.device):
         return _loss(phi, region_valid, p, phrase_valid, cfg, chunk, gather_dtype, per_rank)

@@ -38,6 +38,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from powerclip.losses import matmul_precision as mp
 from powerclip.losses.powerset_embed import autocast_off
 
 _LOG2 = math.log(2.0)
@@ -65,10 +66,11 @@ class _AbsLogSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, phi: torch.Tensor, p: torch.Tensor, v: torch.Tensor, tau: float):
+    def forward(ctx, phi: torch.Tensor, p: torch.Tensor, v: torch.Tensor, tau: float,
+                mdt: torch.dtype | None = None):
         r, m, d = phi.shape
         c, k, _ = p.shape
-        s = (phi.reshape(r * m, d) @ p.reshape(c * k, d).T).view(r, m, c * k)
+        s = mp.mm(phi.reshape(r * m, d), p.reshape(c * k, d).T, mdt).view(r, m, c * k)
         a = s.abs_()  # s itself is not needed any more: reuse its memory
         lam = a.mul(-1.0 / tau).exp_().log1p_().mul_(tau)
         vb = v[:, None, :]  # [R, 1, M]
@@ -76,7 +78,7 @@ class _AbsLogSums(torch.autograd.Function):
         del a
         lam_sum = torch.bmm(vb, lam).view(r, c, k)
         ctx.save_for_backward(phi, p, v)
-        ctx.tau = tau
+        ctx.tau, ctx.mdt = tau, mdt
         return a_sum, lam_sum
 
     @staticmethod
@@ -84,7 +86,7 @@ class _AbsLogSums(torch.autograd.Function):
         phi, p, v = ctx.saved_tensors
         tau = ctx.tau
         if g_a is None and g_lam is None:
-            return None, None, None, None
+            return None, None, None, None, None
         with autocast_off(phi.device):  # s/tau ~ 1e3: never in half
             return _AbsLogSums._grads(ctx, phi, p, v, tau, g_a, g_lam)
 
@@ -92,7 +94,8 @@ class _AbsLogSums(torch.autograd.Function):
     def _grads(ctx, phi, p, v, tau, g_a, g_lam):
         r, m, d = phi.shape
         c, k, _ = p.shape
-        s = (phi.reshape(r * m, d) @ p.reshape(c * k, d).T).view(r, m, c * k)
+        mdt = ctx.mdt  # the forward's operand precision: the same s, so the same signs
+        s = mp.mm(phi.reshape(r * m, d), p.reshape(c * k, d).T, mdt).view(r, m, c * k)
         sign = s.sign()
         q = s.abs_().mul_(-1.0 / tau).sigmoid_()  # sigmoid(-|s|/tau)
         if g_lam is not None:
@@ -104,19 +107,19 @@ class _AbsLogSums(torch.autograd.Function):
         ds = q.mul_(sign).mul_(v[:, :, None])  # [R, M, C*K]
         del sign
         ds2 = ds.view(r * m, c * k)
-        g_phi = (ds2 @ p.reshape(c * k, d)).view(r, m, d) if ctx.needs_input_grad[0] else None
-        g_p = (ds2.T @ phi.reshape(r * m, d)).view(c, k, d) if ctx.needs_input_grad[1] else None
-        return g_phi, g_p, None, None
+        g_phi = mp.mm(ds2, p.reshape(c * k, d), mdt).view(r, m, d) if ctx.needs_input_grad[0] else None
+        g_p = mp.mm(ds2.T, phi.reshape(r * m, d), mdt).view(c, k, d) if ctx.needs_input_grad[1] else None
+        return g_phi, g_p, None, None, None
 
 
 def _nla_chunk(phi_s: torch.Tensor, region_sum: torch.Tensor, n_regions: torch.Tensor, v: torch.Tensor,
                p: torch.Tensor, u: torch.Tensor, tau: float, zeta: float,
-               use_t1: bool, use_t2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               use_t1: bool, use_t2: bool, mdt: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """T1, T2 [R, c] for one column chunk (see module docstring for the algebra)."""
     r = phi_s.shape[0]
     c, k, d = p.shape
-    s_sum = (region_sum @ p.reshape(c * k, d).T).view(r, c, k)  # S = sum_m v s
-    a_sum, lam_sum = _AbsLogSums.apply(phi_s, p, v, tau)
+    s_sum = mp.mm(region_sum, p.reshape(c * k, d).T, mdt).view(r, c, k)  # S = sum_m v s
+    a_sum, lam_sum = _AbsLogSums.apply(phi_s, p, v, tau, mdt)
     kc = u.sum(-1).to(phi_s.dtype)  # [c]
     uf = u.to(phi_s.dtype)
     zero = phi_s.new_zeros(r, c)
@@ -138,11 +141,11 @@ def _masked_lse(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _single_chunk(phi_s: torch.Tensor, v: torch.Tensor, p: torch.Tensor, u: torch.Tensor, tau: float,
-                  use_t1: bool, use_t2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  use_t1: bool, use_t2: bool, mdt: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Singletons-only T1, T2 [R, c] for one column chunk (plain autograd)."""
     r, m, d = phi_s.shape
     c, k, _ = p.shape
-    s = (phi_s.reshape(r * m, d) @ p.reshape(c * k, d).T).view(r, m, c, k) / tau
+    s = mp.mm(phi_s.reshape(r * m, d), p.reshape(c * k, d).T, mdt).view(r, m, c, k) / tau
     vm = v.bool()[:, :, None, None]
     um = u[None, None]
     kc = u.sum(-1).to(s.dtype)
@@ -162,7 +165,8 @@ def _single_chunk(phi_s: torch.Tensor, v: torch.Tensor, p: torch.Tensor, u: torc
 def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: torch.Tensor,
                    p: torch.Tensor, phrase_valid: torch.Tensor, tau: float, zeta: float,
                    use_t1: bool = True, use_t2: bool = True, singletons_only: bool = False,
-                   memory_budget_mb: float = 512.0, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   memory_budget_mb: float = 512.0, chunk: int | None = None,
+                   matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLA-T1 and NLA-T2 [R, C] of R images against C captions (zeros for a switched-off term).
 
     phi [R, M, D] region embeddings, region_valid [R, M] bool, region_scale [R] (the 1/M factor),
@@ -170,7 +174,7 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
     Inputs are computed in their own dtype (the caller casts to fp32/fp64). ``chunk`` overrides
     the number of columns per chunk derived from ``memory_budget_mb``; when even one column of all
     R rows exceeds the budget (many rows, e.g. accumulated micro-batches), the rows are chunked too,
-    down to one row.
+    down to one row. ``matmul_dtype``: operand dtype of the score matmuls (losses/matmul_precision.py).
     """
     r, m, d = phi.shape
     c, k, _ = p.shape
@@ -184,7 +188,8 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
     rows_fit = column_chunk(1, r, m * k, live, phi.element_size(), memory_budget_mb)  # rows x 1 column
     if chunk is None and rows_fit < r:  # not even one column of all rows fits: chunk the rows too
         parts = [nla_pair_terms(phi[i:i + rows_fit], region_valid[i:i + rows_fit], region_scale[i:i + rows_fit],
-                                p, phrase_valid, tau, zeta, use_t1, use_t2, singletons_only, memory_budget_mb)
+                                p, phrase_valid, tau, zeta, use_t1, use_t2, singletons_only, memory_budget_mb,
+                                matmul_dtype=matmul_dtype)
                  for i in range(0, r, rows_fit)]
         return torch.cat([a for a, _ in parts], dim=0), torch.cat([b for _, b in parts], dim=0)
     step = chunk or column_chunk(r, c, m * k, live, phi.element_size(), memory_budget_mb)
@@ -193,14 +198,14 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
         recompute = torch.is_grad_enabled() and (phi.requires_grad or p.requires_grad) and step < c
         parts = []
         for start in range(0, c, step):
-            args = (phi_s, v, p[start:start + step], u[start:start + step], tau, use_t1, use_t2)
+            args = (phi_s, v, p[start:start + step], u[start:start + step], tau, use_t1, use_t2, matmul_dtype)
             parts.append(checkpoint(_single_chunk, *args, use_reentrant=False) if recompute
                          else _single_chunk(*args))
     else:
         region_sum = phi_s.sum(1)  # [R, D]
         n_regions = v.sum(1)
         parts = [_nla_chunk(phi_s, region_sum, n_regions, v, p[start:start + step], u[start:start + step],
-                            tau, zeta, use_t1, use_t2) for start in range(0, c, step)]
+                            tau, zeta, use_t1, use_t2, matmul_dtype) for start in range(0, c, step)]
     t1 = torch.cat([a for a, _ in parts], dim=1)
     t2 = torch.cat([b for _, b in parts], dim=1)
     return t1, t2
@@ -208,7 +213,8 @@ def nla_pair_terms(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: 
 
 def nla_pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, region_scale: torch.Tensor,
                         p: torch.Tensor, phrase_valid: torch.Tensor, tau: float, zeta: float,
-                        use_t1: bool = True, use_t2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        use_t1: bool = True, use_t2: bool = True,
+                        matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLA-T1 and NLA-T2 [B] of the B matched pairs (image i, caption i) only.
 
     A negative pool scores each row's positive separately from the pool: computing the whole own
@@ -218,7 +224,7 @@ def nla_pair_terms_diag(phi: torch.Tensor, region_valid: torch.Tensor, region_sc
     v = region_valid.to(phi.dtype)
     phi_s = phi * (region_scale.to(phi.dtype)[:, None, None] * v[..., None])
     u = phrase_valid.bool()
-    s = torch.einsum("bmd,bkd->bmk", phi_s, p)
+    s = mp.einsum("bmd,bkd->bmk", phi_s, p, matmul_dtype)
     a = s.abs()
     lam = tau * torch.log1p(torch.exp(-a / tau))
     vm = v[:, :, None]
