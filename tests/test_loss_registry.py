@@ -5,6 +5,7 @@ and the benchmark's term list come from the declarations."""
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_toy_term_from_this_module_trains_a_step(tmp_path: Path):
 def test_toy_section_is_a_checked_config_key(toy):
     cfg = load_config(None, MODEL + ["loss.toy.weight=0.25"])
     assert cfg.loss.toy == ToyLossConfig(weight=0.25)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # e.g. handed to a spawned process
     with pytest.raises(ConfigError, match="loss.toy.weight must be >= 0"):
         load_config(None, MODEL + ["loss.toy.weight=-1"])
     with pytest.raises(ConfigError, match="loss.toy.nope"):

@@ -217,4 +217,8 @@ def loss_config_type() -> type:
              if t.section is not None and t.section not in own and t.config is not None]
     if not extra:
         return LossConfig
-    return make_dataclass("LossConfig", extra, bases=(LossConfig,), namespace={"__module__": __name__})
+    # a module-level name, so configs holding it pickle in any process that registered the same terms
+    name = "LossConfig_" + "_".join(section for section, _, _ in extra)
+    cls = make_dataclass(name, extra, bases=(LossConfig,), namespace={"__module__": __name__})
+    globals()[name] = cls
+    return cls
