@@ -324,7 +324,9 @@ def validate(cfg: Config) -> Config:
               "checkpoint.every_minutes", "loss.global_weight", "loss.powerset.weight",
               "loss.concept.npc_weight", "loss.concept.xac_weight", "loss.degla.base_weight",
               "loss.degla.igc_weight", "loss.degla.tgc_weight", "loss.degla.distill_weight"]
-    for key in nonneg:
+    from powerclip.losses.registry import weight_keys
+
+    for key in dict.fromkeys(nonneg + weight_keys(cfg.loss)):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
@@ -444,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Values of overrides are parsed as YAML, so ``optim.lr=1e-4``, ``data.sources=[{shards: x}]`` and
     ``model.pretrained=null`` work. Every failure names the key.
     """
-    schema = OmegaConf.structured(Config)
+    schema = OmegaConf.structured(_default_config())
     try:
         layers = [schema]
         if path is not None:
@@ -471,6 +473,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = getattr(e, "full_key", None)
         raise ConfigError(f"bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
     return validate(cfg)
+
+
+def _default_config() -> Config:
+    """The defaults, with a ``loss.<section>`` for every registered loss term that brings its own."""
+    from powerclip.losses.registry import loss_config_type
+
+    return Config(loss=loss_config_type()())
 
 
 def _prefix_ok(schema: DictConfig, key: str) -> bool:

@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from powerclip import distributed as pdist  # noqa: E402
-from powerclip.config import ConceptLossConfig, DeglaLossConfig, PowersetLossConfig  # noqa: E402
+from powerclip.config import ConceptLossConfig, DeglaLossConfig, LossConfig, PowersetLossConfig  # noqa: E402
 from powerclip.data.batch import Batch  # noqa: E402
 from powerclip.losses.concept import _with_own_block, contrast  # noqa: E402
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired  # noqa: E402
@@ -42,6 +42,7 @@ from powerclip.losses.degla import caption_logits, degla_losses  # noqa: E402
 from powerclip.losses.global_loss import clip_loss  # noqa: E402
 from powerclip.losses.pool import PoolSpec, parse_pool  # noqa: E402
 from powerclip.losses.powerset import powerset_loss_from_embeddings  # noqa: E402
+from powerclip.losses.registry import all_terms  # noqa: E402
 from powerclip.model.features import Features  # noqa: E402
 
 WORLDS = (1, 8, 64, 256, 1024)
@@ -265,9 +266,12 @@ def run(s: Shapes, pools: dict[str, str], worlds: tuple[int, ...] = WORLDS,
     return out
 
 
-DEFAULT_POOLS = {"powerset": PowersetLossConfig().negative_pool, "concept": ConceptLossConfig().negative_pool,
-                 "degla": DeglaLossConfig().negative_pool}
-ALL_POOLS = {"powerset": "all", "concept": "all", "degla": "all"}
+# objective term -> the loss section whose negative pool it runs under, for every registered term
+# that has one (powerclip.losses.registry), and each such section's default pool
+POOL_SECTION = {name: t.section for t in all_terms() if hasattr(t.settings(LossConfig()), "negative_pool")
+                for name in t.weight_fields()}
+DEFAULT_POOLS = {sec: getattr(LossConfig(), sec).negative_pool for sec in dict.fromkeys(POOL_SECTION.values())}
+ALL_POOLS = dict.fromkeys(DEFAULT_POOLS, "all")
 
 
 def table(s: Shapes, results: dict[str, dict[str, dict[int, tuple[int, int]]]], worlds: tuple[int, ...]) -> str:
@@ -277,8 +281,8 @@ def table(s: Shapes, results: dict[str, dict[str, dict[int, tuple[int, int]]]], 
     for pools_name, res in results.items():
         for term, by_w in res.items():
             pools = ALL_POOLS if pools_name == "all" else DEFAULT_POOLS
-            key = "powerset" if term == "powerset" else "degla" if term.startswith("degla") else "concept"
-            pool = "all" if term.startswith("clip") or term == DEGLA_GLOBAL else f"`{pools[key]}`"
+            section = "degla" if term.startswith("degla") else POOL_SECTION[term]
+            pool = "all" if term.startswith("clip") or term == DEGLA_GLOBAL else f"`{pools[section]}`"
             cells = []
             for w in worlds:
                 if w not in by_w:

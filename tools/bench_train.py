@@ -63,14 +63,18 @@ QUICK = dict(width=64, layers=2, image_size=32, patch_size=8, context_length=32,
              batch_size=8, steps=5, warmup=2, repeats=1, shard_batch=4, shard_steps=4,
              term_batch=8, term_steps=4, term_warmup=1, zero_batch=4, loader_samples=32)
 
-# Compositional terms (paper recipes, scaled): name -> (config overrides, batch fields it reads)
-TERMS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "clip": ([], ()),
-    "powerset": (["loss.powerset.weight=0.2"], ("phrase_tokens", "phrase_valid", "region_masks", "region_valid")),
-    "concept_npc": (["loss.concept.npc_weight=1.0"], ("concept_text", "concept_owner", "concept_ids")),
-    "concept_xac": (["loss.concept.xac_weight=1.0"], ("concept_text", "concept_owner", "concept_ids")),
-    "degla": (["loss.degla.enabled=true"], ("neg_text", "neg_valid")),
-}
+
+def bench_terms() -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """Part 2's configs: the CLIP-only baseline, then every way of switching on each registered loss
+    term (powerclip.losses.registry), by name -> (config overrides, batch fields it reads)."""
+    from powerclip.losses.registry import all_terms
+
+    out: dict[str, tuple[list[str], tuple[str, ...]]] = {"clip": ([], ())}
+    for term in all_terms():
+        out.update({name: (overrides, term.batch_fields) for name, overrides in term.variants().items()})
+    return out
+
+
 ALWAYS_FIELDS = ("keys", "images", "text", "token_valid", "meta")
 # powerclip's two CPU-step settings that open_clip_train lacks, turned off for a like-for-like step:
 # torch's per-parameter AdamW loop (what open_clip_train runs) and glibc's default trimming
@@ -411,10 +415,11 @@ def child_terms(s: dict[str, Any]) -> None:
     steps = s["term_steps"] + 1
     out: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
-    names = [n for n in TERMS if n in s["terms"]]
+    terms = bench_terms()
+    names = [n for n in terms if n in s["terms"]]
     for r in range(s["repeats"]):
         for name in names:
-            extra, needs = TERMS[name]
+            extra, needs = terms[name]
             keep = set(ALWAYS_FIELDS) | set(needs)
 
             def strip(batch, keep=keep):
@@ -558,7 +563,7 @@ def part_shards(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def part_terms(s: dict[str, Any]) -> dict[str, Any]:
-    res = run_child("terms", {**s, "shards": make_shards(s), "terms": s.get("terms") or list(TERMS)})[0]
+    res = run_child("terms", {**s, "shards": make_shards(s), "terms": s.get("terms") or list(bench_terms())})[0]
     best = {k: min(v) for k, v in res["medians"].items()}
     cpu = {k: min(v) for k, v in res["cpu"].items()}
     return {"best_s": best, "shapes": res["shapes"], "cpu_s": cpu,
@@ -757,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="part 1 without its 2-rank shard run (one GPU cannot hold two NCCL ranks)")
     ap.add_argument("--no-stock", action="store_true",
                     help="part 1 without the stock-settings powerclip run (its two settings are CPU-only)")
-    ap.add_argument("--terms", default=None, help=f"comma list of part 2 configs (default all: {','.join(TERMS)})")
+    ap.add_argument("--terms", default=None, help="comma list of part 2 configs (default: clip and every registered loss term)")
     ap.add_argument("--term-steps", type=int, default=None, help="timed steps per part 2 config")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
@@ -783,8 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     s.update(quick=a.quick, profile=a.profile, device=a.device, precision=a.precision, threads=a.threads,
              model_name=a.model_name, peak_tflops=a.peak_tflops, workers=a.workers, stock=not a.no_stock,
              terms=[x for x in (a.terms or "").split(",") if x.strip()] or None, zero_stages=[int(x) for x in a.zero_stages.split(",") if x.strip()])
-    if s["terms"] and ("clip" not in s["terms"] or set(s["terms"]) - set(TERMS)):
-        ap.error(f"--terms must name 'clip' (the baseline) and only configs of {','.join(TERMS)}")
+    if s["terms"] and ("clip" not in s["terms"] or set(s["terms"]) - set(bench_terms())):
+        ap.error(f"--terms must name 'clip' (the baseline) and only configs of {','.join(bench_terms())}")
     parts = {int(x) for x in a.parts.split(",") if x.strip()}
     t0 = time.time()
     info = machine()

@@ -1,12 +1,12 @@
 """Sum the loss terms a config switches on, with their weights, and hand every term to the logger.
 
-Contract with the term modules: each returns UNWEIGHTED terms by name. The composer knows which
-names are objective terms and which weight applies (``weight_table``); any other returned entry is
-a diagnostic (e.g. ``concept_diag_*``) that is logged but never added to the total.
+Contract with the term modules (``powerclip.losses.registry``): each declares its objective terms and
+their weight fields, and returns UNWEIGHTED values by name. The composer sums the declared objective
+terms times their weights (``weight_table``); any other returned entry is a diagnostic (e.g.
+``concept_diag_*``) that is logged but never added to the total.
 
-Term modules are written by different people and imported lazily inside their branch, so a
-missing or broken optional module only fails a run that switches that term on, with an error
-that names the config key.
+The package's term modules are imported only when the config switches their section on, so a missing
+or broken optional module only fails a run that uses it, with an error that names the config key.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from powerclip import distributed as pdist
 from powerclip.config import Config, LossConfig
 from powerclip.data.batch import Batch
-from powerclip.losses.global_loss import global_loss
+from powerclip.losses import registry
+from powerclip.losses.registry import LossContext, LossTerm
 from powerclip.model.features import Features
 
 
@@ -27,57 +28,66 @@ def _loss_cfg(cfg: Config | LossConfig) -> LossConfig:
     return cfg.loss if isinstance(cfg, Config) else cfg
 
 
-def needs_dense(cfg: Config | LossConfig) -> bool:
-    """Whether the model must produce patch/token embeddings: powerset (both) and XAC (patches)."""
-    lc = _loss_cfg(cfg)
-    return lc.powerset.weight > 0 or lc.concept.xac_weight > 0
-
-
-def needs_teacher(cfg: Config | LossConfig) -> bool:
-    """Whether the EMA teacher must run: DeGLA's TGC and distillation read its features."""
-    lc = _loss_cfg(cfg)
-    return lc.degla.enabled and (lc.degla.tgc_weight > 0 or lc.degla.distill_weight > 0)
-
-
-def weight_table(cfg: Config | LossConfig) -> dict[str, float]:
-    """Objective term name -> weight, for the terms this config switches on."""
-    lc = _loss_cfg(cfg)
-    table: dict[str, float] = {}
-    if lc.degla.enabled:
-        table.update(degla_base=lc.degla.base_weight, degla_igc=lc.degla.igc_weight,
-                     degla_tgc=lc.degla.tgc_weight, degla_distill=lc.degla.distill_weight)
-    else:
-        table[lc.global_loss] = lc.global_weight
-    if lc.powerset.weight > 0:
-        table["powerset"] = lc.powerset.weight
-    if lc.concept.npc_weight > 0:
-        table["concept_npc"] = lc.concept.npc_weight
-    if lc.concept.xac_weight > 0:
-        table["concept_xac"] = lc.concept.xac_weight
-    return table
-
-
 def _term_fn(module: str, name: str, switch: str) -> Any:
-    """Import a term function lazily; fail with the config key that asked for it."""
+    """Import a term module's attribute lazily; fail with the config key that asked for it."""
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise RuntimeError(f"{switch} is switched on but {module}.{name} is not available: {e}") from e
 
 
-def _shared_sizes(features: Features, batch: Batch, lc: LossConfig) -> list[list[int]] | None:
-    """Every rank's [images, phrases, concept rows, concept width] in ONE exchange when both the
-    powerset and the concept terms need sizes from the other ranks: reading an exchanged size on the
-    host waits for the GPU, so the two terms share one instead of making one each. None: each term
-    exchanges (or checks) on its own, e.g. when a field is missing and the term raises its own error.
+def active_terms(cfg: Config | LossConfig) -> list[LossTerm]:
+    """The registered terms this config switches on, in the order they enter the total."""
+    lc = _loss_cfg(cfg)
+    for module, section in registry.BUILTIN.items():
+        switch = registry.section_switch(lc, section)
+        if switch is not None:
+            _term_fn(module, "LOSS_TERM", switch)  # importing it registers it
+    on = [t for t in registry.registered() if t.is_on(lc)]
+    replaced = {name for t in on for name in t.replaces}
+    return [t for t in on if t.name not in replaced]
+
+
+def weight_table(cfg: Config | LossConfig) -> dict[str, float]:
+    """Objective term name -> weight, for the terms this config switches on."""
+    lc = _loss_cfg(cfg)
+    return {name: w for t in active_terms(lc) for name, w in t.weight_table(lc).items()}
+
+
+def needs(cfg: Config | LossConfig) -> set[str]:
+    """What the switched-on objective terms with a weight > 0 need (``registry.NEEDS`` entries)."""
+    lc = _loss_cfg(cfg)
+    return {need for t in active_terms(lc) for name, w in t.weight_table(lc).items() if w > 0
+            for need in t.needs.get(name, ())}
+
+
+def needs_dense(cfg: Config | LossConfig) -> bool:
+    """Whether the model must produce patch/token embeddings (e.g. powerset: both, XAC: patches)."""
+    return bool(needs(cfg) & {"patches", "tokens"})
+
+
+def needs_teacher(cfg: Config | LossConfig) -> bool:
+    """Whether the EMA teacher must run (e.g. DeGLA's TGC and distillation read its features)."""
+    return "teacher" in needs(cfg)
+
+
+def _shared_sizes(features: Features, batch: Batch, terms: list[LossTerm]) -> dict[str, list[list[int]]]:
+    """Every rank's sizes for every term that declares some, in ONE exchange when two or more terms
+    need them (e.g. powerset and concept): reading an exchanged size on the host waits for the GPU,
+    so the terms share one instead of making one each. Empty: each term exchanges (or checks) on its
+    own, e.g. when a field is missing and the term raises its own error.
     """
-    concept_on = lc.concept.npc_weight > 0 or lc.concept.xac_weight > 0
-    if not (pdist.is_distributed() and lc.powerset.weight > 0 and concept_on):
-        return None
-    c = features.concepts
-    if c is None or c.dim() != 2 or batch.phrase_tokens is None or batch.concept_owner is None:
-        return None
-    return pdist.gather_ints([features.image.shape[0], batch.phrase_tokens.shape[1], c.shape[0], c.shape[1]])
+    if not pdist.is_distributed():
+        return {}
+    asks = [(t.name, t.sizes(features, batch)) for t in terms if t.sizes is not None]
+    if len(asks) < 2 or any(sizes is None for _, sizes in asks):
+        return {}
+    rows = pdist.gather_ints([v for _, sizes in asks for v in sizes])
+    out, at = {}, 0
+    for name, sizes in asks:
+        out[name] = [r[at:at + len(sizes)] for r in rows]
+        at += len(sizes)
+    return out
 
 
 def compose_losses(features: Features, batch: Batch, cfg: Config | LossConfig,
@@ -87,22 +97,15 @@ def compose_losses(features: Features, batch: Batch, cfg: Config | LossConfig,
     The total is what the engine back-propagates; the dict is what TensorBoard logs as loss/<name>.
     """
     lc = _loss_cfg(cfg)
+    active = active_terms(lc)
+    shared = _shared_sizes(features, batch, active)
     terms: dict[str, torch.Tensor] = {}
-    if lc.degla.enabled:
-        fn = _term_fn("powerclip.losses.degla", "degla_losses", "loss.degla.enabled")
-        terms.update(fn(features, teacher_features, batch, lc.degla))
-    else:
-        terms[lc.global_loss] = global_loss(features, lc.global_loss)
-    shared = _shared_sizes(features, batch, lc)
-    if lc.powerset.weight > 0:
-        fn = _term_fn("powerclip.losses.powerset", "powerset_loss", "loss.powerset.weight > 0")
-        terms.update(fn(features, batch, lc.powerset, per_rank=shared and [r[:2] for r in shared]))
-    if lc.concept.npc_weight > 0 or lc.concept.xac_weight > 0:
-        fn = _term_fn("powerclip.losses.concept", "concept_losses", "loss.concept.npc_weight/xac_weight > 0")
-        terms.update(fn(features, batch, lc.concept, global_loss=lc.global_loss,
-                        per_rank=shared and [[r[0], r[2], r[3]] for r in shared]))
+    weights: dict[str, float] = {}
+    for t in active:
+        ctx = LossContext(global_loss=lc.global_loss, teacher=teacher_features, sizes=shared.get(t.name))
+        terms.update(t.compute(features, batch, t.settings(lc), ctx))
+        weights.update(t.weight_table(lc))
 
-    weights = weight_table(lc)
     missing = [name for name in weights if name not in terms]
     if missing:
         raise RuntimeError(f"loss terms {missing} are weighted by the config but no term module returned them "

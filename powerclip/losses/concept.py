@@ -60,6 +60,7 @@ from powerclip.data.batch import Batch
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired
 from powerclip.losses.matmul_precision import operand_dtype
 from powerclip.losses.pool import parse_pool, sample_members, to_device
+from powerclip.losses.registry import LossContext, LossTerm, register
 from powerclip.model.features import Features
 
 TERMS = ("concept_npc", "concept_xac")
@@ -297,3 +298,22 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
     out["concept_diag_positives_per_image"] = (n_pos / max(g.num_images, 1)).float()
     out["concept_diag_false_negative_share"] = ((n_pos - n_own) / n_pos.clamp_min(1.0)).float()
     return out
+
+
+def _term(features: Features, batch: Batch, cfg: ConceptLossConfig, ctx: LossContext) -> dict[str, torch.Tensor]:
+    return concept_losses(features, batch, cfg, global_loss=ctx.global_loss, per_rank=ctx.sizes)
+
+
+def _sizes(features: Features, batch: Batch) -> list[int] | None:
+    """[images, concept rows, embedding width]: gather_concepts's per_rank row."""
+    c = features.concepts
+    if c is None or c.dim() != 2 or batch.concept_owner is None:
+        return None
+    return [features.image.shape[0], c.shape[0], c.shape[1]]
+
+
+LOSS_TERM = register(LossTerm(
+    name="concept", compute=_term, section="concept",
+    weights={"concept_npc": "npc_weight", "concept_xac": "xac_weight"},
+    needs={"concept_xac": ("patches",)}, sizes=_sizes,
+    batch_fields=("concept_text", "concept_owner", "concept_ids")))

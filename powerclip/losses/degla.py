@@ -34,6 +34,7 @@ from powerclip import distributed as pdist
 from powerclip.config import DeglaLossConfig
 from powerclip.data.batch import Batch
 from powerclip.losses.pool import PoolSpec, members_per_rank, parse_pool, sample_members, to_device
+from powerclip.losses.registry import LossContext, LossTerm, register
 from powerclip.model.features import Features
 
 TERMS = ("degla_base", "degla_igc", "degla_tgc", "degla_distill")
@@ -179,3 +180,15 @@ def degla_losses(student: Features, teacher: Features | None, batch: Batch,
     count_global = pdist.all_reduce_sum(count_local)
     out["degla_distill"] = sq * pdist.world_size() / count_global.squeeze(0)
     return out
+
+
+def _term(features: Features, batch: Batch, cfg: DeglaLossConfig, ctx: LossContext) -> dict[str, torch.Tensor]:
+    return degla_losses(features, ctx.teacher, batch, cfg)
+
+
+# the DeGLA stage: NegCLIP replaces the global loss; TGC and distillation read the EMA teacher
+LOSS_TERM = register(LossTerm(
+    name="degla", compute=_term, section="degla", switch="enabled", replaces=("global",),
+    weights={"degla_base": "base_weight", "degla_igc": "igc_weight", "degla_tgc": "tgc_weight",
+             "degla_distill": "distill_weight"},
+    needs={"degla_tgc": ("teacher",), "degla_distill": ("teacher",)}, batch_fields=("neg_text", "neg_valid")))

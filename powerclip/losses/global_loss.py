@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from powerclip import distributed as pdist
+from powerclip.config import LossConfig
+from powerclip.data.batch import Batch
+from powerclip.losses.registry import LossContext, LossTerm, register
 from powerclip.model.features import Features
 
 
@@ -72,3 +75,12 @@ def global_loss(features: Features, kind: str = "clip") -> torch.Tensor:
             raise ValueError("loss.global_loss=siglip needs a logit bias: set model.init_logit_bias (e.g. -10)")
         return siglip_loss(features.image, features.text, features.logit_scale, features.logit_bias)
     raise ValueError(f"loss.global_loss={kind!r} is not one of ('clip', 'siglip')")
+
+
+def _term(features: Features, batch: Batch, cfg: LossConfig, ctx: LossContext) -> dict[str, torch.Tensor]:
+    return {cfg.global_loss: global_loss(features, cfg.global_loss)}
+
+
+# the base objective of every run, named by loss.global_loss and weighted by loss.global_weight
+LOSS_TERM = register(LossTerm(name="global", compute=_term, always_on=True,
+                              weights=lambda lc: {lc.global_loss: lc.global_weight}))

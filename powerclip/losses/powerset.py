@@ -57,6 +57,7 @@ from powerclip.losses.pool import members_per_rank, parse_pool, sample_members, 
 from powerclip.losses.powerset_embed import autocast_off, compute_dtype, phrase_embeddings, region_embeddings
 from powerclip.losses.powerset_exact import exact_pair_terms
 from powerclip.losses.powerset_nla import nla_pair_terms, nla_pair_terms_diag
+from powerclip.losses.registry import LossContext, LossTerm, register
 from powerclip.model.features import Features
 
 TERMS = ("powerset", "powerset_i2t", "powerset_t2i", "powerset_t1_pos", "powerset_t2_pos",
@@ -321,3 +322,18 @@ def run_gather_dtype(run_dtype: torch.dtype, cfg: PowersetLossConfig) -> torch.d
     if cfg.gather_precision == "run" and run_dtype in (torch.bfloat16, torch.float16):
         return run_dtype
     return None
+
+
+def _term(features: Features, batch: Batch, cfg: PowersetLossConfig, ctx: LossContext) -> dict[str, torch.Tensor]:
+    return powerset_loss(features, batch, cfg, per_rank=ctx.sizes)
+
+
+def _sizes(features: Features, batch: Batch) -> list[int] | None:
+    """[batch size, phrase count]: powerset_loss's per_rank row."""
+    return None if batch.phrase_tokens is None else [features.image.shape[0], batch.phrase_tokens.shape[1]]
+
+
+LOSS_TERM = register(LossTerm(
+    name="powerset", compute=_term, section="powerset", weights={"powerset": "weight"},
+    needs={"powerset": ("patches", "tokens")}, sizes=_sizes,
+    batch_fields=("region_masks", "region_valid", "phrase_tokens", "phrase_valid", "token_valid")))
