@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from powerclip.atomic import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending dotted key."""
@@ -178,8 +180,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables
-    # torch's fused AdamW kernel (CPU and CUDA): on CPU ~5x faster than the per-parameter loop that
-    # torch.optim.AdamW (and so open_clip_train) runs by default, same update up to rounding
+    # torch's fused AdamW kernel (CPU and CUDA): one kernel over all parameters instead of the
+    # per-parameter loop that torch.optim.AdamW (and so open_clip_train) runs by default, same update
+    # up to rounding (tools/bench_train.py measures both)
     fused: bool = True
 
 
@@ -199,7 +202,7 @@ class TrainConfig:
     # data.batch_size x ranks x accum_steps as configured.
     keep_global_batch: bool = True
     # CPU runs only: glibc keeps freed memory mapped between steps instead of returning it to the
-    # kernel and page-faulting it back in (powerclip/train/host_memory.py; ~9% of a CPU step)
+    # kernel and page-faulting it back in (powerclip/train/host_memory.py; tools/bench_train.py measures the cost)
     keep_freed_host_memory: bool = True
     # Timeout of the process group: the rendezvous and every collective. A rank that cannot reach
     # MASTER_ADDR:MASTER_PORT, or a peer that died, fails the job after this long instead of hanging
@@ -462,7 +465,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             key, value = item.split("=", 1)
-            if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _prefix_ok(schema, key):
+            if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _prefix_ok(key):
                 raise ConfigError(f"unknown config key {key!r}")
             override = OmegaConf.create()
             OmegaConf.update(override, key, yaml.safe_load(value), force_add=True)
@@ -482,19 +485,13 @@ def _default_config() -> Config:
     return Config(loss=loss_config_type()())
 
 
-def _prefix_ok(schema: DictConfig, key: str) -> bool:
+def _prefix_ok(key: str) -> bool:
     """Keys inside free-form dicts (model.config.*, train.deepspeed.*) are allowed."""
     return any(key.startswith(p + ".") for p in ("model.config", "train.deepspeed", "slurm.extra"))
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    assert isinstance(out, dict)
-    return out
 
 
 def config_hash(cfg: Config) -> str:
@@ -505,7 +502,4 @@ def config_hash(cfg: Config) -> str:
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, to_yaml(cfg))
