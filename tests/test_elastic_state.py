@@ -25,14 +25,14 @@ def _cfg(root: str, stage: int):
 
 
 def _engine(cfg, world: int):
+    from powerclip.checkpoints.codec import install_safe_checkpoint_engine
     from powerclip.model.factory import create_model
-    from powerclip.train import checkpoint as ckpt
     from powerclip.train.engine import build_engine
     from powerclip.train.loop import seed_all
 
     seed_all(cfg.train.seed)
     engine, sched = build_engine(cfg, create_model(cfg.model), world)
-    ckpt.install_safe_checkpoint_engine(engine)
+    install_safe_checkpoint_engine(engine)
     engine.train()
     return engine, sched
 

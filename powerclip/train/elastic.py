@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerclip.train.checkpoint import SafeCheckpointEngine, decode
+from powerclip.checkpoints.codec import SafeCheckpointEngine, decode
+from powerclip.checkpoints.layout import model_states_file
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ def _optim_files(tag_dir: Path) -> list[Path]:
     if ranks != list(range(len(ranks))):
         raise ElasticError(f"{tag_dir}: optimizer state files of ranks {ranks}; expected 0..{len(ranks) - 1}")
     return files
-
-
-def model_states_file(tag_dir: Path) -> Path:
-    stage3 = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    return stage3 if stage3.is_file() else tag_dir / "mp_rank_00_model_states.pt"
 
 
 def saved_zero_stage(tag_dir: Path) -> int:

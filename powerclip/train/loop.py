@@ -29,6 +29,7 @@ import torch
 
 from powerclip import checks
 from powerclip import distributed as pdist
+from powerclip.checkpoints.codec import install_safe_checkpoint_engine
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.data.device import to_device
@@ -122,7 +123,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         raise ConfigError(f"DeepSpeed rejected the engine config derived from train.* / optim.* / "
                           f"train.deepspeed: {e or 'assertion failed'}") from e
-    ckpt.install_safe_checkpoint_engine(engine)
+    install_safe_checkpoint_engine(engine)
     engine.train()
 
     # ---- resume (default: this run's latest complete checkpoint)

@@ -5,7 +5,7 @@ A checkpoint folder may come from someone else (``powerclip export``, ``powercli
 runs whatever code the file names, and DeepSpeed's ``zero_to_fp32`` loads every shard that way. So
 every file here is read with ``torch.load(weights_only=True)``; our own files hold only tensors and
 primitives (``SafeCheckpointEngine`` encodes DeepSpeed's helper objects), and the tagged DeepSpeed
-objects in them are rebuilt by ``checkpoint.decode``, which only ever instantiates ``deepspeed.*``
+objects in them are rebuilt by ``codec.decode``, which only ever instantiates ``deepspeed.*``
 classes without calling their code. A file that needs anything else is refused, naming the file.
 
 The ZeRO 1/2/3 reassembly itself is DeepSpeed's own (``zero_to_fp32``'s merge helpers): only the
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from powerclip.checkpoints.codec import decode
 
 
 class CheckpointReadError(RuntimeError):
@@ -38,8 +40,6 @@ def safe_load(path: str | Path, mmap: bool = False) -> Any:
     Raises ``CheckpointReadError`` naming ``path`` when the file is unreadable, truncated, or would
     need to run code to load.
     """
-    from powerclip.train.checkpoint import decode
-
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
