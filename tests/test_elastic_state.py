@@ -65,9 +65,12 @@ def _full(engine) -> dict[str, list[torch.Tensor]]:
 
 
 def _save(engine, root: str, step: int, rank: int) -> None:
+    from powerclip.config import CheckpointConfig
     from powerclip.train import checkpoint as ckpt
+    from powerclip.train.state import TrainState
 
-    ckpt.save(engine, Path(root) / "checkpoints", step, {"powerclip": {"step": step}}, 10, rank == 0)
+    ckpt.save(engine, Path(root) / "checkpoints", TrainState(step=step), {"powerclip": {"step": step}},
+              CheckpointConfig(keep_last=10), rank == 0)
 
 
 def _first(rank: int, world: int, root: str) -> dict:

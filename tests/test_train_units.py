@@ -223,3 +223,27 @@ def test_checkpoint_due_by_steps_minutes_and_at_the_end():
     by_time = tiny_config(["checkpoint.every_steps=0", "checkpoint.every_minutes=1", "train.steps=100"])
     assert not checkpoint_due(by_time, 3, now, env)
     assert checkpoint_due(by_time, 3, now - 61, env)
+
+
+def test_train_state_counts_steps_and_round_trips_through_a_checkpoint():
+    from powerclip.train.state import TrainState
+
+    state = TrainState()
+    state.advance(global_batch=8, applied=True)
+    state.advance(global_batch=8, applied=False)  # a skipped step still consumed its samples
+    state.advance(global_batch=8, applied=True)
+    assert (state.step, state.samples_seen, state.skipped_steps, state.resumed_step) == (3, 24, 1, None)
+    saved = codec.decode(codec.encode(state.state_dict()))
+    # the checkpoint's client state: these keys in this order, plain ints (what older checkpoints hold)
+    assert list(saved.items()) == [("step", 3), ("samples_seen", 24), ("skipped_steps", 1)]
+    assert all(type(v) is int for v in saved.values())
+    assert state.prune_before(True) is None  # a fresh run inherited nothing to prune
+
+    resumed = TrainState()
+    resumed.load_state_dict({**saved, "config_hash": "x", "ranks": []})  # the rest of the client state
+    assert resumed.state_dict() == saved and resumed.resumed_step == 3
+    assert resumed.prune_before(True) == 3 and resumed.prune_before(False) is None
+    resumed.advance(global_batch=8, applied=True)
+    assert resumed.state_dict() == {"step": 4, "samples_seen": 32, "skipped_steps": 1} and resumed.resumed_step == 3
+    with pytest.raises(KeyError, match="skipped_steps"):
+        TrainState().load_state_dict({"step": 1, "samples_seen": 2})

@@ -31,6 +31,8 @@ from powerclip import distributed as pdist
 from powerclip.checkpoints import integrity
 from powerclip.checkpoints.discovery import locate
 from powerclip.checkpoints.layout import read_latest, tag_for, write_latest
+from powerclip.config import CheckpointConfig
+from powerclip.train.state import TrainState
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -71,15 +73,16 @@ def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
     return pdist.all_gather_object(local)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
-         is_main: bool, before_latest: Callable[[Path], None] | None = None,
-         inherited_before: int | None = None) -> str:
-    """Collective: every rank calls it. Returns the tag written.
+def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any], options: CheckpointConfig,
+         is_main: bool, before_latest: Callable[[Path], None] | None = None) -> str:
+    """Collective: every rank calls it. Returns the tag written (named after ``state.step``).
 
     ``before_latest(tag_dir)`` writes extra files (the EMA teacher) before ``latest`` moves; the
-    checksums of every file are sealed after that, also before ``latest`` moves.
+    checksums of every file are sealed after that, also before ``latest`` moves. Then all but the
+    newest ``options.keep_last`` checkpoints this process wrote are pruned (with
+    ``options.prune_inherited``, also those older than the one ``state`` resumed from).
     """
-    tag = tag_for(step)
+    tag = tag_for(state.step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         integrity.set_aside(ckpt_dir / tag)  # a leftover of another process: moved, not overwritten
@@ -91,7 +94,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     integrity.seal(ckpt_dir / tag, pdist.rank(), pdist.world_size())
     if is_main:
         write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, keep_last, inherited_before)
+        prune(ckpt_dir, options.keep_last, state.prune_before(options.prune_inherited))
     pdist.barrier()
     return tag
 
