@@ -247,3 +247,17 @@ def test_train_state_counts_steps_and_round_trips_through_a_checkpoint():
     assert resumed.state_dict() == {"step": 4, "samples_seen": 32, "skipped_steps": 1} and resumed.resumed_step == 3
     with pytest.raises(KeyError, match="skipped_steps"):
         TrainState().load_state_dict({"step": 1, "samples_seen": 2})
+
+
+def test_safe_load_maps_zip_files_and_reads_legacy_ones(tmp_path):
+    from powerclip.checkpoints.safe_load import CheckpointReadError, safe_load
+
+    obj = {"powerclip": {"step": 3}, "w": torch.arange(4.0)}
+    torch.save(obj, tmp_path / "zip.pt")
+    torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be mapped
+    for name in ("zip.pt", "legacy.pt"):
+        got = safe_load(tmp_path / name, mmap=True)
+        assert got["powerclip"] == {"step": 3} and torch.equal(got["w"], obj["w"]), name
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointReadError, match="cut.pt"):
+        safe_load(tmp_path / "cut.pt", mmap=True)

@@ -34,15 +34,28 @@ def _reason(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0][:300]
 
 
+def _torch_load(path: Path, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        # a file in torch's legacy (non-zip) format cannot be mapped; a damaged one fails again here
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def safe_load(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with DeepSpeed's tagged objects rebuilt.
+
+    ``mmap``: map the file instead of reading it, so a caller that needs only a small part of a
+    large file (the client state beside the module weights) reads only that part.
 
     Raises ``CheckpointReadError`` naming ``path`` when the file is unreadable, truncated, or would
     need to run code to load.
     """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointReadError(f"{path}: refusing to load: the file holds objects other than tensors "
                                   f"and primitives (loading it would run code): {_reason(e)}") from None
