@@ -31,7 +31,7 @@ def _cfg(root: Path, synth: Path, run: str, steps: int, decay: float = 0.5, *ext
 
 def _teacher_at(run_dir: Path, step: int) -> dict:
     """The EMA teacher file saved next to the DeepSpeed checkpoint of ``step``."""
-    from powerclip.train.checkpoint import tag_for
+    from powerclip.checkpoints.layout import tag_for
 
     return torch.load(run_dir / "checkpoints" / tag_for(step) / "ema_teacher.pt", weights_only=True)
 
@@ -51,15 +51,15 @@ def _job(rank: int, world: int, root: str, synth: str) -> dict:
 
 @pytest.fixture(scope="module")
 def degla_runs(tmp_path_factory, synthetic_root):
-    from powerclip.export import _preprocess_of, _reference_model, export_open_clip
-    from powerclip.model.factory import create_model, model_cfg_dict
+    from powerclip.export import export_open_clip
+    from powerclip.model.factory import create_model, model_cfg_dict, preprocess_cfg, reference_model
 
     root = tmp_path_factory.mktemp("degla_train")
     cfg = tiny_config()
     torch.manual_seed(123)
     model = create_model(cfg.model)
     mcfg = model_cfg_dict(cfg.model)
-    export_open_clip(model, mcfg, _preprocess_of(_reference_model(mcfg)), root / "pretrained")
+    export_open_clip(model, mcfg, preprocess_cfg(reference_model(mcfg)), root / "pretrained")
     results = run_on_ranks(_job, 2, str(root), str(synthetic_root))
     return root, results
 

@@ -25,14 +25,14 @@ def _cfg(root: str, stage: int):
 
 
 def _engine(cfg, world: int):
+    from powerclip.checkpoints.codec import install_safe_checkpoint_engine
     from powerclip.model.factory import create_model
-    from powerclip.train import checkpoint as ckpt
     from powerclip.train.engine import build_engine
     from powerclip.train.loop import seed_all
 
     seed_all(cfg.train.seed)
     engine, sched = build_engine(cfg, create_model(cfg.model), world)
-    ckpt.install_safe_checkpoint_engine(engine)
+    install_safe_checkpoint_engine(engine)
     engine.train()
     return engine, sched
 
@@ -65,9 +65,12 @@ def _full(engine) -> dict[str, list[torch.Tensor]]:
 
 
 def _save(engine, root: str, step: int, rank: int) -> None:
+    from powerclip.config import CheckpointConfig
     from powerclip.train import checkpoint as ckpt
+    from powerclip.train.state import TrainState
 
-    ckpt.save(engine, Path(root) / "checkpoints", step, {"powerclip": {"step": step}}, 10, rank == 0)
+    ckpt.save(engine, Path(root) / "checkpoints", TrainState(step=step), {"powerclip": {"step": step}},
+              CheckpointConfig(keep_last=10), rank == 0)
 
 
 def _first(rank: int, world: int, root: str) -> dict:

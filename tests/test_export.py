@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from powerclip.checkpoints.discovery import CheckpointError, resolve_checkpoint
 from powerclip.cli import main as cli_main
 from powerclip.data.batch import Batch
-from powerclip.export import ExportError, export_open_clip, resolve_checkpoint
+from powerclip.export import ExportError, export_open_clip
 from powerclip.model import create_model, model_cfg_dict, preprocess_cfg
 from tests.dist_helpers import run_on_ranks
 from tests.tiny import tiny_config
@@ -104,9 +105,9 @@ def _train_and_save(rank: int, world: int, root: str, stages: list[int]) -> dict
     saved the way the trainer saves it, and the trained model's embeddings of a probe batch."""
     import deepspeed
 
+    from powerclip.checkpoints.codec import install_safe_checkpoint_engine
     from powerclip.config import save_config
     from powerclip.losses.global_loss import global_loss
-    from powerclip.train.checkpoint import install_safe_checkpoint_engine
 
     out = {}
     probe = _batch(4, 99)
@@ -187,10 +188,17 @@ def test_export_from_deepspeed_checkpoints_every_stage(tmp_path):
 
 
 def test_resolve_errors(tmp_path):
-    with pytest.raises(ExportError, match="not a folder"):
+    with pytest.raises(CheckpointError, match="not a folder"):
         resolve_checkpoint(tmp_path / "nope")
-    with pytest.raises(ExportError, match="neither a run folder"):
+    with pytest.raises(CheckpointError, match="neither a run folder"):
         resolve_checkpoint(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(ExportError, match="no 'latest'"):
+    with pytest.raises(CheckpointError, match="no 'latest'"):
         resolve_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("")
+    with pytest.raises(CheckpointError, match="latest is empty"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    with pytest.raises(CheckpointError, match="points to 'step_00000002', which does not exist"):
+        resolve_checkpoint(tmp_path)
+    assert issubclass(ExportError, CheckpointError)  # one except clause serves export and checkpoint reads

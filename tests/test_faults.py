@@ -669,12 +669,12 @@ def test_eval_refuses_exports_whose_config_disagrees_with_the_weights(tmp_path, 
     import json
 
     from powerclip.eval.model_io import ExportMismatchError, load_model
-    from powerclip.export import _preprocess_of, _reference_model, export_open_clip
-    from powerclip.model import create_model, model_cfg_dict
+    from powerclip.export import export_open_clip
+    from powerclip.model import create_model, model_cfg_dict, preprocess_cfg, reference_model
 
     cfg = tiny_config()
     mc = model_cfg_dict(cfg.model)
-    good = export_open_clip(create_model(cfg.model), mc, _preprocess_of(_reference_model(mc)), tmp_path / "good")
+    good = export_open_clip(create_model(cfg.model), mc, preprocess_cfg(reference_model(mc)), tmp_path / "good")
 
     def variant(name: str, edit) -> Path:
         d = tmp_path / name

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from powerclip.eval.model_io import load_export_dir
-from powerclip.export import _preprocess_of, _reference_model, export_open_clip
+from powerclip.export import export_open_clip
 from powerclip.model.clip_model import mean_pool_text
-from powerclip.model.factory import create_model, model_cfg_dict
+from powerclip.model.factory import create_model, model_cfg_dict, preprocess_cfg, reference_model
 from tests.tiny import tiny_config
 
 
@@ -65,7 +65,7 @@ def test_export_with_mean_pooling_loads_in_open_clip_and_in_powerclip(tmp_path):
     model = create_model(cfg.model).eval()
     model_cfg = model_cfg_dict(cfg.model)
     assert model_cfg["vision_cfg"]["pool_type"] == "avg"
-    out = export_open_clip(model, model_cfg, _preprocess_of(_reference_model(model_cfg)), tmp_path / "m",
+    out = export_open_clip(model, model_cfg, preprocess_cfg(reference_model(model_cfg)), tmp_path / "m",
                            text_pool="mean")
     assert json.loads((out / "open_clip_config.json").read_text())["powerclip"] == {"text_pool": "mean"}
     text, images = _tokens(), torch.randn(2, 3, 32, 32)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from powerclip.checkpoints import codec, integrity, layout
 from powerclip.data.batch import Batch
 from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches
@@ -125,15 +126,15 @@ def test_deepspeed_objects_round_trip_through_primitives(tmp_path):
                                consecutive_hysteresis=False)
     state = {"loss_scaler": scaler, "zero_stage": ZeroStageEnum.gradients,
              "maps": [{"w": fragment_address(numel=4, start=2)}], "t": torch.arange(3), "s": {"b", "a"}}
-    torch.save(ckpt.encode(state), tmp_path / "x.pt")
-    loaded = ckpt.decode(torch.load(tmp_path / "x.pt", weights_only=True))
+    torch.save(codec.encode(state), tmp_path / "x.pt")
+    loaded = codec.decode(torch.load(tmp_path / "x.pt", weights_only=True))
     assert isinstance(loaded["loss_scaler"], DynamicLossScaler) and loaded["loss_scaler"].cur_scale == 2.0**16
     assert loaded["zero_stage"] == 2 and loaded["maps"][0]["w"] == fragment_address(numel=4, start=2)
     assert torch.equal(loaded["t"], torch.arange(3)) and loaded["s"] == ["a", "b"]
     with pytest.raises(TypeError, match=r"\.bad"):
-        ckpt.encode({"bad": object()})
+        codec.encode({"bad": object()})
     with pytest.raises(ValueError, match="refusing"):
-        ckpt.decode({"__powerclip_object__": "os:system", "state": {}})
+        codec.decode({"__powerclip_object__": "os:system", "state": {}})
 
 
 def test_rng_state_round_trip():
@@ -143,38 +144,52 @@ def test_rng_state_round_trip():
 
     state = ckpt.rng_state()
     a = (torch.rand(3), random.random(), np.random.rand())
-    ckpt.set_rng_state(ckpt.decode(ckpt.encode(state)))
+    ckpt.set_rng_state(codec.decode(codec.encode(state)))
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
 def test_latest_and_pruning(tmp_path):
-    from powerclip.train import ckpt_integrity
-
     for step in (2, 4, 6, 8):
-        (tmp_path / ckpt.tag_for(step)).mkdir()
-        (tmp_path / ckpt.tag_for(step) / "w.pt").write_bytes(bytes([step]))
+        (tmp_path / layout.tag_for(step)).mkdir()
+        (tmp_path / layout.tag_for(step) / "w.pt").write_bytes(bytes([step]))
     for step in (2, 4, 6):  # sealed by this process; step 8 is an unsealed (interrupted) save
-        ckpt_integrity.seal(tmp_path / ckpt.tag_for(step), 0, 1)
-    ckpt.write_latest(tmp_path, ckpt.tag_for(6))
+        integrity.seal(tmp_path / layout.tag_for(step), 0, 1)
+    layout.write_latest(tmp_path, layout.tag_for(6))
     removed = ckpt.prune(tmp_path, keep_last=2)
     # the oldest complete one this process wrote goes; the unsealed step 8 is not ours to delete
     assert removed == ["step_00000002"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006",
                                                                         "step_00000008"]
-    assert ckpt.read_latest(tmp_path) == "step_00000006"
+    assert layout.read_latest(tmp_path) == "step_00000006"
     assert not list(tmp_path.glob(".latest.tmp*"))
     assert ckpt.resolve_resume("latest", tmp_path) == (tmp_path, "step_00000006")
     assert ckpt.resolve_resume("none", tmp_path) is None
     assert ckpt.resolve_resume("latest", tmp_path / "fresh") is None
     with pytest.raises(FileNotFoundError, match="checkpoint.resume"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    # checkpoint.resume=PATH takes the same three forms as export: root, run folder, one tag folder
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "fresh") == (tmp_path, "step_00000006")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint.resume"):  # a run folder without checkpoints
+        ckpt.resolve_resume(str(run), tmp_path / "fresh")
+    (run / "checkpoints" / layout.tag_for(5)).mkdir()
+    (run / "checkpoints" / layout.tag_for(5) / "mp_rank_00_model_states.pt").write_bytes(b"w")
+    integrity.seal(run / "checkpoints" / layout.tag_for(5), 0, 1)
+    layout.write_latest(run / "checkpoints", layout.tag_for(5))
+    assert ckpt.resolve_resume(str(run), tmp_path / "fresh") == (run / "checkpoints", "step_00000005")
+    tag_dir = run / "checkpoints" / layout.tag_for(5)
+    assert ckpt.resolve_resume(str(tag_dir), tmp_path / "fresh") == (run / "checkpoints", "step_00000005")
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")  # same size, other bytes
+    with pytest.raises(integrity.CheckpointIntegrityError, match="sha256 differs"):
+        ckpt.resolve_resume(str(tag_dir), tmp_path / "fresh")
     # a checkpoint folder another process wrote is never pruned, even when it is old
     other = tmp_path / "other"
     for step in (1, 2, 3):
-        (other / ckpt.tag_for(step)).mkdir(parents=True)
-        (other / ckpt.tag_for(step) / "checksums.json").write_text('{"files": {}}')
-    ckpt.write_latest(other, ckpt.tag_for(3))
+        (other / layout.tag_for(step)).mkdir(parents=True)
+        (other / layout.tag_for(step) / "checksums.json").write_text('{"files": {}}')
+    layout.write_latest(other, layout.tag_for(3))
     assert ckpt.prune(other, keep_last=1) == []
     assert ckpt.prune(other, keep_last=1, inherited_before=3) == ["step_00000001", "step_00000002"]
 
@@ -208,3 +223,41 @@ def test_checkpoint_due_by_steps_minutes_and_at_the_end():
     by_time = tiny_config(["checkpoint.every_steps=0", "checkpoint.every_minutes=1", "train.steps=100"])
     assert not checkpoint_due(by_time, 3, now, env)
     assert checkpoint_due(by_time, 3, now - 61, env)
+
+
+def test_train_state_counts_steps_and_round_trips_through_a_checkpoint():
+    from powerclip.train.state import TrainState
+
+    state = TrainState()
+    state.advance(global_batch=8, applied=True)
+    state.advance(global_batch=8, applied=False)  # a skipped step still consumed its samples
+    state.advance(global_batch=8, applied=True)
+    assert (state.step, state.samples_seen, state.skipped_steps, state.resumed_step) == (3, 24, 1, None)
+    saved = codec.decode(codec.encode(state.state_dict()))
+    # the checkpoint's client state: these keys in this order, plain ints (what older checkpoints hold)
+    assert list(saved.items()) == [("step", 3), ("samples_seen", 24), ("skipped_steps", 1)]
+    assert all(type(v) is int for v in saved.values())
+    assert state.prune_before(True) is None  # a fresh run inherited nothing to prune
+
+    resumed = TrainState()
+    resumed.load_state_dict({**saved, "config_hash": "x", "ranks": []})  # the rest of the client state
+    assert resumed.state_dict() == saved and resumed.resumed_step == 3
+    assert resumed.prune_before(True) == 3 and resumed.prune_before(False) is None
+    resumed.advance(global_batch=8, applied=True)
+    assert resumed.state_dict() == {"step": 4, "samples_seen": 32, "skipped_steps": 1} and resumed.resumed_step == 3
+    with pytest.raises(KeyError, match="skipped_steps"):
+        TrainState().load_state_dict({"step": 1, "samples_seen": 2})
+
+
+def test_safe_load_maps_zip_files_and_reads_legacy_ones(tmp_path):
+    from powerclip.checkpoints.safe_load import CheckpointReadError, safe_load
+
+    obj = {"powerclip": {"step": 3}, "w": torch.arange(4.0)}
+    torch.save(obj, tmp_path / "zip.pt")
+    torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be mapped
+    for name in ("zip.pt", "legacy.pt"):
+        got = safe_load(tmp_path / name, mmap=True)
+        assert got["powerclip"] == {"step": 3} and torch.equal(got["w"], obj["w"]), name
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointReadError, match="cut.pt"):
+        safe_load(tmp_path / "cut.pt", mmap=True)

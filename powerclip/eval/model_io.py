@@ -3,8 +3,9 @@
 An export folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) is loaded by open_clip
 itself through ``local-dir:``, exactly as clip_benchmark and every other open_clip user would load it,
 so the numbers ``powerclip eval`` reports are the numbers of the artefact users receive. Run folders and
-checkpoints are first consolidated by ``powerclip.export`` (the one place that knows the checkpoint
-layout) into a temporary export folder, then loaded the same way.
+checkpoints are first exported by ``powerclip.export`` (which reads them through
+``powerclip.checkpoints``, the one place that knows the checkpoint layout) into a temporary export
+folder, then loaded the same way.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def check_export(path: Path) -> list[str]:
 
     from safetensors import safe_open
 
-    from powerclip.export import _preprocess_of, _reference_model
+    from powerclip.model.factory import preprocess_cfg, reference_model
 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -64,7 +65,7 @@ def check_export(path: Path) -> list[str]:
     try:
         cfg = json.loads((path / CONFIG_NAME).read_text())
         model_cfg, pre = cfg["model_cfg"], cfg.get("preprocess_cfg", {})
-        ref = _reference_model(dict(model_cfg))
+        ref = reference_model(dict(model_cfg))
     except (ValueError, KeyError, TypeError) as e:
         raise ExportMismatchError(f"{path / CONFIG_NAME}: unusable model_cfg ({e})") from None
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -82,7 +83,7 @@ def check_export(path: Path) -> list[str]:
     if missing or extra:
         raise ExportMismatchError(f"{path}: {WEIGHTS_NAME} and {CONFIG_NAME} disagree: missing weights "
                                   f"{missing[:5]}, unexpected weights {extra[:5]}")
-    default = _preprocess_of(ref)
+    default = preprocess_cfg(ref)
     size = pre.get("size", default["size"])
     size = [size, size] if isinstance(size, int) else list(size)
     if size != list(default["size"]):
@@ -131,11 +132,12 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 def _export_checkpoint(path: Path, out_dir: Path) -> None:
     """Consolidate a run folder / DeepSpeed checkpoint into an export folder via powerclip.export."""
-    from powerclip.export import ExportError, export_checkpoint
+    from powerclip.checkpoints.discovery import CheckpointError
+    from powerclip.export import export_checkpoint
 
     try:
         export_checkpoint(path, out_dir)
-    except ExportError as e:
+    except CheckpointError as e:  # ExportError too: not a usable checkpoint either way
         raise FileNotFoundError(f"cannot evaluate {path}: not an export folder, and {e}") from None
 
 

@@ -9,7 +9,7 @@ Starting weights (``model.pretrained``) may be:
 * an open_clip export folder (``open_clip_config.json`` + weights, what ``powerclip export`` writes);
 * an open_clip-format weights file (``.pt``/``.pth``/``.bin``/``.safetensors`` state dict);
 * one of our DeepSpeed checkpoints (a run folder, a checkpoint root with ``latest``, or a tag dir),
-  consolidated through DeepSpeed's own ``zero_to_fp32`` (see ``powerclip.export``);
+  consolidated through DeepSpeed's own ``zero_to_fp32`` (see ``powerclip.checkpoints``);
 * an open_clip pretrained tag for a built-in name (``openai``, ``laion2b_s34b_b79k``...), which
   open_clip downloads itself (never in tests).
 """
@@ -83,8 +83,15 @@ def preprocess_cfg(model: PowerClipModel | torch.nn.Module) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def _build_from_dict(model_cfg: dict[str, Any], kwargs: dict[str, Any]) -> torch.nn.Module:
-    """open_clip's class choice for a config dict (CLIP, or CustomTextCLIP for custom/HF text)."""
+def build_model_from_dict(model_cfg: dict[str, Any], overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The bare open_clip model (``CLIP``, or ``CustomTextCLIP`` for custom/HF text) of a ``model_cfg``.
+
+    ``model_cfg`` is open_clip's config dict (what ``model_cfg_dict`` returns and an export's
+    ``open_clip_config.json`` stores); ``overrides`` are constructor arguments on top of it (e.g.
+    ``nonscalar_logit_scale``). Pretrained timm/HF tower weights are never downloaded: the weights
+    come from ``model.pretrained`` or a checkpoint. Randomly initialised; build it under
+    ``torch.device("meta")`` when only keys and shapes are needed (``reference_model``).
+    """
     model_cfg = copy.deepcopy(model_cfg)
     if "multimodal_cfg" in model_cfg:
         raise ModelLoadError("CoCa models (multimodal_cfg) are not supported by powerclip")
@@ -93,7 +100,7 @@ def _build_from_dict(model_cfg: dict[str, Any], kwargs: dict[str, Any]) -> torch
         model_cfg["vision_cfg"]["timm_model_pretrained"] = False
     if "hf_model_name" in model_cfg.get("text_cfg", {}):
         model_cfg["text_cfg"]["hf_model_pretrained"] = False
-    model_cfg.update(kwargs)
+    model_cfg.update(overrides or {})
     cls = CustomTextCLIP if custom_text else CLIP
     model = cls(**model_cfg)
     pre = open_clip.transform.merge_preprocess_dict(open_clip.transform.PreprocessCfg(), {})
@@ -101,6 +108,13 @@ def _build_from_dict(model_cfg: dict[str, Any], kwargs: dict[str, Any]) -> torch
         pre["size"] = model.visual.image_size
     open_clip.set_model_preprocess_cfg(model, pre)
     return model
+
+
+def reference_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The open_clip model ``model_cfg`` builds, on the meta device: its keys, shapes and preprocess
+    config without allocating weights (what an export or an evaluation checks weights against)."""
+    with torch.device("meta"):
+        return build_model_from_dict(model_cfg)
 
 
 def create_model(cfg: ModelConfig) -> PowerClipModel:
@@ -121,12 +135,12 @@ def create_model(cfg: ModelConfig) -> PowerClipModel:
             raise ModelLoadError(f"model.pretrained={cfg.pretrained!r}: no such file or folder, and not "
                                  f"an open_clip pretrained tag of {cfg.name!r}")
     if cfg.config is not None:
-        clip = _build_from_dict(_with_pool(dict(cfg.config), cfg.pool), kwargs)
+        clip = build_model_from_dict(_with_pool(dict(cfg.config), cfg.pool), kwargs)
     elif cfg.name is not None and cfg.pool != "default":
         if tag is not None:
             raise ModelLoadError("model.pool=mean changes the architecture: it cannot load an open_clip "
                                  "pretrained tag; pass an export folder or weights file as model.pretrained")
-        clip = _build_from_dict(model_cfg_dict(cfg), kwargs)
+        clip = build_model_from_dict(model_cfg_dict(cfg), kwargs)
     elif cfg.name is not None:
         clip = open_clip.create_model(cfg.name, pretrained=tag, **kwargs)
     else:
@@ -154,7 +168,9 @@ def load_pretrained_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if found is None:
             raise ModelLoadError(f"model.pretrained={str(path)!r}: open_clip folder without weights")
         return open_clip.factory.load_state_dict(found, weights_only=True)
-    from powerclip.export import consolidate_checkpoint  # our DeepSpeed checkpoints (any ZeRO stage)
+    # our DeepSpeed checkpoints (any ZeRO stage); imported here: it loads DeepSpeed, which building
+    # a model from open_clip weights does not need
+    from powerclip.checkpoints.consolidate import consolidate_checkpoint
 
     return consolidate_checkpoint(path)
 

@@ -56,15 +56,15 @@ def _launcher_args(extra: list[str]) -> list[str]:
 
 def _CLEAR_ERRORS() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where (key, file, shard, holder)."""
+    from powerclip.checkpoints.discovery import CheckpointError
+    from powerclip.checkpoints.integrity import CheckpointIntegrityError
+    from powerclip.checkpoints.safe_load import CheckpointReadError
     from powerclip.config import ConfigError
     from powerclip.data.loader import DataError
-    from powerclip.export import ExportError
     from powerclip.model.factory import ModelLoadError
-    from powerclip.train.ckpt_integrity import CheckpointIntegrityError
     from powerclip.train.run_lock import RunLockError
-    from powerclip.train.safe_load import CheckpointReadError
 
-    return (ConfigError, DataError, ExportError, ModelLoadError, CheckpointIntegrityError, RunLockError,
+    return (ConfigError, DataError, CheckpointError, ModelLoadError, CheckpointIntegrityError, RunLockError,
             CheckpointReadError, FileNotFoundError, PermissionError)
 
 

@@ -4,7 +4,7 @@ DeepSpeed's ``load_checkpoint`` needs the saving layout (its universal-checkpoin
 ``ds_to_universal``, unpickles every file with ``weights_only=False``, which powerclip never does).
 This module does the equivalent conversion with ``weights_only`` loads only:
 
-1. ``read_full_state``: every saving rank's files are read (``SafeCheckpointEngine.load``) and
+1. ``read_full_state``: every saving rank's files are read (``checkpoints.safe_load``) and
    the fp32 master weight and Adam moments of every parameter are put together whole, by name:
    stage 0 keeps them whole already, stages 1/2 from each rank's slice of a flat group (DeepSpeed's
    ``param_slice_mappings``), stage 3 from each rank's 1/W of every parameter (the layout
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerclip.train.checkpoint import SafeCheckpointEngine, decode
+from powerclip.checkpoints.layout import model_states_file
+from powerclip.checkpoints.safe_load import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class FullState:
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise ElasticError(f"{path}: missing (incomplete checkpoint?)")
-    return SafeCheckpointEngine(None).load(str(path), map_location="cpu")
+    return safe_load(path)
 
 
 def _optim_files(tag_dir: Path) -> list[Path]:
@@ -66,11 +67,6 @@ def _optim_files(tag_dir: Path) -> list[Path]:
     if ranks != list(range(len(ranks))):
         raise ElasticError(f"{tag_dir}: optimizer state files of ranks {ranks}; expected 0..{len(ranks) - 1}")
     return files
-
-
-def model_states_file(tag_dir: Path) -> Path:
-    stage3 = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    return stage3 if stage3.is_file() else tag_dir / "mp_rank_00_model_states.pt"
 
 
 def saved_zero_stage(tag_dir: Path) -> int:
@@ -88,13 +84,10 @@ def read_client_state(tag_dir: Path) -> dict[str, Any]:
     path = model_states_file(tag_dir)
     if not path.is_file():
         raise ElasticError(f"{path}: missing (incomplete checkpoint?)")
-    try:  # memory-mapped: only the small client state is read, not the module weights beside it
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = safe_load(path, mmap=True)  # mapped: only the small client state is read, not the weights beside it
     if "powerclip" not in sd:
         raise ElasticError(f"{tag_dir}: not a powerclip checkpoint (no client state)")
-    return decode(sd["powerclip"])
+    return sd["powerclip"]
 
 
 def _adam_state(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 
 from powerclip import checks
 from powerclip import distributed as pdist
+from powerclip.checkpoints.codec import install_safe_checkpoint_engine
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.data.device import to_device
@@ -42,6 +43,7 @@ from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
+from powerclip.train.state import TrainState
 from powerclip.train.step_sync import HostStats, StepValues, reduce_step
 
 log = logging.getLogger(__name__)
@@ -122,18 +124,13 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         raise ConfigError(f"DeepSpeed rejected the engine config derived from train.* / optim.* / "
                           f"train.deepspeed: {e or 'assertion failed'}") from e
-    ckpt.install_safe_checkpoint_engine(engine)
+    install_safe_checkpoint_engine(engine)
     engine.train()
 
     # ---- resume (default: this run's latest complete checkpoint)
-    resumed = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
-    step = resumed["step"] if resumed else 0
-    samples_seen = resumed["samples_seen"] if resumed else 0
-    skipped_steps = resumed["skipped_steps"] if resumed else 0
-    rank_state = resumed["rank_state"] if resumed else None
-    inherited_before = step if resumed and cfg.checkpoint.prune_inherited else None
+    state, rank_state = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
-    logger = RunLogger(run_dir, env.is_main, resume_step=step if resumed else None)
+    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step)
     if rank_state and rank_state["rng"] is not None:
         ckpt.set_rng_state(rank_state["rng"])
     else:
@@ -151,21 +148,19 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     result: StepResult | None = None
     host = HostStats()  # the previous step's host measurements, packed into the next step's sync
     if env.is_main:
-        log.info("training %s from step %d to %d (global batch %d, ZeRO-%d, %s)", run_dir, step,
+        log.info("training %s from step %d to %d (global batch %d, ZeRO-%d, %s)", run_dir, state.step,
                  cfg.train.steps, global_batch, cfg.train.zero_stage, cfg.train.precision)
-    while step < cfg.train.steps:
+    while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
-        set_pool_step(step)  # sampled negative pools: the same draw on every rank and accumulation pass
+        set_pool_step(state.step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype, host,
                             _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
             teacher.update(engine)
-        step += 1
-        samples_seen += global_batch
-        skipped_steps += 0 if result.applied else 1
+        state.advance(global_batch, result.applied)
         t_step = time.perf_counter() - t0
         losses.append(result.loss)
         host = HostStats(data_wait_frac=t_data / max(t_step, 1e-9), peak_mem_mb=peak_memory_mb(env.device),
@@ -174,26 +169,24 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         rec = {"loss": result.loss, **{f"loss/{k}": v for k, v in result.terms.items()}, "lr": lr,
                "skipped": not result.applied}
-        logger.record(step, rec)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            values = step_metrics(engine, env, result, lr, t_step, global_batch, skipped_steps)
-            logger.scalars(step, values)
-            logger.console(step, cfg.train.steps, values)
+        logger.record(state.step, rec)
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            values = step_metrics(engine, env, result, lr, t_step, global_batch, state.skipped_steps)
+            logger.scalars(state.step, values)
+            logger.console(state.step, cfg.train.steps, values)
 
-        if checkpoint_due(cfg, step, last_save, env, result.checkpoint_time_due):
-            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, step, samples_seen, skipped_steps,
-                            inherited_before=inherited_before)
+        if checkpoint_due(cfg, state.step, last_save, env, result.checkpoint_time_due):
+            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
             last_save = time.time()
-        if cfg.eval.tasks and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0:
-            periodic_eval(engine, cfg, step, logger)
+        if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
+            periodic_eval(engine, cfg, state.step, logger)
 
     batches.close()  # stops the loader's worker processes
     if result is None:  # resumed at or past the last step: nothing ran
-        log.info("run %s is already at step %d >= train.steps", run_dir, step)
+        log.info("run %s is already at step %d >= train.steps", run_dir, state.step)
     logger.close()
     pdist.barrier()
-    return {"step": step, "samples_seen": samples_seen, "skipped_steps": skipped_steps,
-            "loss": losses[-1] if losses else None, "losses": losses, "run_dir": str(run_dir)}
+    return {**state.state_dict(), "loss": losses[-1] if losses else None, "losses": losses, "run_dir": str(run_dir)}
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -285,13 +278,11 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv, time_
     return due
 
 
-def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, step: int,
-                    samples_seen: int, skipped_steps: int, inherited_before: int | None = None) -> str:
+def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, state: TrainState) -> str:
     """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank."""
     local = {"data": loader.state_dict() if hasattr(loader, "state_dict") else None,
              "rng": ckpt.rng_state()}
-    client_state = {"powerclip": {"step": step, "samples_seen": samples_seen,
-                                  "skipped_steps": skipped_steps, "config_hash": config_hash(cfg),
+    client_state = {"powerclip": {**state.state_dict(), "config_hash": config_hash(cfg),
                                   "world_size": env.world_size, "zero_stage": cfg.train.zero_stage,
                                   "global_batch": cfg.data.batch_size * cfg.train.accum_steps * env.world_size,
                                   "ranks": ckpt.gather_rank_states(local)}}
@@ -299,8 +290,7 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
     if teacher is not None and env.is_main:
         def before_latest(tag_dir: Path) -> None:
             teacher.save(tag_dir / "ema_teacher.pt")
-    tag = ckpt.save(engine, ckpt_dir, step, client_state, cfg.checkpoint.keep_last, env.is_main,
-                    before_latest=before_latest, inherited_before=inherited_before)
+    tag = ckpt.save(engine, ckpt_dir, state, client_state, cfg.checkpoint, env.is_main, before_latest=before_latest)
     if env.is_main:
         log.info("saved checkpoint %s", ckpt_dir / tag)
     return tag
@@ -315,13 +305,14 @@ def elastic_config(cfg: Config, target: tuple[Path, str] | None, env: DistEnv) -
 
 
 def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistEnv, teacher,
-                scheduler=None) -> dict[str, Any] | None:
-    """Load the checkpoint ``checkpoint.resume`` names; None for a fresh start.
+                scheduler=None) -> tuple[TrainState, dict[str, Any] | None]:
+    """Load the checkpoint ``checkpoint.resume`` names: the trainer's counters and this rank's own
+    state (data cursor, RNG); a fresh state and None for a fresh start.
 
     Another world size or ZeRO stage than the checkpoint's goes through ``elastic`` (the data
     cursor is then remapped, not restored exactly)."""
     if target is None:
-        return None
+        return TrainState(), None
     load_dir, tag = target
     saved = elastic.read_client_state(load_dir / tag)
     rank_state = None
@@ -344,9 +335,9 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
         teacher.load(load_dir / tag / "ema_teacher.pt")
     if env.is_main:
         log.info("resumed from %s at step %d", load_dir / tag, state["step"])
-    return {"step": int(state["step"]), "samples_seen": int(state["samples_seen"]),
-            "skipped_steps": int(state["skipped_steps"]),
-            "rank_state": rank_state if rank_state is not None else state["ranks"][env.rank]}
+    resumed = TrainState()
+    resumed.load_state_dict(state)
+    return resumed, rank_state if rank_state is not None else state["ranks"][env.rank]
 
 
 # ------------------------------------------------------------------------------------- eval

@@ -5,7 +5,7 @@ A checkpoint folder may come from someone else (``powerclip export``, ``powercli
 runs whatever code the file names, and DeepSpeed's ``zero_to_fp32`` loads every shard that way. So
 every file here is read with ``torch.load(weights_only=True)``; our own files hold only tensors and
 primitives (``SafeCheckpointEngine`` encodes DeepSpeed's helper objects), and the tagged DeepSpeed
-objects in them are rebuilt by ``checkpoint.decode``, which only ever instantiates ``deepspeed.*``
+objects in them are rebuilt by ``codec.decode``, which only ever instantiates ``deepspeed.*``
 classes without calling their code. A file that needs anything else is refused, naming the file.
 
 The ZeRO 1/2/3 reassembly itself is DeepSpeed's own (``zero_to_fp32``'s merge helpers): only the
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from powerclip.checkpoints.codec import decode
+
 
 class CheckpointReadError(RuntimeError):
     """A checkpoint file cannot be read safely; the message names the file and the reason."""
@@ -32,17 +34,28 @@ def _reason(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0][:300]
 
 
+def _torch_load(path: Path, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        # a file in torch's legacy (non-zip) format cannot be mapped; a damaged one fails again here
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def safe_load(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with DeepSpeed's tagged objects rebuilt.
+
+    ``mmap``: map the file instead of reading it, so a caller that needs only a small part of a
+    large file (the client state beside the module weights) reads only that part.
 
     Raises ``CheckpointReadError`` naming ``path`` when the file is unreadable, truncated, or would
     need to run code to load.
     """
-    from powerclip.train.checkpoint import decode
-
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointReadError(f"{path}: refusing to load: the file holds objects other than tensors "
                                   f"and primitives (loading it would run code): {_reason(e)}") from None

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from powerclip import distributed as pdist
+from powerclip.checkpoints.layout import list_tags, tag_step
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
@@ -35,24 +38,6 @@ _WRITTEN: set[Path] = set()  # tag folders this process wrote (the only ones pru
 
 class CheckpointIntegrityError(RuntimeError):
     """A checkpoint is incomplete or damaged; the message names the folder and the bad file."""
-
-
-def _tag_re():
-    from powerclip.train.checkpoint import TAG_RE
-
-    return TAG_RE
-
-
-def tag_step(tag: str) -> int:
-    m = _tag_re().match(tag)
-    return int(m.group(1)) if m else -1
-
-
-def list_tags(ckpt_dir: Path) -> list[str]:
-    """Tag folders (``step_XXXXXXXX``) under ``ckpt_dir``, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _tag_re().match(p.name)), key=tag_step)
 
 
 def file_sha256(path: Path) -> str:
@@ -65,9 +50,7 @@ def _files(tag_dir: Path) -> list[Path]:
 
 
 def _gather(local: Any) -> list[Any]:
-    from powerclip.train.checkpoint import gather_rank_states
-
-    return gather_rank_states(local)
+    return pdist.all_gather_object(local)
 
 
 def seal(tag_dir: Path, rank: int, world: int) -> None:
