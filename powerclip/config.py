@@ -11,9 +11,10 @@ so a resumed run can tell whether it is continuing the same experiment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +328,7 @@ def validate(cfg: Config) -> Config:
               "checkpoint.every_minutes", "loss.global_weight", "loss.powerset.weight",
               "loss.concept.npc_weight", "loss.concept.xac_weight", "loss.degla.base_weight",
               "loss.degla.igc_weight", "loss.degla.tgc_weight", "loss.degla.distill_weight"]
-    from powerclip.losses.registry import weight_keys
-
-    for key in dict.fromkeys(nonneg + weight_keys(cfg.loss)):
+    for key in dict.fromkeys(nonneg + _extension_weight_keys(cfg.loss)):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
@@ -480,9 +479,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _default_config() -> Config:
     """The defaults, with a ``loss.<section>`` for every registered loss term that brings its own."""
-    from powerclip.losses.registry import loss_config_type
-
     return Config(loss=loss_config_type()())
+
+
+# Loss-term modules declare their terms in powerclip.losses.registry, which sits above this module; a
+# term that brings a config section of its own (or weights config.py does not list) hands them down
+# here when it registers, so the loader can type and check them without importing anything above it.
+# term name -> (its own section and dataclass, or None; the dotted keys of its weights)
+_LOSS_EXTENSIONS: dict[str, tuple[tuple[str, type] | None, tuple[str, ...]]] = {}
+
+
+def register_loss_extension(term: str, section: tuple[str, type] | None, weight_keys: tuple[str, ...]) -> None:
+    """Record a loss term's own section and weight keys (the loss-term registry calls this)."""
+    _LOSS_EXTENSIONS[term] = (section, weight_keys)
+    loss_config_type.cache_clear()
+
+
+def unregister_loss_extension(term: str) -> None:
+    if _LOSS_EXTENSIONS.pop(term, None) is not None:
+        loss_config_type.cache_clear()
+
+
+def _extension_weight_keys(lc: LossConfig) -> list[str]:
+    """Weight keys of registered terms whose section this config holds (each must be >= 0)."""
+    return [key for _, keys in _LOSS_EXTENSIONS.values() for key in keys
+            if key.count(".") == 1 or hasattr(lc, key.split(".")[1])]
+
+
+@functools.cache
+def loss_config_type() -> type:
+    """``LossConfig``, extended by a field for every registered term that brings its own section.
+
+    The config loader builds its schema from this, so ``loss.<section>.*`` of such a term is a typed,
+    checked key like any other; with only the package's terms it is ``LossConfig`` itself.
+    """
+    own = {f.name for f in fields(LossConfig)}
+    extra = [(name, cls, field(default_factory=cls)) for section, _ in _LOSS_EXTENSIONS.values()
+             if section is not None for name, cls in [section] if name not in own]
+    if not extra:
+        return LossConfig
+    # a module-level name, so configs holding it pickle in any process that registered the same terms
+    name = "LossConfig_" + "_".join(section for section, _, _ in extra)
+    cls = make_dataclass(name, extra, bases=(LossConfig,), namespace={"__module__": __name__})
+    globals()[name] = cls
+    return cls
 
 
 def _prefix_ok(key: str) -> bool:

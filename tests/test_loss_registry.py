@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from powerclip.config import Config, ConfigError, load_config
-from powerclip.losses import registry
+from powerclip.losses import composer, registry
 from powerclip.losses.composer import active_terms, compose_losses, needs_dense, needs_teacher, weight_table
 from powerclip.losses.global_loss import global_loss
 from powerclip.losses.registry import LossContext, LossTerm, register, unregister
@@ -157,9 +157,9 @@ def test_switches_come_from_the_declarations():
 
 
 def test_the_package_terms_declare_what_the_composer_used_to_hard_code():
-    names = [t.name for t in registry.all_terms()]
+    names = [t.name for t in composer.all_terms()]
     assert names[:4] == ["global", "degla", "powerset", "concept"]
-    switches = {t.name: t.switch_key() for t in registry.all_terms()}
+    switches = {t.name: t.switch_key() for t in composer.all_terms()}
     assert switches["powerset"] == "loss.powerset.weight > 0"
     assert switches["concept"] == "loss.concept.npc_weight/xac_weight > 0"
     assert switches["degla"] == "loss.degla.enabled"
@@ -167,14 +167,14 @@ def test_the_package_terms_declare_what_the_composer_used_to_hard_code():
     cfgs = [load_config(None, MODEL + extra) for extra in (
         [], ["loss.powerset.weight=0.2"], ["loss.concept.xac_weight=1"],
         ["loss.degla.enabled=true", "data.num_negatives=2", "loss.degla.base_weight=0"])]
-    for t in registry.all_terms()[:4]:
+    for t in composer.all_terms()[:4]:
         for cfg in cfgs:
             on = registry.section_switch(cfg.loss, t.section) is not None
             assert on == t.is_on(cfg.loss), (t.name, cfg.loss)
 
 
 def test_missing_term_module_names_the_config_key(monkeypatch):
-    monkeypatch.setitem(registry.BUILTIN, "powerclip.losses.nope", "powerset")
+    monkeypatch.setitem(composer.BUILTIN, "powerclip.losses.nope", "powerset")
     assert not needs_dense(load_config(None, MODEL))  # switched off: never imported
     with pytest.raises(RuntimeError, match=r"loss.powerset.weight > 0 is switched on but powerclip.losses.nope"):
         needs_dense(load_config(None, MODEL + ["loss.powerset.weight=0.2"]))

@@ -36,13 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from powerclip import distributed as pdist  # noqa: E402
 from powerclip.config import ConceptLossConfig, DeglaLossConfig, LossConfig, PowersetLossConfig  # noqa: E402
 from powerclip.data.batch import Batch  # noqa: E402
+from powerclip.losses.composer import all_terms  # noqa: E402
 from powerclip.losses.concept import _with_own_block, contrast  # noqa: E402
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired  # noqa: E402
 from powerclip.losses.degla import caption_logits, degla_losses  # noqa: E402
 from powerclip.losses.global_loss import clip_loss  # noqa: E402
 from powerclip.losses.pool import PoolSpec, parse_pool  # noqa: E402
 from powerclip.losses.powerset import powerset_loss_from_embeddings  # noqa: E402
-from powerclip.losses.registry import all_terms  # noqa: E402
 from powerclip.model.features import Features  # noqa: E402
 
 WORLDS = (1, 8, 64, 256, 1024)

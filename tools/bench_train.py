@@ -67,7 +67,7 @@ QUICK = dict(width=64, layers=2, image_size=32, patch_size=8, context_length=32,
 def bench_terms() -> dict[str, tuple[list[str], tuple[str, ...]]]:
     """Part 2's configs: the CLIP-only baseline, then every way of switching on each registered loss
     term (powerclip.losses.registry), by name -> (config overrides, batch fields it reads)."""
-    from powerclip.losses.registry import all_terms
+    from powerclip.losses.composer import all_terms
 
     out: dict[str, tuple[list[str], tuple[str, ...]]] = {"clip": ([], ())}
     for term in all_terms():

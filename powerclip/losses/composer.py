@@ -23,6 +23,34 @@ from powerclip.losses import registry
 from powerclip.losses.registry import LossContext, LossTerm
 from powerclip.model.features import Features
 
+# the package's own term modules, in the order their terms enter the total, with the loss.<section>
+# each reads (None: loss.* itself). This module imports one only when its section switches it on, so
+# a missing or broken module fails only the runs that use it, naming the config key.
+BUILTIN: dict[str, str | None] = {
+    "powerclip.losses.global_loss": None,
+    "powerclip.losses.degla": "degla",
+    "powerclip.losses.powerset": "powerset",
+    "powerclip.losses.concept": "concept",
+}
+
+
+def registered_in_order() -> list[LossTerm]:
+    """The registered terms: the package's in ``BUILTIN`` order, then others as they registered."""
+    order = list(BUILTIN)
+
+    def key(item: tuple[int, LossTerm]) -> tuple[int, int]:
+        module = item[1].compute.__module__
+        return (order.index(module) if module in order else len(order), item[0])
+
+    return [t for _, t in sorted(enumerate(registry.registered()), key=key)]
+
+
+def all_terms() -> list[LossTerm]:
+    """Every term, the package's modules imported first (for tools that enumerate terms)."""
+    for module in BUILTIN:
+        importlib.import_module(module)
+    return registered_in_order()
+
 
 def _loss_cfg(cfg: Config | LossConfig) -> LossConfig:
     return cfg.loss if isinstance(cfg, Config) else cfg
@@ -39,11 +67,11 @@ def _term_fn(module: str, name: str, switch: str) -> Any:
 def active_terms(cfg: Config | LossConfig) -> list[LossTerm]:
     """The registered terms this config switches on, in the order they enter the total."""
     lc = _loss_cfg(cfg)
-    for module, section in registry.BUILTIN.items():
+    for module, section in BUILTIN.items():
         switch = registry.section_switch(lc, section)
         if switch is not None:
             _term_fn(module, "LOSS_TERM", switch)  # importing it registers it
-    on = [t for t in registry.registered() if t.is_on(lc)]
+    on = [t for t in registered_in_order() if t.is_on(lc)]
     replaced = {name for t in on for name in t.replaces}
     return [t for t in on if t.name not in replaced]
 

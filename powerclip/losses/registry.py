@@ -17,12 +17,11 @@ This module imports nothing heavy: the config loader asks it which sections exis
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from powerclip.config import LossConfig
+from powerclip.config import LossConfig, register_loss_extension, unregister_loss_extension
 
 if TYPE_CHECKING:
     import torch
@@ -32,17 +31,6 @@ if TYPE_CHECKING:
 
 # what an objective term can need from the model; the trainer asks for the union over switched-on terms
 NEEDS = ("patches", "tokens", "teacher")
-
-# the package's own term modules, in the order their terms enter the total, with the loss.<section>
-# each reads (None: loss.* itself). The composer imports one only when its section switches it on, so
-# a missing or broken module fails only the runs that use it, naming the config key.
-BUILTIN: dict[str, str | None] = {
-    "powerclip.losses.global_loss": None,
-    "powerclip.losses.degla": "degla",
-    "powerclip.losses.powerset": "powerset",
-    "powerclip.losses.concept": "concept",
-}
-
 
 @dataclass(frozen=True)
 class LossContext:
@@ -150,34 +138,20 @@ def register(term: LossTerm) -> LossTerm:
                              f"{other.name!r}")
     _TERMS.pop(term.name, None)
     _TERMS[term.name] = term
-    loss_config_type.cache_clear()
+    own = (term.section, term.config) if term.section is not None and term.config is not None else None
+    register_loss_extension(term.name, own, tuple(term.weight_fields().values()))
     return term
 
 
 def unregister(name: str) -> None:
     """Remove a term (tests that register one of their own clean up with this)."""
     if _TERMS.pop(name, None) is not None:
-        loss_config_type.cache_clear()
+        unregister_loss_extension(name)
 
 
 def registered() -> list[LossTerm]:
-    """The terms imported so far: the package's in ``BUILTIN`` order, then others as registered."""
-    order = list(BUILTIN)
-
-    def key(item: tuple[int, LossTerm]) -> tuple[int, int]:
-        module = item[1].compute.__module__
-        return (order.index(module) if module in order else len(order), item[0])
-
-    return [t for _, t in sorted(enumerate(_TERMS.values()), key=key)]
-
-
-def all_terms() -> list[LossTerm]:
-    """Every term, the package's modules imported first (for tools that enumerate terms)."""
-    import importlib
-
-    for module in BUILTIN:
-        importlib.import_module(module)
-    return registered()
+    """The terms imported so far, in the order they registered (the composer orders the package's own)."""
+    return list(_TERMS.values())
 
 
 def section_switch(lc: LossConfig, section: str | None) -> str | None:
@@ -199,26 +173,3 @@ def section_switch(lc: LossConfig, section: str | None) -> str | None:
     return f"loss.{section}.{'/'.join(weights)} > 0" if on else None
 
 
-def weight_keys(lc: LossConfig) -> list[str]:
-    """Dotted keys of every registered weight whose section this config holds (all must be >= 0)."""
-    return [key for t in registered() if t.section is None or hasattr(lc, t.section)
-            for key in t.weight_fields().values()]
-
-
-@functools.cache
-def loss_config_type() -> type:
-    """``LossConfig``, extended by a field for every registered term that brings its own section.
-
-    The config loader builds its schema from this, so ``loss.<section>.*`` of such a term is a typed,
-    checked key like any other; with only the package's terms it is ``LossConfig`` itself.
-    """
-    own = {f.name for f in fields(LossConfig)}
-    extra = [(t.section, t.config, field(default_factory=t.config)) for t in _TERMS.values()
-             if t.section is not None and t.section not in own and t.config is not None]
-    if not extra:
-        return LossConfig
-    # a module-level name, so configs holding it pickle in any process that registered the same terms
-    name = "LossConfig_" + "_".join(section for section, _, _ in extra)
-    cls = make_dataclass(name, extra, bases=(LossConfig,), namespace={"__module__": __name__})
-    globals()[name] = cls
-    return cls
