@@ -38,11 +38,10 @@ def _engine(cfg, world: int):
 
 
 def _steps(engine, cfg, rank: int, world: int, n: int) -> list[float]:
-    from powerclip.losses.composer import compose_losses
     from powerclip.train.loop import train_step
 
     batches = iter(MemoryLoader(cfg, rank, world))
-    return [train_step(engine, [next(batches)], cfg, compose_losses, False, None).loss for _ in range(n)]
+    return [train_step(engine, [next(batches)], cfg).loss for _ in range(n)]
 
 
 def _full(engine) -> dict[str, list[torch.Tensor]]:

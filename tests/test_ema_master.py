@@ -33,7 +33,6 @@ def _full(p: torch.nn.Parameter) -> torch.Tensor:
 def _job(rank: int, world: int, root: str, stages: tuple[int, ...]) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from powerclip.losses.composer import compose_losses
     from powerclip.model.factory import create_model
     from powerclip.train.ema import EmaTeacher
     from powerclip.train.engine import build_engine
@@ -49,8 +48,7 @@ def _job(rank: int, world: int, root: str, stages: tuple[int, ...]) -> dict:
         engine, _ = build_engine(cfg, model, world)
         errs, working_errs = [], []
         for k in range(2):
-            train_step(engine, [_batch(rank, k).to("cpu", torch.bfloat16)], cfg, compose_losses, False, None,
-                       torch.bfloat16)
+            train_step(engine, [_batch(rank, k).to("cpu", torch.bfloat16)], cfg)
             prev = [t.detach().clone() for t in teacher.module.parameters()]
             teacher.update(engine)
             for t_prev, t_now, p in zip(prev, teacher.module.parameters(), engine.module.parameters()):

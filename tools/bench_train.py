@@ -467,7 +467,6 @@ def child_zero(s: dict[str, Any]) -> None:
     torch.set_num_threads(s["threads"])
     from powerclip.config import load_config
     from powerclip.data.batch import Batch
-    from powerclip.losses.composer import compose_losses
     from powerclip.model.factory import create_model
     from powerclip.train.dist_env import init_distributed
     from powerclip.train.engine import PRECISION_DTYPES, build_engine
@@ -487,7 +486,7 @@ def child_zero(s: dict[str, Any]) -> None:
                   text=torch.randint(1, 49407, (b, s["context_length"]), generator=gen))
     dtype = PRECISION_DTYPES[cfg.train.precision]
     for _ in range(2):
-        train_step(engine, [batch.to(env.device, dtype)], cfg, compose_losses, False, None, dtype)
+        train_step(engine, [batch.to(env.device, dtype)], cfg)
     opt = _inner_optimizer(engine)
     state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                       if torch.is_tensor(t) and t.dim() > 0)

@@ -34,6 +34,7 @@ from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
 from powerclip.data.device import to_device
 from powerclip.data.geometry import model_geometry
+from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
 from powerclip.train import elastic
@@ -83,7 +84,6 @@ def _lock_run_dir(run_dir: Path, env: DistEnv) -> Any:
 
 
 def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) -> dict[str, Any]:
-    from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
     from powerclip.model.factory import create_model
 
     if build_loader is None:
@@ -137,7 +137,6 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         seed_all(cfg.train.seed + 1 + env.rank)  # distinct per-rank streams for anything random
 
     # ---- the loop
-    dense = needs_dense(cfg.loss)
     geo = model_geometry(cfg)  # the loader ships uint8 pixels; to_device normalises them on the device
     dtype = PRECISION_DTYPES[cfg.train.precision]
     accum = cfg.train.accum_steps
@@ -156,8 +155,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         t_data = time.perf_counter() - t0
         lr = float(scheduler.get_last_lr()[0])
         set_pool_step(state.step)  # sampled negative pools: the same draw on every rank and accumulation pass
-        result = train_step(engine, micro, cfg, compose_losses, dense, teacher, dtype, host,
-                            _time_due(cfg, last_save))
+        result = train_step(engine, micro, cfg, teacher, host, _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
             teacher.update(engine)
         state.advance(global_batch, result.applied)
@@ -175,7 +173,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             logger.scalars(state.step, values)
             logger.console(state.step, cfg.train.steps, values)
 
-        if checkpoint_due(cfg, state.step, last_save, env, result.checkpoint_time_due):
+        if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
             last_save = time.time()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
@@ -193,8 +191,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 StepResult = StepValues  # what train_step returns (see powerclip.train.step_sync)
 
 
-def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: bool, teacher,
-               dtype: torch.dtype | None = None, host: HostStats | None = None,
+def train_step(engine, micro: list[Batch], cfg: Config, teacher=None, host: HostStats | None = None,
                time_due: bool = False) -> StepResult:
     """Forward, loss, backward and optimiser step over ``accum_steps`` micro-batches.
 
@@ -203,6 +200,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
     ``host``/``time_due`` ride along in that check's collective (``step_sync.reduce_step``).
     """
     accum = len(micro)
+    dense = needs_dense(cfg.loss)
     full = concat_batches(micro)
     teacher_feats = None
     if teacher is not None:
@@ -212,7 +210,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
     if accum > 1:  # the loss once over all micro-batches' cached features, then one surrogate per pass
         with torch.no_grad():
             cached = [features_of(engine(b, dense=dense)) for b in micro]
-        loss, terms, feats, grads = cached_loss(cached, lambda f: _compose(compose_losses, f, full, cfg,
+        loss, terms, feats, grads = cached_loss(cached, lambda f: _compose(f, full, cfg,
                                                                            teacher_feats))
         result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
         if not result.applied:
@@ -222,7 +220,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
             engine.step()
         return result
     feats = features_of(engine(micro[0], dense=dense))
-    loss, terms = _compose(compose_losses, feats, full, cfg, teacher_feats)
+    loss, terms = _compose(feats, full, cfg, teacher_feats)
     result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
     if not result.applied:
         return result  # no backward on any rank: the step is skipped everywhere
@@ -231,7 +229,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, compose_losses, dense: b
     return result
 
 
-def _compose(compose_losses, feats, batch, cfg: Config, teacher_feats):
+def _compose(feats, batch, cfg: Config, teacher_feats):
     if teacher_feats is None:
         return compose_losses(feats, batch, cfg.loss)
     return compose_losses(feats, batch, cfg.loss, teacher_features=teacher_feats)
@@ -263,7 +261,7 @@ def _time_due(cfg: Config, last_save: float) -> bool:
     return minutes > 0 and (time.time() - last_save) >= 60.0 * minutes
 
 
-def checkpoint_due(cfg: Config, step: int, last_save: float, env: DistEnv, time_due: bool | None = None) -> bool:
+def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | None = None) -> bool:
     """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step.
 
     ``time_due``: rank 0's verdict as it came with the step's collective (the training loop);
