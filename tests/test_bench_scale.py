@@ -1,6 +1,6 @@
 """tools/bench_scale.py simulates W ranks by the SHAPES of the gathered tensors on the meta device.
-This checks that the simulation counts what a real rank does: on 2 real gloo ranks at small size,
-each term's forward+backward FLOPs on every rank equal the simulated per-rank FLOPs at W = 2, for a
+This checks that the simulation counts what a real rank does: on 2 and 4 real gloo ranks at small size,
+each term's forward+backward FLOPs on every rank equal the simulated per-rank FLOPs at that W, for a
 pool that covers the batch and for one that binds; that DeGLA's cost beyond the global loss it replaces is
 flat in W; and that the table is written as its own section."""
 
@@ -73,17 +73,18 @@ def _rank_fn(rank: int, world: int) -> list[dict[str, int]]:
 
 
 @pytest.mark.slow
-def test_simulated_per_rank_flops_equal_two_real_ranks():
+@pytest.mark.parametrize("world", [2, 4])
+def test_simulated_per_rank_flops_equal_real_ranks(world: int):
     bench = _bench()
     s = bench.Shapes(**SHAPES)
     pool.set_step(3)
-    ranks = run_on_ranks(_rank_fn, 2)
+    ranks = run_on_ranks(_rank_fn, world)
     for i, pools in enumerate(POOLS):
-        sim = bench.run(s, pools, (2,))
+        sim = bench.run(s, pools, (world,))
         for name, by_w in sim.items():
-            assert by_w[2][0] > 0, name
-            for r in (0, 1):
-                assert ranks[r][i][name] == by_w[2][0], (pools, name, r)
+            assert by_w[world][0] > 0, name
+            for r in range(world):
+                assert ranks[r][i][name] == by_w[world][0], (pools, name, r)
     # the pool binds: the sampled rows cost less than 'all' for the pool-aware terms
     for name in ("powerset", "concept_xac", _bench().DEGLA_TERMS):
         assert ranks[0][1][name] < ranks[0][0][name], name

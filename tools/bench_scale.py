@@ -8,7 +8,7 @@ saved activations and gradients included, over what its inputs already hold) wit
 ``MemTracker``. Everything runs on the meta device, so W = 1,024 at the presets' shapes takes
 seconds on a laptop CPU; the all-gathers are replaced by tensors of the gathered SHAPE
 (``simulated_world``), which is what a rank's work depends on. tests/test_bench_scale.py checks on
-2 real gloo ranks that the simulated per-rank FLOPs equal the real ones.
+2 and 4 real gloo ranks that the simulated per-rank FLOPs equal the real ones.
 
 Shapes: PowerCLIP preset B = 256 per rank, M = 10 regions, K = 16 phrases, D = 512; C2LIP about 3
 concepts per image, T = 196 patches, D = 768; DeGLA K = 4 hard negatives, D = 512. The reference
