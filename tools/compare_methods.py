@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--relation-prob", type=float, default=1.0,
                    help="synthetic generator: share of multi-object captions with a relation (0: bag-of-words trap)")
+    p.add_argument("--colours", type=int, default=7,
+                   help="synthetic generator: colour vocabulary size (7: the default data; more: binding twins rare "
+                        "in a batch, see powerclip.data.synthetic_twins)")
     p.add_argument("--pretrained", default=None, help="reuse this export as the fine-tuning start")
     p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
@@ -297,6 +300,17 @@ def report(results: dict[str, dict[int, dict]], pretrained: dict[str, float] | N
 
 
 # ---------------------------------------------------------------------------------- driver
+def twin_summary(args: argparse.Namespace) -> str:
+    """How often the data lets the contrastive loss teach binding (powerclip.data.synthetic_twins)."""
+    from powerclip.data.synthetic_twins import train_scene_keys, twin_rates
+
+    n = max(args.train_shards * args.per_shard, 2 * args.batch)
+    r = twin_rates(train_scene_keys(n, 0, args.colours, args.relation_prob), args.batch)
+    return (f"over the {n} train scenes, P(a scene's batch of {args.batch} holds a binding twin) = "
+            f"{r['scene_has_twin']:.4f}, twin pairs per batch {r['pairs_per_batch']:.3f}, "
+            f"batches holding one {r['batch_has_twin']:.3f}")
+
+
 def machine_state() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return (f"{platform.node()}, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
@@ -322,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_synthetic(synth, train_shards=args.train_shards, val_shards=1, heldout_shards=1,
                        per_shard=args.per_shard, image_size=args.image_size, seed=0,
-                       relation_prob=args.relation_prob)
+                       relation_prob=args.relation_prob, num_colours=args.colours)
     jobs = plan(args, synth)
     results: dict[str, dict[int, dict]] = {}
     pending = {j.name: j for j in jobs}
@@ -364,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
             f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
-            f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}", "extra overrides": " ".join(args.overrides) or "none",
+            f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}, {args.colours} colours",
+            "binding twins": twin_summary(args),
+            "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
             "wall time": f"{time.time() - t0:.0f} s", "command": " ".join(sys.argv)}
     text = report(results, pretrained, meta)
