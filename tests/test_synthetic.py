@@ -213,3 +213,17 @@ def test_more_colours_make_binding_twins_rare_in_a_batch():
     assert new_pairs * 5 <= old_pairs and new_batches * 4 <= old_batches, (new_pairs, new_batches)
     rates = twin_rates(train_scene_keys(6400, num_colours=27), 64)
     assert rates["scene_has_twin"] < 0.005 and rates["pairs_per_batch"] < 0.1
+
+
+def test_rule_parser_exact_on_the_larger_vocabulary():
+    # the concept/phrase annotations of real shards come from the rule parser; new colour words
+    # (also vowel-initial ones: "an olive circle") must parse as the grammar built them
+    from powerclip.annotate import rule_annotation
+
+    held = heldout_pairs(0, colours=colour_vocabulary(27))
+    anns = [json.loads(make_sample(i, split, 0, 16, held, num_colours=27)["json"])
+            for split in ("train", "heldout") for i in range(150)]
+    assert any(a["caption"].startswith("an ") and a["objects"][0]["colour"] not in COLOURS for a in anns)
+    for ann in anns:
+        got = rule_annotation(ann["caption"])
+        assert (got["phrases"], got["concepts"]) == (ann["phrases"], ann["concepts"]), ann["caption"]
