@@ -55,7 +55,24 @@ def test_smoke_end_to_end(tmp_path):
     text = (out / "report.md").read_text()
     for head in ("powerclip − clip", "concept − clip", "negclip − clip_ft", "degla − clip_ft"):
         assert head in text
+    assert "27 colours" in text and "holds a binding twin" in text  # the data's twin rate is stated
+    # the data under --out is reused only with the settings it was written with
+    with pytest.raises(SystemExit, match="--colours"):
+        cm.main(["--out", str(out), "--smoke", "--colours", "7"])
     # a second call reuses every finished run
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")}
     assert cm.main(["--out", str(out), "--smoke", "--jobs", "1"]) == 0
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")} == before
+
+
+def test_twin_summary_counts_the_tools_own_data():
+    args = cm.build_parser().parse_args(["--out", "x", "--per-shard", "640", "--train-shards", "5"])
+    many = cm.twin_summary(args)  # the tool's default vocabulary
+    args.colours = 7
+    few = cm.twin_summary(args)
+    assert "over the 3200 train scenes" in few and "batch of 64" in few
+
+    def pairs(text: str) -> float:
+        return float(text.split("twin pairs per batch ")[1].split(",")[0])
+
+    assert pairs(few) > 5 * pairs(many) and pairs(few) > 0.3

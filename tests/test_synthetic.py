@@ -10,10 +10,27 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 from PIL import Image
 
-from powerclip.data.synthetic import COLOURS, SHAPES, heldout_pairs, make_sample, make_synthetic
+from powerclip.data.synthetic import (
+    COLOURS,
+    PALETTE,
+    SHAPES,
+    Obj,
+    colour_vocabulary,
+    heldout_pairs,
+    make_sample,
+    make_synthetic,
+)
+from powerclip.data.synthetic_twins import (
+    are_twins,
+    count_twin_pairs,
+    scene_key,
+    train_scene_keys,
+    twin_rates,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,3 +140,90 @@ def test_seeded_and_224(tmp_path: Path):
     digest = [hashlib.sha256((tmp_path / n / "train" / "00000.tar").read_bytes()).hexdigest() for n in "xy"]
     assert digest[0] == digest[1]
     assert make_synthetic(tmp_path / "z", 1, 0, 0, 4)["splits"]["train"]["num_samples"] == 4
+
+
+def test_default_vocabulary_draws_the_same_data():
+    # digest of the annotations of the first 30 samples per split, as written before the colour
+    # vocabulary became a knob: the default data (and so every figure measured on it) is unchanged
+    h = hashlib.sha256()
+    held = heldout_pairs(0)
+    for split in ("train", "val", "heldout"):
+        for i in range(30):
+            h.update(make_sample(i, split, 0, 32, held)["json"])
+    assert h.hexdigest() == "1403cbd37dff6fe971658aec969970c6bf21a4e831e9a94a210e90ef699ece59"
+    assert colour_vocabulary() == tuple(COLOURS) and heldout_pairs(0, colours=colour_vocabulary(7)) == held
+
+
+def test_larger_vocabulary_keeps_the_heldout_rule(tmp_path: Path):
+    colours = colour_vocabulary(27)
+    assert len(set(PALETTE[c] for c in colours)) == 27 and colours[:len(COLOURS)] == tuple(COLOURS)
+    root = tmp_path / "big"
+    manifest = make_synthetic(root, 2, 1, 1, 48, image_size=32, num_colours=27)
+    held = heldout_pairs(0, colours=colours)
+    assert manifest["num_colours"] == 27
+    assert set(manifest["heldout_pairs"]) == {f"{c} {s}" for c, s in held} and len(held) == round(0.15 * 27 * 5)
+    classes = json.loads((root / "classes.json").read_text())["classnames"]
+    assert classes == [f"{c} {s}" for c in colours for s in SHAPES]
+    used: set[str] = set()
+    for split in ("train", "val", "heldout"):
+        for shard in sorted((root / split).glob("*.tar")):
+            for s in _samples(shard):
+                ann = json.loads(s["json"])
+                pairs = {(o["colour"], o["shape"]) for o in ann["objects"]}
+                used |= {c for c, _ in pairs}
+                o = ann["objects"][0]
+                assert classes[ann["label"]] == f"{o['colour']} {o['shape']}"
+                assert bool(pairs & held) == (split == "heldout"), (split, pairs)
+                if split != "heldout":  # neither captions nor any negative name a heldout pair
+                    texts = [ann["caption"], *(n["text"] for n in ann["negatives"]), *ann["eval_negatives"].values()]
+                    named = {(w[i], w[i + 1]) for t in texts for w in [t.split(" ")] for i in range(len(w) - 1)}
+                    assert not named & held, (split, texts)
+    assert len(used - set(COLOURS)) >= 10  # the new colours are really drawn
+    with pytest.raises(ValueError, match="num_colours"):
+        make_synthetic(tmp_path / "bad", 1, 0, 0, 4, num_colours=len(PALETTE) + 1)
+
+
+def test_count_twin_pairs_is_the_pairwise_count():
+    def scene(*pairs):
+        return scene_key([Obj(s, c, None, (i, 0)) for i, (c, s) in enumerate(pairs)])
+
+    a = scene(("red", "circle"), ("blue", "square"))
+    twin = scene(("blue", "circle"), ("red", "square"))
+    same = scene(("blue", "square"), ("red", "circle"))  # the same scene, said in the other order
+    other = scene(("red", "circle"), ("blue", "cross"))
+    keys = [a, twin, same, other, twin]
+    assert count_twin_pairs(keys) == sum(are_twins(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]) == 4
+    drawn = train_scene_keys(400, num_colours=7)
+    brute = sum(are_twins(x, y) for i, x in enumerate(drawn) for y in drawn[i + 1:])
+    assert count_twin_pairs(drawn) == brute > 0
+
+
+def test_more_colours_make_binding_twins_rare_in_a_batch():
+    # counted over the first 100 batches of 64 train scenes exactly as the generator draws them:
+    # with 7 colours about half the batches hold a pair of binding twins (the contrastive loss then
+    # supervises binding); with the full palette few do
+    def pairs_in_batches(num_colours: int) -> tuple[int, int]:
+        keys = train_scene_keys(6400, num_colours=num_colours)
+        counts = [count_twin_pairs(keys[i:i + 64]) for i in range(0, 6400, 64)]
+        return sum(counts), sum(c > 0 for c in counts)
+
+    old_pairs, old_batches = pairs_in_batches(7)
+    new_pairs, new_batches = pairs_in_batches(27)
+    assert old_pairs >= 40 and old_batches >= 30, (old_pairs, old_batches)
+    assert new_pairs * 5 <= old_pairs and new_batches * 4 <= old_batches, (new_pairs, new_batches)
+    rates = twin_rates(train_scene_keys(6400, num_colours=27), 64)
+    assert rates["scene_has_twin"] < 0.005 and rates["pairs_per_batch"] < 0.1
+
+
+def test_rule_parser_exact_on_the_larger_vocabulary():
+    # the concept/phrase annotations of real shards come from the rule parser; new colour words
+    # (also vowel-initial ones: "an olive circle") must parse as the grammar built them
+    from powerclip.annotate import rule_annotation
+
+    held = heldout_pairs(0, colours=colour_vocabulary(27))
+    anns = [json.loads(make_sample(i, split, 0, 16, held, num_colours=27)["json"])
+            for split in ("train", "heldout") for i in range(150)]
+    assert any(a["caption"].startswith("an ") and a["objects"][0]["colour"] not in COLOURS for a in anns)
+    for ann in anns:
+        got = rule_annotation(ann["caption"])
+        assert (got["phrases"], got["concepts"]) == (ann["phrases"], ann["concepts"]), ann["caption"]

@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--relation-prob", type=float, default=1.0,
                    help="share of multi-object captions said with a relation (the rest: 'X and Y', random order)")
+    p.add_argument("--colours", type=int, default=7,
+                   help="colour vocabulary size (7: the default data; up to the palette's 27: binding twins rare)")
     a = p.parse_args(argv)
     m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                       a.seed, a.format, a.relation_prob)
+                       a.seed, a.format, a.relation_prob, a.colours)
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
     return 0

@@ -30,7 +30,9 @@ from PIL import Image, ImageDraw
 
 SCHEMA_VERSION = 1
 
-COLOURS: dict[str, tuple[int, int, int]] = {
+# Every colour the generator can name, RGB far from each other and from BACKGROUND (>= 50 apart).
+# The first DEFAULT_COLOURS are the default vocabulary; ``num_colours`` takes a longer prefix.
+PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
     "blue": (40, 80, 220),
@@ -38,12 +40,54 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 170),
     "orange": (245, 140, 30),
     "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "pink": (250, 150, 200),
+    "brown": (120, 70, 30),
+    "cyan": (40, 220, 230),
+    "magenta": (230, 40, 200),
+    "lime": (160, 240, 60),
+    "navy": (20, 30, 110),
+    "teal": (20, 130, 130),
+    "maroon": (120, 20, 40),
+    "olive": (120, 120, 20),
+    "beige": (225, 205, 160),
+    "gold": (200, 160, 20),
+    "violet": (180, 120, 240),
+    "turquoise": (60, 200, 160),
+    "coral": (250, 110, 90),
+    "lavender": (200, 190, 250),
+    "silver": (175, 175, 180),
+    "indigo": (75, 0, 130),
+    "mint": (170, 250, 200),
+    "azure": (130, 190, 250),
 }
+DEFAULT_COLOURS = 7
+COLOURS: dict[str, tuple[int, int, int]] = dict(list(PALETTE.items())[:DEFAULT_COLOURS])
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.11, "large": 0.16}  # half-extent as a fraction of the image side
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.", "a {}."]
 CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def colour_vocabulary(num_colours: int = DEFAULT_COLOURS) -> tuple[str, ...]:
+    """The first ``num_colours`` colour words of PALETTE.
+
+    Why a knob: with few colours, two scenes of one batch often hold the same colours and shapes
+    bound differently ("red circle + blue square" and "blue circle + red square"); the contrastive
+    loss then has to bind colours to shapes to tell them apart. With many colours such binding twins
+    are rare in a batch, so matching the bag of words suffices for the loss (as for web captions), and
+    the swap kinds measure whether a method adds binding. Zero-shot stays learnable: each colour is
+    still seen often enough to be learned.
+    """
+    if not 2 <= num_colours <= len(PALETTE):
+        raise ValueError(f"num_colours must be in [2, {len(PALETTE)}] (the palette), got {num_colours}")
+    return tuple(list(PALETTE)[:num_colours])
+
+
+def class_names(colours: tuple[str, ...]) -> list[str]:
+    """Zero-shot classes ("colour shape") of a vocabulary, in the order the labels index."""
+    return [f"{c} {s}" for c in colours for s in SHAPES]
 BACKGROUND = (90, 90, 90)
 
 
@@ -67,10 +111,11 @@ class Obj:
                 round(min(1.0, cx + half), 4), round(min(1.0, cy + half), 4)]
 
 
-def heldout_pairs(seed: int, fraction: float = 0.15) -> set[tuple[str, str]]:
+def heldout_pairs(seed: int, fraction: float = 0.15,
+                  colours: tuple[str, ...] = tuple(COLOURS)) -> set[tuple[str, str]]:
     """(colour, shape) pairs reserved for the heldout split; each shape keeps most colours."""
     rng = random.Random(f"heldout-{seed}")
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    pairs = [(c, s) for c in colours for s in SHAPES]
     n = max(1, round(fraction * len(pairs)))
     return set(rng.sample(pairs, n))
 
@@ -136,7 +181,8 @@ def _names_forbidden(objs: list[Obj], forbid: set[tuple[str, str]]) -> bool:
 
 
 def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
-                   forbid: frozenset[tuple[str, str]] = frozenset()) -> dict[str, str]:
+                   forbid: frozenset[tuple[str, str]] = frozenset(),
+                   colours: tuple[str, ...] = tuple(COLOURS)) -> dict[str, str]:
     """SugarCrepe-style hard negatives, each a caption that is false for this image.
 
     ``forbid``: (colour, shape) pairs no negative may name (the heldout pairs, outside the heldout
@@ -148,7 +194,7 @@ def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
     pos = _text(objs, rel)
     i = rng.randrange(len(objs))
     # replace-att: one object's colour becomes a colour no object in the scene has
-    free_colours = [c for c in COLOURS if c != objs[i].colour and (c, objs[i].shape) not in forbid]
+    free_colours = [c for c in colours if c != objs[i].colour and (c, objs[i].shape) not in forbid]
     new = list(objs)
     new[i] = _copy(objs[i], colour=rng.choice(free_colours))
     out["replace-att"] = _text(new, rel)
@@ -161,7 +207,7 @@ def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
         out["replace-rel"] = _text(objs, RELATIONS[rel])
     # add-obj: an object that is not in the scene
     present = {(o.colour, o.shape) for o in objs}
-    extra = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (c, s) not in forbid])
+    extra = rng.choice([(c, s) for c in colours for s in SHAPES if (c, s) not in present and (c, s) not in forbid])
     out["add-obj"] = pos + " and " + Obj(extra[1], extra[0], None, (0, 0)).np_text()
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
@@ -177,7 +223,8 @@ def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
 
 
 def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
-                       forbid: frozenset[tuple[str, str]] = frozenset()) -> list[dict]:
+                       forbid: frozenset[tuple[str, str]] = frozenset(),
+                       colours: tuple[str, ...] = tuple(COLOURS)) -> list[dict]:
     """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent.
 
     No negative names a ``forbid`` pair (see ``eval_negatives``) and no text appears twice (two kinds
@@ -206,7 +253,7 @@ def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
             out.append({"kind": "swap_adjectives", "text": _text(swapped, rel)})
     i = rng.randrange(len(objs))
     new = list(objs)
-    new[i] = _copy(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour
+    new[i] = _copy(objs[i], colour=rng.choice([c for c in colours if c != objs[i].colour
                                                and (c, objs[i].shape) not in forbid]))
     out.append({"kind": "replace_adjectives", "text": _text(new, rel)})
     new = list(objs)
@@ -224,7 +271,7 @@ def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
 
 # -------------------------------------------------------------------------------------- scenes
 def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]],
-                 relation_prob: float = 1.0) -> tuple[list[Obj], str | None]:
+                 relation_prob: float = 1.0, colours: tuple[str, ...] = tuple(COLOURS)) -> tuple[list[Obj], str | None]:
     """Objects and relation for one sample; heldout scenes use >= 1 held pair, others none.
 
     ``relation_prob`` < 1: that share of multi-object scenes is said with a relation; the others are
@@ -244,7 +291,7 @@ def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]],
         if rel is None and n == 2:
             # cells on the same row and column cannot happen (distinct cells): options is never empty
             raise AssertionError("no relation between distinct cells")
-    pairs_ok = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+    pairs_ok = [(c, s) for c in colours for s in SHAPES if (c, s) not in held]
     held_list = sorted(held)
     objs: list[Obj] = []
     for k in range(n):
@@ -272,7 +319,7 @@ def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Im
         box = o.box(jitter)
         boxes.append(box)
         x0, y0, x1, y1 = (v * size for v in box)
-        col = COLOURS[o.colour]
+        col = PALETTE[o.colour]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         if o.shape == "circle":
             d.ellipse([x0, y0, x1, y1], fill=col)
@@ -290,10 +337,12 @@ def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Im
 
 
 def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],
-                image_format: str = "png", relation_prob: float = 1.0) -> dict:
-    """One webdataset sample dict; a pure function of (index, split, seed, image_size, relation_prob)."""
+                image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS) -> dict:
+    """One webdataset sample dict; a pure function of its arguments (``held`` must come from
+    ``heldout_pairs`` of the same seed and vocabulary)."""
+    colours = colour_vocabulary(num_colours)
     rng = random.Random(f"{seed}-{split}-{index}")
-    objs, rel = sample_scene(rng, split, held, relation_prob)
+    objs, rel = sample_scene(rng, split, held, relation_prob, colours)
     forbid = frozenset() if split == "heldout" else frozenset(held)
     img, boxes = draw_scene(objs, image_size, rng)
     cap = render_caption(objs, rel)
@@ -307,10 +356,10 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
         "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size or "small",
                      "box": b} for o, b in zip(objs, boxes)],
         "relation": rel,
-        "label": CLASSNAMES.index(f"{objs[0].colour} {objs[0].shape}"),
+        "label": colours.index(objs[0].colour) * len(SHAPES) + SHAPES.index(objs[0].shape),
         # outside the heldout split no text names a heldout pair, negatives included (eval_negatives)
-        "negatives": training_negatives(objs, rel, rng, forbid),
-        "eval_negatives": eval_negatives(objs, rel, rng, forbid),
+        "negatives": training_negatives(objs, rel, rng, forbid, colours),
+        "eval_negatives": eval_negatives(objs, rel, rng, forbid, colours),
     }
     buf = io.BytesIO()
     if image_format == "png":
@@ -323,7 +372,8 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
 
 
 def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: int, image_size: int,
-                held: set[tuple[str, str]], image_format: str = "png", relation_prob: float = 1.0) -> dict[str, int]:
+                held: set[tuple[str, str]], image_format: str = "png", relation_prob: float = 1.0,
+                num_colours: int = DEFAULT_COLOURS) -> dict[str, int]:
     """Write OUT/split/NNNNN.tar + sizes.json; returns the sizes mapping."""
     import webdataset as wds
 
@@ -337,7 +387,8 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
         # makes tarfile add one), which halves the tar headers every reader parses
         with wds.TarWriter(str(tmp), mtime=0) as w:
             for i in range(per_shard):
-                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format, relation_prob))
+                w.write(make_sample(s * per_shard + i, split, seed, image_size, held, image_format, relation_prob,
+                                    num_colours))
         tmp.replace(d / name)
         sizes[name] = per_shard
     (d / "sizes.json").write_text(json.dumps(sizes, indent=1))
@@ -346,8 +397,11 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
 
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
-                   image_format: str = "png", relation_prob: float = 1.0) -> dict:
-    """Write the whole dataset under ``out``; returns the manifest dict (also written to disk)."""
+                   image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS) -> dict:
+    """Write the whole dataset under ``out``; returns the manifest dict (also written to disk).
+
+    ``num_colours``: the colour vocabulary (``colour_vocabulary``); the default is the original one.
+    """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
     if not 0.0 <= relation_prob <= 1.0:
@@ -356,17 +410,19 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    held = heldout_pairs(seed)
+    colours = colour_vocabulary(num_colours)
+    held = heldout_pairs(seed, colours=colours)
     splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
                       "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
-                      "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
+                      "num_colours": num_colours, "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue
-        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format, relation_prob)
+        sizes = write_split(out, split, n, per_shard, seed, image_size, held, image_format, relation_prob,
+                            num_colours)
         manifest["splits"][split] = {"shards": f"{split}/{{00000..{n - 1:05d}}}.tar",
                                      "num_samples": sum(sizes.values()), "skipped": []}
-    (out / "classes.json").write_text(json.dumps({"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=1))
+    (out / "classes.json").write_text(json.dumps({"classnames": class_names(colours), "templates": TEMPLATES}, indent=1))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
