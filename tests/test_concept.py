@@ -1,4 +1,4 @@
-"""C2LIP concept losses (METHODS 3) against brute-force loops, the METHODS 3 invariants, and 2 gloo ranks."""
+"""C2LIP concept losses (docs/losses.md §3) against brute-force loops, the docs/losses.md §3 invariants, and 2 gloo ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeGLA losses (METHODS 4) against brute-force loops, the released TGC bug, masks and 2 gloo ranks."""
+"""DeGLA losses (docs/losses.md §4) against brute-force loops, the released TGC bug, masks and 2 gloo ranks."""
 
 from __future__ import annotations
 

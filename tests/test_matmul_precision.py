@@ -19,7 +19,7 @@ from tests.test_concept import _cfg, _global_batch, _make
 
 _STEP = 5
 _G, _M, _K, _D = 8, 10, 8, 64  # global batch of 8: two ranks of 4
-_DELTA = 0.2  # METHODS' margin, with tau = 1e-3: the case that magnifies score rounding the most
+_DELTA = 0.2  # docs/losses.md's margin, with tau = 1e-3: the case that magnifies score rounding the most
 
 
 def _powerset_inputs(lo: int, hi: int, dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""The model: open_clip-identical global embeddings, dense outputs per METHODS §0, logit-scale clamp,
+"""The model: open_clip-identical global embeddings, dense outputs per docs/losses.md §0, logit-scale clamp,
 one text-tower call for captions + concepts + negatives, and weight loading."""
 
 import math

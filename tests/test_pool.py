@@ -126,7 +126,7 @@ def test_sampled_and_local_pools_on_two_ranks():
 
 # ------------------------------------------------------------------------------ concept terms
 def _brute_pooled(vec, concepts, owners, ids, form, fix, members, scale=10.0, bias=-2.0):
-    """METHODS 3 loops with image i's columns restricted to its own concepts and those of S minus i."""
+    """docs/losses.md §3 loops with image i's columns restricted to its own concepts and those of S minus i."""
     n_img = vec.n_img
     total, rows = 0.0, 0
     for i in range(n_img):
@@ -311,7 +311,7 @@ def test_own_concepts_scored_with_their_owner_equal_the_explicit_pooling():
 
 
 # ------------------------------------------------------------------ gathered tensors in bf16
-_PREC_CFG = dict(weight=1.0, margin=0.2)  # METHODS' delta and tau = 1e-3: the hardest case for rounding
+_PREC_CFG = dict(weight=1.0, margin=0.2)  # docs/losses.md's delta and tau = 1e-3: the hardest case for rounding
 
 
 def _prec_embeds(lo: int, hi: int, dtype: torch.dtype):

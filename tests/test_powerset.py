@@ -1,4 +1,4 @@
-"""PowerCLIP powerset loss (METHODS 2): reference formulas, exact enumeration bounds, masking,
+"""PowerCLIP powerset loss (docs/losses.md §2): reference formulas, exact enumeration bounds, masking,
 gradients, chunking, and world size 1 vs 2 on the same global batch."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _embeds(r: int, c: int, m: int, k: int, d: int = 8, seed: int = 0, pad: bool
 
 # ----------------------------------------------------------------------------- reference formulas
 def _ref_terms(phi, rv, p, pv, tau, zeta, scale=None):
-    """Loop-free but literal METHODS 2 formulas on the full [R, M, C, K] tensor (float64)."""
+    """Loop-free but literal docs/losses.md §2 formulas on the full [R, M, C, K] tensor (float64)."""
     n = rv.sum(-1).clamp_min(1).double()
     sc = 1.0 / n if scale is None else torch.full_like(n, scale)
     s = torch.einsum("rmd,ckd->rmck", phi, p) * sc[:, None, None, None]

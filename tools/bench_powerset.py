@@ -48,7 +48,7 @@ def _inputs(b: int, g: int, m: int, k: int, d: int, seed: int = 0):
 
 
 def naive_terms(phi, rv, p, pv, tau: float, zeta: float):
-    """The literal METHODS 2 formulas under plain autograd, unchunked: the baseline that the
+    """The literal docs/losses.md §2 formulas under plain autograd, unchunked: the baseline that the
     recomputing backward of powerset_nla avoids (autograd keeps ~10 [R, M, C, K] tensors)."""
     scale = 1.0 / rv.sum(-1).clamp_min(1).to(phi.dtype)
     s = torch.einsum("rmd,ckd->rmck", phi, p) * scale[:, None, None, None]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark XAC scoring: the closed form (METHODS 3) against explicit pooling, forward + backward.
+"""Benchmark XAC scoring: the closed form (docs/losses.md §3) against explicit pooling, forward + backward.
 
 Each configuration runs in a FRESH subprocess so that its peak resident memory (ru_maxrss) is its
 own; the figure reported is the peak minus the RSS measured after the inputs were created, i.e. what

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fit the NLA-T2 interpolation ζ (METHODS 2) against exact 2^M enumeration on real batches.
+"""Fit the NLA-T2 interpolation ζ (docs/losses.md §2) against exact 2^M enumeration on real batches.
 
 For every (image, caption) pair of each batch (all B x B pairs, as the loss scores them) the exact
 region-to-text score Q->_ij = (1/2^M) sum_A max_k X_k(A) is enumerated and compared with

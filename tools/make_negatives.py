@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Add K hard-negative captions of the five DeGLA kinds to every sample of a shard set (METHODS 4).
+"""Add K hard-negative captions of the five DeGLA kinds to every sample of a shard set (docs/losses.md §4).
 
 Examples:
   # rule-based, deterministic, offline

@@ -10,7 +10,7 @@ keys               list[str] (B)           webdataset ``__key__`` of each sample
 images             [B, 3, H, W] uint8/fp   transformed images: uint8 pixels from the loader,
                                           normalised floats after ``data.device.to_device``
 text               [B, L] long             caption tokens (open_clip layout: SOT ... EOT, 0-pad)
-token_valid        [B, L] bool             real word tokens: not SOT, EOT or padding (METHODS 0)
+token_valid        [B, L] bool             real word tokens: not SOT, EOT or padding (docs/losses.md §0)
 phrase_tokens      [B, K, L] bool          token positions of each parse-tree node (+ root)
 phrase_valid       [B, K] bool             real phrase slots (K is padded to the batch max)
 region_masks       [B, M, T] bool          patches inside each region box

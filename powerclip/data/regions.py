@@ -1,4 +1,4 @@
-"""Region geometry (METHODS 2): stored boxes or patch-index sets mapped into a transformed view and
+"""Region geometry (docs/losses.md §2): stored boxes or patch-index sets mapped into a transformed view and
 drawn on the model's patch grid as [M, T] masks.
 
 The view is described by the crop window that ``transforms.apply_transform`` reports, in 0..1

@@ -227,7 +227,7 @@ class SampleProcessor:
             if self.d.max_concepts_per_caption is not None:
                 self._drop("field_concept_over_max", len(texts) - self.d.max_concepts_per_caption)
                 texts = texts[: self.d.max_concepts_per_caption]
-            texts = texts or [caption]  # METHODS 3: a caption with no concept uses the whole caption
+            texts = texts or [caption]  # docs/losses.md §3: a caption with no concept uses the whole caption
             out["concept_text"] = [self.tok.ids(t) for t in texts]
             out["concept_owner"] = len(texts)
             out["concept_ids"] = [concept_id(t) for t in texts]

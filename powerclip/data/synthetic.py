@@ -13,7 +13,7 @@ Caption grammar (every span below is known at construction time)::
 
 Phrase nodes: every NP, every "REL NP" (labelled PP) and the ROOT (whole caption). Concepts:
 the NPs. Evaluation negatives follow SugarCrepe's kinds; DeGLA training negatives follow
-METHODS 4's five kinds; both are generated from the grammar, never by string hacks on text.
+docs/losses.md §4's five kinds; both are generated from the grammar, never by string hacks on text.
 The heldout split contains only scenes with at least one (colour, shape) pair that never occurs
 in train/val, not even in their negatives (a compositional-generalisation probe).
 """
@@ -225,7 +225,7 @@ def eval_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
 def training_negatives(objs: list[Obj], rel: str | None, rng: random.Random,
                        forbid: frozenset[tuple[str, str]] = frozenset(),
                        colours: tuple[str, ...] = tuple(COLOURS)) -> list[dict]:
-    """DeGLA's five kinds (METHODS 4), generated from the grammar; inapplicable kinds are absent.
+    """DeGLA's five kinds (docs/losses.md §4), generated from the grammar; inapplicable kinds are absent.
 
     No negative names a ``forbid`` pair (see ``eval_negatives``) and no text appears twice (two kinds
     can coincide, e.g. a reorder of two same-shape objects equals their colour swap; a duplicate

@@ -3,7 +3,7 @@
 Why offsets: annotations are stored once per caption as character spans (tokenizer-independent);
 each run maps them to the token positions of *its* tokenizer. Layout follows open_clip:
 ``[SOT] w_1 .. w_n [EOT] 0 ...`` truncated to the context length with EOT kept last. A span
-whose tokens were cut by the context length is dropped (METHODS 2), never silently shortened.
+whose tokens were cut by the context length is dropped (docs/losses.md §2), never silently shortened.
 
 Two backends:
 * ``clip``: open_clip's SimpleTokenizer (CLIP BPE). Offsets come from running the tokenizer's own

@@ -1,4 +1,4 @@
-"""C2LIP concept-centric losses (METHODS 3): noun-phrase contrast (NPC) and cross-modal attention
+"""C2LIP concept-centric losses (docs/losses.md §3): noun-phrase contrast (NPC) and cross-modal attention
 pooling (XAC).
 
 Entry point: ``concept_losses(features, batch, cfg, global_loss)`` returns the UNWEIGHTED terms
@@ -35,7 +35,7 @@ Forms (``cfg.form``; ``auto`` follows ``loss.global_loss``: siglip -> sigmoid, c
 * softmax (multi-positive InfoNCE for CLIP models): image i -> all N concepts, the mean
   log-probability over its positives, averaged over the images that have at least one positive:
       L = -(1/G+) sum_{i: P(i) non-empty} (1/|P(i)|) sum_{p in P(i)} log softmax_n(s * score_in)_p.
-  Only the image->concept direction: METHODS 3 defines positives per image, and a concept->image
+  Only the image->concept direction: docs/losses.md §3 defines positives per image, and a concept->image
   softmax for XAC would need every rank's patches (the pooling is per image-concept pair). The concept
   embeddings still get the full contrastive gradient through the image rows' softmax.
 

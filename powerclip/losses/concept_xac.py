@@ -1,6 +1,6 @@
 """XAC scores: parameter-free cross-modal attention pooling of patches with the concept as query.
 
-For image i (patches z_{i,t}, t = 1..T, unit norm) and concept n (c_n, unit norm), METHODS 3:
+For image i (patches z_{i,t}, t = 1..T, unit norm) and concept n (c_n, unit norm), docs/losses.md §3:
 
     S_t = <c_n, z_{i,t}>,   a = softmax_t(lambda * S),   p = normalise(sum_t a_t z_{i,t}),
     score(i, n) = <p, c_n> = (sum_t a_t S_t) / sqrt(a^T K a),   K = Z Z^T  (the [T, T] patch Gram).

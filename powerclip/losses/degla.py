@@ -1,4 +1,4 @@
-"""DeGLA fine-tuning losses (METHODS 4): NegCLIP base, IGC, TGC and self-distillation.
+"""DeGLA fine-tuning losses (docs/losses.md §4): NegCLIP base, IGC, TGC and self-distillation.
 
 All four terms are returned UNWEIGHTED under the keys ``degla_base``, ``degla_igc``, ``degla_tgc`` and
 ``degla_distill``; the composer multiplies them by ``loss.degla.{base,igc,tgc,distill}_weight``.
@@ -81,7 +81,7 @@ def _own_contrast(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch
 def _negative_columns(neg: torch.Tensor, valid: torch.Tensor, g: int, pool: PoolSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard-negative columns of the NegCLIP i2t softmax and which of them each local image may use.
 
-    ``all``: every sample's negatives, row g·K + k for negative k of global sample g (METHODS 4).
+    ``all``: every sample's negatives, row g·K + k for negative k of global sample g (docs/losses.md §4).
     ``local``: this rank's own samples' negatives. ``sample:N``: each image's own negatives plus those of
     N samples drawn from the global batch (the same draw on every rank), laid out [own B·K | drawn N·K];
     image i keeps its own block and the drawn samples other than i (those would be duplicates).

@@ -1,4 +1,4 @@
-"""Global image-text objectives over the whole (gathered) batch: CLIP InfoNCE and SigLIP (METHODS §1).
+"""Global image-text objectives over the whole (gathered) batch: CLIP InfoNCE and SigLIP (docs/losses.md §1).
 
 Both follow open_clip's ``local_loss=True, gather_with_grad=True`` semantics: each rank scores its
 B local rows against all G = W·B gathered columns (``powerclip.distributed.gather_with_grad``) and

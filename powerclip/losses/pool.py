@@ -5,7 +5,7 @@ O(B·G·D) per rank: negligible at D = 512. The method terms (powerset: M·K pai
 XAC: T patches per (image, concept)) cost hundreds of times more per pair, so against ALL G columns
 their per-rank cost grows linearly with the number of GPUs. A pool bounds it by configuration:
 
-``all``       every column of the global batch (METHODS' formula; per-rank cost grows with W).
+``all``       every column of the global batch (docs/losses.md's formula; per-rank cost grows with W).
 ``local``     only this rank's own B columns (per-rank cost fixed; the negatives depend on W).
 ``sample:N``  N pair indices drawn uniformly without replacement from the G of the global batch, the
               same draw on every rank (seeded from the optimiser step), plus each row's own positive.
@@ -45,7 +45,7 @@ class PoolSpec:
     size: int = 0  # N for sample
 
     def covers(self, total: int) -> bool:
-        """Whether this pool holds every one of ``total`` global columns (-> the exact METHODS formula)."""
+        """Whether this pool holds every one of ``total`` global columns (-> the exact formula of docs/losses.md)."""
         return self.kind == "all" or (self.kind == "sample" and self.size >= total)
 
 

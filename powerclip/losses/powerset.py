@@ -1,4 +1,4 @@
-"""PowerCLIP powerset alignment loss (METHODS 2): the term ``loss.powerset`` switches on.
+"""PowerCLIP powerset alignment loss (docs/losses.md §2): the term ``loss.powerset`` switches on.
 
 ``powerset_loss(features, batch, cfg)`` returns UNWEIGHTED scalars; the composer multiplies
 ``powerset`` by ``loss.powerset.weight`` (lambda) and logs every entry as loss/<name>:
@@ -16,7 +16,7 @@ S_ij = T1_ij + T2_ij is the fine-grained image-caption score (NLA by default, ex
 max_{j != i} X_ij - X_ii) the hardest-negative triplet loss.
 
 Region scale: ``cfg.region_scale`` when set, else 1/M_i with M_i the number of VALID regions of
-image i. That equals METHODS' 1/M whenever every slot is filled (random regions always are, stored
+image i. That equals docs/losses.md's 1/M whenever every slot is filled (random regions always are, stored
 boxes are topped up with random ones) and keeps padded slots exactly invisible otherwise.
 
 Distributed convention (the same as ``global_loss`` and ``degla``): rank r scores its B local images

@@ -1,8 +1,8 @@
-"""Region and phrase embeddings for the powerset loss (METHODS 2), as pure tensor functions.
+"""Region and phrase embeddings for the powerset loss (docs/losses.md §2), as pure tensor functions.
 
 Region m of image i pools the patches inside its box: phi_{i,m} = normalise(sum_{t in R_m} z_{i,t}).
 Phrase (parse-tree node) k of caption j pools its leaf tokens: p_{j,k} = mean (or sum) of w_{j,l}
-over the node's token positions. Phrase embeddings are NOT re-normalised: METHODS 2 defines them as
+over the node's token positions. Phrase embeddings are NOT re-normalised: docs/losses.md §2 defines them as
 the plain mean of unit leaf vectors, so a node whose words disagree scores lower than a coherent one.
 
 All computation happens in fp32 (float64 stays float64, for gradcheck) whatever the model precision.
@@ -58,8 +58,8 @@ def phrase_embeddings(tokens: torch.Tensor, phrase_tokens: torch.Tensor,
     """p [B, K, D] (0 for padded phrases) and validity [B, K] bool.
 
     tokens [B, L, D] normalised token embeddings; phrase_tokens [B, K, L] bool token positions of each
-    node; token_valid [B, L] bool restricts nodes to real word tokens (METHODS 0: never SOT/EOT/pad).
-    pool: ``mean`` (METHODS default) or ``sum``. A node with no real token left is treated as padding.
+    node; token_valid [B, L] bool restricts nodes to real word tokens (docs/losses.md §0: never SOT/EOT/pad).
+    pool: ``mean`` (the default of docs/losses.md) or ``sum``. A node with no real token left is treated as padding.
     """
     if pool not in ("mean", "sum"):
         raise ValueError(f"loss.powerset.phrase_pool={pool!r} is not one of ('mean', 'sum')")

@@ -1,4 +1,4 @@
-"""Exact powerset scores by enumerating all 2^M region subsets (METHODS 2; M <= 12).
+"""Exact powerset scores by enumerating all 2^M region subsets (docs/losses.md §2; M <= 12).
 
 For tests, zeta calibration and the ``loss.powerset.exact`` mode. With X_k(A) = sum_{m in A} s_mk:
 

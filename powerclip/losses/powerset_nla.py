@@ -1,4 +1,4 @@
-"""NLA-T1 and NLA-T2 of METHODS 2 for every (image, caption) pair, chunked over captions.
+"""NLA-T1 and NLA-T2 of docs/losses.md §2 for every (image, caption) pair, chunked over captions.
 
 Notation: rows r are images with M region slots, columns c are captions with K phrase slots,
 s_{rmck} = <phi_{r,m}, p_{c,k}> * scale_r (scale_r = region_scale, default 1/M_r), v_{rm} the region

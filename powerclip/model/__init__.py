@@ -1,4 +1,4 @@
-"""The model: open_clip towers, dense outputs (METHODS §0) and the Features they produce."""
+"""The model: open_clip towers, dense outputs (docs/losses.md §0) and the Features they produce."""
 
 from powerclip.model.clip_model import DenseUnsupportedError, PowerClipModel
 from powerclip.model.factory import (

@@ -1,4 +1,4 @@
-"""PowerClipModel: an open_clip model plus the dense outputs of METHODS §0, in one forward pass.
+"""PowerClipModel: an open_clip model plus the dense outputs of docs/losses.md §0, in one forward pass.
 
 The wrapped open_clip model is ``self.clip`` and is the only thing with parameters, so the
 export is exactly ``model.clip.state_dict()``. The global embeddings come out of open_clip's own
@@ -21,7 +21,7 @@ from powerclip.model.features import Features
 
 
 class DenseUnsupportedError(RuntimeError):
-    """The model's towers have no dense path (METHODS §0) that powerclip knows how to read."""
+    """The model's towers have no dense path (docs/losses.md §0) that powerclip knows how to read."""
 
 
 def _project(x: torch.Tensor, proj: nn.Module | torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +218,7 @@ class PowerClipModel(nn.Module):
         concept rows, hard negatives) goes through ONE text-tower call (concatenated, then split
         back into the Features field it names), so the tower runs once per step.
 
-        ``dense`` adds patch and token embeddings (METHODS §0). ``images=False`` skips the image
+        ``dense`` adds patch and token embeddings (docs/losses.md §0). ``images=False`` skips the image
         tower (Features.image is then an empty [0, D] tensor), for text-only passes.
         """
         # every text-tower field of the batch (captions first), flattened to rows and concatenated

@@ -1,7 +1,7 @@
 """Per-patch embeddings for open_clip ``TimmModel`` towers whose timm ViT pools with a MAP head
 (``AttentionPoolLatent``: SigLIP ViTs such as open_clip's "ViT-B-16-SigLIP").
 
-Why a separate path. A ViT with a class token reads patches as ``proj(ln_post(x_t))`` (METHODS 0).
+Why a separate path. A ViT with a class token reads patches as ``proj(ln_post(x_t))`` (docs/losses.md §0).
 A MAP tower has no such projection: its pooled embedding is
 
     pooled = H( sum_t a_t v(x_t) ),     H(y) = head( fc_norm( y' + mlp(norm(y')) ) ),  y' = proj(y)

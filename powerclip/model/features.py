@@ -15,7 +15,7 @@ class Features:
     text        [B, D]      global caption embeddings (exactly open_clip's encode_text, normalised)
     logit_scale []          exp(clamped log scale), the multiplier applied to cosine similarities
     logit_bias  [] | None   SigLIP bias
-    patches     [B, T, D] | None   dense patch embeddings proj(ln_post(x_t)), normalised (METHODS 0)
+    patches     [B, T, D] | None   dense patch embeddings proj(ln_post(x_t)), normalised (docs/losses.md §0)
     tokens      [B, L, D] | None   dense token embeddings ln_final -> text_projection, normalised;
                                   only positions where batch.token_valid is True are meaningful
     concepts    [C, D] | None      concept rows encoded as short texts

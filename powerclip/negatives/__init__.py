@@ -1,4 +1,4 @@
-"""Hard-negative captions for the DeGLA stage (METHODS 4): five kinds, two backends, one validator.
+"""Hard-negative captions for the DeGLA stage (docs/losses.md §4): five kinds, two backends, one validator.
 
 * ``rules``    deterministic rewrites over a POS-tagged parse; replacements come from the corpus's
                own noun/adjective vocabulary.

@@ -13,7 +13,7 @@ What makes it usable on millions of captions:
   record of the process once a client was made (the HTTP client logs request URLs).
 
 The DeGLA paper generates its negatives with in-context learning; the rules and examples below
-follow its five kinds (METHODS 4).
+follow its five kinds (docs/losses.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EMA teacher for the DeGLA stage (METHODS 4): θ_T ← α·θ_T + (1−α)·θ_S after every optimiser step.
+"""EMA teacher for the DeGLA stage (docs/losses.md §4): θ_T ← α·θ_T + (1−α)·θ_S after every optimiser step.
 
 Why a separate, unwrapped module: under ZeRO-3 the student's parameters are partitioned across ranks
 (each ``param.data`` is empty outside a gather), so the teacher cannot share or wrap them. Every rank
