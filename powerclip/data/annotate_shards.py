@@ -31,7 +31,7 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
-from .shard_pool import run_shards
+from .shard_pool import check_output_folder, run_shards
 
 RECORDS = "_annotate"
 _ANNOTATOR = None
@@ -158,12 +158,7 @@ def prepare_output(shards: list[Path], out: str | Path, parser: str, model: str)
     """Check the input/output pair and record the settings in ``out`` (refusing a folder annotated
     with other settings, which would mix two annotations in one shard set); returns ``out`` resolved.
     Done once before a job array starts, so that its tasks only read the settings."""
-    out = Path(out).resolve()
-    if any(p.resolve().parent == out for p in shards):
-        raise ValueError(f"{out}: the output folder must not be the input folder")
-    names = [p.name for p in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("shard names collide in one output folder")
+    out = check_output_folder(shards, out)
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
     settings_path = out / RECORDS / "settings.json"
     settings = _settings(parser, model)

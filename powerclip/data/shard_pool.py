@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 
@@ -36,4 +37,16 @@ def run_shards(todo: Sequence[Any], work: Callable[[Any], Any], *, workers: int 
                 for fut in as_completed([ex.submit(work, item) for item in todo]):
                     out.append(fut.result())
                     bar.update(1)
+    return out
+
+
+def check_output_folder(shards: Sequence[Path], out: str | Path) -> Path:
+    """``out`` resolved, after refusing what would overwrite or mix shards: an output folder that is
+    an input folder, or two input shards with one name (they would land on one output file)."""
+    out = Path(out).resolve()
+    if any(Path(p).resolve().parent == out for p in shards):
+        raise ValueError(f"{out}: the output folder must not be the input folder (write new shards elsewhere)")
+    names = [Path(p).name for p in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("shard names collide in one output folder")
     return out

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from powerclip.data.shard_pool import run_shards
+from powerclip.data.shard_pool import check_output_folder, run_shards
 from powerclip.negatives.rules import RuleGenerator, Tagged, Vocabulary, load_tagger, tag_captions
 from powerclip.negatives.validate import KINDS, REASONS, Bounds, select_negatives
 
@@ -153,12 +153,7 @@ def prepare_output(shards: list[Path], out_dir: str | Path, job: NegativesJob) -
     """Check shards, output folder and settings, and pin the settings in the output folder (done
     once, before any shard is worked on); returns the output folder resolved."""
     _check_job(job)
-    out = Path(out_dir).resolve()
-    if any(p.resolve().parent == out for p in shards):
-        raise ValueError(f"output folder {out} is an input folder: write new shards elsewhere")
-    names = [p.name for p in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("shard names collide in one output folder")
+    out = check_output_folder(shards, out_dir)
     for sub in ("vocab", "tagged", "done"):
         (out / STATE / sub).mkdir(parents=True, exist_ok=True)
     path = out / STATE / "settings.json"
