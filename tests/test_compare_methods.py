@@ -56,6 +56,9 @@ def test_smoke_end_to_end(tmp_path):
     for head in ("powerclip − clip", "concept − clip", "negclip − clip_ft", "degla − clip_ft"):
         assert head in text
     assert "27 colours" in text and "holds a binding twin" in text  # the data's twin rate is stated
+    # the "seen" split is the first train shard itself: scenes every arm trained on
+    assert (out / "synth" / "seen" / "00000.tar").resolve() == (out / "synth" / "train" / "00000.tar").resolve()
+    assert "## seen split" in text and "## val split" in text and "## heldout split" in text
     # the data under --out is reused only with the settings it was written with
     with pytest.raises(SystemExit, match="--colours"):
         cm.main(["--out", str(out), "--smoke", "--colours", "7"])
@@ -76,3 +79,15 @@ def test_twin_summary_counts_the_tools_own_data():
         return float(text.split("twin pairs per batch ")[1].split(",")[0])
 
     assert pairs(few) > 5 * pairs(many) and pairs(few) > 0.3
+
+
+def test_every_fine_tuning_arm_gets_the_same_lr(tmp_path):
+    """--ft-lr sets the lr of the control and of both methods alike (default 1e-3); 0 keeps the preset's."""
+    def lrs(extra: list[str]) -> dict[str, list[str]]:
+        args = cm.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "1",
+                                             "--arms", "clip_ft,negclip,degla,clip", *extra])
+        return {j.name: [o for o in j.overrides if o.startswith("optim.lr=")] for j in cm.plan(args, tmp_path)}
+
+    assert lrs([]) == {"pretrain": [], "clip/seed0": [], "clip_ft/seed0": ["optim.lr=0.001"],
+                       "negclip/seed0": ["optim.lr=0.001"], "degla/seed0": ["optim.lr=0.001"]}
+    assert all(v == [] for v in lrs(["--ft-lr", "0"]).values())

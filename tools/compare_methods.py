@@ -17,9 +17,13 @@ so the arms of one seed are paired):
     clip_ft     fine-tuned with the plain CLIP loss (more training, no negatives)
     negclip     NegCLIP alone (the DeGLA base term: the grammar's hard negatives in the softmax)
     degla       DeGLA as the preset sets it (NegCLIP + 0.1 IGC + 0.1 TGC + distillation, sum x 0.005)
+  All three fine-tune at --ft-lr (1e-3, the pretraining lr): at the preset's 1e-4, 150 steps barely
+  move NegCLIP's own image-grounded loss, so the arms would differ by little more than their seeds.
 
-Every run is evaluated on the val split (seen colour-shape pairs, new scenes) and on the heldout
-split (scenes with a pair never named in training): accuracy per hard-negative kind, zero-shot top-1
+Every run is evaluated on the seen split (the first train shard: scenes it trained on), the val split
+(seen colour-shape pairs, new scenes) and the heldout split (scenes with a pair never named in
+training): seen against val tells memorising the training scenes from learning what carries to new
+ones. Per split: accuracy per hard-negative kind, zero-shot top-1
 and retrieval R@1. The report gives mean +- 95% CI (Student t over seeds) per metric and arm, and
 the paired difference to the arm's control (per seed, then mean +- CI). The fine-tuning arms train
 on the generator's own negatives (the rule backend of tools/make_negatives.py would name heldout
@@ -59,7 +63,9 @@ FT_ARMS: dict[str, list[str]] = {
     "negclip": ["loss.degla.igc_weight=0", "loss.degla.tgc_weight=0", "loss.degla.distill_weight=0"],
     "degla": [],
 }
-SPLITS = ("val", "heldout")
+# "seen": the first train shard, scenes every arm trained on; against val it tells memorising the
+# training scenes from learning something that carries to new scenes
+SPLITS = ("seen", "val", "heldout")
 
 
 @dataclass
@@ -79,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch-steps", type=int, default=300, help="steps of the arms trained from random weights")
     p.add_argument("--pretrain-steps", type=int, default=300, help="steps of the shared pretrained start")
     p.add_argument("--ft-steps", type=int, default=150, help="steps of the fine-tuning arms")
-    p.add_argument("--ft-lr", type=float, default=None, help="fine-tuning lr (default: the DeGLA preset's)")
+    p.add_argument("--ft-lr", type=float, default=1e-3,
+                   help="lr of every fine-tuning arm (control included); 0: the DeGLA preset's (1e-4), under "
+                   "which 150 steps barely move NegCLIP's own image-grounded loss (docs/method_comparison.md)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=512, help="samples per shard (val/heldout: one shard each)")
@@ -121,7 +129,7 @@ def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
                                 + SCRATCH_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}"))
             else:
                 steps = args.ft_steps
-                lr = [] if args.ft_lr is None else [f"optim.lr={args.ft_lr}"]
+                lr = [f"optim.lr={args.ft_lr}"] if args.ft_lr else []
                 jobs.append(Job(f"{arm}/seed{seed}", "configs/degla_tiny_cpu.yaml",
                                 common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
                                                    f"optim.warmup_steps={max(1, steps // 10)}",
@@ -154,7 +162,7 @@ def _worker_init(threads: int) -> None:
 
 
 def run_job(job: Job, synth: str, out: str) -> dict:
-    """Train (unless already finished), export the pretrained start or evaluate both splits."""
+    """Train (unless already finished), export the pretrained start or evaluate every split."""
     import logging
     import warnings
 
@@ -209,7 +217,7 @@ def _loss_summary(run_dir: Path) -> dict[str, list[float]]:
 
 
 def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
-    """``{split/metric: value}`` for both splits: per-kind accuracy, zero-shot top-1, retrieval R@1."""
+    """``{split/metric: value}`` for every split: per-kind accuracy, zero-shot top-1, retrieval R@1."""
     from powerclip.eval import evaluate
     from powerclip.eval.model_io import load_model
 
@@ -326,6 +334,15 @@ def check_data(synth: Path, args: argparse.Namespace) -> None:
                          f"(have, asked): {diff}; use another --out or the same settings")
 
 
+def link_seen_split(synth: Path) -> None:
+    """``synth/seen``: the first train shard (a link), evaluated like the val and heldout splits."""
+    seen = synth / "seen"
+    seen.mkdir(exist_ok=True)
+    link = seen / "00000.tar"
+    if not link.exists():
+        link.symlink_to(Path("..") / "train" / "00000.tar")
+
+
 def machine_state() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return (f"{platform.node()}, {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
@@ -353,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                        per_shard=args.per_shard, image_size=args.image_size, seed=0,
                        relation_prob=args.relation_prob, num_colours=args.colours)
     check_data(synth, args)
+    link_seen_split(synth)
     jobs = plan(args, synth)
     results: dict[str, dict[int, dict]] = {}
     pending = {j.name: j for j in jobs}
