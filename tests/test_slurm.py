@@ -306,7 +306,7 @@ srun --kill-on-bad-exit=1 bash -c '
 
 
 def test_unreachable_master_port_fails_within_the_timeout(cluster, tiny_yaml, tmp_path):
-    timeout_s = 10
+    timeout_s = 5
     run = tmp_path / "badport"
     script = tmp_path / "badport.sbatch"
     script.write_text(BAD_PORT_SCRIPT)
