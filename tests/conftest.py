@@ -21,6 +21,14 @@ SYNTH_PER_SHARD = 64
 SYNTH_IMAGE_SIZE = 32
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the Slurm cluster runs on the same pytest-xdist worker (``--dist
+    loadgroup``): one cluster, started once, and never two tests' jobs competing for its nodes."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture
 def debug_checks() -> Iterator[None]:
     from powerclip import checks

@@ -339,4 +339,4 @@ def test_rendezvous_failure_names_master_and_timeout(monkeypatch):
     with pytest.raises(RuntimeError, match=rf"rank 1 of 2 could not join the process group at "
                                            rf"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port} within 3 s"):
         init_distributed(timeout_s=3)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 120  # the timeout, not torch's default 30 min
