@@ -67,7 +67,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.11, "large": 0.16}  # half-extent as a fraction of the image side
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.", "a {}."]
-CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+BACKGROUND = (90, 90, 90)
 
 
 def colour_vocabulary(num_colours: int = DEFAULT_COLOURS) -> tuple[str, ...]:
@@ -88,7 +88,6 @@ def colour_vocabulary(num_colours: int = DEFAULT_COLOURS) -> tuple[str, ...]:
 def class_names(colours: tuple[str, ...]) -> list[str]:
     """Zero-shot classes ("colour shape") of a vocabulary, in the order the labels index."""
     return [f"{c} {s}" for c in colours for s in SHAPES]
-BACKGROUND = (90, 90, 90)
 
 
 @dataclass
@@ -356,7 +355,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
         "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size or "small",
                      "box": b} for o, b in zip(objs, boxes)],
         "relation": rel,
-        "label": colours.index(objs[0].colour) * len(SHAPES) + SHAPES.index(objs[0].shape),
+        "label": class_names(colours).index(f"{objs[0].colour} {objs[0].shape}"),
         # outside the heldout split no text names a heldout pair, negatives included (eval_negatives)
         "negatives": training_negatives(objs, rel, rng, forbid, colours),
         "eval_negatives": eval_negatives(objs, rel, rng, forbid, colours),
