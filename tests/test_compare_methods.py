@@ -38,24 +38,29 @@ def test_report_pairs_each_arm_with_its_control_by_seed():
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "cmp"
-    assert cm.main(["--out", str(out), "--smoke", "--jobs", "2"]) == 0
+    assert cm.main(["--out", str(out), "--smoke", "--jobs", "2", "--keep-models"]) == 0
     res = json.loads((out / "results.json").read_text())
     arms = {*cm.SCRATCH_ARMS, *cm.FT_ARMS}
     assert set(res["results"]) == arms
     kinds = {"swap-att", "swap-obj", "replace-att", "replace-obj", "replace-rel", "add-obj", "zeroshot_acc1",
-             "retrieval_i2t_R@1", "retrieval_t2i_R@1"}
+             "retrieval_i2t_R@1", "retrieval_t2i_R@1", "binding-text", "binding-image", "binding-group"}
     for arm in arms:
         assert set(res["results"][arm]) == {"0", "1"}, arm  # two seeds
         for r in res["results"][arm].values():
             assert {k.split("/", 1)[1] for k in r["metrics"]} <= kinds
             for split in cm.SPLITS:
-                assert f"{split}/swap-att" in r["metrics"] and f"{split}/zeroshot_acc1" in r["metrics"]
+                assert {f"{split}/swap-att", f"{split}/zeroshot_acc1", f"{split}/binding-group"} <= set(r["metrics"])
+    # --keep-models: each run's weights stay as an open_clip export that evaluates to the reported metrics
+    kept = out / "runs" / "negclip" / "seed1" / "model"
+    assert not (kept.parent / "checkpoints").exists()
+    assert cm.evaluate_model(kept, str(out / "synth")) == res["results"]["negclip"]["1"]["metrics"]
     # the fine-tuning arms start from the pretrained export, whose metrics are reported next to them
     assert (out / "pretrained" / "open_clip_config.json").is_file() and res["pretrained"]
     text = (out / "report.md").read_text()
     for head in ("powerclip − clip", "concept − clip", "negclip − clip_ft", "degla − clip_ft"):
         assert head in text
     assert "27 colours" in text and "holds a binding twin" in text  # the data's twin rate is stated
+    assert "binding-group 1/6" in text  # the chance level of every metric is stated
     # the "seen" split is the first train shard itself: scenes every arm trained on
     assert (out / "synth" / "seen" / "00000.tar").resolve() == (out / "synth" / "train" / "00000.tar").resolve()
     assert "## seen split" in text and "## val split" in text and "## heldout split" in text

@@ -19,7 +19,9 @@ from powerclip.data.synthetic import (
     PALETTE,
     SHAPES,
     Obj,
+    binding_twin,
     colour_vocabulary,
+    draw_objects,
     heldout_pairs,
     make_sample,
     make_synthetic,
@@ -145,12 +147,15 @@ def test_seeded_and_224(tmp_path: Path):
 def test_default_vocabulary_draws_the_same_data():
     # digest of the annotations of the first 30 samples per split, as written before the colour
     # vocabulary became a knob: the default data (and so every figure measured on it) is unchanged
-    h = hashlib.sha256()
+    h, pixels = hashlib.sha256(), hashlib.sha256()
     held = heldout_pairs(0)
     for split in ("train", "val", "heldout"):
         for i in range(30):
-            h.update(make_sample(i, split, 0, 32, held)["json"])
+            s = make_sample(i, split, 0, 32, held)
+            h.update(s["json"])
+            pixels.update(Image.open(io.BytesIO(s["png"])).tobytes())
     assert h.hexdigest() == "1403cbd37dff6fe971658aec969970c6bf21a4e831e9a94a210e90ef699ece59"
+    assert pixels.hexdigest() == "a6af9a7d7f7b8cd0c7476637431245a686af43716bd94390e2f89e0aa599fbfe"
     assert colour_vocabulary() == tuple(COLOURS) and heldout_pairs(0, colours=colour_vocabulary(7)) == held
 
 
@@ -227,3 +232,59 @@ def test_rule_parser_exact_on_the_larger_vocabulary():
     for ann in anns:
         got = rule_annotation(ann["caption"])
         assert (got["phrases"], got["concepts"]) == (ann["phrases"], ann["concepts"]), ann["caption"]
+
+
+def _pixel(img: Image.Image, box: list[float]) -> tuple[int, int, int]:
+    """The colour at the centre of a box (inside every shape the generator draws)."""
+    w = img.size[0]
+    return img.getpixel((int((box[0] + box[2]) / 2 * w), int((box[1] + box[3]) / 2 * w)))
+
+
+def _outside(img: Image.Image, boxes: tuple[list[float], ...]) -> list:
+    """The pixels outside ``boxes`` (grown by one pixel)."""
+    w = img.size[0]
+    return [img.getpixel((x, y)) for x in range(w) for y in range(w)
+            if not any(b[0] * w - 1 <= x <= b[2] * w + 1 and b[1] * w - 1 <= y <= b[3] * w + 1 for b in boxes)]
+
+
+def test_binding_twin_swaps_the_colours_of_the_first_two_objects():
+    """The twin is the scene re-drawn from its annotation with objects 0 and 1 exchanging colours,
+    and its caption is the scene's swap-att negative: same bag of words, same layout, other binding."""
+    colours = colour_vocabulary(27)
+    held = heldout_pairs(0, colours=colours)
+    twins = 0
+    for split in ("val", "heldout"):
+        for i in range(60):
+            s = make_sample(i, split, 0, 64, held, num_colours=27)
+            ann = json.loads(s["json"])
+            image = Image.open(io.BytesIO(s["png"])).convert("RGB")
+            objs = ann["objects"]
+            # the annotation holds everything needed to re-draw the scene pixel for pixel
+            assert draw_objects([(o["shape"], o["colour"], o["box"]) for o in objs], 64).tobytes() == image.tobytes()
+            twin = binding_twin(ann, 64)
+            if "swap-att" not in ann["eval_negatives"]:
+                assert twin is None
+                continue
+            twins += 1
+            twin_image, twin_caption = twin
+            assert twin_caption == ann["eval_negatives"]["swap-att"]
+            (c0, s0), (c1, s1) = (objs[0]["colour"], objs[0]["shape"]), (objs[1]["colour"], objs[1]["shape"])
+            assert c0 != c1
+            # the caption names the swapped pairs, and the image draws them where the originals were
+            assert f"{c1} {s0}" in twin_caption and f"{c0} {s1}" in twin_caption
+            if s0 != s1:  # (two circles swap colours: the same pairs, bound to other sizes and places)
+                assert f"{c0} {s0}" not in twin_caption and f"{c1} {s1}" not in twin_caption
+            def _words(text: str) -> list[str]:  # the article follows the colour ("an orange")
+                return sorted(w for w in text.split() if w not in ("a", "an"))
+
+            assert _words(twin_caption) == _words(ann["caption"])  # the same bag of words
+            assert _pixel(twin_image, objs[0]["box"]) == PALETTE[c1] == _pixel(image, objs[1]["box"])
+            assert _pixel(twin_image, objs[1]["box"]) == PALETTE[c0] == _pixel(image, objs[0]["box"])
+            for o in objs[2:]:
+                assert _pixel(twin_image, o["box"]) == PALETTE[o["colour"]]
+            # outside the two objects nothing changed
+            swapped = (objs[0]["box"], objs[1]["box"])
+            assert _outside(twin_image, swapped) == _outside(image, swapped)
+    assert twins > 20
+    # annotations from elsewhere (parsed captions) have no exact objects to re-draw: no twin
+    assert binding_twin({**ann, "parser": "spacy"}, 64) is None

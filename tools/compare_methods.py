@@ -23,8 +23,9 @@ so the arms of one seed are paired):
 Every run is evaluated on the seen split (the first train shard: scenes it trained on), the val split
 (seen colour-shape pairs, new scenes) and the heldout split (scenes with a pair never named in
 training): seen against val tells memorising the training scenes from learning what carries to new
-ones. Per split: accuracy per hard-negative kind, zero-shot top-1
-and retrieval R@1. The report gives mean +- 95% CI (Student t over seeds) per metric and arm, and
+ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1, and the Winoground
+text / image / group scores of the binding twins (each scene with a swap-att negative against its
+colour-swapped twin: same bag of words, same layout; chance 0.25 / 0.25 / 1/6). The report gives mean +- 95% CI (Student t over seeds) per metric and arm, and
 the paired difference to the arm's control (per seed, then mean +- CI). The fine-tuning arms train
 on the generator's own negatives (the rule backend of tools/make_negatives.py would name heldout
 pairs in negatives, a shortcut the heldout split punishes).
@@ -76,6 +77,7 @@ class Job:
     run_dir: Path
     evaluate: bool = True
     after: list[str] = field(default_factory=list)
+    keep_model: bool = False  # export the trained weights to run_dir/model (for later evaluations)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep each run's exported weights (RUN/model, ~30 MB per run at the defaults) so it can be "
+                   "evaluated again later; by default only the metrics are kept")
     p.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per run: checks the tool only")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
     return p
@@ -126,7 +131,8 @@ def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
                 jobs.append(Job(f"{arm}/seed{seed}", "configs/tiny_cpu.yaml",
                                 common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
                                                    f"optim.warmup_steps={max(1, steps // 10)}"]
-                                + SCRATCH_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}"))
+                                + SCRATCH_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
+                                keep_model=args.keep_models))
             else:
                 steps = args.ft_steps
                 lr = [f"optim.lr={args.ft_lr}"] if args.ft_lr else []
@@ -135,7 +141,7 @@ def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
                                                    f"optim.warmup_steps={max(1, steps // 10)}",
                                                    f"model.pretrained={pretrained_path(args)}"]
                                 + lr + FT_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
-                                after=[] if args.pretrained else ["pretrain"]))
+                                after=[] if args.pretrained else ["pretrain"], keep_model=args.keep_models))
     if any(j.after for j in jobs):
         steps = args.pretrain_steps
         jobs.insert(0, Job("pretrain", "configs/tiny_cpu.yaml",
@@ -189,8 +195,15 @@ def run_job(job: Job, synth: str, out: str) -> dict:
         from powerclip.export import export_checkpoint
 
         export_checkpoint(job.run_dir, Path(out) / "pretrained")
+    model: Path = job.run_dir
+    if job.keep_model and job.name != "pretrain":
+        from powerclip.export import export_checkpoint
+
+        model = job.run_dir / "model"
+        if not (model / "open_clip_config.json").is_file():
+            export_checkpoint(job.run_dir, model)
     if job.evaluate and job.name != "pretrain":
-        result["metrics"] = evaluate_model(job.run_dir, synth)
+        result["metrics"] = evaluate_model(model, synth)
     result["eval_s"] = time.time() - t0 - t_train
     _cleanup(job.run_dir)
     done.write_text(json.dumps(result, indent=1))
@@ -217,7 +230,8 @@ def _loss_summary(run_dir: Path) -> dict[str, list[float]]:
 
 
 def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
-    """``{split/metric: value}`` for every split: per-kind accuracy, zero-shot top-1, retrieval R@1."""
+    """``{split/metric: value}`` for every split: per-kind accuracy, zero-shot top-1, retrieval R@1 and
+    the binding twins' Winoground scores."""
     from powerclip.eval import evaluate
     from powerclip.eval.model_io import load_model
 
@@ -232,6 +246,10 @@ def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
             elif ds == "synthetic/retrieval":
                 flat[f"{split}/retrieval_i2t_R@1"] = m["text_retrieval_recall@1"]
                 flat[f"{split}/retrieval_t2i_R@1"] = m["image_retrieval_recall@1"]
+            elif ds == "synthetic/binding":  # Winoground scores of the colour-swapped twins
+                flat[f"{split}/binding-text"] = m["text_acc"]
+                flat[f"{split}/binding-image"] = m["image_acc"]
+                flat[f"{split}/binding-group"] = m["acc"]
             else:
                 flat[f"{split}/{ds.split('/', 1)[1]}"] = m["acc"]
     return flat
@@ -414,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
             f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}, {args.colours} colours",
             "binding twins": twin_summary(args),
+            "chance": "0.5 per hard-negative kind; binding-text and binding-image 0.25, binding-group 1/6 "
+            f"(Winoground scores); zero-shot top-1 1/{5 * args.colours}",
             "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
             "wall time": f"{time.time() - t0:.0f} s", "command": " ".join(sys.argv)}

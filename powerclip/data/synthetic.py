@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SCHEMA_VERSION = 1
+GRAMMAR_PARSER = "synthetic-grammar"  # the annotation's "parser": its objects, boxes and negatives are exact
 
 # Every colour the generator can name, RGB far from each other and from BACKGROUND (>= 50 apart).
 # The first DEFAULT_COLOURS are the default vocabulary; ``num_colours`` takes a longer prefix.
@@ -68,6 +69,7 @@ SIZES = {"small": 0.11, "large": 0.16}  # half-extent as a fraction of the image
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.", "a {}."]
 BACKGROUND = (90, 90, 90)
+JPEG_QUALITY = 90  # image_format="jpg"
 
 
 def colour_vocabulary(num_colours: int = DEFAULT_COLOURS) -> tuple[str, ...]:
@@ -310,29 +312,54 @@ def sample_scene(rng: random.Random, split: str, held: set[tuple[str, str]],
 
 
 def draw_scene(objs: list[Obj], size: int, rng: random.Random) -> tuple[Image.Image, list[list[float]]]:
+    boxes = [o.box((rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))) for o in objs]
+    return draw_objects([(o.shape, o.colour, box) for o, box in zip(objs, boxes)], size), boxes
+
+
+def draw_objects(objects: list[tuple[str, str, list[float]]], size: int) -> Image.Image:
+    """The image of ``(shape, colour, box)`` objects, boxes as fractions of the side: the one
+    renderer, so a scene re-drawn from its annotation has exactly the pixels of the original."""
     img = Image.new("RGB", (size, size), BACKGROUND)
     d = ImageDraw.Draw(img)
-    boxes = []
-    for o in objs:
-        jitter = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))
-        box = o.box(jitter)
-        boxes.append(box)
+    for shape, colour, box in objects:
         x0, y0, x1, y1 = (v * size for v in box)
-        col = PALETTE[o.colour]
+        col = PALETTE[colour]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        if o.shape == "circle":
+        if shape == "circle":
             d.ellipse([x0, y0, x1, y1], fill=col)
-        elif o.shape == "square":
+        elif shape == "square":
             d.rectangle([x0, y0, x1, y1], fill=col)
-        elif o.shape == "triangle":
+        elif shape == "triangle":
             d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=col)
-        elif o.shape == "diamond":
+        elif shape == "diamond":
             d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=col)
-        elif o.shape == "cross":
+        elif shape == "cross":
             w = (x1 - x0) / 3
             d.rectangle([cx - w / 2, y0, cx + w / 2, y1], fill=col)
             d.rectangle([x0, cy - w / 2, x1, cy + w / 2], fill=col)
-    return img, boxes
+        else:
+            raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+def binding_twin(annotation: dict, size: int) -> tuple[Image.Image, str] | None:
+    """The colour-swapped twin of an annotated scene: the same layout with the colours of the first
+    two objects exchanged, and its caption, which is the scene's swap-att negative. None where the
+    scene has no swap-att negative.
+
+    Why: a scene and its twin hold the same bag of words and the same shapes in the same places, so
+    only binding colours to shapes tells which caption goes with which image; scored as Winoground
+    (text, image and group score), a bag-of-words model is at chance, and a caption prior alone
+    (always preferring one of the two strings) scores no text point at all.
+    """
+    twin_caption = (annotation.get("eval_negatives") or {}).get("swap-att")
+    objects = annotation.get("objects") or []
+    if annotation.get("parser") != GRAMMAR_PARSER or twin_caption is None or len(objects) < 2:
+        return None
+    drawn = [(o["shape"], o["colour"], o["box"]) for o in objects]
+    (s0, c0, b0), (s1, c1, b1) = drawn[0], drawn[1]
+    image = draw_objects([(s0, c1, b0), (s1, c0, b1)] + drawn[2:], size)
+    return image, twin_caption
 
 
 def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],
@@ -347,7 +374,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
     cap = render_caption(objs, rel)
     ann = {
         "schema": SCHEMA_VERSION,
-        "parser": "synthetic-grammar",
+        "parser": GRAMMAR_PARSER,
         "caption": cap.text,
         "phrases": cap.phrases,
         "concepts": cap.concepts,
@@ -364,7 +391,7 @@ def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tu
     if image_format == "png":
         img.save(buf, format="PNG")
     else:
-        img.save(buf, format="JPEG", quality=90)
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
     key = f"{split}_{index:08d}"
     return {"__key__": key, image_format: buf.getvalue(), "txt": cap.text.encode(),
             "json": json.dumps(ann).encode()}

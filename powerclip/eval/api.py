@@ -126,6 +126,8 @@ def _dispatch(model, preprocess, tokenizer, base: str, part: str | None, data: P
         out["synthetic/retrieval"] = ctx.retrieval(bench.retrieval, feats)
         for sel in bench.selection:
             out[sel.name] = ctx.selection(sel, feats)
+        if bench.binding is not None:
+            out[bench.binding.name] = ctx.winoground(bench.binding)
         return out
     if base == "winoground":
         wino = comp.load_winoground(data)

@@ -5,18 +5,34 @@ and ``{key}.json`` (annotation schema 1: ``"label"`` into ``ROOT/classes.json`` 
 ``"eval_negatives": {kind: negative caption}``), plus ``ROOT/classes.json`` = {"classnames",
 "templates"}. It yields a zero-shot ClassificationSet, a caption RetrievalSet and one SelectionSet per
 negative kind ([caption, negative], right = 0), all over the same image list so each image is
-encoded once.
+encoded once; and, for the generator's own annotations, a Winoground set of binding twins: each
+scene with a swap-att negative against its colour-swapped twin (``data.synthetic.binding_twin``,
+re-drawn from the annotation's objects and boxes, encoded in the scene's own image format), with
+the two captions [caption, swap-att negative]. The one-sided swap-att accuracy can rise above
+chance by preferring one string of a pair whatever the image shows; the twin's group score cannot.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from powerclip.eval.compositional import SelectionCase, SelectionSet
+import PIL.Image
+
+from powerclip.data.synthetic import JPEG_QUALITY, binding_twin
+from powerclip.eval.compositional import SelectionCase, SelectionSet, WinogroundCase, WinogroundSet
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, template_fn
-from powerclip.eval.sources import ImageRef, image_member, index_tar, read_text, require_file
+from powerclip.eval.sources import (
+    BytesImage,
+    ImageRef,
+    TarMember,
+    image_member,
+    index_tar,
+    read_text,
+    require_file,
+)
 
 
 @dataclass
@@ -25,6 +41,7 @@ class SyntheticBenchmark:
     classification: ClassificationSet | None
     retrieval: RetrievalSet
     selection: list[SelectionSet]
+    binding: WinogroundSet | None  # scenes against their colour-swapped twins; None: no twin-able scene
 
 
 def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchmark:
@@ -39,6 +56,8 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
     captions: list[list[str]] = []
     labels: list[int | None] = []
     negatives: dict[str, list[SelectionCase]] = {}
+    twin_images: list[ImageRef] = []
+    twin_cases: list[WinogroundCase] = []
     for shard in shards:
         for s in index_tar(shard):
             where = f"{shard} sample {s['__key__']!r}"
@@ -53,6 +72,10 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
             labels.append(ann.get("label"))
             for kind, neg in sorted((ann.get("eval_negatives") or {}).items()):
                 negatives.setdefault(kind, []).append(SelectionCase(idx, [caption, neg], 0))
+            twin = _twin_image(ann, images[-1], where)
+            if twin is not None:
+                twin_images += [images[-1], twin[0]]
+                twin_cases.append(WinogroundCase((len(twin_images) - 2, len(twin_images) - 1), (caption, twin[1])))
     if not images:
         raise ValueError(f"synthetic benchmark: the shards in {split_dir} hold no samples")
     classification = None
@@ -70,4 +93,18 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
                                            [template_fn(t) for t in templates])
     retrieval = RetrievalSet("synthetic", images, captions)
     selection = [SelectionSet(f"synthetic/{kind}", images, cases) for kind, cases in sorted(negatives.items())]
-    return SyntheticBenchmark(images, classification, retrieval, selection)
+    binding = WinogroundSet("synthetic/binding", twin_images, twin_cases) if twin_cases else None
+    return SyntheticBenchmark(images, classification, retrieval, selection, binding)
+
+
+def _twin_image(ann: dict, original: TarMember, where: str) -> tuple[BytesImage, str] | None:
+    """The scene's colour-swapped twin, encoded like the original (PNG, or JPEG at the generator's
+    quality) so the two images of a pair differ by the swap and not by compression; and its caption."""
+    with PIL.Image.open(io.BytesIO(original.read())) as img:
+        size, fmt = img.size[0], img.format or "PNG"
+    twin = binding_twin(ann, size)
+    if twin is None:
+        return None
+    buf = io.BytesIO()
+    twin[0].save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+    return BytesImage(f"{where} (colour-swapped twin)", buf.getvalue()), twin[1]
