@@ -43,7 +43,8 @@ def test_smoke_end_to_end(tmp_path):
     arms = {*cm.SCRATCH_ARMS, *cm.FT_ARMS}
     assert set(res["results"]) == arms
     kinds = {"swap-att", "swap-obj", "replace-att", "replace-obj", "replace-rel", "add-obj", "zeroshot_acc1",
-             "retrieval_i2t_R@1", "retrieval_t2i_R@1", "binding-text", "binding-image", "binding-group"}
+             "retrieval_i2t_R@1", "retrieval_t2i_R@1", "binding-text", "binding-image", "binding-group",
+             "binding-caption-cos", "binding-image-cos"}
     for arm in arms:
         assert set(res["results"][arm]) == {"0", "1"}, arm  # two seeds
         for r in res["results"][arm].values():
@@ -71,6 +72,12 @@ def test_smoke_end_to_end(tmp_path):
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")}
     assert cm.main(["--out", str(out), "--smoke", "--jobs", "1"]) == 0
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")} == before
+    # --reevaluate evaluates every run again from its kept weights, without training: the same numbers
+    first = json.loads((out / "results.json").read_text())["results"]
+    assert cm.main(["--out", str(out), "--smoke", "--jobs", "1", "--reevaluate"]) == 0
+    after = {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")}
+    assert all(after[p] > before[p] for p in before)
+    assert json.loads((out / "results.json").read_text())["results"] == first
 
 
 def test_twin_summary_counts_the_tools_own_data():

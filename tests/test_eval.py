@@ -246,6 +246,7 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
     res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", root)["winoground"]
     rows = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
     t = i = g = 0
+    tc = ic = 0.0
     for r in rows:
         ims = [_img(loaded, root / "images" / f"{r[f'image_{k}']}.png") for k in (0, 1)]
         cs = [_txt(loaded, r[f"caption_{k}"]) for k in (0, 1)]
@@ -253,7 +254,10 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
         text = s[0][0] > s[1][0] and s[1][1] > s[0][1]
         image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
         t, i, g = t + text, i + image, g + (text and image)
+        tc, ic = tc + float(cs[0] @ cs[1]), ic + float(ims[0] @ ims[1])
     # clip_benchmark's names: text_acc = text score, image_acc = image score, acc = group score
+    assert res["metrics"]["caption_pair_cos"] == pytest.approx(tc / 4, abs=1e-6)
+    assert res["metrics"]["image_pair_cos"] == pytest.approx(ic / 4, abs=1e-6)
     assert res["metrics"]["text_acc"] == pytest.approx(t / 4)
     assert res["metrics"]["image_acc"] == pytest.approx(i / 4)
     assert res["metrics"]["acc"] == pytest.approx(g / 4)

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-models", action="store_true",
                    help="keep each run's exported weights (RUN/model, ~30 MB per run at the defaults) so it can be "
                    "evaluated again later; by default only the metrics are kept")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the finished runs again from the weights --keep-models kept (and the pretrained "
+                   "start), e.g. after the benchmark gained a metric; runs without kept weights keep their metrics")
     p.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per run: checks the tool only")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
     return p
@@ -167,8 +170,9 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_job(job: Job, synth: str, out: str) -> dict:
-    """Train (unless already finished), export the pretrained start or evaluate every split."""
+def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
+    """Train (unless already finished), export the pretrained start or evaluate every split;
+    ``reevaluate``: evaluate a finished run again from its kept weights (new metrics, same runs)."""
     import logging
     import warnings
 
@@ -179,7 +183,12 @@ def run_job(job: Job, synth: str, out: str) -> dict:
 
     done = job.run_dir / "compare_done.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        kept = job.run_dir / "model"
+        if reevaluate and job.evaluate and job.name != "pretrain" and (kept / "open_clip_config.json").is_file():
+            result["metrics"] = evaluate_model(kept, synth)
+            done.write_text(json.dumps(result, indent=1))
+        return result
     t0 = time.time()
     trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
     if trained.is_file():
@@ -250,6 +259,8 @@ def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
                 flat[f"{split}/binding-text"] = m["text_acc"]
                 flat[f"{split}/binding-image"] = m["image_acc"]
                 flat[f"{split}/binding-group"] = m["acc"]
+                flat[f"{split}/binding-caption-cos"] = m["caption_pair_cos"]  # 1: the text tower cannot tell
+                flat[f"{split}/binding-image-cos"] = m["image_pair_cos"]  # the twins apart (image tower: same)
             else:
                 flat[f"{split}/{ds.split('/', 1)[1]}"] = m["acc"]
     return flat
@@ -400,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         while pending or running:
             for name, job in list(pending.items()):
                 if all(a in finished for a in job.after):
-                    running[pool.submit(run_job, job, str(synth), str(out))] = job
+                    running[pool.submit(run_job, job, str(synth), str(out), args.reevaluate)] = job
                     del pending[name]
             done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for fut in done:
@@ -418,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None
     if any(a in FT_ARMS for a in results):
         cache = out / "pretrained_metrics.json"
-        if not cache.is_file():
+        if not cache.is_file() or args.reevaluate:
             cache.write_text(json.dumps(evaluate_model(pretrained_path(args), str(synth))))
         pretrained = json.loads(cache.read_text())
     phases = []

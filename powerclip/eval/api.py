@@ -202,14 +202,19 @@ class _Ctx:
         pos = {t: i for i, t in enumerate(unique)}
         text_features = self.texts(unique)
         scores = []
+        text_cos = image_cos = 0.0
         for case in ds.cases:
             t = text_features[[pos[case.captions[0]], pos[case.captions[1]]]]
             im = image_features[list(case.images)]
             scores.append(winoground_scores(t @ im.T))
+            text_cos += float(t[0] @ t[1])
+            image_cos += float(im[0] @ im[1])
         n = len(scores)
-        # clip_benchmark's names for Winoground's text / image / group scores
+        # clip_benchmark's names for Winoground's text / image / group scores; the mean cosine of the
+        # two captions and of the two images of a case says which tower tells a pair apart (1: neither)
         metrics = {"text_acc": sum(s[0] for s in scores) / n, "image_acc": sum(s[1] for s in scores) / n,
-                   "acc": sum(s[2] for s in scores) / n, "n": float(n)}
+                   "acc": sum(s[2] for s in scores) / n, "n": float(n),
+                   "caption_pair_cos": text_cos / n, "image_pair_cos": image_cos / n}
         return {"task": "image_caption_selection", "metrics": metrics}
 
 
