@@ -44,7 +44,8 @@ def test_smoke_end_to_end(tmp_path):
     assert set(res["results"]) == arms
     kinds = {"swap-att", "swap-obj", "replace-att", "replace-obj", "replace-rel", "add-obj", "zeroshot_acc1",
              "retrieval_i2t_R@1", "retrieval_t2i_R@1", "binding-text", "binding-image", "binding-group",
-             "binding-caption-cos", "binding-image-cos"}
+             "binding-caption-cos", "binding-image-cos", "binding-term", "binding-caption-prior",
+             "binding-image-prior"}
     for arm in arms:
         assert set(res["results"][arm]) == {"0", "1"}, arm  # two seeds
         for r in res["results"][arm].values():

@@ -16,7 +16,13 @@ from sklearn.metrics import balanced_accuracy_score
 
 from powerclip.eval import compositional as comp
 from powerclip.eval import evaluate
-from powerclip.eval.metrics import retrieval_metrics, selection_correct, winoground_scores, zero_shot_metrics
+from powerclip.eval.metrics import (
+    retrieval_metrics,
+    selection_correct,
+    winoground_scores,
+    winoground_terms,
+    zero_shot_metrics,
+)
 from powerclip.eval.model_io import load_model
 from tests.dist_helpers import run_on_ranks
 from tests.test_eval_support import (
@@ -97,6 +103,21 @@ def test_winoground_scores_follow_the_paper():
     assert winoground_scores(s) == (True, False, False)
     s = torch.tensor([[0.5, 0.1], [0.6, 0.8]])  # image 0 prefers caption 1
     assert winoground_scores(s) == (False, True, False)
+
+
+def test_winoground_scores_are_the_binding_term_against_each_prior():
+    """Text score <=> B > |Pc|, image score <=> B > |Pi| (metrics.winoground_terms), on random
+    score matrices and on ties."""
+    g = torch.Generator().manual_seed(0)
+    for s in [*torch.randn(2000, 2, 2, generator=g, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64),
+              torch.tensor([[0.5, 0.5], [0.1, 0.9]], dtype=torch.float64)]:
+        b, pc, pi = winoground_terms(s)
+        text, image, _ = winoground_scores(s)
+        assert text == (b > abs(pc)) and image == (b > abs(pi))
+    # a caption prior alone (caption 0 scores higher on both images) has no binding term and no text point
+    b, pc, pi = winoground_terms(torch.tensor([[0.9, 0.8], [0.3, 0.2]]))
+    assert b == pytest.approx(0.0) and pc == pytest.approx(1.2) and pi == pytest.approx(0.2)
+    assert winoground_scores(torch.tensor([[0.9, 0.8], [0.3, 0.2]]))[0] is False
 
 
 # --------------------------------------------------------------------------- zero-shot / wds
@@ -246,7 +267,7 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
     res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "winoground", root)["winoground"]
     rows = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
     t = i = g = 0
-    tc = ic = 0.0
+    tc = ic = bt = cp = ip = 0.0
     for r in rows:
         ims = [_img(loaded, root / "images" / f"{r[f'image_{k}']}.png") for k in (0, 1)]
         cs = [_txt(loaded, r[f"caption_{k}"]) for k in (0, 1)]
@@ -255,9 +276,15 @@ def test_winoground_scores_match_brute_force(loaded, tmp_path):
         image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
         t, i, g = t + text, i + image, g + (text and image)
         tc, ic = tc + float(cs[0] @ cs[1]), ic + float(ims[0] @ ims[1])
+        bt += s[0][0] + s[1][1] - s[0][1] - s[1][0]
+        cp += abs(s[0][0] + s[0][1] - s[1][0] - s[1][1])
+        ip += abs(s[0][0] + s[1][0] - s[0][1] - s[1][1])
     # clip_benchmark's names: text_acc = text score, image_acc = image score, acc = group score
     assert res["metrics"]["caption_pair_cos"] == pytest.approx(tc / 4, abs=1e-6)
     assert res["metrics"]["image_pair_cos"] == pytest.approx(ic / 4, abs=1e-6)
+    assert res["metrics"]["binding_term"] == pytest.approx(bt / 4, abs=1e-6)
+    assert res["metrics"]["caption_prior"] == pytest.approx(cp / 4, abs=1e-6)
+    assert res["metrics"]["image_prior"] == pytest.approx(ip / 4, abs=1e-6)
     assert res["metrics"]["text_acc"] == pytest.approx(t / 4)
     assert res["metrics"]["image_acc"] == pytest.approx(i / 4)
     assert res["metrics"]["acc"] == pytest.approx(g / 4)

@@ -261,6 +261,10 @@ def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
                 flat[f"{split}/binding-group"] = m["acc"]
                 flat[f"{split}/binding-caption-cos"] = m["caption_pair_cos"]  # 1: the text tower cannot tell
                 flat[f"{split}/binding-image-cos"] = m["image_pair_cos"]  # the twins apart (image tower: same)
+                # text score <=> term > |caption prior|, image score <=> term > |image prior|
+                flat[f"{split}/binding-term"] = m["binding_term"]
+                flat[f"{split}/binding-caption-prior"] = m["caption_prior"]
+                flat[f"{split}/binding-image-prior"] = m["image_prior"]
             else:
                 flat[f"{split}/{ds.split('/', 1)[1]}"] = m["acc"]
     return flat

@@ -29,7 +29,13 @@ import torch
 from powerclip.eval import compositional as comp
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, load_folder, load_wds, wds_type
 from powerclip.eval.encode import encode_images, encode_texts, model_device
-from powerclip.eval.metrics import retrieval_metrics, selection_correct, winoground_scores, zero_shot_metrics
+from powerclip.eval.metrics import (
+    retrieval_metrics,
+    selection_correct,
+    winoground_scores,
+    winoground_terms,
+    zero_shot_metrics,
+)
 from powerclip.eval.sources import ImageDataset, check_files_exist
 from powerclip.eval.synthetic import load_synthetic
 
@@ -202,19 +208,23 @@ class _Ctx:
         pos = {t: i for i, t in enumerate(unique)}
         text_features = self.texts(unique)
         scores = []
-        text_cos = image_cos = 0.0
+        text_cos = image_cos = binding = caption_prior = image_prior = 0.0
         for case in ds.cases:
             t = text_features[[pos[case.captions[0]], pos[case.captions[1]]]]
             im = image_features[list(case.images)]
             scores.append(winoground_scores(t @ im.T))
             text_cos += float(t[0] @ t[1])
             image_cos += float(im[0] @ im[1])
+            b, pc, pi = winoground_terms(t @ im.T)
+            binding, caption_prior, image_prior = binding + b, caption_prior + abs(pc), image_prior + abs(pi)
         n = len(scores)
-        # clip_benchmark's names for Winoground's text / image / group scores; the mean cosine of the
-        # two captions and of the two images of a case says which tower tells a pair apart (1: neither)
+        # clip_benchmark's names for Winoground's text / image / group scores; then why they are what
+        # they are: the mean cosine of the two captions and of the two images of a case (1: the tower
+        # cannot tell the pair apart), and the mean binding term and |priors| of metrics.winoground_terms
         metrics = {"text_acc": sum(s[0] for s in scores) / n, "image_acc": sum(s[1] for s in scores) / n,
                    "acc": sum(s[2] for s in scores) / n, "n": float(n),
-                   "caption_pair_cos": text_cos / n, "image_pair_cos": image_cos / n}
+                   "caption_pair_cos": text_cos / n, "image_pair_cos": image_cos / n,
+                   "binding_term": binding / n, "caption_prior": caption_prior / n, "image_prior": image_prior / n}
         return {"task": "image_caption_selection", "metrics": metrics}
 
 

@@ -89,5 +89,20 @@ def winoground_scores(s: torch.Tensor) -> tuple[bool, bool, bool]:
     return text, image, text and image
 
 
+def winoground_terms(s: torch.Tensor) -> tuple[float, float, float]:
+    """``s[c, i]`` (2 x 2) split into a binding term and two priors: (B, Pc, Pi) with
+    B = s00 + s11 - s01 - s10 (how much the matched pairs beat the crossed ones),
+    Pc = s00 + s01 - s10 - s11 (caption 0 over caption 1, whatever the image) and
+    Pi = s00 + s10 - s01 - s11 (image 0 over image 1, whatever the caption).
+
+    Why: the text score holds exactly when B > |Pc| and the image score when B > |Pi|, so a method
+    that grows B can leave a score unchanged by growing the prior that score has to beat.
+    """
+    b = float(s[0, 0] + s[1, 1] - s[0, 1] - s[1, 0])
+    pc = float(s[0, 0] + s[0, 1] - s[1, 0] - s[1, 1])
+    pi = float(s[0, 0] + s[1, 0] - s[0, 1] - s[1, 1])
+    return b, pc, pi
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
