@@ -437,7 +437,10 @@ def test_two_ranks_equal_one(tmp_path):
     assert r0 == r1
     for ds, r in single.items():
         for k, v in r["metrics"].items():
-            assert r0[ds]["metrics"][k] == pytest.approx(v, abs=1e-9), (ds, k)
+            # counts and shares are exact; means of float32 similarities (Winoground's pair cosines,
+            # binding term and priors) round differently when the features come from other batches
+            tol = 1e-6 if k.endswith(("_cos", "_term", "_prior")) else 1e-9
+            assert r0[ds]["metrics"][k] == pytest.approx(v, abs=tol), (ds, k)
     shutil.rmtree(tmp_path / "cls")
 
 
