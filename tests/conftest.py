@@ -21,12 +21,37 @@ SYNTH_PER_SHARD = 64
 SYNTH_IMAGE_SIZE = 32
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marker to group
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that uses the Slurm cluster runs on the same pytest-xdist worker (``--dist
     loadgroup``): one cluster, started once, and never two tests' jobs competing for its nodes."""
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+class _GroupingCheck:
+    """Fails the collection when pytest-xdist did not group the Slurm tests.
+
+    Why: xdist groups by appending ``@group`` to each test id, which pytest 9.2 no longer lets it
+    do; the tests then ran on both workers at once, their jobs competed for the cluster's nodes and
+    a wrong-port rank joined another job's rendezvous. A silent loss of grouping shows as rare
+    Slurm flakes, so it is made loud here (constraints.txt pins a pytest where grouping works).
+    """
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
+            return
+        lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not apply xdist_group to {len(lost)} test(s) "
+                                    f"(first: {lost[0]}); pytest {pytest.__version__} and this pytest-xdist "
+                                    "do not work together, see constraints.txt")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_GroupingCheck(), "powerclip-xdist-grouping-check")
 
 
 @pytest.fixture
