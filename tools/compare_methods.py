@@ -28,9 +28,10 @@ text / image / group scores of the binding twins (each scene with a swap-att neg
 colour-swapped twin: same bag of words, same layout; chance 0.25 / 0.25 / 1/6), with what explains
 them: the twins' caption and image cosines, the binding term and the caption and image priors
 (text score <=> term > |caption prior|; powerclip.eval.metrics.winoground_terms). The report gives
-mean +- 95% CI (Student t over seeds) per metric and arm, and the paired difference to the arm's control (per seed, then mean +- CI). The fine-tuning arms train
-on the generator's own negatives (the rule backend of tools/make_negatives.py would name heldout
-pairs in negatives, a shortcut the heldout split punishes).
+mean +- 95% CI (Student t over seeds) per metric and arm, and the paired difference to the arm's
+control (per seed, then mean +- CI). The fine-tuning arms train on the generator's own negatives
+(the rule backend of tools/make_negatives.py would name heldout pairs in negatives, a shortcut the
+heldout split punishes).
 
   python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
   python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
