@@ -203,18 +203,14 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
         trained.write_text(json.dumps({"train_s": t_train}))
         t0 = time.time() - t_train
     result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
+    from powerclip.export import export_checkpoint
+
     if job.name == "pretrain":
-        from powerclip.export import export_checkpoint
-
         export_checkpoint(job.run_dir, Path(out) / "pretrained")
-    model: Path = job.run_dir
-    if job.keep_model and job.name != "pretrain":
-        from powerclip.export import export_checkpoint
-
-        model = job.run_dir / "model"
-        if not (model / "open_clip_config.json").is_file():
+    elif job.evaluate:
+        model = job.run_dir / "model" if job.keep_model else job.run_dir  # a run folder is exported on the fly
+        if job.keep_model and not (model / "open_clip_config.json").is_file():
             export_checkpoint(job.run_dir, model)
-    if job.evaluate and job.name != "pretrain":
         result["metrics"] = evaluate_model(model, synth)
     result["eval_s"] = time.time() - t0 - t_train
     _cleanup(job.run_dir)

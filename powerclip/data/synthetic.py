@@ -342,10 +342,10 @@ def draw_objects(objects: list[tuple[str, str, list[float]]], size: int) -> Imag
     return img
 
 
-def binding_twin(annotation: dict, size: int) -> tuple[Image.Image, str] | None:
-    """The colour-swapped twin of an annotated scene: the same layout with the colours of the first
-    two objects exchanged, and its caption, which is the scene's swap-att negative. None where the
-    scene has no swap-att negative.
+def twin_objects(annotation: dict) -> tuple[list[tuple[str, str, list[float]]], str] | None:
+    """The ``(shape, colour, box)`` objects of an annotated scene's colour-swapped twin (the first two
+    objects exchange colours, everything else stays) and the twin's caption, which is the scene's
+    swap-att negative. None where the scene has no swap-att negative or is not the grammar's own.
 
     Why: a scene and its twin hold the same bag of words and the same shapes in the same places, so
     only binding colours to shapes tells which caption goes with which image; scored as Winoground
@@ -358,8 +358,14 @@ def binding_twin(annotation: dict, size: int) -> tuple[Image.Image, str] | None:
         return None
     drawn = [(o["shape"], o["colour"], o["box"]) for o in objects]
     (s0, c0, b0), (s1, c1, b1) = drawn[0], drawn[1]
-    image = draw_objects([(s0, c1, b0), (s1, c0, b1)] + drawn[2:], size)
-    return image, twin_caption
+    return [(s0, c1, b0), (s1, c0, b1)] + drawn[2:], twin_caption
+
+
+def binding_twin(annotation: dict, size: int) -> tuple[Image.Image, str] | None:
+    """The colour-swapped twin of an annotated scene drawn at ``size`` px, and its caption
+    (``twin_objects``); None where the scene has none."""
+    twin = twin_objects(annotation)
+    return None if twin is None else (draw_objects(twin[0], size), twin[1])
 
 
 def make_sample(index: int, split: str, seed: int, image_size: int, held: set[tuple[str, str]],

@@ -212,10 +212,11 @@ class _Ctx:
         for case in ds.cases:
             t = text_features[[pos[case.captions[0]], pos[case.captions[1]]]]
             im = image_features[list(case.images)]
-            scores.append(winoground_scores(t @ im.T))
+            sim = t @ im.T
+            scores.append(winoground_scores(sim))
             text_cos += float(t[0] @ t[1])
             image_cos += float(im[0] @ im[1])
-            b, pc, pi = winoground_terms(t @ im.T)
+            b, pc, pi = winoground_terms(sim)
             binding, caption_prior, image_prior = binding + b, caption_prior + abs(pc), image_prior + abs(pi)
         n = len(scores)
         # clip_benchmark's names for Winoground's text / image / group scores; then why they are what

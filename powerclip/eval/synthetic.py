@@ -6,7 +6,7 @@ and ``{key}.json`` (annotation schema 1: ``"label"`` into ``ROOT/classes.json`` 
 "templates"}. It yields a zero-shot ClassificationSet, a caption RetrievalSet and one SelectionSet per
 negative kind ([caption, negative], right = 0), all over the same image list so each image is
 encoded once; and, for the generator's own annotations, a Winoground set of binding twins: each
-scene with a swap-att negative against its colour-swapped twin (``data.synthetic.binding_twin``,
+scene with a swap-att negative against its colour-swapped twin (``data.synthetic.twin_objects``,
 re-drawn from the annotation's objects and boxes, encoded in the scene's own image format), with
 the two captions [caption, swap-att negative]. The one-sided swap-att accuracy can rise above
 chance by preferring one string of a pair whatever the image shows; the twin's group score cannot.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from powerclip.data.synthetic import JPEG_QUALITY, binding_twin
+from powerclip.data.synthetic import JPEG_QUALITY, draw_objects, twin_objects
 from powerclip.eval.compositional import SelectionCase, SelectionSet, WinogroundCase, WinogroundSet
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, template_fn
 from powerclip.eval.sources import (
@@ -99,12 +99,13 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
 
 def _twin_image(ann: dict, original: TarMember, where: str) -> tuple[BytesImage, str] | None:
     """The scene's colour-swapped twin, encoded like the original (PNG, or JPEG at the generator's
-    quality) so the two images of a pair differ by the swap and not by compression; and its caption."""
-    with PIL.Image.open(io.BytesIO(original.read())) as img:
-        size, fmt = img.size[0], img.format or "PNG"
-    twin = binding_twin(ann, size)
+    quality) so the two images of a pair differ by the swap and not by compression; and its caption.
+    The original is read only for scenes that have a twin (its size and format)."""
+    twin = twin_objects(ann)
     if twin is None:
         return None
+    with PIL.Image.open(io.BytesIO(original.read())) as img:
+        size, fmt = img.size[0], img.format or "PNG"
     buf = io.BytesIO()
-    twin[0].save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+    draw_objects(twin[0], size).save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
     return BytesImage(f"{where} (colour-swapped twin)", buf.getvalue()), twin[1]
