@@ -34,6 +34,8 @@ from powerclip.checkpoints.discovery import CheckpointError, resolve_checkpoint
 from powerclip.config import load_config
 from powerclip.model.clip_model import PowerClipModel
 from powerclip.model.factory import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     ModelLoadError,
     extract_clip_state_dict,
     model_cfg_dict,
@@ -42,9 +44,6 @@ from powerclip.model.factory import (
 )
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 class ExportError(CheckpointError):

@@ -22,10 +22,9 @@ from typing import Any
 import open_clip
 import torch
 
-log = logging.getLogger(__name__)
+from powerclip.model.factory import CONFIG_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass

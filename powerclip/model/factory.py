@@ -30,6 +30,10 @@ from powerclip.model.clip_model import PowerClipModel
 
 log = logging.getLogger(__name__)
 
+# the two files of an open_clip export folder, as open_clip's ``local-dir:`` loader names them
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
