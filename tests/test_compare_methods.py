@@ -35,6 +35,23 @@ def test_report_pairs_each_arm_with_its_control_by_seed():
     assert "negclip − clip_ft" in text and "## val split" in text and "## heldout split" in text
 
 
+def test_report_adds_the_ablation_pair_beside_the_control():
+    def run(vals):
+        return {s: {"metrics": {"val/zeroshot_acc1": v}} for s, v in enumerate(vals)}
+
+    # powerclip − clip = +0.30 on every seed, powerclip − clip_mean = +0.05 on every seed: the term's own
+    # share is the second column, paired by seed with the arm that has the same pooling
+    results = {"clip": run([0.1, 0.2, 0.3]), "clip_mean": run([0.35, 0.45, 0.55]),
+               "powerclip": run([0.4, 0.5, 0.6])}
+    text = cm.report(results, None, {"seeds": 3})
+    header = next(line for line in text.splitlines() if "powerclip − clip" in line)
+    assert header == "| metric | clip_mean − clip | powerclip − clip | powerclip − clip_mean |"
+    assert "| zeroshot_acc1 | **+0.250 ± 0.000** | **+0.300 ± 0.000** | **+0.050 ± 0.000** |" in text
+    # without the reference arm there is no ablation column
+    text = cm.report({"clip": results["clip"], "powerclip": results["powerclip"]}, None, {"seeds": 3})
+    assert "clip_mean" not in text and "| zeroshot_acc1 | **+0.300 ± 0.000** |" in text
+
+
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "cmp"
@@ -59,7 +76,8 @@ def test_smoke_end_to_end(tmp_path):
     # the fine-tuning arms start from the pretrained export, whose metrics are reported next to them
     assert (out / "pretrained" / "open_clip_config.json").is_file() and res["pretrained"]
     text = (out / "report.md").read_text()
-    for head in ("powerclip − clip", "concept − clip", "negclip − clip_ft", "degla − clip_ft"):
+    for head in ("powerclip − clip", "powerclip − clip_mean", "concept − clip", "negclip − clip_ft",
+                 "degla − clip_ft"):
         assert head in text
     assert "27 colours" in text and "holds a binding twin" in text  # the data's twin rate is stated
     assert "binding-group 1/6" in text  # the chance level of every metric is stated

@@ -10,6 +10,7 @@ so the arms of one seed are paired):
 
   from random weights (configs/tiny_cpu.yaml), control ``clip``:
     clip        the plain CLIP loss
+    clip_mean   the plain CLIP loss with the PowerCLIP preset's mean pooling (no powerset term)
     powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
     concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
   from ONE pretrained start (a plain CLIP run, seed 0, exported), configs/degla_tiny_cpu.yaml,
@@ -59,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 SCRATCH_CONTROL, FT_CONTROL = "clip", "clip_ft"
 SCRATCH_ARMS: dict[str, list[str]] = {
     "clip": [],
+    "clip_mean": ["model.pool=mean"],
     "powerclip": ["loss.powerset.weight=0.2", "model.pool=mean"],
     "concept": ["data.concepts=true", "loss.concept.npc_weight=1.0", "loss.concept.xac_weight=0.01"],
 }
@@ -67,6 +69,10 @@ FT_ARMS: dict[str, list[str]] = {
     "negclip": ["loss.degla.igc_weight=0", "loss.degla.tgc_weight=0", "loss.degla.distill_weight=0"],
     "degla": [],
 }
+# arm -> the arm that differs from it in one component only, reported as a second paired difference:
+# the PowerCLIP preset changes the pooling AND adds the powerset term, and against clip_mean the term
+# is the only difference
+ABLATIONS: dict[str, str] = {"powerclip": "clip_mean"}
 # "seen": the first train shard, scenes every arm trained on; against val it tells memorising the
 # training scenes from learning something that carries to new scenes
 SPLITS = ("seen", "val", "heldout")
@@ -310,19 +316,21 @@ def report(results: dict[str, dict[int, dict]], pretrained: dict[str, float] | N
                 if control == FT_CONTROL and pretrained:
                     row.append(f"{pretrained.get(k, math.nan):.3f}")
                 lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(row) + " |")
-            others = [a for a in arms if a != control and control in results]
-            if not others:
+            pairs = [(a, control) for a in arms if a != control and control in results]
+            pairs += [(a, ref) for a, ref in ABLATIONS.items() if a in arms and ref in arms]
+            if not pairs:
                 continue
-            lines += ["", f"Paired difference to {control} (same seed: same init and data order); "
-                      "**bold**: the 95% CI excludes 0.", "",
-                      "| metric | " + " | ".join(f"{a} − {control}" for a in others) + " |",
-                      "|---" * (len(others) + 1) + "|"]
+            lines += ["", f"Paired difference to {control}"
+                      + (" and of each ablation pair" if any(ref != control for _, ref in pairs) else "")
+                      + " (same seed: same init and data order); **bold**: the 95% CI excludes 0.", "",
+                      "| metric | " + " | ".join(f"{a} − {ref}" for a, ref in pairs) + " |",
+                      "|---" * (len(pairs) + 1) + "|"]
             for k in keys:
                 row = []
-                for arm in others:
-                    seeds = [s for s in results[arm] if s in results[control]
-                             and k in results[arm][s].get("metrics", {}) and k in results[control][s].get("metrics", {})]
-                    d = [results[arm][s]["metrics"][k] - results[control][s]["metrics"][k] for s in seeds]
+                for arm, ref in pairs:
+                    seeds = [s for s in results[arm] if s in results[ref]
+                             and k in results[arm][s].get("metrics", {}) and k in results[ref][s].get("metrics", {})]
+                    d = [results[arm][s]["metrics"][k] - results[ref][s]["metrics"][k] for s in seeds]
                     if not d:
                         row.append("–")
                         continue
