@@ -188,13 +188,14 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     from powerclip.config import load_config
+    from powerclip.eval.model_io import is_export_dir
     from powerclip.train.loop import train
 
     done = job.run_dir / "compare_done.json"
     if done.is_file():
         result = json.loads(done.read_text())
         kept = job.run_dir / "model"
-        if reevaluate and job.evaluate and job.name != "pretrain" and (kept / "open_clip_config.json").is_file():
+        if reevaluate and job.evaluate and job.name != "pretrain" and is_export_dir(kept):
             result["metrics"] = evaluate_model(kept, synth)
             done.write_text(json.dumps(result, indent=1))
         return result
@@ -215,7 +216,7 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
         export_checkpoint(job.run_dir, Path(out) / "pretrained")
     elif job.evaluate:
         model = job.run_dir / "model" if job.keep_model else job.run_dir  # a run folder is exported on the fly
-        if job.keep_model and not (model / "open_clip_config.json").is_file():
+        if job.keep_model and not is_export_dir(model):
             export_checkpoint(job.run_dir, model)
         result["metrics"] = evaluate_model(model, synth)
     result["eval_s"] = time.time() - t0 - t_train

@@ -167,7 +167,7 @@ def load_pretrained_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return open_clip.factory.load_state_dict(str(path), weights_only=True)
     if not path.is_dir():
         raise ModelLoadError(f"model.pretrained={str(path)!r} does not exist")
-    if (path / "open_clip_config.json").is_file():
+    if (path / CONFIG_NAME).is_file():
         found = open_clip.factory._find_checkpoint_in_dir(path)
         if found is None:
             raise ModelLoadError(f"model.pretrained={str(path)!r}: open_clip folder without weights")
