@@ -30,7 +30,8 @@ from pathlib import Path
 import powerclip
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("powerclip", "powerclip.atomic", "powerclip.config", "powerclip.distributed", "powerclip.checks")),
+    ("foundation", ("powerclip", "powerclip.atomic", "powerclip.config", "powerclip.distributed", "powerclip.checks",
+                    "powerclip.progress")),
     ("checkpoints", ("powerclip.checkpoints",)),
     ("data", ("powerclip.data", "powerclip.annotate", "powerclip.negatives")),
     ("model", ("powerclip.model",)),

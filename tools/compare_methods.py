@@ -417,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     pending = {j.name: j for j in jobs}
     finished: set[str] = set()
     ctx = __import__("multiprocessing").get_context("spawn")
+    from powerclip.progress import progress_bar
+
     with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
-                                initargs=(args.threads,)) as pool:
+                                initargs=(args.threads,)) as pool, progress_bar(len(jobs), "runs", unit="run") as bar:
         running: dict[cf.Future, Job] = {}
         while pending or running:
             for name, job in list(pending.items()):
@@ -435,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = fut.result()
                 finished.add(job.name)
                 print(f"[{time.time() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
+                bar.update(1)
                 if job.name != "pretrain":
                     arm, seed = job.name.split("/seed")
                     results.setdefault(arm, {})[int(seed)] = res

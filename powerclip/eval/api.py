@@ -55,6 +55,7 @@ class EvalOptions:
     dataset_name: str | None = None
     seed: int = 0  # ARO order perturbations
     all_valse: bool = False
+    progress: bool = False  # a progress bar per image set (``powerclip eval``; the trainer's periodic eval shows none)
 
 
 def evaluate(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, task: str,
@@ -157,7 +158,7 @@ class _Ctx:
     def images(self, refs, what: str) -> torch.Tensor:
         check_files_exist(refs, what)
         return encode_images(self.model, ImageDataset(refs, self.preprocess), self.opts.batch_size,
-                             self.opts.workers, self.opts.amp)
+                             self.opts.workers, self.opts.amp, progress=what if self.opts.progress else None)
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Features of ``texts`` (same order); every rank passes the same list, so the set of

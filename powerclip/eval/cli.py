@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on GPU)")
     p.add_argument("--seed", type=int, default=0, help="ARO order perturbation seed")
     p.add_argument("--all-valse", action="store_true", help="keep VALSE foils that annotators did not validate")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a log gets plain lines anyway)")
     p.add_argument("--device", default=None, help="default: cuda:(LOCAL_RANK mod visible GPUs) if available, else cpu")
 
 
@@ -70,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     opts = EvalOptions(batch_size=args.batch_size, text_batch_size=args.text_batch_size, workers=args.workers,
                        amp=args.amp, recall_k=tuple(args.recall_k), split=args.split, images=args.images,
-                       dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse)
+                       dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse,
+                       progress=not args.no_progress)
     results: dict[str, dict] = {}
     for task, data in zip(args.task, args.data):
         results.update(evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, task, data, opts))
