@@ -716,7 +716,7 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   "per-parameter loop of about ten elementwise ops) and freed host memory kept mapped between "
                   "steps (train.keep_freed_host_memory; glibc's defaults unmap large blocks and page-fault "
                   "them back in every step). The 'stock settings' row turns both off.", ""]
-    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
+    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU available on this machine)'}. "
               "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 "
               "--term-batch 256 --precision bf16 --peak-tflops 989 --threads 8 --parts 1,2` (part 3 needs 2 GPUs).",
               ""]

@@ -231,9 +231,9 @@ class _Ctx:
 
 
 def _maybe_autocast(model: torch.nn.Module, amp: bool):
-    from powerclip.eval.encode import _autocast
+    from powerclip.eval.encode import eval_autocast
 
-    return _autocast(model_device(model), amp)
+    return eval_autocast(model_device(model), amp)
 
 
 def flatten(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:

@@ -51,7 +51,9 @@ def _gather_ordered(local: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(chunks, dim=0)[:n]
 
 
-def _autocast(device: torch.device, amp: bool):
+def eval_autocast(device: torch.device, amp: bool):
+    """Autocast for ``--amp`` evaluation: bf16 on CPU (the only half type CPU kernels cover well), fp16
+    on GPU (what clip_benchmark's ``--amp`` uses, so numbers compare with its)."""
     if not amp:
         return nullcontext()
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -90,7 +92,7 @@ def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64
                             num_workers=workers, collate_fn=collate)
         with progress_bar(per, progress or "", unit="img", enabled=bool(progress) and pdist.rank() == 0) as bar:
             for images in loader:
-                with _autocast(device, amp):
+                with eval_autocast(device, amp):
                     feats = model.encode_image(images.to(device, dtype))
                 out.append(F.normalize(feats.float(), dim=-1))
                 bar.update(len(images))
@@ -108,7 +110,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor],
     out: list[torch.Tensor] = []
     for start in range(0, per, batch_size):
         chunk = [texts[i] for i in indices[start:start + batch_size]]
-        with _autocast(device, amp):
+        with eval_autocast(device, amp):
             feats = model.encode_text(tokenizer(chunk).to(device))
         out.append(F.normalize(feats.float(), dim=-1))
     local = torch.cat(out) if out else _empty_features(model, device)
