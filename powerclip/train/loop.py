@@ -142,7 +142,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * env.world_size
     batches = _forever(loader)
-    last_save = time.time()
+    last_save = time.monotonic()  # intervals on a clock that never steps (NTP, a node's clock fixed)
     losses: list[float] = []
     result: StepResult | None = None
     host = HostStats()  # the previous step's host measurements, packed into the next step's sync
@@ -175,7 +175,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
-            last_save = time.time()
+            last_save = time.monotonic()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, state.step, logger)
 
@@ -256,22 +256,26 @@ def step_metrics(engine, env: DistEnv, result: StepResult, lr: float, t_step: fl
 
 # -------------------------------------------------------------------------------- checkpoints
 def _time_due(cfg: Config, last_save: float) -> bool:
-    """This rank's clock says checkpoint.every_minutes have passed since the last save."""
+    """This rank's clock says checkpoint.every_minutes have passed since the last save.
+
+    ``last_save`` is a ``time.monotonic()`` reading: the wall clock can step back (NTP, a node's clock
+    being fixed), which would postpone every timed checkpoint by the size of the step."""
     minutes = cfg.checkpoint.every_minutes
-    return minutes > 0 and (time.time() - last_save) >= 60.0 * minutes
+    return minutes > 0 and (time.monotonic() - last_save) >= 60.0 * minutes
 
 
 def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | None = None) -> bool:
     """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step.
 
-    ``time_due``: rank 0's verdict as it came with the step's collective (the training loop);
+    ``last_save``: ``time.monotonic()`` at the last save. ``time_due``: rank 0's verdict as it came
+    with the step's collective (the training loop);
     without it the clocks are compared here with a broadcast of their own."""
     c = cfg.checkpoint
     due = step == cfg.train.steps or (c.every_steps > 0 and step % c.every_steps == 0)
     if time_due is not None:
         return due or time_due
     if c.every_minutes > 0:
-        flag = torch.tensor([float(due or (time.time() - last_save) >= 60.0 * c.every_minutes)])
+        flag = torch.tensor([float(due or (time.monotonic() - last_save) >= 60.0 * c.every_minutes)])
         due = bool(pdist.broadcast(flag, src=0).item())
     return due
 
