@@ -37,7 +37,7 @@ from powerclip.data.geometry import model_geometry
 from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
-from powerclip.train import elastic
+from powerclip.train import elastic, peers
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
@@ -57,11 +57,17 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     ``build_loader`` defaults to ``powerclip.data.build_loader``; any factory with the same signature
     (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it. The run
-    folder is locked for the duration (``run_lock``): a second run on it is refused.
+    folder is locked for the duration (``run_lock``): a second run on it is refused. A runtime error
+    that came with the death of another rank is raised as ``peers.PeerLostError`` naming that rank.
     """
     locks: list[Any] = []
     try:
         return _train(cfg, build_loader, locks)
+    except RuntimeError as e:
+        lost = peers.explain_failure(e)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         for lock in locks:
             lock.release()
