@@ -69,6 +69,7 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
             raise
         raise lost from e
     finally:
+        peers.stop_watch()
         for lock in locks:
             lock.release()
 

@@ -8,7 +8,9 @@ the TCP store that every launcher already runs at ``MASTER_ADDR:MASTER_PORT`` (k
 ``powerclip/peers/``). When training fails with a runtime error, ``explain`` reads the beats twice,
 ``STALE_S`` apart: the ranks whose counter stood still are named, with their host and pid, in one
 ``PeerLostError`` line. If the store itself cannot be reached, its host (rank 0 under ``srun`` and
-plain ``RANK``/``WORLD_SIZE`` launches) is the one that is gone.
+plain ``RANK``/``WORLD_SIZE`` launches) is the one that is gone. A rank that stops because of a lost
+peer says so in the store (``left/RANK``) before it exits, so the ranks that learn of the failure
+later (from it) name the rank that died, not each other.
 
 Cost: nothing per training step. The beat is one small store write per rank every ``BEAT_S`` from
 a thread that holds no device and takes no lock of the training thread, so GPU steps gain no host
@@ -84,7 +86,8 @@ class PeerWatch:
     def lost_ranks(self, wait_s: float = STALE_S) -> tuple[list[tuple[int, str]], bool]:
         """([(rank, "host pid N"), ...] of the ranks that stopped beating, store lost?).
 
-        Two reads ``wait_s`` apart (monotonic wait). Nothing stale and the store answering: ([], False).
+        Two reads ``wait_s`` apart (monotonic wait); ranks that left because of a lost peer of their
+        own are not counted. Nothing stale and the store answering: ([], False).
         """
         try:
             store = self._client()
@@ -93,9 +96,13 @@ class PeerWatch:
             while (left := deadline - time.monotonic()) > 0:
                 time.sleep(min(left, 0.5))
             second = self._beats(store)
-            lost = [r for r in range(self.world_size) if r != self.rank and (second[r] is None or first[r] == second[r])]
-            return [(r, store.get(f"id/{r}").decode() if store.check([f"id/{r}"]) else "unknown host")
-                    for r in lost], False
+            lost = [r for r in range(self.world_size) if r != self.rank and (second[r] is None or first[r] == second[r])
+                    and not store.check([f"left/{r}"])]
+            found = [(r, store.get(f"id/{r}").decode() if store.check([f"id/{r}"]) else "unknown host")
+                     for r in lost]
+            if found:
+                store.set(f"left/{self.rank}", ",".join(str(r) for r, _ in found))
+            return found, False
         except Exception:  # noqa: BLE001 - connection refused / reset / timed out: the store's host is gone
             return [(0, self.store_owner or "unknown host")], True
 
@@ -131,6 +138,14 @@ def start_watch(rank: int, world_size: int) -> PeerWatch | None:
                     rank, addr, port, e)
         _WATCH = None
     return _WATCH
+
+
+def stop_watch() -> None:
+    """Stop this process's heartbeat (training ended; a later ``start_watch`` starts a new one)."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stop()
+    _WATCH = None
 
 
 def explain_failure(error: BaseException) -> PeerLostError | None:
