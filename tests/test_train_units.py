@@ -216,7 +216,7 @@ def test_checkpoint_due_by_steps_minutes_and_at_the_end():
     from powerclip.train.loop import checkpoint_due
 
     cfg = tiny_config(["checkpoint.every_steps=5", "train.steps=12"])
-    now = time.time()
+    now = time.monotonic()
     assert [s for s in range(1, 13) if checkpoint_due(cfg, s, now)] == [5, 10, 12]
     by_time = tiny_config(["checkpoint.every_steps=0", "checkpoint.every_minutes=1", "train.steps=100"])
     assert not checkpoint_due(by_time, 3, now)

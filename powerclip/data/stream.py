@@ -181,19 +181,30 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
             yield m.name, tf.extractfile(m).read()
 
 
+def starts_sample(prefix: str, suffix: str, current_key: str | None, current_suffixes) -> bool:
+    """Whether a member (``prefix``.``suffix``) starts a new raw item: another key than the current
+    sample's, or a file the current sample already has (its key written again: webdataset would
+    merge the two samples into one)."""
+    return prefix != current_key or suffix in current_suffixes
+
+
 def read_shard(url: str) -> Iterator[dict]:
     """Samples of one tar in order; a truncated or unreadable tar ends with an error marker, and a
     tar without any sample is one ``empty_shard`` marker (so a stream of only empty shards still
     hands control back, and the training loader can tell it will never yield a sample). The last
     item of every shard carries ``SHARD_END`` (the training loader counts completed shard visits).
 
-    The incomplete sample at a truncation point is dropped with the rest of the shard."""
+    A key that occurs again in the shard (right after itself or later) makes a ``duplicate_key``
+    marker of the repeat: the first sample with the key is kept whole, the repeat is skipped and
+    counted, never merged into its neighbour. The incomplete sample at a truncation point is dropped
+    with the rest of the shard."""
     try:
         f = _open(url)
     except OSError as e:
         yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e), SHARD_END: True}
         return
     current: dict | None = None
+    keys: set[str] = set()
     try:
         with f:
             for name, data in _members(f, url):
@@ -201,10 +212,14 @@ def read_shard(url: str) -> Iterator[dict]:
                 if prefix is None:
                     continue
                 suffix = suffix.lower()
-                if current is None or prefix != current["__key__"]:
+                if current is None or starts_sample(prefix, suffix, current["__key__"], current):
                     if current is not None:
                         yield current
                     current = {"__key__": prefix, "__url__": url}
+                    if prefix in keys:
+                        current.update({ERROR_KEY: "duplicate_key", "__detail__": f"key {prefix!r} occurs again "
+                                        "in this shard; the first sample with it is kept"})
+                    keys.add(prefix)
                 current[suffix] = data
         if current is not None:
             current[SHARD_END] = True
@@ -245,15 +260,19 @@ def shard_len(url: str) -> int:
             with open(url, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 tf = tarfile.open(fileobj=f, mode="r:")
-                n, prev, end = 0, None, 0
+                n, prev, suffixes, end = 0, None, set(), 0
                 while (m := tf.next()) is not None:
                     tf.members = []
                     end = max(end, m.offset_data + m.size)
                     if not m.isreg() or (m.name.startswith("__") and META.match(m.name)):
                         continue
-                    prefix, _ = base_plus_ext(m.name)
-                    if prefix is not None and prefix != prev:
-                        n, prev = n + 1, prefix
+                    prefix, suffix = base_plus_ext(m.name)
+                    if prefix is None:
+                        continue
+                    suffix = suffix.lower()
+                    if starts_sample(prefix, suffix, prev, suffixes):
+                        n, prev, suffixes = n + 1, prefix, set()
+                    suffixes.add(suffix)
                 if end <= size:
                     return n
         except (OSError, tarfile.TarError):

@@ -62,10 +62,11 @@ def _CLEAR_ERRORS() -> tuple[type[BaseException], ...]:
     from powerclip.config import ConfigError
     from powerclip.data.loader import DataError
     from powerclip.model.factory import ModelLoadError
+    from powerclip.train.peers import PeerLostError
     from powerclip.train.run_lock import RunLockError
 
     return (ConfigError, DataError, CheckpointError, ModelLoadError, CheckpointIntegrityError, RunLockError,
-            CheckpointReadError, FileNotFoundError, PermissionError)
+            CheckpointReadError, PeerLostError, FileNotFoundError, PermissionError)
 
 
 def one_line(e: BaseException) -> str:

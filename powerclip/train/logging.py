@@ -48,7 +48,7 @@ class RunLogger:
         self.writer = SummaryWriter(str(run_dir / "tb"),
                                     purge_step=None if resume_step is None else resume_step + 1)
         self._jsonl = open(self.metrics_path, "a")
-        self._t0 = time.time()
+        self._t0 = time.monotonic()  # elapsed time shown on the console: immune to wall-clock steps
 
     def _truncate(self, keep_upto: int) -> None:
         """Drop records after ``keep_upto`` (steps a killed run did past its last checkpoint)."""
@@ -87,7 +87,7 @@ class RunLogger:
     def console(self, step: int, total: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        elapsed = time.time() - self._t0
+        elapsed = time.monotonic() - self._t0
         parts = [f"step {step}/{total}", f"loss {values.get('loss/total', float('nan')):.4f}",
                  f"lr {values.get('optim/lr', 0.0):.3g}",
                  f"scale {values.get('train/logit_scale', float('nan')):.2f}",

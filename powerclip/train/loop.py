@@ -37,7 +37,7 @@ from powerclip.data.geometry import model_geometry
 from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
-from powerclip.train import elastic
+from powerclip.train import elastic, peers
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
@@ -57,12 +57,19 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     ``build_loader`` defaults to ``powerclip.data.build_loader``; any factory with the same signature
     (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it. The run
-    folder is locked for the duration (``run_lock``): a second run on it is refused.
+    folder is locked for the duration (``run_lock``): a second run on it is refused. A runtime error
+    that came with the death of another rank is raised as ``peers.PeerLostError`` naming that rank.
     """
     locks: list[Any] = []
     try:
         return _train(cfg, build_loader, locks)
+    except RuntimeError as e:
+        lost = peers.explain_failure(e)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
+        peers.stop_watch()
         for lock in locks:
             lock.release()
 
@@ -142,7 +149,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * env.world_size
     batches = _forever(loader)
-    last_save = time.time()
+    last_save = time.monotonic()  # intervals on a clock that never steps (NTP, a node's clock fixed)
     losses: list[float] = []
     result: StepResult | None = None
     host = HostStats()  # the previous step's host measurements, packed into the next step's sync
@@ -175,7 +182,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
-            last_save = time.time()
+            last_save = time.monotonic()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, state.step, logger)
 
@@ -256,22 +263,26 @@ def step_metrics(engine, env: DistEnv, result: StepResult, lr: float, t_step: fl
 
 # -------------------------------------------------------------------------------- checkpoints
 def _time_due(cfg: Config, last_save: float) -> bool:
-    """This rank's clock says checkpoint.every_minutes have passed since the last save."""
+    """This rank's clock says checkpoint.every_minutes have passed since the last save.
+
+    ``last_save`` is a ``time.monotonic()`` reading: the wall clock can step back (NTP, a node's clock
+    being fixed), which would postpone every timed checkpoint by the size of the step."""
     minutes = cfg.checkpoint.every_minutes
-    return minutes > 0 and (time.time() - last_save) >= 60.0 * minutes
+    return minutes > 0 and (time.monotonic() - last_save) >= 60.0 * minutes
 
 
 def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | None = None) -> bool:
     """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step.
 
-    ``time_due``: rank 0's verdict as it came with the step's collective (the training loop);
+    ``last_save``: ``time.monotonic()`` at the last save. ``time_due``: rank 0's verdict as it came
+    with the step's collective (the training loop);
     without it the clocks are compared here with a broadcast of their own."""
     c = cfg.checkpoint
     due = step == cfg.train.steps or (c.every_steps > 0 and step % c.every_steps == 0)
     if time_due is not None:
         return due or time_due
     if c.every_minutes > 0:
-        flag = torch.tensor([float(due or (time.time() - last_save) >= 60.0 * c.every_minutes)])
+        flag = torch.tensor([float(due or (time.monotonic() - last_save) >= 60.0 * c.every_minutes)])
         due = bool(pdist.broadcast(flag, src=0).item())
     return due
 
