@@ -90,6 +90,16 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, yaml.YAMLError) as e:
         print(f"powerclip train: {e}", file=sys.stderr)
         return 2
+    # before distributed init and the model: a wrong path or missing annotation costs seconds. Every
+    # rank checks (reads a few samples) so none waits on a peer that gave up; local rank 0 reports
+    from powerclip.train.preflight import CheckError, preflight
+
+    try:
+        preflight(cfg)
+    except CheckError as e:
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0:
+            print(f"powerclip train: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     from powerclip import distributed as pdist
     from powerclip.train.loop import train
