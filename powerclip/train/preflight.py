@@ -135,7 +135,9 @@ def check_tokenizer(cfg: Config) -> str:
     try:
         build_tokenizer(cfg.data.tokenizer, cfg.data.context_length)
     except (ValueError, OSError, RuntimeError) as e:
-        raise CheckError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
+        msg = str(e) if str(e).startswith("data.tokenizer") else f"data.tokenizer={cfg.data.tokenizer!r}: {e}"
+        raise CheckError(f"{msg}; fix data.tokenizer ('clip', or 'sentencepiece:PATH' of a model trained with "
+                         "tools/train_tokenizer.py)") from None
     return f"tokenizer {cfg.data.tokenizer!r} loads"
 
 
