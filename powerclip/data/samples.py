@@ -77,8 +77,8 @@ class SampleProcessor:
         # annotation entries dropped from samples that are kept (``field_*`` counters, by reason)
         self.dropped: dict[str, int] = {}
         self.index_base = d.region_index_base
-        # the powerset term reads the phrases: a caption-only sample is then worth a warning
-        self.warn_caption_only = d.phrase_unit == "tree" and cfg.loss.powerset.weight > 0
+        # the powerset term reads the phrases: caption-only samples are then counted and warned about
+        self.phrases_used = d.phrase_unit == "tree" and cfg.loss.powerset.weight > 0
 
     def _drop(self, reason: str, n: int = 1) -> None:
         if n > 0:
@@ -220,7 +220,7 @@ class SampleProcessor:
 
     def _caption_only(self, sample: dict) -> None:
         """Count a sample with no phrase beyond the whole caption; warn at the first (per process)."""
-        if not self.dropped.get(CAPTION_ONLY) and self.warn_caption_only and not _WARNED:
+        if not _WARNED:
             _WARNED.append(True)
             log.warning("%s: sample %r has no phrase beyond the whole caption (no 'phrases' in its json, no "
                         ".njson): the powerset term sees the caption alone; add phrases with "
@@ -257,7 +257,7 @@ class SampleProcessor:
                         cand.append(pos)
                     else:  # a span outside the caption or cut by the context length
                         self._drop("field_phrase_span")
-        if self.d.phrase_unit == "tree" and not any(tuple(p) != tuple(root) for p in cand):
+        if self.phrases_used and not any(tuple(p) != tuple(root) for p in cand):
             self._caption_only(sample)
         for i, pos in enumerate(cand):
             if len(nodes) >= self.d.max_phrases:
