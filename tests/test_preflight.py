@@ -50,6 +50,7 @@ def _mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
     """name -> (overrides, start of the one error line, its end: the fix)."""
     good = pub.write_shard(tmp_path / "pc" / "cc12m-train-0000.tar", n=8)
     plain = pub.write_shard(tmp_path / "plain" / "cc12m-train-0000.tar", n=8, with_njson=False)
+    one_based = pub.write_shard(tmp_path / "b1" / "cc12m-train-0000.tar", n=8, base=1)
     (tmp_path / "file").write_text("x")
     src = f'data.sources=[{{shards: "{tmp_path}/pc/cc12m-train-{{0000..0001}}.tar"}}]'
     return {
@@ -63,6 +64,10 @@ def _mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
                                f"data.sources[0].shards: none of the first 8 samples of {plain} has phrases, "
                                "which loss.powerset.weight=0.2 needs",
                                "add them with tools/annotate_shards.py (parse-tree phrases)"),
+        "wrong region index base": ([f"data.sources=[{{shards: {one_based}}}]", "data.region_source=patches"],
+                                    "data.region_index_base=0 but the region indices of the first 8 samples of "
+                                    f"{one_based} are 1-based (an index equals 196",
+                                    "set data.region_index_base=1"),
         "unwritable run folder": ([f"data.sources=[{{shards: {good}}}]", f"train.run_dir={tmp_path}/file/run"],
                                   f"train.run_dir={tmp_path}/file/run: {tmp_path}/file is a file, not a folder",
                                   "choose another train.run_dir"),
@@ -70,7 +75,7 @@ def _mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
 
 
 @pytest.mark.parametrize("mistake", ["wrong shard path", "unknown eval task", "missing annotation",
-                                     "unwritable run folder"])
+                                     "wrong region index base", "unwritable run folder"])
 def test_common_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path, mistake):
     overrides, start, fix = _mistakes(tmp_path)[mistake]
     config = _config(tmp_path, "unused.tar")

@@ -28,8 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-length", type=int, default=77, help="tokenizer context (data.context_length)")
     a = p.parse_args(argv)
 
-    from powerclip.data.published import IndexEvidence, NjsonError, decode_ids, find_run, read_njson
-    from powerclip.data.regions import PatchRegionError, read_patch_sets
+    from powerclip.data.published import (
+        IndexEvidence,
+        NjsonError,
+        PatchRegionError,
+        decode_ids,
+        find_run,
+        read_njson,
+        read_patch_sets,
+    )
     from powerclip.data.stream import ERROR_KEY, read_shard
     from powerclip.data.text import build_tokenizer
 

@@ -1,7 +1,7 @@
 """Reading PowerCLIP's published CC12M shards as they are: their ``.njson`` phrases and their region indices.
 
 The authors' shards carry, next to the image and caption, SAM regions as patch indices
-(``samlens.npy`` / ``samcat.npy``, read by ``regions.read_patch_sets``) and the caption's parse-tree
+(``samlens.npy`` / ``samcat.npy``, read by ``read_patch_sets`` below) and the caption's parse-tree
 phrases in ``{key}.njson``. Neither format has a public specification, so what this module assumes
 is stated here and checked on real samples by ``powerclip check`` (and shown by
 ``tools/show_sample.py``):
@@ -91,6 +91,35 @@ def find_text(caption: str, text: str) -> tuple[int, int] | None:
         return None
     m = re.search(r"\s*".join(words), caption, flags=re.IGNORECASE)
     return m.span() if m else None
+
+
+# ----------------------------------------------------------------- regions as patch-index sets
+class PatchRegionError(ValueError):
+    """A sample's patch-index regions cannot be read (wrong dtype, shape or lengths)."""
+
+
+def read_patch_sets(lens_npy: bytes, cat_npy: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR pair of ``{key}.samlens.npy`` (patch indices per region) and ``{key}.samcat.npy``
+    (every region's patch indices, concatenated) as two int64 arrays, checked for consistency.
+
+    Why CSR: regions have different sizes; two flat arrays are what SAM annotators store and
+    avoid pickled object arrays (``allow_pickle`` stays off: a shard is untrusted input)."""
+    import io
+
+    try:
+        lens = np.load(io.BytesIO(lens_npy), allow_pickle=False)
+        cat = np.load(io.BytesIO(cat_npy), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PatchRegionError(f"unreadable .npy: {e}") from None
+    if lens.ndim != 1 or cat.ndim != 1 or lens.dtype.kind not in "iu" or (cat.size and cat.dtype.kind not in "iu"):
+        raise PatchRegionError(f"samlens {lens.dtype}{list(lens.shape)} / samcat {cat.dtype}{list(cat.shape)}: "
+                               "expected two 1-D integer arrays")
+    lens, cat = lens.astype(np.int64), cat.astype(np.int64)
+    if (lens < 0).any() or int(lens.sum()) != cat.size:
+        raise PatchRegionError(f"samlens sums to {int(lens.sum())} but samcat holds {cat.size} indices")
+    if (cat < 0).any():
+        raise PatchRegionError("negative patch index in samcat")
+    return lens, cat
 
 
 # ----------------------------------------------------------------- region index base (0 or 1)

@@ -23,8 +23,16 @@ import torch
 from ..config import Config
 from .decode import MAX_PIXELS, decode_image
 from .geometry import model_geometry
-from .published import NjsonError, decode_ids, find_run, find_text, read_njson
-from .regions import PatchRegionError, map_box, patch_region_masks, read_patch_sets, region_cells
+from .published import (
+    NjsonError,
+    PatchRegionError,
+    decode_ids,
+    find_run,
+    find_text,
+    read_njson,
+    read_patch_sets,
+)
+from .regions import map_box, patch_region_masks, region_cells
 from .stream import ERROR_KEY, image_bytes
 from .text import ClipTokenizer, build_tokenizer, span_positions
 from .transforms import apply_transform, is_seeded_by_rng

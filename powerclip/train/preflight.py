@@ -240,8 +240,9 @@ def _first_samples(url: str, n: int) -> list[dict]:
 
 
 def source_samples(cfg: Config, i: int, warnings: list[str]) -> tuple[str, list[dict], int]:
-    """Shards of ``data.sources[i]`` exist and its first samples carry what the enabled losses need;
-    returns (first shard, its first samples, number of shards). Reads json only: no torch."""
+    """Shards of ``data.sources[i]`` exist, its first samples carry what the enabled losses need and
+    their patch regions' index base agrees with ``data.region_index_base``; returns (first shard, its
+    first samples, number of shards). Reads json and .npy only: no torch."""
     key = f"data.sources[{i}].shards"
     if not cfg.data.sources:
         raise CheckError("data.sources is empty: give at least one, e.g. data.sources='[{shards: "
@@ -270,17 +271,16 @@ def source_samples(cfg: Config, i: int, warnings: list[str]) -> tuple[str, list[
                              f"{why} needs; add them with {NEEDS[member]}")
         if have < len(head):
             warnings.append(f"{key}: {len(head) - have} of the first {len(head)} samples of {first} lack {member}")
+    if cfg.data.region_source == "patches":
+        check_index_base(cfg, key, first, samples)
     return first, samples, len(urls)
 
 
 def check_decode(cfg: Config, i: int, first: str, samples: list[dict], n_shards: int, warnings: list[str]) -> str:
-    """The first samples go through the training loader's own sample processor; patch regions'
-    index base agrees with ``data.region_index_base``."""
+    """The first samples go through the training loader's own sample processor."""
     from powerclip.data.samples import CAPTION_ONLY, DataError, SampleProcessor
 
     key = f"data.sources[{i}].shards"
-    if cfg.data.region_source == "patches":
-        check_index_base(cfg, key, first, samples)
     head = samples[:SAMPLES]
     try:
         proc = SampleProcessor(cfg, train=True)
@@ -305,8 +305,7 @@ def check_decode(cfg: Config, i: int, first: str, samples: list[dict], n_shards:
 
 def check_index_base(cfg: Config, key: str, url: str, samples: list[dict]) -> None:
     """The region indices of the first samples agree with ``data.region_index_base``."""
-    from powerclip.data.published import IndexEvidence
-    from powerclip.data.regions import PatchRegionError, read_patch_sets
+    from powerclip.data.published import IndexEvidence, PatchRegionError, read_patch_sets
 
     grid = cfg.data.region_grid
     if grid is None:
