@@ -69,7 +69,7 @@ def model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
         if out is None:
             raise ModelLoadError(f"model.name={cfg.name!r} is not an open_clip built-in model "
                                  f"(see open_clip.list_models())")
-        out = copy.deepcopy(out)
+        out = open_clip_model_cfg(copy.deepcopy(out))  # a ``local-dir:`` export may carry the refusal key
     else:
         raise ModelLoadError("exactly one of model.name and model.config must be set")
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
