@@ -95,11 +95,14 @@ def main(args: argparse.Namespace) -> int:
     from powerclip.train.preflight import CheckError, preflight
 
     try:
-        preflight(cfg)
+        report = preflight(cfg)
     except CheckError as e:
         if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0:
             print(f"powerclip train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    for warning in report.warnings:  # e.g. some of the first samples skipped: said once, by rank 0
+        if rank == 0:
+            logging.getLogger("powerclip.train.preflight").warning("%s", warning)
 
     from powerclip import distributed as pdist
     from powerclip.train.loop import train
