@@ -62,6 +62,9 @@ class DataConfig:
     # grid of the ``patches`` regions' indices: 14 = patch 16 at 224 px, PowerCLIP's published
     # shards; null = the model's own grid
     region_grid: int | None = 14
+    # the index of the grid's first patch in samcat: 0, or 1 when the indices count the ViT's tokens
+    # with CLS at 0. ``powerclip check`` reads the first samples and refuses a base they contradict
+    region_index_base: int = 0
     # parse-tree phrases (docs/losses.md §2)
     max_phrases: int = 32
     phrase_unit: str = "tree"  # tree | token  (ablation: single tokens instead of tree nodes)
@@ -243,8 +246,9 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0 disables periodic evaluation
-    # "TASK:ROOT" entries, e.g. "synthetic:data/synth", "sugar_crepe:/data/sugarcrepe" (powerclip.eval.api)
+    every_steps: int = 0  # 0 disables periodic evaluation; > 0 needs eval.tasks
+    # "TASK:ROOT" entries, e.g. "synthetic:data/synth", "sugar_crepe:/data/sugarcrepe"; TASK is one of
+    # EVAL_TASKS, optionally with /<part> (EVAL_TASK_PARTS)
     tasks: list[str] = field(default_factory=list)
     batch_size: int = 64
     workers: int = 0  # image decoding processes per rank during evaluation
@@ -283,6 +287,32 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# Evaluation task names (``eval.tasks``, ``powerclip eval --task``): the closed list the evaluator
+# dispatches on (powerclip.eval.api), checked when a config loads so a typo fails before training.
+EVAL_TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "wds", "sugar_crepe", "aro",
+                               "valse", "winoground", "synthetic")
+# the parts a compositional task accepts after "/" (VALSE's are its json files' names: not listed)
+EVAL_TASK_PARTS: dict[str, tuple[str, ...]] = {
+    "sugar_crepe": ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"),
+    "aro": ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order"),
+    "valse": (),
+}
+
+
+def eval_task_error(task: str) -> str | None:
+    """Why ``task`` (``NAME`` or ``NAME/PART``) is not an evaluation task, listing the valid names;
+    None when it is one."""
+    base, sep, part = task.partition("/")
+    if base not in EVAL_TASKS:
+        return f"unknown eval task {base!r}; valid tasks: {', '.join(EVAL_TASKS)}"
+    if sep and base not in EVAL_TASK_PARTS:
+        return f"eval task {base!r} has no parts (got {task!r})"
+    parts = EVAL_TASK_PARTS.get(base, ())
+    if sep and (not part or (parts and part not in parts)):
+        return f"unknown part {part!r} of eval task {base!r}; valid parts: {', '.join(parts) or 'a VALSE json name'}"
+    return None
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -358,14 +388,28 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
-    for i, spec in enumerate(cfg.eval.tasks):
-        task, _, root = spec.partition(":")
-        if not task or not root:
-            raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+    check_eval_tasks(cfg.eval)
+    if cfg.data.region_index_base not in (0, 1):
+        raise ConfigError(f"data.region_index_base must be 0 or 1, got {cfg.data.region_index_base}")
     if cfg.eval.batch_size < 1 or cfg.eval.workers < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("eval.batch_size must be >= 1, eval.workers and eval.every_steps >= 0")
     validate_ranges(cfg)
     return cfg
+
+
+def check_eval_tasks(ev: EvalConfig) -> None:
+    """``eval.tasks`` entries are ``TASK:ROOT`` with a known TASK, and periodic evaluation has tasks."""
+    for i, spec in enumerate(ev.tasks):
+        task, _, root = spec.partition(":")
+        if not task or not root:
+            raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+        problem = eval_task_error(task)
+        if problem:
+            raise ConfigError(f"eval.tasks[{i}]={spec!r}: {problem}")
+    if ev.every_steps > 0 and not ev.tasks:
+        raise ConfigError(f"eval.every_steps={ev.every_steps} but eval.tasks is empty, so nothing would be "
+                          "evaluated; list tasks (eval.tasks='[\"zeroshot_classification:/data/wds/imagenet1k\"]') "
+                          "or set eval.every_steps=0")
 
 
 def _numbers(obj: Any, prefix: str) -> list[tuple[str, float]]:
@@ -390,11 +434,27 @@ def model_context_length(cfg: Config) -> int | None:
         text = cfg.model.config.get("text_cfg") or {}
         return int(text.get("context_length", 77)) if isinstance(text, dict) else None
     if cfg.model.name:
-        import open_clip
+        mc = _builtin_model_config(cfg.model.name)
+        if mc is None:  # not one of open_clip's shipped json configs: ask open_clip itself
+            import open_clip
 
-        mc = open_clip.get_model_config(cfg.model.name)
+            mc = open_clip.get_model_config(cfg.model.name)
         text = (mc or {}).get("text_cfg") or {}
         return int(text["context_length"]) if "context_length" in text else None
+    return None
+
+
+def _builtin_model_config(name: str) -> dict[str, Any] | None:
+    """open_clip's shipped ``model_configs/NAME.json``, read without importing open_clip (and torch):
+    loading a config stays fast, so a mistake in it is reported in well under a second."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / "model_configs" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
     return None
 
 

@@ -35,11 +35,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from braceexpand import braceexpand
 
 ERROR_KEY = "__error__"
 SHARD_END = "__shard_end__"
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: such members are not sample files
+# webdataset's base_plus_ext: the sample key ends at the first dot of the file name. Kept here rather than
+# imported so that reading a local shard (``powerclip check``) does not import webdataset, and torch with it
+KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """(sample key, extensions) of a member name, as webdataset splits it; (None, None) for no extension."""
+    m = KEY_EXT.match(path)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(u for u in braceexpand(part.strip()) if u)
+    return urls
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,8 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
     measures the pipeline); the iterator still serves remote, piped and compressed shards.
     Members are not kept (webdataset does the same), so memory stays flat on shards of any size."""
     if not isinstance(f, io.BufferedReader) or url.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+        from webdataset.tariterators import tar_file_iterator
+
         for item in tar_file_iterator(f):
             yield item["fname"], item["data"]
         return

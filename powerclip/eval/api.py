@@ -26,6 +26,7 @@ from typing import Any
 import open_clip
 import torch
 
+from powerclip.config import EVAL_TASKS, eval_task_error
 from powerclip.eval import compositional as comp
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, load_folder, load_wds, wds_type
 from powerclip.eval.encode import encode_images, encode_texts, model_device
@@ -39,8 +40,7 @@ from powerclip.eval.metrics import (
 from powerclip.eval.sources import ImageDataset, check_files_exist
 from powerclip.eval.synthetic import load_synthetic
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "wds", "sugar_crepe", "aro", "valse",
-         "winoground", "synthetic")
+TASKS = EVAL_TASKS
 
 
 @dataclass
@@ -70,9 +70,10 @@ def evaluate(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, 
         if not hasattr(opts, k):
             raise TypeError(f"evaluate() got an unknown option {k!r}")
         setattr(opts, k, v)
+    problem = eval_task_error(task)
+    if problem:
+        raise ValueError(problem)
     base, _, part = task.partition("/")
-    if base not in TASKS:
-        raise ValueError(f"unknown eval task {task!r}; one of {TASKS} (compositional ones accept /<part>)")
     model = unwrap(model)
     was_training = model.training
     model.eval()

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from powerclip.config import eval_task_error
 from powerclip.eval.api import TASKS, EvalOptions, evaluate
 from powerclip.eval.model_io import load_model
 from powerclip.eval.results import write_results
@@ -29,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append", help="dataset root, one per --task")
     p.add_argument("--images", default=None, help="image root when it differs from --data (SugarCrepe, VALSE)")
     p.add_argument("--split", default=None, help="wds split (default test) / synthetic split (default heldout)")
-    p.add_argument("--out", default=None, help="results folder or .json file (clip_benchmark schema)")
+    p.add_argument("--out", default=None,
+                   help="FILE.json: one file with every dataset's result (a list of clip_benchmark records); "
+                        "DIR: one clip_benchmark json per dataset")
     p.add_argument("--dataset-name", default=None, help="dataset name in the results (default from the folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-batch-size", type=int, default=256)
@@ -52,7 +55,14 @@ def _init_distributed() -> None:
 
 def main(args: argparse.Namespace) -> int:
     if len(args.task) != len(args.data):
-        raise SystemExit(f"powerclip eval: {len(args.task)} --task but {len(args.data)} --data (one each)")
+        print(f"powerclip eval: error: {len(args.task)} --task but {len(args.data)} --data (one each)",
+              file=sys.stderr)
+        return 2
+    for task in args.task:  # before the model loads: a typo costs nothing
+        problem = eval_task_error(task)
+        if problem:
+            print(f"powerclip eval: error: --task {task}: {problem}", file=sys.stderr)
+            return 2
     _init_distributed()
     if args.device:
         device = args.device
