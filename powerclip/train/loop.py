@@ -44,6 +44,8 @@ from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
+from powerclip.train.optim import scheduled_lr
+from powerclip.train.param_groups import group_table, optimizer_groups
 from powerclip.train.state import TrainState
 from powerclip.train.step_sync import HostStats, StepValues, reduce_step
 
@@ -117,6 +119,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             template = create_model(dataclasses.replace(cfg.model, pretrained=None))
         teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
+    if env.is_main:
+        log.info("parameter groups:\n%s", group_table(model, optimizer_groups(model, cfg.optim), cfg.optim.lr))
     try:
         engine, scheduler = build_engine(cfg, model, env.world_size)
     except AssertionError as e:  # DeepSpeed validates its config with bare asserts
@@ -153,7 +157,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         t0 = time.perf_counter()
         micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        lr = float(scheduler.get_last_lr()[0])
+        lr = scheduled_lr(scheduler, cfg.optim.lr)
         set_pool_step(state.step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, teacher, host, _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
@@ -315,7 +319,7 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
     saved = elastic.read_client_state(load_dir / tag)
     rank_state = None
     if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage):
-        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim.weight_decay, env.rank)
+        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim, env.rank)
         state = saved
         if env.is_main:
             log.info("elastic resume: %s was written by %d ranks at ZeRO-%d, this run has %d ranks at ZeRO-%d",
