@@ -77,12 +77,10 @@ def test_layer_decay_lr_and_weight_decay_per_parameter_follow_the_formula():
 def test_default_options_keep_the_two_groups():
     """No tower option: exactly the decay / no-decay groups (older checkpoints resume unchanged)."""
     from powerclip.model.factory import create_model
-    from powerclip.train.param_groups import optimizer_groups, param_groups
+    from powerclip.train.param_groups import lock_towers, optimizer_groups, param_groups
 
     cfg = tiny_config(["optim.image.lock=true"])
     model = create_model(cfg.model)
-    from powerclip.train.param_groups import lock_towers
-
     lock_towers(model, cfg.optim)
     assert [g["name"] for g in optimizer_groups(model, cfg.optim)] == ["decay", "no_decay"]
     assert [len(g["params"]) for g in optimizer_groups(model, cfg.optim)] == \
@@ -118,8 +116,8 @@ def _engine_job(rank: int, world: int, root: str) -> dict:
     import deepspeed
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from powerclip.train.build_model import build_model
     from powerclip.losses.composer import compose_losses
+    from powerclip.train.build_model import build_model
     from powerclip.train.dist_env import DistEnv
     from powerclip.train.elastic import link_optimizer_state
     from powerclip.train.engine import build_engine, features_of
