@@ -280,6 +280,27 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard: every scalar TensorBoard gets, from rank 0. Needs the
+    optional extra (``pip install 'powerclip[wandb]'``); nothing of wandb is imported while off."""
+
+    enabled: bool = False
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # null: the run folder's name
+    tags: list[str] = field(default_factory=list)
+    # the wandb run to continue (resume by id); null: the id this run folder recorded on its first
+    # start (RUN/wandb_run_id), so a resumed or requeued run logs into the same wandb run
+    id: str | None = None
+    mode: str | None = None  # online | offline | disabled; null: wandb's default (WANDB_MODE)
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class SlurmConfig:
     """``powerclip submit`` (powerclip/launch): one task per GPU, requeue on timeout/preemption."""
 
@@ -311,6 +332,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -446,6 +468,8 @@ def validate_ranges(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     validate_optim(cfg)
+    if cfg.log.wandb.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"log.wandb.mode={cfg.log.wandb.mode!r} is not one of online, offline, disabled (or null)")
     scale = cfg.data.augment_scale
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"data.augment_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")

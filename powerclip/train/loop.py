@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from powerclip import checks
 from powerclip import distributed as pdist
@@ -134,7 +135,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     # ---- resume (default: this run's latest complete checkpoint)
     state, rank_state = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
-    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step)
+    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step, wandb=cfg.log.wandb,
+                       config=OmegaConf.to_container(OmegaConf.structured(cfg)) if cfg.log.wandb.enabled else None)
     if rank_state and rank_state["rng"] is not None:
         ckpt.set_rng_state(rank_state["rng"])
     else:
@@ -350,7 +352,7 @@ def periodic_eval(engine, cfg: Config, step: int, logger: RunLogger) -> None:
     engine.eval()
     try:
         with torch.no_grad():
-            run_periodic_eval(engine, cfg, step, writer=logger.writer)
+            run_periodic_eval(engine, cfg, step, writer=logger if logger.enabled else None)
     finally:
         engine.train()
 
