@@ -468,6 +468,7 @@ def validate_ranges(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     validate_optim(cfg)
+    validate_patch_dropout(cfg)
     if cfg.log.wandb.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"log.wandb.mode={cfg.log.wandb.mode!r} is not one of online, offline, disabled (or null)")
     scale = cfg.data.augment_scale
@@ -488,6 +489,37 @@ def validate_ranges(cfg: Config) -> None:
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
                           f"context length {n_ctx} (model.config.text_cfg.context_length or model.name)")
+
+
+def model_vision_cfg(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """(where it comes from, the open_clip ``vision_cfg``) of the configured model; ({}) when unknown."""
+    if cfg.model.config is not None:
+        vision = cfg.model.config.get("vision_cfg")
+        return "model.config.vision_cfg", vision if isinstance(vision, dict) else {}
+    if cfg.model.name:
+        import open_clip
+
+        vision = (open_clip.get_model_config(cfg.model.name) or {}).get("vision_cfg")
+        return f"model.name={cfg.model.name}'s vision_cfg", vision if isinstance(vision, dict) else {}
+    return "model", {}
+
+
+def validate_patch_dropout(cfg: Config) -> None:
+    """Patch dropout with a dense term is refused: open_clip drops a random subset of patch tokens
+    inside the tower, so the dense patch outputs no longer line up with the region masks (defined
+    on the full patch grid, docs/losses.md §2) that the powerset term pools over, nor with the patch
+    grid XAC attends over. Sub-selecting each image's region masks to its kept tokens would need
+    the tower's random choice, which open_clip does not expose."""
+    where, vision = model_vision_cfg(cfg)
+    dropout = float(vision.get("patch_dropout") or 0.0)
+    if dropout <= 0:
+        return
+    dense = [k for k, on in (("loss.powerset.weight", cfg.loss.powerset.weight > 0),
+                             ("loss.concept.xac_weight", cfg.loss.concept.xac_weight > 0)) if on]
+    if dense:
+        raise ConfigError(f"{where}.patch_dropout={dropout} cannot train with {dense[0]} > 0: patch dropout "
+                          "removes random patch tokens, so the dense patch outputs no longer match the region "
+                          "masks and patch grid that term reads; set patch_dropout to 0 or the term's weight to 0")
 
 
 def validate_optim(cfg: Config) -> None:
