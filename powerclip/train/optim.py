@@ -67,10 +67,13 @@ def const_cooldown(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return end + (1.0 - end) * (1.0 - progress) ** cfg.cooldown_power
 
 
-def scheduled_lr(scheduler: torch.optim.lr_scheduler.LRScheduler, base_lr: float) -> float:
+def scheduled_lr(scheduler, base_lr: float) -> float:
     """The lr a parameter at ``base_lr`` (optim.lr) trains with now: the schedule's multiplier
-    read from the first group, whose own peak lr may differ (a tower's lr, a layer's decay)."""
-    return float(scheduler.get_last_lr()[0]) / float(scheduler.base_lrs[0]) * base_lr
+    read from the first group, whose own peak lr may differ (a tower's lr, a layer's decay). A
+    scheduler without ``base_lrs`` (one ``train.deepspeed`` defines) reports its first group's lr."""
+    last = float(scheduler.get_last_lr()[0])
+    peaks = getattr(scheduler, "base_lrs", None)
+    return last / float(peaks[0]) * base_lr if peaks else last
 
 
 def scheduler_factory(cfg: OptimConfig, total_steps: int):
