@@ -122,7 +122,7 @@ def _engine_job(rank: int, world: int, root: str) -> dict:
     from powerclip.train.elastic import link_optimizer_state
     from powerclip.train.engine import build_engine, features_of
     from powerclip.train.loop import seed_all, train_step
-    from powerclip.train.optim import lr_lambda
+    from powerclip.train.optim import lr_lambda, scheduled_lr
     from powerclip.train.param_groups import optimizer_groups
 
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
@@ -156,7 +156,8 @@ def _engine_job(rank: int, world: int, root: str) -> dict:
         out[stage] = {"requires_grad": {n: p.requires_grad for n, p in params.items()}, "grads": grads,
                       "state": state, "same": {n: torch.equal(before[n], after[n]) for n in params},
                       "lr": [g["lr"] for g in engine.optimizer.param_groups], "peaks": peaks,
-                      "multiplier": lr_lambda(cfg.optim, cfg.train.steps)(3), "steps": engine.global_steps}
+                      "multiplier": lr_lambda(cfg.optim, cfg.train.steps)(3), "steps": engine.global_steps,
+                      "logged_lr": scheduled_lr(sched, cfg.optim.lr)}
     return out
 
 
@@ -190,6 +191,8 @@ def test_each_group_follows_the_schedule_from_its_own_peak_lr(engine_runs, stage
     assert 0.5 < r["multiplier"] < 1.0  # past warm-up (2 steps), one step into the cosine
     for got, peak in zip(r["lr"], r["peaks"]):
         assert got == pytest.approx(peak * r["multiplier"], rel=1e-12)
+    # the logged optim/lr is that of a parameter at optim.lr, though the first group's peak differs
+    assert r["peaks"][0] != 1e-3 and r["logged_lr"] == pytest.approx(1e-3 * r["multiplier"], rel=1e-12)
 
 
 # ---------------------------------------------------------------------- train, resume, export
