@@ -14,7 +14,8 @@ from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches
 from powerclip.train.dist_env import _slurm_master_addr, export_env_from_launcher
 from powerclip.train.engine import deepspeed_config
-from powerclip.train.optim import build_optimizer, lr_lambda, param_groups
+from powerclip.train.optim import build_optimizer, lr_lambda
+from powerclip.train.param_groups import param_groups
 from tests.tiny import tiny_config
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from powerclip import checks
 from powerclip import distributed as pdist
@@ -44,6 +45,8 @@ from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
+from powerclip.train.optim import scheduled_lr
+from powerclip.train.param_groups import group_table, optimizer_groups
 from powerclip.train.state import TrainState
 from powerclip.train.step_sync import HostStats, StepValues, reduce_step
 
@@ -124,6 +127,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             template = create_model(dataclasses.replace(cfg.model, pretrained=None))
         teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
+    if env.is_main:
+        log.info("parameter groups:\n%s", group_table(model, optimizer_groups(model, cfg.optim), cfg.optim.lr))
     try:
         engine, scheduler = build_engine(cfg, model, env.world_size)
     except AssertionError as e:  # DeepSpeed validates its config with bare asserts
@@ -137,7 +142,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     # ---- resume (default: this run's latest complete checkpoint)
     state, rank_state = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
-    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step)
+    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step, wandb=cfg.log.wandb,
+                       config=OmegaConf.to_container(OmegaConf.structured(cfg)) if cfg.log.wandb.enabled else None)
     if rank_state and rank_state["rng"] is not None:
         ckpt.set_rng_state(rank_state["rng"])
     else:
@@ -160,7 +166,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         t0 = time.perf_counter()
         micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        lr = float(scheduler.get_last_lr()[0])
+        lr = scheduled_lr(scheduler, cfg.optim.lr)
         set_pool_step(state.step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, teacher, host, _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
@@ -326,7 +332,7 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
     saved = elastic.read_client_state(load_dir / tag)
     rank_state = None
     if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage):
-        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim.weight_decay, env.rank)
+        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim, env.rank)
         state = saved
         if env.is_main:
             log.info("elastic resume: %s was written by %d ranks at ZeRO-%d, this run has %d ranks at ZeRO-%d",
@@ -357,7 +363,7 @@ def periodic_eval(engine, cfg: Config, step: int, logger: RunLogger) -> None:
     engine.eval()
     try:
         with torch.no_grad():
-            run_periodic_eval(engine, cfg, step, writer=logger.writer)
+            run_periodic_eval(engine, cfg, step, writer=logger if logger.enabled else None)
     finally:
         engine.train()
 
