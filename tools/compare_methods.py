@@ -13,26 +13,32 @@ so the arms of one seed are paired):
     clip_mean   the plain CLIP loss with the PowerCLIP preset's mean pooling (no powerset term)
     powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
     concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
-  from ONE pretrained start (a plain CLIP run, seed 0, exported), configs/degla_tiny_cpu.yaml,
-  control ``clip_ft``:
+  from a pretrained start (a plain CLIP run, exported; one per seed, pretrained with that seed, so the
+  fine-tuning arms' seed variance includes the start's), configs/degla_tiny_cpu.yaml, control ``clip_ft``:
     clip_ft     fine-tuned with the plain CLIP loss (more training, no negatives)
     negclip     NegCLIP alone (the DeGLA base term: the grammar's hard negatives in the softmax)
     degla       DeGLA as the preset sets it (NegCLIP + 0.1 IGC + 0.1 TGC + distillation, sum x 0.005)
   All three fine-tune at --ft-lr (1e-3, the pretraining lr): at the preset's 1e-4, 150 steps barely
   move NegCLIP's own image-grounded loss, so the arms would differ by little more than their seeds.
+  Each start is evaluated like a run (column ``pretrained``).
 
 Every run is evaluated on the seen split (the first train shard: scenes it trained on), the val split
 (seen colour-shape pairs, new scenes) and the heldout split (scenes with a pair never named in
 training): seen against val tells memorising the training scenes from learning what carries to new
-ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1, and the Winoground
-text / image / group scores of the binding twins (each scene with a swap-att negative against its
-colour-swapped twin: same bag of words, same layout; chance 0.25 / 0.25 / 1/6), with what explains
-them: the twins' caption and image cosines, the binding term and the caption and image priors
-(text score <=> term > |caption prior|; powerclip.eval.metrics.winoground_terms). The report gives
-mean +- 95% CI (Student t over seeds) per metric and arm, and the paired difference to the arm's
-control (per seed, then mean +- CI). The fine-tuning arms train on the generator's own negatives
-(the rule backend of tools/make_negatives.py would name heldout pairs in negatives, a shortcut the
-heldout split punishes).
+ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1; on val and heldout the
+binding pairs (powerclip.data.synthetic_pairs: two shapes, two colours, equal size, the same layout with
+the colours exchanged, captions without relation, position or size words; only binding solves them):
+``binding-pairs`` (the matched pairs outscore the crossed ones, chance 0.5) and their Winoground text /
+image / group scores; and, labelled ``relation-twins``, the older twins (each scene with a swap-att
+negative against its colour-swapped twin), whose relation word and colour positions solve them without
+binding. Every accuracy is kept per item in results.json, so any figure can be recomputed.
+
+The report opens with the primary endpoints, declared in code (``PRIMARY_ENDPOINTS``): per method the one
+metric its paper claims, paired to its control, on val and heldout, with 95% intervals and p-values from a
+hierarchical bootstrap over seeds and items (powerclip.eval.stats) and Holm's correction across them.
+Every other cell is exploratory: mean [95% bootstrap CI] per arm and paired difference, never bold. The
+fine-tuning arms train on the generator's own negatives (the rule backend of tools/make_negatives.py
+would name heldout pairs in negatives, a shortcut the heldout split punishes).
 
   python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
   python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
@@ -83,7 +89,7 @@ SPLITS = ("seen", "val", "heldout")
 
 @dataclass
 class Job:
-    name: str  # arm/seedN or "pretrain"
+    name: str  # arm/seedN, or pretrained/seedN (a start: exported to OUT/pretrained/seedN, then evaluated)
     config: str
     overrides: list[str]
     run_dir: Path
