@@ -437,14 +437,14 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     ``binding_pairs``: cases per split of the binding pairs (``synthetic_pairs``), recorded in the
     manifest and drawn when evaluated (0: none).
     """
-    from powerclip.data.synthetic_pairs import manifest_entry
-
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
     if not 0.0 <= relation_prob <= 1.0:
         raise ValueError(f"relation_prob must be in [0, 1], got {relation_prob}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if binding_pairs < 0:
+        raise ValueError(f"binding_pairs must be >= 0, got {binding_pairs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     colours = colour_vocabulary(num_colours)
@@ -453,7 +453,7 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
                       "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
                       "num_colours": num_colours, "heldout_pairs": sorted(f"{c} {s}" for c, s in held),
-                      "binding_pairs": manifest_entry(binding_pairs), "splits": {}}
+                      "binding_pairs": {"cases": binding_pairs}, "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue

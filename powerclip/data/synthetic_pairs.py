@@ -22,7 +22,8 @@ distribution.
 
 The cases are not stored: each is a pure function of (seed, split, index, vocabulary), drawn when
 evaluated (``pair_case``). Rendering two 64-px images is far cheaper than reading them from a tar, and
-the manifest records everything that defines the set (``manifest_entry``).
+the manifest records everything that defines the set (its seed, vocabulary, heldout pairs, image size
+and ``binding_pairs: {"cases": N}``, written by make_synthetic).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 
 from powerclip.data.synthetic import SHAPES, SIZES, Obj, colour_vocabulary
 
-DEFAULT_CASES = 2000
 PAIR_SIZE = "large"  # both objects drawn at the data's largest size (see the module docstring)
 # jitter of an object's centre (fraction of the side): at the pair size a box nearly fills its cell
 # (half-extent 0.16 of a 1/6 half-cell), so any larger jitter would cut an object by the image border or
@@ -48,14 +48,6 @@ class PairCase:
 
     objects: tuple[Drawn, Drawn]
     captions: tuple[str, str]
-
-
-def manifest_entry(cases: int = DEFAULT_CASES) -> dict:
-    """What defines the binding pairs of a dataset (its seed, vocabulary and heldout pairs are the
-    manifest's own fields): written into the manifest by make_synthetic."""
-    if cases < 0:
-        raise ValueError(f"binding pair cases must be >= 0, got {cases}")
-    return {"cases": cases, "size": PAIR_SIZE, "jitter": JITTER}
 
 
 def _pick(rng: random.Random, split: str, colours: tuple[str, ...],
