@@ -434,7 +434,8 @@ def primary_section(rows: list[dict], n_boot: int) -> list[str]:
              f"per-item paired difference. 95% CI and two-sided p: hierarchical bootstrap over seeds and items "
              f"({n_boot} replicates, powerclip.eval.stats). Holm's correction across the {len(rows)} endpoints "
              f"below, family-wise α = {ALPHA}; a method shows its paper's direction only where its Holm p ≤ "
-             f"{ALPHA} and the estimate is above 0.", "",
+             f"{ALPHA} and the estimate is above 0. With S seeds the bootstrap's seed level understates the seed "
+             "variance by the factor (S − 1)/S, as any bootstrap of S values does.", "",
              "| arm − control | split | metric | estimate | 95% CI | p | Holm p | result | seeds × items |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -551,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         args.binding_pairs, args.boot = 32, 1000
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.boot < 100 or args.binding_pairs < 0:
+        raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
     out = Path(args.out).resolve()
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
