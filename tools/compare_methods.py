@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(arm, {})[int(seed)] = res
     if args.pretrained and any(a in FT_ARMS for a in results):  # one given start for every seed
         cache = out / "pretrained_metrics.json"
-        if not cache.is_file() or args.reevaluate:
+        # a cache of an older version holds the metrics alone (no per-item outcomes): evaluate again
+        if not cache.is_file() or args.reevaluate or "items" not in json.loads(cache.read_text()):
             metrics, items = evaluate_model(pretrained_path(args, 0), str(synth))
             cache.write_text(json.dumps({"metrics": metrics, "items": items}))
         results[PRETRAINED] = {0: json.loads(cache.read_text())}
