@@ -17,7 +17,9 @@ from sklearn.metrics import balanced_accuracy_score
 from powerclip.eval import compositional as comp
 from powerclip.eval import evaluate
 from powerclip.eval.metrics import (
+    pair_assignment,
     retrieval_metrics,
+    retrieval_ranks,
     selection_correct,
     winoground_scores,
     winoground_terms,
@@ -118,6 +120,36 @@ def test_winoground_scores_are_the_binding_term_against_each_prior():
     b, pc, pi = winoground_terms(torch.tensor([[0.9, 0.8], [0.3, 0.2]]))
     assert b == pytest.approx(0.0) and pc == pytest.approx(1.2) and pi == pytest.approx(0.2)
     assert winoground_scores(torch.tensor([[0.9, 0.8], [0.3, 0.2]]))[0] is False
+
+
+def test_pair_assignment_is_the_sign_of_the_binding_term_whatever_the_priors():
+    """1 when the matched pairs outscore the crossed ones, 0 when less, 0.5 on a tie; adding a caption
+    or an image prior (a constant per row or per column) never changes it; a text point implies it."""
+    assert pair_assignment(torch.tensor([[0.9, 0.1], [0.2, 0.8]])) == 1.0
+    assert pair_assignment(torch.tensor([[0.1, 0.9], [0.8, 0.2]])) == 0.0
+    assert pair_assignment(torch.tensor([[0.9, 0.8], [0.3, 0.2]])) == 0.5  # a caption prior alone
+    g = torch.Generator().manual_seed(0)
+    for s in torch.randn(500, 2, 2, generator=g, dtype=torch.float64):
+        prior = torch.randn(2, 1, generator=g, dtype=torch.float64) + torch.randn(1, 2, generator=g, dtype=torch.float64)
+        assert pair_assignment(s) == pair_assignment(s + prior)
+        text, image, _ = winoground_scores(s)
+        if text or image:
+            assert pair_assignment(s) == 1.0
+
+
+def test_retrieval_ranks_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    owner = torch.randint(0, 12, (20,), generator=g)
+    caption_rank, image_rank = retrieval_ranks(img, txt, owner, kmax=5)
+    for j in range(20):
+        order = sorted(range(12), key=lambda i: -float(txt[j] @ img[i]))
+        assert caption_rank[j] == min(order.index(int(owner[j])), 5)
+    for i in range(12):
+        order = sorted(range(20), key=lambda j: -float(img[i] @ txt[j]))
+        mine = [r for r, j in enumerate(order) if int(owner[j]) == i]
+        assert image_rank[i] == min(mine[0] if mine else 5, 5)
 
 
 # --------------------------------------------------------------------------- zero-shot / wds
@@ -341,8 +373,19 @@ def test_synthetic_benchmark_on_make_synthetic_output(loaded, synthetic_root):
             counts[kind] = counts.get(kind, 0) + 1
     # one binding-twin case per swap-att negative (the generator's annotations can all be re-drawn)
     counts["binding"] = counts["swap-att"]
+    # and the binding pairs the manifest records (drawn at evaluation)
+    counts["binding-pairs"] = json.loads((synthetic_root / "manifest.json").read_text())["binding_pairs"]["cases"]
     assert counts and {f"synthetic/{k}": float(v) for k, v in counts.items()} == {
         k: r["metrics"]["n"] for k, r in res.items() if k not in ("synthetic", "synthetic/retrieval")}
+    # every result keeps its per-item outcomes, whose means are its metrics
+    assert res["synthetic"]["items"]["acc1"] and sum(res["synthetic"]["items"]["acc1"]) / n == pytest.approx(
+        res["synthetic"]["metrics"]["acc1"])
+    ranks = res["synthetic/retrieval"]["items"]["image_retrieval_rank"]
+    assert sum(r < 5 for r in ranks) / len(ranks) == pytest.approx(
+        res["synthetic/retrieval"]["metrics"]["image_retrieval_recall@5"])
+    for name, r in res.items():
+        if "acc" in r.get("items", {}):
+            assert sum(r["items"]["acc"]) / len(r["items"]["acc"]) == pytest.approx(r["metrics"]["acc"]), name
     classes = json.loads((synthetic_root / "classes.json").read_text())["classnames"]
     assert res["synthetic"]["task"] == "zeroshot_classification" and len(classes) >= 5
     assert set(res["synthetic/retrieval"]["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
@@ -375,6 +418,29 @@ def test_synthetic_binding_twins_match_brute_force(loaded, synthetic_root):
     assert res["metrics"]["text_acc"] == pytest.approx(t / n)
     assert res["metrics"]["image_acc"] == pytest.approx(i / n)
     assert res["metrics"]["acc"] == pytest.approx(g / n)
+
+
+def test_synthetic_binding_pairs_match_brute_force(loaded, synthetic_root):
+    """The binding pairs the manifest records, drawn and scored by hand: pair accuracy and Winoground."""
+    from powerclip.data.synthetic import draw_objects
+    from powerclip.data.synthetic_pairs import pair_cases
+
+    res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "synthetic", synthetic_root,
+                   split="heldout", batch_size=32)["synthetic/binding-pairs"]
+    manifest = json.loads((synthetic_root / "manifest.json").read_text())
+    cases = pair_cases(manifest, "heldout")
+    pair, group = [], []
+    for case in cases:
+        ims = [_img(loaded, draw_objects(objs, manifest["image_size"])) for objs in case.objects]
+        cs = [_txt(loaded, c) for c in case.captions]
+        sc = [[float(cs[a] @ ims[b]) for b in (0, 1)] for a in (0, 1)]
+        b = sc[0][0] + sc[1][1] - sc[0][1] - sc[1][0]
+        pair.append(1.0 if b > 1e-6 else 0.0 if b < -1e-6 else 0.5)
+        group.append(sc[0][0] > sc[1][0] and sc[1][1] > sc[0][1] and sc[0][0] > sc[0][1] and sc[1][1] > sc[1][0])
+    assert len(cases) == 24 and res["metrics"]["n"] == 24
+    assert res["items"]["pair_acc"] == pytest.approx(pair)
+    assert res["metrics"]["pair_acc"] == pytest.approx(sum(pair) / 24)
+    assert res["metrics"]["acc"] == pytest.approx(sum(group) / 24)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -13,26 +13,32 @@ so the arms of one seed are paired):
     clip_mean   the plain CLIP loss with the PowerCLIP preset's mean pooling (no powerset term)
     powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
     concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
-  from ONE pretrained start (a plain CLIP run, seed 0, exported), configs/degla_tiny_cpu.yaml,
-  control ``clip_ft``:
+  from a pretrained start (a plain CLIP run, exported; one per seed, pretrained with that seed, so the
+  fine-tuning arms' seed variance includes the start's), configs/degla_tiny_cpu.yaml, control ``clip_ft``:
     clip_ft     fine-tuned with the plain CLIP loss (more training, no negatives)
     negclip     NegCLIP alone (the DeGLA base term: the grammar's hard negatives in the softmax)
     degla       DeGLA as the preset sets it (NegCLIP + 0.1 IGC + 0.1 TGC + distillation, sum x 0.005)
   All three fine-tune at --ft-lr (1e-3, the pretraining lr): at the preset's 1e-4, 150 steps barely
   move NegCLIP's own image-grounded loss, so the arms would differ by little more than their seeds.
+  Each start is evaluated like a run (column ``pretrained``).
 
 Every run is evaluated on the seen split (the first train shard: scenes it trained on), the val split
 (seen colour-shape pairs, new scenes) and the heldout split (scenes with a pair never named in
 training): seen against val tells memorising the training scenes from learning what carries to new
-ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1, and the Winoground
-text / image / group scores of the binding twins (each scene with a swap-att negative against its
-colour-swapped twin: same bag of words, same layout; chance 0.25 / 0.25 / 1/6), with what explains
-them: the twins' caption and image cosines, the binding term and the caption and image priors
-(text score <=> term > |caption prior|; powerclip.eval.metrics.winoground_terms). The report gives
-mean +- 95% CI (Student t over seeds) per metric and arm, and the paired difference to the arm's
-control (per seed, then mean +- CI). The fine-tuning arms train on the generator's own negatives
-(the rule backend of tools/make_negatives.py would name heldout pairs in negatives, a shortcut the
-heldout split punishes).
+ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1; on val and heldout the
+binding pairs (powerclip.data.synthetic_pairs: two shapes, two colours, equal size, the same layout with
+the colours exchanged, captions without relation, position or size words; only binding solves them):
+``binding-pairs`` (the matched pairs outscore the crossed ones, chance 0.5) and their Winoground text /
+image / group scores; and, labelled ``relation-twins``, the older twins (each scene with a swap-att
+negative against its colour-swapped twin), whose relation word and colour positions solve them without
+binding. Every accuracy is kept per item in results.json, so any figure can be recomputed.
+
+The report opens with the primary endpoints, declared in code (``PRIMARY_ENDPOINTS``): per method the one
+metric its paper claims, paired to its control, on val and heldout, with 95% intervals and p-values from a
+hierarchical bootstrap over seeds and items (powerclip.eval.stats) and Holm's correction across them.
+Every other cell is exploratory: mean [95% bootstrap CI] per arm and paired difference, never bold. The
+fine-tuning arms train on the generator's own negatives (the rule backend of tools/make_negatives.py
+would name heldout pairs in negatives, a shortcut the heldout split punishes).
 
   python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
   python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
@@ -54,10 +60,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SCRATCH_CONTROL, FT_CONTROL = "clip", "clip_ft"
+PRETRAINED = "pretrained"  # the fine-tuning arms' starts, one per seed: reported as a column beside them
 SCRATCH_ARMS: dict[str, list[str]] = {
     "clip": [],
     "clip_mean": ["model.pool=mean"],
@@ -80,7 +89,7 @@ SPLITS = ("seen", "val", "heldout")
 
 @dataclass
 class Job:
-    name: str  # arm/seedN or "pretrain"
+    name: str  # arm/seedN, or pretrained/seedN (a start: exported to OUT/pretrained/seedN, then evaluated)
     config: str
     overrides: list[str]
     run_dir: Path
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for data, runs, results and report.md")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 2 for a confidence interval)")
     p.add_argument("--scratch-steps", type=int, default=300, help="steps of the arms trained from random weights")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of the shared pretrained start")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of each seed's pretrained start")
     p.add_argument("--ft-steps", type=int, default=150, help="steps of the fine-tuning arms")
     p.add_argument("--ft-lr", type=float, default=1e-3,
                    help="lr of every fine-tuning arm (control included); 0: the DeGLA preset's (1e-4), under "
@@ -108,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colours", type=int, default=27,
                    help="synthetic generator: colour vocabulary size (27: binding twins rare in a batch, so plain CLIP "
                         "is not taught binding, see powerclip.data.synthetic_twins; 7: the demo's data)")
-    p.add_argument("--pretrained", default=None, help="reuse this export as the fine-tuning start")
+    p.add_argument("--binding-pairs", type=int, default=2000,
+                   help="binding pairs per split (powerclip.data.synthetic_pairs): the binding endpoints' items")
+    p.add_argument("--boot", type=int, default=10000,
+                   help="hierarchical bootstrap replicates of each primary endpoint (powerclip.eval.stats)")
+    p.add_argument("--pretrained", default=None,
+                   help="reuse this export as the fine-tuning start of every seed (default: each seed pretrains its own)")
     p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -151,20 +165,28 @@ def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
                 jobs.append(Job(f"{arm}/seed{seed}", "configs/degla_tiny_cpu.yaml",
                                 common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
                                                    f"optim.warmup_steps={max(1, steps // 10)}",
-                                                   f"model.pretrained={pretrained_path(args)}"]
+                                                   f"model.pretrained={pretrained_path(args, seed)}"]
                                 + lr + FT_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
-                                after=[] if args.pretrained else ["pretrain"], keep_model=args.keep_models))
-    if any(j.after for j in jobs):
+                                after=[] if args.pretrained else [f"{PRETRAINED}/seed{seed}"],
+                                keep_model=args.keep_models))
+    # one pretrained start per seed (each seed pretrains its own, with that seed): the fine-tuning arms'
+    # seed variance then includes the start's, as it would across labs; a start is evaluated like a run
+    starts = sorted({a for j in jobs for a in j.after})
+    for name in reversed(starts):
+        seed = int(name.split("/seed")[1])
         steps = args.pretrain_steps
-        jobs.insert(0, Job("pretrain", "configs/tiny_cpu.yaml",
-                           common + ["train.seed=0", "data.seed=0", f"train.steps={steps}",
+        jobs.insert(0, Job(name, "configs/tiny_cpu.yaml",
+                           common + [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
                                      f"checkpoint.every_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}"]
-                           + args.overrides, out / "runs" / "pretrain"))
+                           + args.overrides, out / "runs" / "pretrain" / f"seed{seed}"))
     return jobs
 
 
-def pretrained_path(args: argparse.Namespace) -> str:
-    return str(Path(args.pretrained).resolve()) if args.pretrained else str(Path(args.out).resolve() / "pretrained")
+def pretrained_path(args: argparse.Namespace, seed: int) -> str:
+    """The fine-tuning start of ``seed``: --pretrained (one start for every seed) or its own pretraining."""
+    if args.pretrained:
+        return str(Path(args.pretrained).resolve())
+    return str(Path(args.out).resolve() / "pretrained" / f"seed{seed}")
 
 
 # ---------------------------------------------------------------------------------- one job
@@ -192,12 +214,13 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     from powerclip.train.loop import train
 
     done = job.run_dir / "compare_done.json"
+    start = job.name.startswith(PRETRAINED + "/")
+    export = Path(out) / job.name if start else job.run_dir / "model"
     if done.is_file():
         result = json.loads(done.read_text())
-        kept = job.run_dir / "model"
-        if reevaluate and job.evaluate and job.name != "pretrain" and is_export_dir(kept):
-            result["metrics"] = evaluate_model(kept, synth)
-            done.write_text(json.dumps(result, indent=1))
+        if reevaluate and job.evaluate and is_export_dir(export):
+            result["metrics"], result["items"] = evaluate_model(export, synth)
+            done.write_text(json.dumps(result))
         return result
     t0 = time.monotonic()
     trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
@@ -212,16 +235,17 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
     from powerclip.export import export_checkpoint
 
-    if job.name == "pretrain":
-        export_checkpoint(job.run_dir, Path(out) / "pretrained")
-    elif job.evaluate:
-        model = job.run_dir / "model" if job.keep_model else job.run_dir  # a run folder is exported on the fly
-        if job.keep_model and not is_export_dir(model):
-            export_checkpoint(job.run_dir, model)
-        result["metrics"] = evaluate_model(model, synth)
+    if start or job.keep_model:
+        if not is_export_dir(export):
+            export_checkpoint(job.run_dir, export)
+        model = export
+    else:
+        model = job.run_dir  # a run folder is exported on the fly
+    if job.evaluate:
+        result["metrics"], result["items"] = evaluate_model(model, synth)
     result["eval_s"] = time.monotonic() - t0 - t_train
     _cleanup(job.run_dir)
-    done.write_text(json.dumps(result, indent=1))
+    done.write_text(json.dumps(result))
     return result
 
 
@@ -244,36 +268,52 @@ def _loss_summary(run_dir: Path) -> dict[str, list[float]]:
     return {k: [float(rows[0].get(k, math.nan)), float(rows[-1][k])] for k in keys}
 
 
-def evaluate_model(model_path: Path | str, synth: str) -> dict[str, float]:
-    """``{split/metric: value}`` for every split: per-kind accuracy, zero-shot top-1, retrieval R@1 and
-    the binding twins' Winoground scores."""
+# evaluation set -> the flat metric names the report uses: (name in the report, metric, per-item key)
+_WINOGROUND = (("", "pair_acc", "pair_acc"), ("-text", "text_acc", "text_acc"), ("-image", "image_acc", "image_acc"),
+               ("-group", "acc", "acc"), ("-caption-cos", "caption_pair_cos", None),
+               ("-image-cos", "image_pair_cos", None), ("-term", "binding_term", None),
+               ("-caption-prior", "caption_prior", None), ("-image-prior", "image_prior", None))
+# the binding pairs (only binding solves them) and the older relation-captioned twins (the colours'
+# positions and the relation word solve them without binding): labelled for what they measure
+WINOGROUND_SETS = {"synthetic/binding-pairs": "binding-pairs", "synthetic/binding": "relation-twins"}
+
+
+def evaluate_model(model_path: Path | str, synth: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``({split/metric: value}, {split/metric: [value per item]})`` for every split: per-kind accuracy,
+    zero-shot top-1, retrieval R@1, and the Winoground scores of the binding pairs and of the relation
+    twins. Every accuracy keeps its per-item outcomes (their mean is the value), so that any figure
+    can be recomputed, and resampled over items."""
     from powerclip.eval import evaluate
     from powerclip.eval.model_io import load_model
 
     loaded = load_model(model_path)
     flat: dict[str, float] = {}
+    items: dict[str, list[float]] = {}
     for split in SPLITS:
         res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "synthetic", synth, split=split)
         for ds, r in res.items():
-            m = r["metrics"]
+            m, it = r["metrics"], r.get("items", {})
             if ds == "synthetic":
                 flat[f"{split}/zeroshot_acc1"] = m["acc1"]
+                items[f"{split}/zeroshot_acc1"] = it["acc1"]
             elif ds == "synthetic/retrieval":
                 flat[f"{split}/retrieval_i2t_R@1"] = m["text_retrieval_recall@1"]
                 flat[f"{split}/retrieval_t2i_R@1"] = m["image_retrieval_recall@1"]
-            elif ds == "synthetic/binding":  # Winoground scores of the colour-swapped twins
-                flat[f"{split}/binding-text"] = m["text_acc"]
-                flat[f"{split}/binding-image"] = m["image_acc"]
-                flat[f"{split}/binding-group"] = m["acc"]
-                flat[f"{split}/binding-caption-cos"] = m["caption_pair_cos"]  # 1: the text tower cannot tell
-                flat[f"{split}/binding-image-cos"] = m["image_pair_cos"]  # the twins apart (image tower: same)
-                # text score <=> term > |caption prior|, image score <=> term > |image prior|
-                flat[f"{split}/binding-term"] = m["binding_term"]
-                flat[f"{split}/binding-caption-prior"] = m["caption_prior"]
-                flat[f"{split}/binding-image-prior"] = m["image_prior"]
+                items[f"{split}/retrieval_i2t_R@1"] = [int(rank < 1) for rank in it["text_retrieval_rank"]]
+                items[f"{split}/retrieval_t2i_R@1"] = [int(rank < 1) for rank in it["image_retrieval_rank"]]
+            elif ds in WINOGROUND_SETS:
+                # pair_acc (the matched pairs outscore the crossed ones, chance 0.5), Winoground's text /
+                # image / group, then why: the pair cosines, the binding term and the priors
+                # (text score <=> term > |caption prior|; powerclip.eval.metrics.winoground_terms)
+                for suffix, metric, item_key in _WINOGROUND:
+                    name = f"{split}/{WINOGROUND_SETS[ds]}{suffix}"
+                    flat[name] = m[metric]
+                    if item_key is not None:
+                        items[name] = it[item_key]
             else:
                 flat[f"{split}/{ds.split('/', 1)[1]}"] = m["acc"]
-    return flat
+                items[f"{split}/{ds.split('/', 1)[1]}"] = it["acc"]
+    return flat, items
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -294,10 +334,138 @@ def _fmt(mu: float, ci: float, signed: bool = False) -> str:
     return s if math.isnan(ci) else f"{s} ± {ci:.3f}"
 
 
-def report(results: dict[str, dict[int, dict]], pretrained: dict[str, float] | None, meta: dict) -> str:
-    """The markdown report: per split, mean ± CI per arm, then the paired difference to the control."""
-    lines = [f"# Method comparison on the synthetic benchmark ({meta['seeds']} seeds, mean ± 95% CI)", ""]
+@dataclass(frozen=True)
+class Endpoint:
+    arm: str
+    control: str
+    metric: str  # the metric name after "split/"
+    claim: str  # what the method's paper claims, which this metric stands for here
+
+
+# The primary endpoints, declared before the runs: per method, the one metric its paper claims, as the
+# paired difference to its control, on new scenes of seen pairs (val) and on unseen pairs (heldout).
+# Holm's correction runs across all of them; every other number of the report is exploratory.
+PRIMARY_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("powerclip", SCRATCH_CONTROL, "zeroshot_acc1",
+             "PowerCLIP: zero-shot classification above CLIP (its headline: the 17-dataset zero-shot average)"),
+    Endpoint("concept", SCRATCH_CONTROL, "binding-pairs",
+             "C2LIP: concept (noun phrase: attribute + object) alignment, i.e. binding an attribute to its object"),
+    Endpoint("negclip", FT_CONTROL, "binding-pairs",
+             "NegCLIP: attribute binding (ARO VG-Attribution) above its CLIP start fine-tuned without negatives"),
+    Endpoint("degla", FT_CONTROL, "binding-pairs",
+             "DeGLA: SugarCrepe swap / replace above CLIP, from hard negatives"),
+)
+PRIMARY_SPLITS = ("val", "heldout")
+ALPHA = 0.05
+EXPLORATORY_BOOT = 1000  # replicates per exploratory cell (the primary endpoints use --boot)
+
+
+def _seed_matrix(results: dict[str, dict[int, dict]], arm: str, key: str,
+                 ref: str | None = None) -> np.ndarray | None:
+    """[seeds, items] per-item outcomes of ``arm`` (minus ``ref``'s, paired by seed and item) over the
+    seeds that have them; None where a run lacks per-item outcomes for ``key``."""
+    runs = results.get(arm, {})
+    seeds = [s for s in runs if ref is None or s in results.get(ref, {})]
+    rows = []
+    for s in sorted(seeds):
+        a = runs[s].get("items", {}).get(key)
+        b = None if ref is None else results[ref][s].get("items", {}).get(key)
+        if a is None or (ref is not None and (b is None or len(b) != len(a))):
+            return None
+        rows.append(np.asarray(a, dtype=float) - (0.0 if b is None else np.asarray(b, dtype=float)))
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return np.stack(rows)
+
+
+def _cell(results: dict[str, dict[int, dict]], arm: str, key: str, ref: str | None = None,
+          n_boot: int = EXPLORATORY_BOOT) -> str:
+    """Mean [95% CI] from the hierarchical bootstrap where per-item outcomes exist, else mean ± the
+    Student-t half-width over seeds (marked t): the cosines and terms are not kept per item."""
+    from powerclip.eval.stats import hierarchical_bootstrap  # not at import: workers set threads first
+
+    signed = ref is not None
+    m = _seed_matrix(results, arm, key, ref)
+    if m is not None:
+        r = hierarchical_bootstrap(m, n_boot=n_boot)
+        mu = f"{r.mean:+.3f}" if signed else f"{r.mean:.3f}"
+        return f"{mu} [{r.low:+.3f}, {r.high:+.3f}]" if signed else f"{mu} [{r.low:.3f}, {r.high:.3f}]"
+    runs = results.get(arm, {})
+    seeds = [s for s in runs if key in runs[s].get("metrics", {})
+             and (ref is None or key in results.get(ref, {}).get(s, {}).get("metrics", {}))]
+    if not seeds:
+        return "–"
+    vals = [runs[s]["metrics"][key] - (results[ref][s]["metrics"][key] if ref else 0.0) for s in seeds]
+    mu, ci = mean_ci(vals)
+    return _fmt(mu, ci, signed) + ("" if math.isnan(ci) else " t")
+
+
+def primary_endpoints(results: dict[str, dict[int, dict]], n_boot: int = 10000) -> list[dict]:
+    """Every declared endpoint whose arm and control ran: the paired estimate, its 95% interval and
+    two-sided p from the hierarchical bootstrap, and the Holm-adjusted p across the family."""
+    from powerclip.eval.stats import hierarchical_bootstrap, holm
+
+    rows: list[dict] = []
+    for split in PRIMARY_SPLITS:
+        for e in PRIMARY_ENDPOINTS:
+            if e.arm not in results or e.control not in results:
+                continue
+            key = f"{split}/{e.metric}"
+            m = _seed_matrix(results, e.arm, key, e.control)
+            if m is None:
+                continue
+            r = hierarchical_bootstrap(m, n_boot=n_boot)
+            rows.append({"arm": e.arm, "control": e.control, "split": split, "metric": e.metric,
+                         "claim": e.claim, "seeds": int(m.shape[0]), "items": int(m.shape[1]),
+                         "estimate": r.mean, "ci95": [r.low, r.high], "p": r.p})
+    for row, adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adj
+        row["result"] = ("shown: above the control" if adj <= ALPHA and row["estimate"] > 0 else
+                         "opposite: below the control" if adj <= ALPHA else "not shown")
+    return rows
+
+
+def primary_section(rows: list[dict], n_boot: int) -> list[str]:
+    lines = ["", "## Primary endpoints", "",
+             f"Declared in code before the runs (tools/compare_methods.py `PRIMARY_ENDPOINTS`): per method the "
+             "one metric its paper claims, as the paired difference to its control (same seed: same "
+             "initialisation, data order and, for the fine-tuning arms, the same pretrained start), on new "
+             f"scenes of seen pairs (val) and on unseen pairs (heldout). Estimate: mean over seeds of the "
+             f"per-item paired difference. 95% CI and two-sided p: hierarchical bootstrap over seeds and items "
+             f"({n_boot} replicates, powerclip.eval.stats). Holm's correction across the {len(rows)} endpoints "
+             f"below, family-wise α = {ALPHA}; a method shows its paper's direction only where its Holm p ≤ "
+             f"{ALPHA} and the estimate is above 0. With S seeds the bootstrap's seed level understates the seed "
+             "variance by the factor (S − 1)/S, as any bootstrap of S values does.", "",
+             "| arm − control | split | metric | estimate | 95% CI | p | Holm p | result | seeds × items |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} − {r['control']} | {r['split']} | {r['metric']} | {r['estimate']:+.3f} | "
+                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['p']:.4f} | {r['p_holm']:.4f} | "
+                     f"{r['result']} | {r['seeds']} × {r['items']} |")
+    if not rows:
+        lines.append("| (no endpoint: an arm or its control did not run) | | | | | | | | |")
+    lines += ["", "What each endpoint stands for (the paper's claim):", ""]
+    lines += [f"* {e.arm} ({e.metric}): {e.claim}" for e in PRIMARY_ENDPOINTS]
+    return lines
+
+
+def report(results: dict[str, dict[int, dict]], meta: dict, n_boot: int = 10000,
+           endpoints: list[dict] | None = None) -> str:
+    """The markdown report: the primary endpoints with Holm's correction, then every other cell as
+    exploratory (per split, mean [95% CI] per arm and the paired difference to the control)."""
+    if endpoints is None:
+        endpoints = primary_endpoints(results, n_boot)
+    lines = [f"# Method comparison on the synthetic benchmark ({meta['seeds']} seeds)", ""]
     lines += [f"* {k}: {v}" for k, v in meta.items()]
+    lines += primary_section(endpoints, n_boot)
+    lines += ["", "## Exploratory cells (no correction for multiplicity: none of them is a finding)", "",
+              "mean [95% CI from the hierarchical bootstrap over seeds and items, "
+              f"{EXPLORATORY_BOOT} replicates]; cells marked t: mean ± the 95% Student-t half-width over seed "
+              "values (metrics not kept per item). binding-pairs*: the binding pairs (only binding solves "
+              "them; binding-pairs is the share of pairs whose matched image–caption pairs outscore the "
+              "crossed ones, chance 0.5). relation-twins*: the older colour-swapped twins, whose captions say a "
+              "relation between the swapped objects (solvable from the colours' positions and the relation "
+              "word, without binding)."]
     groups = [(SCRATCH_CONTROL, [a for a in SCRATCH_ARMS if a in results]),
               (FT_CONTROL, [a for a in FT_ARMS if a in results])]
     metrics = sorted({k for arm in results.values() for r in arm.values() for k in r.get("metrics", {})})
@@ -306,39 +474,23 @@ def report(results: dict[str, dict[int, dict]], pretrained: dict[str, float] | N
         for control, arms in groups:
             if not arms:
                 continue
-            head = arms + (["pretrained"] if control == FT_CONTROL and pretrained else [])
-            lines += ["", f"## {split} split — arms {', '.join(arms)} (control: {control})", "",
+            head = arms + ([PRETRAINED] if control == FT_CONTROL and PRETRAINED in results else [])
+            lines += ["", f"### {split} split — arms {', '.join(arms)} (control: {control})", "",
                       "| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
             for k in keys:
-                row = []
-                for arm in arms:
-                    vals = [r["metrics"][k] for r in results[arm].values() if k in r.get("metrics", {})]
-                    row.append(_fmt(*mean_ci(vals)) if vals else "–")
-                if control == FT_CONTROL and pretrained:
-                    row.append(f"{pretrained.get(k, math.nan):.3f}")
-                lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(row) + " |")
+                lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(_cell(results, a, k) for a in head) + " |")
             pairs = [(a, control) for a in arms if a != control and control in results]
             pairs += [(a, ref) for a, ref in ABLATIONS.items() if a in arms and ref in arms]
             if not pairs:
                 continue
             lines += ["", f"Paired difference to {control}"
                       + (" and of each ablation pair" if any(ref != control for _, ref in pairs) else "")
-                      + " (same seed: same init and data order); **bold**: the 95% CI excludes 0.", "",
+                      + " (same seed: same init and data order; same items).", "",
                       "| metric | " + " | ".join(f"{a} − {ref}" for a, ref in pairs) + " |",
                       "|---" * (len(pairs) + 1) + "|"]
             for k in keys:
-                row = []
-                for arm, ref in pairs:
-                    seeds = [s for s in results[arm] if s in results[ref]
-                             and k in results[arm][s].get("metrics", {}) and k in results[ref][s].get("metrics", {})]
-                    d = [results[arm][s]["metrics"][k] - results[ref][s]["metrics"][k] for s in seeds]
-                    if not d:
-                        row.append("–")
-                        continue
-                    mu, ci = mean_ci(d)
-                    cell = _fmt(mu, ci, signed=True)
-                    row.append(f"**{cell}**" if not math.isnan(ci) and abs(mu) > ci else cell)
-                lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(row) + " |")
+                lines.append(f"| {k.split('/', 1)[1]} | "
+                             + " | ".join(_cell(results, a, k, ref) for a, ref in pairs) + " |")
     lines += ["", "## Training losses (first → last logged value, mean over seeds)", ""]
     for arm, runs in results.items():
         terms = sorted({t for r in runs.values() for t in r.get("losses", {})})
@@ -367,8 +519,9 @@ def check_data(synth: Path, args: argparse.Namespace) -> None:
     """Reused data must be the data asked for: runs of one report share one benchmark."""
     m = json.loads((synth / "manifest.json").read_text())
     have = {"--colours": m.get("num_colours", 7), "--relation-prob": m.get("relation_prob", 1.0),
-            "--image-size": m.get("image_size")}
-    want = {"--colours": args.colours, "--relation-prob": args.relation_prob, "--image-size": args.image_size}
+            "--image-size": m.get("image_size"), "--binding-pairs": (m.get("binding_pairs") or {}).get("cases", 0)}
+    want = {"--colours": args.colours, "--relation-prob": args.relation_prob, "--image-size": args.image_size,
+            "--binding-pairs": args.binding_pairs}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
         raise SystemExit(f"{synth}/manifest.json: the data under --out was written with other settings "
@@ -396,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         args.scratch_steps = args.pretrain_steps = args.ft_steps = 2
         args.train_shards, args.per_shard, args.batch = 1, 16, 8
         args.seeds = max(2, min(args.seeds, 2))
+        args.binding_pairs, args.boot = 32, 1000
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.boot < 100 or args.binding_pairs < 0:
+        raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
     out = Path(args.out).resolve()
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_synthetic(synth, train_shards=args.train_shards, val_shards=1, heldout_shards=1,
                        per_shard=args.per_shard, image_size=args.image_size, seed=0,
-                       relation_prob=args.relation_prob, num_colours=args.colours)
+                       relation_prob=args.relation_prob, num_colours=args.colours, binding_pairs=args.binding_pairs)
     check_data(synth, args)
     link_seen_split(synth)
     jobs = plan(args, synth)
@@ -438,35 +594,41 @@ def main(argv: list[str] | None = None) -> int:
                 finished.add(job.name)
                 print(f"[{time.monotonic() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
                 bar.update(1)
-                if job.name != "pretrain":
-                    arm, seed = job.name.split("/seed")
-                    results.setdefault(arm, {})[int(seed)] = res
-    pretrained = None
-    if any(a in FT_ARMS for a in results):
+                arm, seed = job.name.split("/seed")
+                results.setdefault(arm, {})[int(seed)] = res
+    if args.pretrained and any(a in FT_ARMS for a in results):  # one given start for every seed
         cache = out / "pretrained_metrics.json"
-        if not cache.is_file() or args.reevaluate:
-            cache.write_text(json.dumps(evaluate_model(pretrained_path(args), str(synth))))
-        pretrained = json.loads(cache.read_text())
+        # a cache of an older version holds the metrics alone (no per-item outcomes): evaluate again
+        if not cache.is_file() or args.reevaluate or "items" not in json.loads(cache.read_text()):
+            metrics, items = evaluate_model(pretrained_path(args, 0), str(synth))
+            cache.write_text(json.dumps({"metrics": metrics, "items": items}))
+        results[PRETRAINED] = {0: json.loads(cache.read_text())}
     phases = []
     if any(a in SCRATCH_ARMS for a in results):
         phases.append(f"from scratch {args.scratch_steps}")
     if any(a in FT_ARMS for a in results):
-        start = f"pretrained start {args.pretrained}" if args.pretrained else f"pretraining {args.pretrain_steps}"
+        start = (f"pretrained start {args.pretrained} (the same for every seed)" if args.pretrained else
+                 f"pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed)")
         phases.append(f"fine-tuning {args.ft_steps} from the {start}")
     meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
             f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
             f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}, {args.colours} colours",
-            "binding twins": twin_summary(args),
-            "chance": "0.5 per hard-negative kind; binding-text and binding-image 0.25, binding-group 1/6 "
-            f"(Winoground scores); zero-shot top-1 1/{5 * args.colours}",
+            "binding pairs": f"{args.binding_pairs} per split (val, heldout), drawn at {args.image_size} px "
+            "(powerclip.data.synthetic_pairs)",
+            "binding twins in training batches": twin_summary(args),
+            "chance": "0.5 per hard-negative kind and for binding-pairs and relation-twins (pair choice); "
+            "-text and -image 0.25, -group 1/6 for independent random scores (Winoground scores); "
+            f"zero-shot top-1 1/{5 * args.colours}",
             "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
             "wall time": f"{time.monotonic() - t0:.0f} s", "command": " ".join(sys.argv)}
-    text = report(results, pretrained, meta)
+    endpoints = primary_endpoints(results, args.boot)
+    text = report(results, meta, args.boot, endpoints)
     (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"results": results, "pretrained": pretrained, "meta": meta},
-                                                 indent=1))
+    # per-item outcomes of every run are kept (results[arm][seed]["items"]): any figure can be recomputed
+    (out / "results.json").write_text(json.dumps({"results": results, "primary_endpoints": endpoints,
+                                                  "meta": meta}))
     print(text)
     return 0
 

@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of multi-object captions said with a relation (the rest: 'X and Y', random order)")
     p.add_argument("--colours", type=int, default=7,
                    help="colour vocabulary size (7: the default data; up to the palette's 27: binding twins rare)")
+    p.add_argument("--binding-pairs", type=int, default=2000,
+                   help="binding pairs per split (powerclip.data.synthetic_pairs; drawn at evaluation, not stored)")
     a = p.parse_args(argv)
     m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                       a.seed, a.format, a.relation_prob, a.colours)
+                       a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs)
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
     return 0

@@ -429,10 +429,13 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
 
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
-                   image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS) -> dict:
+                   image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS,
+                   binding_pairs: int = 2000) -> dict:
     """Write the whole dataset under ``out``; returns the manifest dict (also written to disk).
 
     ``num_colours``: the colour vocabulary (``colour_vocabulary``); the default is the original one.
+    ``binding_pairs``: cases per split of the binding pairs (``synthetic_pairs``), recorded in the
+    manifest and drawn when evaluated (0: none).
     """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
@@ -440,6 +443,8 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
         raise ValueError(f"relation_prob must be in [0, 1], got {relation_prob}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if binding_pairs < 0:
+        raise ValueError(f"binding_pairs must be >= 0, got {binding_pairs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     colours = colour_vocabulary(num_colours)
@@ -447,7 +452,8 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
                       "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
-                      "num_colours": num_colours, "heldout_pairs": sorted(f"{c} {s}" for c, s in held), "splits": {}}
+                      "num_colours": num_colours, "heldout_pairs": sorted(f"{c} {s}" for c, s in held),
+                      "binding_pairs": {"cases": binding_pairs}, "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue

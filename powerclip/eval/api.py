@@ -12,7 +12,11 @@ Tasks (``task`` argument, with ``data`` the dataset root):
   aro[/<part>]             vg_relation, vg_attribution, coco_order, flickr30k_order
   valse[/<piece>]          VALSE piece jsons
   winoground               examples.jsonl + images/
-  synthetic                tools/make_synthetic output (zero-shot + retrieval + per-kind selection)
+  synthetic                tools/make_synthetic output (zero-shot + retrieval + per-kind selection,
+                           binding twins and binding pairs)
+
+Each result may also carry ``"items"``: per-item outcomes (``{name: [value per item]}``) whose means
+are its metrics, kept so that a figure can be recomputed or resampled over items.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from powerclip.eval import compositional as comp
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, load_folder, load_wds, wds_type
 from powerclip.eval.encode import encode_images, encode_texts, model_device
 from powerclip.eval.metrics import (
+    pair_assignment,
     retrieval_metrics,
+    retrieval_ranks,
     selection_correct,
     winoground_scores,
     winoground_terms,
@@ -136,6 +142,8 @@ def _dispatch(model, preprocess, tokenizer, base: str, part: str | None, data: P
             out[sel.name] = ctx.selection(sel, feats)
         if bench.binding is not None:
             out[bench.binding.name] = ctx.winoground(bench.binding)
+        if bench.pairs is not None:
+            out[bench.pairs.name] = ctx.winoground(bench.pairs)
         return out
     if base == "winoground":
         wino = comp.load_winoground(data)
@@ -179,15 +187,19 @@ class _Ctx:
                 self.model, self.tokenizer, ds.classnames, ds.templates, num_classes_per_batch=per_batch,
                 device=model_device(self.model))
         logits = 100.0 * image_features @ classifier.float().cpu()
-        metrics = zero_shot_metrics(logits, torch.tensor(ds.labels))
-        return {"task": "zeroshot_classification", "metrics": metrics}
+        labels = torch.tensor(ds.labels)
+        metrics = zero_shot_metrics(logits, labels)
+        top1 = logits.topk(1, dim=1).indices[:, 0].eq(labels)  # the same top-1 as zero_shot_metrics' acc1
+        return {"task": "zeroshot_classification", "metrics": metrics, "items": {"acc1": top1.int().tolist()}}
 
     def retrieval(self, ds: RetrievalSet, image_features: torch.Tensor) -> dict:
         flat = [c for caps in ds.captions for c in caps]
         owner = torch.tensor([i for i, caps in enumerate(ds.captions) for _ in caps], dtype=torch.long)
         text_features = self.texts(flat)
         metrics = retrieval_metrics(image_features, text_features, owner, self.opts.recall_k)
-        return {"task": "zeroshot_retrieval", "metrics": metrics}
+        caption_rank, image_rank = retrieval_ranks(image_features, text_features, owner, max(self.opts.recall_k))
+        return {"task": "zeroshot_retrieval", "metrics": metrics,
+                "items": {"image_retrieval_rank": caption_rank, "text_retrieval_rank": image_rank}}
 
     def selection(self, ds: comp.SelectionSet, image_features: torch.Tensor) -> dict:
         if not ds.cases:
@@ -202,7 +214,7 @@ class _Ctx:
         metrics = {"acc": sum(correct) / len(correct), "n": float(len(correct))}
         if ds.macro:
             metrics["macro_acc"] = comp.macro_accuracy(ds.macro, [c.group for c in ds.cases], correct)
-        return {"task": "image_caption_selection", "metrics": metrics}
+        return {"task": "image_caption_selection", "metrics": metrics, "items": {"acc": [int(c) for c in correct]}}
 
     def winoground(self, ds: comp.WinogroundSet) -> dict:
         image_features = self.images(ds.images, ds.name)
@@ -210,12 +222,14 @@ class _Ctx:
         pos = {t: i for i, t in enumerate(unique)}
         text_features = self.texts(unique)
         scores = []
+        pairs: list[float] = []
         text_cos = image_cos = binding = caption_prior = image_prior = 0.0
         for case in ds.cases:
             t = text_features[[pos[case.captions[0]], pos[case.captions[1]]]]
             im = image_features[list(case.images)]
             sim = t @ im.T
             scores.append(winoground_scores(sim))
+            pairs.append(pair_assignment(sim))
             text_cos += float(t[0] @ t[1])
             image_cos += float(im[0] @ im[1])
             b, pc, pi = winoground_terms(sim)
@@ -223,12 +237,15 @@ class _Ctx:
         n = len(scores)
         # clip_benchmark's names for Winoground's text / image / group scores; then why they are what
         # they are: the mean cosine of the two captions and of the two images of a case (1: the tower
-        # cannot tell the pair apart), and the mean binding term and |priors| of metrics.winoground_terms
+        # cannot tell the pair apart), and the mean binding term and |priors| of metrics.winoground_terms;
+        # pair_acc: the matched pairs outscore the crossed ones (metrics.pair_assignment, chance 0.5)
         metrics = {"text_acc": sum(s[0] for s in scores) / n, "image_acc": sum(s[1] for s in scores) / n,
-                   "acc": sum(s[2] for s in scores) / n, "n": float(n),
+                   "acc": sum(s[2] for s in scores) / n, "pair_acc": sum(pairs) / n, "n": float(n),
                    "caption_pair_cos": text_cos / n, "image_pair_cos": image_cos / n,
                    "binding_term": binding / n, "caption_prior": caption_prior / n, "image_prior": image_prior / n}
-        return {"task": "image_caption_selection", "metrics": metrics}
+        items = {"text_acc": [int(s[0]) for s in scores], "image_acc": [int(s[1]) for s in scores],
+                 "acc": [int(s[2]) for s in scores], "pair_acc": pairs}
+        return {"task": "image_caption_selection", "metrics": metrics, "items": items}
 
 
 def _maybe_autocast(model: torch.nn.Module, amp: bool):

@@ -34,33 +34,42 @@ def zero_shot_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """``text_to_image[j]``: index of the image that caption j belongs to."""
+    caption_rank, image_rank = retrieval_ranks(image_features, text_features, text_to_image, max(ks), chunk)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = sum(r < k for r in caption_rank) / len(caption_rank)
+        out[f"text_retrieval_recall@{k}"] = sum(r < k for r in image_rank) / len(image_rank)
+    return out
+
+
+def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                    kmax: int = 10, chunk: int = 1024) -> tuple[list[int], list[int]]:
+    """Per query, the 0-based rank of its first hit among the top ``kmax`` (``kmax`` where none is):
+    (per caption, text -> image; per image, image -> text). Recall@k is the share of ranks below k;
+    kept per item so that any recall can be recomputed, or resampled over items."""
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     if n_img == 0 or n_txt == 0:
         raise ValueError("retrieval evaluation needs at least one image and one caption")
-    kmax = max(ks)
-    # text -> image: for every caption, the top-k images
-    img_hits = {k: 0 for k in ks}
+    caption_rank: list[int] = []
     for s in range(0, n_txt, chunk):
         scores = text_features[s:s + chunk] @ image_features.T
         top = scores.topk(min(kmax, n_img), dim=1).indices
-        hit = top.eq(text_to_image[s:s + chunk].view(-1, 1))
-        for k in ks:
-            img_hits[k] += int(hit[:, :k].any(dim=1).sum())
-    # image -> text: for every image, is any of its captions among the top-k captions
-    txt_hits = {k: 0 for k in ks}
+        caption_rank += _first_hit(top.eq(text_to_image[s:s + chunk].view(-1, 1)), kmax)
+    # image -> text: for every image, the first of its captions among the top captions
+    image_rank: list[int] = []
     for s in range(0, n_img, chunk):
         scores = image_features[s:s + chunk] @ text_features.T
         top = scores.topk(min(kmax, n_txt), dim=1).indices
         owner = text_to_image[top]  # [chunk, kmax] image index of each retrieved caption
         rows = torch.arange(s, s + scores.shape[0]).view(-1, 1)
-        hit = owner.eq(rows)
-        for k in ks:
-            txt_hits[k] += int(hit[:, :k].any(dim=1).sum())
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"image_retrieval_recall@{k}"] = img_hits[k] / n_txt
-        out[f"text_retrieval_recall@{k}"] = txt_hits[k] / n_img
-    return out
+        image_rank += _first_hit(owner.eq(rows), kmax)
+    return caption_rank, image_rank
+
+
+def _first_hit(hit: torch.Tensor, kmax: int) -> list[int]:
+    """Per row of a boolean [n, k] tensor, the index of its first True (``kmax`` where none)."""
+    first = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), torch.full((hit.shape[0],), kmax))
+    return [int(v) for v in first]
 
 
 def selection_correct(image_feature: torch.Tensor, caption_features: torch.Tensor, correct: int,
@@ -87,6 +96,20 @@ def winoground_scores(s: torch.Tensor) -> tuple[bool, bool, bool]:
     text = bool(s[0, 0] > s[1, 0]) and bool(s[1, 1] > s[0, 1])
     image = bool(s[0, 0] > s[0, 1]) and bool(s[1, 1] > s[1, 0])
     return text, image, text and image
+
+
+def pair_assignment(s: torch.Tensor) -> float:
+    """``s[c, i]`` (2 x 2): 1 when the matched pairs outscore the crossed ones (s00 + s11 > s01 + s10,
+    the binding term of ``winoground_terms`` is positive), 0 when they score less, 0.5 on a tie.
+
+    Why: it is the choice between the two ways of pairing two captions with two images. A caption or an
+    image prior cancels out of it, so any scorer blind to what tells the pair apart scores 0.5 in
+    expectation (a tie: exactly 0.5), whereas the Winoground text / image / group scores of a blind
+    scorer depend on how its errors correlate within a pair (chance 1/4, 1/4, 1/6 only for independent
+    random scores).
+    """
+    b = float(s[0, 0] + s[1, 1] - s[0, 1] - s[1, 0])
+    return 1.0 if b > 0 else 0.0 if b < 0 else 0.5
 
 
 def winoground_terms(s: torch.Tensor) -> tuple[float, float, float]:

@@ -10,6 +10,10 @@ scene with a swap-att negative against its colour-swapped twin (``data.synthetic
 re-drawn from the annotation's objects and boxes, encoded in the scene's own image format), with
 the two captions [caption, swap-att negative]. The one-sided swap-att accuracy can rise above
 chance by preferring one string of a pair whatever the image shows; the twin's group score cannot.
+The twins' captions say a relation whose arguments are the swapped objects, so the colours' positions
+and the relation word solve them without binding. The binding pairs (``data.synthetic_pairs``, a
+Winoground set ``synthetic/binding-pairs`` drawn from the manifest when evaluated) are solved by binding
+only; they exist for the generator's own splits (train, val, heldout), not for other folders.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import PIL.Image
 
 from powerclip.data.synthetic import JPEG_QUALITY, draw_objects, twin_objects
+from powerclip.data.synthetic_pairs import pair_cases
 from powerclip.eval.compositional import SelectionCase, SelectionSet, WinogroundCase, WinogroundSet
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, template_fn
 from powerclip.eval.sources import (
@@ -42,6 +47,7 @@ class SyntheticBenchmark:
     retrieval: RetrievalSet
     selection: list[SelectionSet]
     binding: WinogroundSet | None  # scenes against their colour-swapped twins; None: no twin-able scene
+    pairs: WinogroundSet | None = None  # the binding pairs of the split; None: the manifest has none
 
 
 def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchmark:
@@ -94,7 +100,31 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
     retrieval = RetrievalSet("synthetic", images, captions)
     selection = [SelectionSet(f"synthetic/{kind}", images, cases) for kind, cases in sorted(negatives.items())]
     binding = WinogroundSet("synthetic/binding", twin_images, twin_cases) if twin_cases else None
-    return SyntheticBenchmark(images, classification, retrieval, selection, binding)
+    return SyntheticBenchmark(images, classification, retrieval, selection, binding, _binding_pairs(root, split))
+
+
+def _binding_pairs(root: Path, split: str) -> WinogroundSet | None:
+    """The split's binding pairs drawn at the dataset's image size, PNG-encoded like its images;
+    None for a folder the manifest does not name as a split, or a dataset written without pairs."""
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    manifest = json.loads(manifest_file.read_text())
+    if split not in manifest.get("splits", {}):
+        return None
+    cases = pair_cases(manifest, split)
+    if not cases:
+        return None
+    size = int(manifest["image_size"])
+    images: list[ImageRef] = []
+    wino: list[WinogroundCase] = []
+    for i, case in enumerate(cases):
+        for k, objects in enumerate(case.objects):
+            buf = io.BytesIO()
+            draw_objects(objects, size).save(buf, format="PNG")
+            images.append(BytesImage(f"{manifest_file} binding pair {split} #{i} image {k}", buf.getvalue()))
+        wino.append(WinogroundCase((len(images) - 2, len(images) - 1), case.captions))
+    return WinogroundSet("synthetic/binding-pairs", images, wino)
 
 
 def _twin_image(ann: dict, original: TarMember, where: str) -> tuple[BytesImage, str] | None:
