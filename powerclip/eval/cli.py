@@ -59,8 +59,10 @@ def main(args: argparse.Namespace) -> int:
 
     from powerclip.eval.api import EvalOptions, evaluate
     from powerclip.eval.model_io import load_model
-    from powerclip.eval.results import write_results
+    from powerclip.eval.results import check_replaceable, write_results
 
+    if args.out and args.out.endswith(".json"):
+        check_replaceable(Path(args.out))  # before the work: refused now, not after the evaluation
     _init_distributed()
     if args.device:
         device = args.device

@@ -7,6 +7,8 @@ put powerclip's and clip_benchmark's results side by side with the tool they alr
 
 from __future__ import annotations
 
+import errno
+import json
 from pathlib import Path
 
 from powerclip.atomic import write_json_atomic
@@ -20,6 +22,23 @@ def record(dataset: str, task: str, metrics: dict[str, float], model: str, pretr
 
 def slug(text: str) -> str:
     return text.replace("/", "_").replace(":", "_").strip("_")
+
+
+RESULT_KEYS = frozenset({"dataset", "model", "pretrained", "task", "metrics"})
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to overwrite ``path`` unless it is missing or an earlier result file (a JSON object
+    with clip_benchmark's result keys): ``--out`` never replaces a file evaluation did not write."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and RESULT_KEYS <= set(data)):
+        raise FileExistsError(errno.EEXIST, "exists and is not an earlier evaluation result; refusing to "
+                              "overwrite it (choose another --out)", str(path))
 
 
 def write_results(results: dict[str, dict], out: str | Path, model: str, pretrained: str,
@@ -36,6 +55,7 @@ def write_results(results: dict[str, dict], out: str | Path, model: str, pretrai
             path = out if len(items) == 1 else out.with_name(f"{out.stem}.{slug(rec['dataset'])}.json")
         else:
             path = out / f"{slug(rec['dataset'])}_{slug(Path(pretrained).name or pretrained)}_{rec['task']}.json"
+        check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         paths.append(write_json_atomic(path, rec))
     return paths
