@@ -497,6 +497,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         layers = [schema]
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ConfigError(f"{path}: is a folder; -c takes a YAML file (e.g. configs/tiny_cpu.yaml)")
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             try:

@@ -36,6 +36,7 @@ _OS_FIXES: dict[int, str] = {
     errno.ENOENT: "check the path",
     errno.ENOTDIR: "check the path",
     errno.EISDIR: "name a file, not a folder",
+    errno.EEXIST: "a file is in the way: choose another path",
     errno.EACCES: "check the permissions of the path (or choose another one)",
     errno.EPERM: "check the permissions of the path (or choose another one)",
     errno.EROFS: "the file system is read-only: choose a writable path",

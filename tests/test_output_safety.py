@@ -125,6 +125,15 @@ def test_export_replaces_only_a_previous_export(runs: Path, tmp_path: Path, caps
     assert (out / "results.json").read_text() == "{}"
 
 
+def test_export_os_error_is_one_line_with_the_path_and_the_fix(runs: Path, tmp_path: Path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert cli_main(["export", str(runs / "a"), "--out", str(blocker / "exp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"powerclip export: error: {blocker}: File exists (a file is in the way: choose another path)"
+    assert blocker.read_text() == "x"
+
+
 # -------------------------------------------------------------------------------- permissions
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
