@@ -2,34 +2,12 @@
 
 A bad config, a missing shard, a damaged checkpoint, a full disk: the user can fix these, and a
 traceback would only hide the one sentence that says how. Everything else is a bug and keeps its
-traceback. The project's error types are named here by module and class instead of imported, so
-that deciding costs nothing: an error can only be an instance of a class whose module is loaded.
+traceback. The project's own such errors derive from ``UserError``; OSError is the other kind.
 """
 
 from __future__ import annotations
 
 import errno
-import sys
-
-# (module, class) of every error whose message already names the problem (key, file, shard) and the fix
-EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
-    ("powerclip.config", "ConfigError"),
-    ("powerclip.checkpoints.discovery", "CheckpointError"),
-    ("powerclip.checkpoints.integrity", "CheckpointIntegrityError"),
-    ("powerclip.checkpoints.safe_load", "CheckpointReadError"),
-    ("powerclip.data.samples", "DataError"),
-    ("powerclip.data.remap", "RemapError"),
-    ("powerclip.data.regions", "PatchRegionError"),
-    ("powerclip.data.decode", "ImageTooLargeError"),
-    ("powerclip.model.factory", "ModelLoadError"),
-    ("powerclip.model.clip_model", "DenseUnsupportedError"),
-    ("powerclip.eval.model_io", "ExportMismatchError"),
-    ("powerclip.train.elastic", "ElasticError"),
-    ("powerclip.train.run_lock", "RunLockError"),
-    ("powerclip.negatives.llm", "LLMError"),
-    ("powerclip.outputs", "OutputFolderError"),
-    ("yaml", "YAMLError"),
-)
 
 # what to do about an OSError, by errno
 _OS_FIXES: dict[int, str] = {
@@ -45,19 +23,16 @@ _OS_FIXES: dict[int, str] = {
 }
 
 
-def expected_types() -> tuple[type[BaseException], ...]:
-    """The classes of ``EXPECTED_ERRORS`` that are loaded now, plus OSError."""
-    out: list[type[BaseException]] = [OSError]
-    for module, name in EXPECTED_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            out.append(cls)
-    return tuple(out)
+class UserError(Exception):
+    """A failure the user can fix, whose message names the problem (key, file, shard) and the fix.
+
+    The project's error types derive from it next to their builtin base (``ValueError``,
+    ``RuntimeError``), so commands print them in one line instead of a traceback."""
 
 
 def is_expected(e: BaseException) -> bool:
     """True when ``e`` is a failure the user can fix from its message (no traceback needed)."""
-    return isinstance(e, expected_types())
+    return isinstance(e, (UserError, OSError))
 
 
 def one_line(e: BaseException) -> str:

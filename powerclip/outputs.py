@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from powerclip.errors import UserError
 
-class OutputFolderError(ValueError):
+
+class OutputFolderError(UserError, ValueError):
     """The output path would overwrite or delete something this command did not create."""
 
 

@@ -13,6 +13,8 @@ import random
 import numpy as np
 import torch
 
+from powerclip.errors import UserError
+
 
 def map_box(box, window) -> tuple[float, float, float, float] | None:
     """A 0..1 box of the stored image in the 0..1 coordinates of the transformed view (None if outside)."""
@@ -77,7 +79,7 @@ def region_masks(boxes: list, window, grid: int, m: int, source: str, rng: rando
 
 
 # ---------------------------------------------------------------- regions as sets of patch cells
-class PatchRegionError(ValueError):
+class PatchRegionError(UserError, ValueError):
     """A sample's patch-index regions cannot be read (wrong dtype, shape or lengths)."""
 
 

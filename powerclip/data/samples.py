@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 import torch
 
+from powerclip.errors import UserError
+
 from ..config import Config
 from .decode import MAX_PIXELS, decode_image
 from .geometry import model_geometry
@@ -32,7 +34,7 @@ RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_fa
 PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be read as configured (raised before training starts)."""
 
 

@@ -26,6 +26,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from powerclip.config import ModelConfig
+from powerclip.errors import UserError
 from powerclip.model.clip_model import PowerClipModel
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or its starting weights cannot be built/loaded; the message names the source."""
 
 
