@@ -215,6 +215,20 @@ def test_build_shards_refuses_a_foreign_folder_and_resumes_its_own(tmp_path: Pat
     assert _tool("build_shards.py", str(src), "--out", str(out), *common).returncode == 0
 
 
+def test_make_synthetic_refuses_a_foreign_folder_and_regenerates_its_own(tmp_path: Path):
+    foreign = tmp_path / "foreign"
+    before = _foreign_shards(foreign)
+    small = ["--train-shards", "1", "--per-shard", "4", "--image-size", "16"]
+    r = _tool("make_synthetic.py", "--out", str(foreign), *small)
+    _one_line_error(r, str(foreign), "not a synthetic dataset")
+    assert _digests(foreign) == before
+    out = tmp_path / "synth"
+    assert _tool("make_synthetic.py", "--out", str(out), *small).returncode == 0
+    first = _digests(out)
+    assert _tool("make_synthetic.py", "--out", str(out), *small).returncode == 0  # its own: same bytes again
+    assert _digests(out) == first
+
+
 @pytest.mark.parametrize("script", ["annotate_shards.py", "make_negatives.py"])
 def test_shard_copying_tools_refuse_a_foreign_folder(script: str, synthetic_root: Path, tmp_path: Path):
     shards = str(synthetic_root / "val" / "{00000..00000}.tar")

@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--colours", type=int, default=7,
                    help="colour vocabulary size (7: the default data; up to the palette's 27: binding twins rare)")
     a = p.parse_args(argv)
-    m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                       a.seed, a.format, a.relation_prob, a.colours)
+    try:
+        m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
+                           a.seed, a.format, a.relation_prob, a.colours)
+    except ValueError as e:  # a bad option or an --out folder that is not a synthetic dataset
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
     return 0
