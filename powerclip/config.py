@@ -23,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from powerclip.atomic import write_text_atomic
+from powerclip.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the offending dotted key."""
 
 
@@ -271,6 +272,9 @@ class CheckpointConfig:
     # prune also complete checkpoints older than the one resumed from (written by an earlier process
     # of this run, e.g. before a Slurm requeue); off: a process deletes only checkpoints it wrote
     prune_inherited: bool = False
+    # checkpoints (and exports of this run) readable by the owner only: folders 0700, files 0600;
+    # off: they follow the process umask like every other file, so a team on shared storage can read them
+    private: bool = False
 
 
 @dataclass
@@ -444,6 +448,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.region_index_base must be 0 or 1, got {cfg.data.region_index_base}")
     if cfg.eval.batch_size < 1 or cfg.eval.workers < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("eval.batch_size must be >= 1, eval.workers and eval.every_steps >= 0")
+    validate_combinations(cfg)
     validate_ranges(cfg)
     return cfg
 
@@ -461,6 +466,45 @@ def check_eval_tasks(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.every_steps={ev.every_steps} but eval.tasks is empty, so nothing would be "
                           "evaluated; list tasks (eval.tasks='[\"zeroshot_classification:/data/wds/imagenet1k\"]') "
                           "or set eval.every_steps=0")
+
+def validate_combinations(cfg: Config) -> None:
+    """Keys that are each valid but cannot work together, refused at load rather than after launch."""
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        raise ConfigError("train.compile=true does not work with train.zero_stage=3 (ZeRO-3 gathers each "
+                          "parameter on use, which torch.compile cannot trace); set train.compile=false or "
+                          "train.zero_stage <= 2")
+    concept_on = cfg.loss.concept.npc_weight > 0 or cfg.loss.concept.xac_weight > 0
+    sigmoid = cfg.loss.global_loss == "siglip" or (concept_on and cfg.loss.concept.form == "sigmoid")
+    if sigmoid and model_logit_bias(cfg) is None:
+        which = ("loss.global_loss=siglip" if cfg.loss.global_loss == "siglip"
+                 else "loss.concept.form=sigmoid")
+        raise ConfigError(f"{which} needs a logit bias, but model.init_logit_bias is not set and the model's "
+                          f"open_clip config has none; set model.init_logit_bias (e.g. -10)")
+
+
+def model_logit_bias(cfg: Config) -> float | None:
+    """``init_logit_bias`` the model will be built with: the key, else its open_clip config's (read
+    from open_clip's model_configs file, without importing open_clip)."""
+    if cfg.model.init_logit_bias is not None:
+        return cfg.model.init_logit_bias
+    if cfg.model.config is not None:
+        return cfg.model.config.get("init_logit_bias")
+    return _builtin_model_cfg(cfg.model.name or "").get("init_logit_bias")
+
+
+@functools.cache
+def _builtin_model_cfg(name: str) -> dict[str, Any]:
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "model_configs" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def _numbers(obj: Any, prefix: str) -> list[tuple[str, float]]:
@@ -630,10 +674,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         layers = [schema]
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ConfigError(f"{path}: is a folder; -c takes a YAML file (e.g. configs/tiny_cpu.yaml)")
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            try:
+                with open(path) as f:
+                    data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}); fix the file (or restore it "
+                                  "from the preset it came from)") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}: not a text file (YAML expected); fix or restore it") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: top level must be a mapping")
             layers.append(OmegaConf.create(data))
@@ -644,7 +696,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _prefix_ok(key):
                 raise ConfigError(f"unknown config key {key!r}")
             override = OmegaConf.create()
-            OmegaConf.update(override, key, yaml.safe_load(value), force_add=True)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {key}: value {value!r} is not valid YAML ({_yaml_problem(e)})") from None
+            OmegaConf.update(override, key, parsed, force_add=True)
             layers.append(override)
         merged = OmegaConf.merge(*layers)
         cfg = _to_dataclass(merged)
@@ -652,6 +708,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = getattr(e, "full_key", None)
         raise ConfigError(f"bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
     return validate(cfg)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parser error in one line: what and where (line:column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _default_config() -> Config:

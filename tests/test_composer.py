@@ -41,7 +41,7 @@ def test_global_only_clip_and_siglip():
     assert set(terms) == {"clip"} and not terms["clip"].requires_grad
     total.backward()
     assert feats.image.grad is not None
-    cfg = load_config(None, MODEL + ["loss.global_loss=siglip"])
+    cfg = load_config(None, MODEL + ["loss.global_loss=siglip", "model.init_logit_bias=-10"])
     feats = _features(bias=True)
     total, terms = compose_losses(feats, _batch(), cfg.loss)  # a LossConfig works too
     torch.testing.assert_close(total, global_loss(feats, "siglip"))

@@ -413,7 +413,7 @@ def test_stream_with_no_valid_sample_fails_with_shards_and_reasons(tmp_path, wor
     msg = (f"no valid sample in 3 passes over the 4 shards of rank 0 worker slot 0: {', '.join(shards)}; "
            "skipped samples by reason: bad_image=3, empty_shard=3, missing_json=6, truncated_tar=3")  # 3 rounds
     assert msg in str(err.value)
-    from powerclip.train.cli import one_line
+    from powerclip.errors import one_line
 
     assert one_line(err.value) == msg  # what `powerclip train` prints, also when a worker raised it
 

@@ -5,7 +5,8 @@ interpreter at import time but not from the design) and the module names the com
 by string (``importlib.import_module``). A module may import from its own layer and the layers
 below it. The order, lowest first, and why each layer sits where it does:
 
-* ``foundation``: the config schema, the one wrapper of torch.distributed, the debug checks;
+* ``foundation``: the config schema, the one wrapper of torch.distributed, the debug checks, the
+  user-error base class and the output-folder rules every writer follows;
 * ``checkpoints``: finding, verifying, reading and consolidating checkpoints on disk; below the
   model (``model.pretrained`` may name a checkpoint), the trainer and the exporter;
 * ``data``: shards -> Batch, and the tools that write shards (annotation, negatives);
@@ -31,7 +32,7 @@ import powerclip
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("powerclip", "powerclip.atomic", "powerclip.config", "powerclip.distributed", "powerclip.checks",
-                    "powerclip.progress")),
+                    "powerclip.progress", "powerclip.errors", "powerclip.outputs")),
     ("checkpoints", ("powerclip.checkpoints",)),
     ("data", ("powerclip.data", "powerclip.annotate", "powerclip.negatives")),
     ("model", ("powerclip.model",)),
@@ -41,7 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("export", ("powerclip.export",)),
     ("eval_io", ("powerclip.eval.model_io", "powerclip.eval.cli")),
     ("launch", ("powerclip.launch", "powerclip.data.shard_array")),
-    ("cli", ("powerclip.cli", "powerclip.__main__")),
+    ("cli", ("powerclip.cli", "powerclip.__main__", "powerclip.config_cli")),
 )
 
 

@@ -250,12 +250,34 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
 
 
 def _cleanup(run_dir: Path) -> None:
-    """Drop the DeepSpeed checkpoints once evaluated (optimiser states: ~3x the weights per run)."""
+    """Drop the DeepSpeed checkpoints once evaluated (optimiser states: ~3x the weights per run);
+    only of a run this tool trained (its ``compare_trained.json`` record), never another's."""
     import shutil
 
     ckpt = run_dir / "checkpoints"
-    if ckpt.is_dir():
+    if ckpt.is_dir() and (run_dir / "compare_trained.json").is_file():
         shutil.rmtree(ckpt)
+
+
+MARKER = ".compare_methods"  # written first into a new --out: the folder is this tool's
+
+
+def _is_comparison(path: Path) -> bool:
+    return (path / MARKER).is_file() or (path / "synth" / "manifest.json").is_file()
+
+
+def prepare_out(out: str) -> Path:
+    """``--out`` resolved and marked as this tool's: a new or empty folder, or an earlier
+    comparison (resumed); any other folder is refused, so a rerun never overwrites others' files."""
+    from powerclip.outputs import OutputFolderError, check_output_dir
+
+    try:
+        path = check_output_dir(out, _is_comparison, "an earlier tools/compare_methods.py output")
+    except OutputFolderError as e:
+        raise SystemExit(f"error: {e}") from None
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+    return path
 
 
 def _loss_summary(run_dir: Path) -> dict[str, list[float]]:
@@ -554,9 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seeds must be >= 1")
     if args.boot < 100 or args.binding_pairs < 0:
         raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
-    out = Path(args.out).resolve()
+    out = prepare_out(args.out)
     args.out = str(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     state0 = machine_state()
     synth = out / "synth"

@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--binding-pairs", type=int, default=2000,
                    help="binding pairs per split (powerclip.data.synthetic_pairs; drawn at evaluation, not stored)")
     a = p.parse_args(argv)
-    m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                       a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs)
+    try:
+        m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
+                           a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs)
+    except ValueError as e:  # a bad option or an --out folder that is not a synthetic dataset
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
     return 0

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from powerclip.checkpoints.layout import is_tag_dir, list_tags, read_latest
+from powerclip.errors import UserError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A path is not a usable checkpoint; the message names the path and what is missing."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from powerclip import distributed as pdist
 from powerclip.checkpoints.layout import list_tags, tag_step
+from powerclip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MANIFEST = "checksums.json"
 _WRITTEN: set[Path] = set()  # tag folders this process wrote (the only ones prune may delete)
 
 
-class CheckpointIntegrityError(RuntimeError):
+class CheckpointIntegrityError(UserError, RuntimeError):
     """A checkpoint is incomplete or damaged; the message names the folder and the bad file."""
 
 

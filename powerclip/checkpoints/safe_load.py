@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from powerclip.checkpoints.codec import decode
+from powerclip.errors import UserError
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(UserError, RuntimeError):
     """A checkpoint file cannot be read safely; the message names the file and the reason."""
 
 

@@ -165,7 +165,7 @@ def prepare_output(shards: list[Path], out: str | Path, parser: str, model: str)
     """Check the input/output pair and record the settings in ``out`` (refusing a folder annotated
     with other settings, which would mix two annotations in one shard set); returns ``out`` resolved.
     Done once before a job array starts, so that its tasks only read the settings."""
-    out = check_output_folder(shards, out)
+    out = check_output_folder(shards, out, RECORDS, "tools/annotate_shards.py")
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
     settings_path = out / RECORDS / "settings.json"
     settings = _settings(parser, model)

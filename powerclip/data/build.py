@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import check_output_dir
 from .decode import MAX_PIXELS, ImageTooLargeError, decode_image
 from .shard_pool import run_shards
 
@@ -319,6 +320,8 @@ def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parse
     items = enumerate_items(inputs, image_col, caption_col, boxes_col, follow_links, refused)
     if not items:
         raise ValueError(f"no input samples found in {inputs}")
+    # only a new or empty folder or an earlier build's (resumed): never overwrite others' shards
+    check_output_dir(out, lambda p: (p / "_build").is_dir(), "an output folder of tools/build_shards.py")
     (out / "_build").mkdir(parents=True, exist_ok=True)
     plan_path = out / "_build" / "plan.json"
     digest = _plan_hash(items, shard_size, parser, model)

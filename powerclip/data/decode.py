@@ -14,10 +14,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from powerclip.errors import UserError
+
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(UserError, ValueError):
     """The image declares more pixels than the limit allows; it was not decoded."""
 
 

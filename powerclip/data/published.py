@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from powerclip.errors import UserError
+
 SOT_ID, EOT_ID = 49406, 49407  # open_clip's CLIP BPE start/end-of-text ids
 
 
-class NjsonError(ValueError):
+class NjsonError(UserError, ValueError):
     """A ``.njson`` member that is not the CSR phrase form described in the module docstring."""
 
 
@@ -94,7 +96,7 @@ def find_text(caption: str, text: str) -> tuple[int, int] | None:
 
 
 # ----------------------------------------------------------------- regions as patch-index sets
-class PatchRegionError(ValueError):
+class PatchRegionError(UserError, ValueError):
     """A sample's patch-index regions cannot be read (wrong dtype, shape or lengths)."""
 
 

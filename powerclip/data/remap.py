@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from powerclip.errors import UserError
+
 from .stream import (
     Piece,
     StreamSpec,
@@ -44,7 +46,7 @@ from .stream import (
 )
 
 
-class RemapError(ValueError):
+class RemapError(UserError, ValueError):
     """A saved data cursor cannot be translated to this run (message names the cause)."""
 
 

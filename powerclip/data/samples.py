@@ -20,6 +20,8 @@ import numpy as np
 import orjson
 import torch
 
+from powerclip.errors import UserError
+
 from ..config import Config
 from .decode import MAX_PIXELS, decode_image
 from .geometry import model_geometry
@@ -46,7 +48,7 @@ CAPTION_ONLY = "phrases_caption_only"
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be read as configured (raised before training starts)."""
 
 

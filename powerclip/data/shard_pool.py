@@ -13,6 +13,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from powerclip.outputs import check_output_dir
+
 
 def run_shards(todo: Sequence[Any], work: Callable[[Any], Any], *, workers: int = 1,
                initializer: Callable[..., None] | None = None, initargs: tuple = (), desc: str = "shards",
@@ -40,12 +42,16 @@ def run_shards(todo: Sequence[Any], work: Callable[[Any], Any], *, workers: int 
     return out
 
 
-def check_output_folder(shards: Sequence[Path], out: str | Path) -> Path:
+def check_output_folder(shards: Sequence[Path], out: str | Path, state: str, tool: str) -> Path:
     """``out`` resolved, after refusing what would overwrite or mix shards: an output folder that is
-    an input folder, or two input shards with one name (they would land on one output file)."""
+    an input folder, a folder with files this tool did not write (it would overwrite same-named
+    shards, sizes.json, manifest.json: only a new or empty folder, or one holding the tool's own
+    ``state`` folder, is accepted), or two input shards with one name (they would land on one output
+    file)."""
     out = Path(out).resolve()
     if any(Path(p).resolve().parent == out for p in shards):
         raise ValueError(f"{out}: the output folder must not be the input folder (write new shards elsewhere)")
+    check_output_dir(out, lambda p: (p / state).is_dir(), f"an output folder of {tool}")
     names = [Path(p).name for p in shards]
     if len(set(names)) != len(names):
         raise ValueError("shard names collide in one output folder")

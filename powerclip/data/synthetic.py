@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from powerclip.outputs import check_output_dir
+
 SCHEMA_VERSION = 1
 GRAMMAR_PARSER = "synthetic-grammar"  # the annotation's "parser": its objects, boxes and negatives are exact
 
@@ -427,6 +429,19 @@ def write_split(out: Path, split: str, num_shards: int, per_shard: int, seed: in
     return sizes
 
 
+MARKER = ".synthetic"
+
+
+def _is_synthetic(path: Path) -> bool:
+    """An earlier synthetic dataset (regenerated in place: the same seed writes the same bytes)."""
+    if (path / MARKER).is_file():
+        return True
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("generator") == "powerclip.data.synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
                    image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS,
@@ -445,8 +460,9 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     if binding_pairs < 0:
         raise ValueError(f"binding_pairs must be >= 0, got {binding_pairs}")
-    out = Path(out)
+    out = check_output_dir(out, _is_synthetic, "a synthetic dataset (tools/make_synthetic.py)")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()  # first: an interrupted run's folder is still recognised as this tool's
     colours = colour_vocabulary(num_colours)
     held = heldout_pairs(seed, colours=colours)
     splits = {"train": train_shards, "val": val_shards, "heldout": heldout_shards}

@@ -1,5 +1,19 @@
-"""Evaluation: zero-shot, retrieval and compositional benchmarks, in clip_benchmark's result schema."""
+"""Evaluation: zero-shot, retrieval and compositional benchmarks, in clip_benchmark's result schema.
 
-from powerclip.eval.api import TASKS, EvalOptions, evaluate, flatten
+The names below are loaded on first use: they import torch and open_clip, and ``powerclip eval
+--help`` (which imports ``powerclip.eval.cli``, so this package) must not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["TASKS", "EvalOptions", "evaluate", "flatten"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from powerclip.eval import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'powerclip.eval' has no attribute {name!r}")

@@ -7,25 +7,27 @@ over ranks and gathered; rank 0 writes the results). Prints one line per metric.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
+from pathlib import Path
 
-import torch
-
+# torch and open_clip are imported in main(): ``powerclip eval --help`` must not wait for them
 from powerclip.config import eval_task_error
-from powerclip.eval.api import TASKS, EvalOptions, evaluate
-from powerclip.eval.model_io import load_model
-from powerclip.eval.results import write_results
+
+
+def _task_list() -> str:
+    """The task table of ``powerclip.eval.api``'s docstring, read from its source (no torch import)."""
+    doc = ast.get_docstring(ast.parse((Path(__file__).parent / "api.py").read_text())) or ""
+    return doc.split("\n\n", 2)[2] if doc.count("\n\n") >= 2 else doc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from powerclip.eval import api
-
-    p.description = __doc__.split("\n\n")[0] + "\n\n" + api.__doc__.split("\n\n", 2)[2]
+    p.description = __doc__.split("\n\n")[0] + "\n\n" + _task_list()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", required=True, help="export folder, run folder or DeepSpeed checkpoint")
     p.add_argument("--task", required=True, action="append",
-                   help=f"one of {', '.join(TASKS)} (compositional ones accept /<part>, e.g. sugar_crepe/swap_att); "
+                   help="a task of the list above (compositional ones accept /<part>, e.g. sugar_crepe/swap_att); "
                         "repeatable, each with its own --data")
     p.add_argument("--data", required=True, action="append", help="dataset root, one per --task")
     p.add_argument("--images", default=None, help="image root when it differs from --data (SugarCrepe, VALSE)")
@@ -46,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _init_distributed() -> None:
+    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -63,6 +66,14 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"powerclip eval: error: --task {task}: {problem}", file=sys.stderr)
             return 2
+    import torch
+
+    from powerclip.eval.api import EvalOptions, evaluate
+    from powerclip.eval.model_io import load_model
+    from powerclip.eval.results import check_replaceable, write_results
+
+    if args.out and args.out.endswith(".json"):
+        check_replaceable(Path(args.out))  # before the work: refused now, not after the evaluation
     _init_distributed()
     if args.device:
         device = args.device

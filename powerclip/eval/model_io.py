@@ -22,6 +22,7 @@ from typing import Any
 import open_clip
 import torch
 
+from powerclip.errors import UserError
 from powerclip.model.factory import CONFIG_NAME, OPEN_CLIP_REFUSAL_KEY, WEIGHTS_NAME, open_clip_model_cfg
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class LoadedModel:
     pretrained: str  # "pretrained" field: the path the weights came from
 
 
-class ExportMismatchError(ValueError):
+class ExportMismatchError(UserError, ValueError):
     """An export folder's config does not describe its weights; the message names key and file."""
 
 

@@ -18,11 +18,12 @@ import sys
 import time
 
 from powerclip.config import Config
+from powerclip.errors import UserError
 
 ACCEPTS_EXTRA = True
 
 
-class SlurmCheckError(ValueError):
+class SlurmCheckError(UserError, ValueError):
     """``slurm.partition`` or ``slurm.account`` unknown to the cluster; the message names the key."""
 
 

@@ -4,7 +4,7 @@ Submits the training run to Slurm through submitit and prints the job id. Flags 
 config's ``slurm`` section (so the saved ``RUN/config.yaml`` says what was really asked for); dotted
 overrides patch anything, exactly as for ``powerclip train``::
 
-    powerclip submit -c configs/pretrain_clip_b16.yaml --nodes 4 --gpus-per-node 8 \\
+    powerclip submit -c configs/clip_vitb16_cc12m.yaml --nodes 4 --gpus-per-node 8 \\
         --partition gpu --time 24:00:00 train.run_dir=/scratch/$USER/runs/clip_b16
 
 Submitting again with the same ``train.run_dir`` continues the run from its latest checkpoint.

@@ -17,10 +17,11 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from powerclip.data.batch import Batch, text_fields
+from powerclip.errors import UserError
 from powerclip.model.features import Features
 
 
-class DenseUnsupportedError(RuntimeError):
+class DenseUnsupportedError(UserError, RuntimeError):
     """The model's towers have no dense path (docs/losses.md §0) that powerclip knows how to read."""
 
 

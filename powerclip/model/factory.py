@@ -26,6 +26,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from powerclip.config import ModelConfig
+from powerclip.errors import UserError
 from powerclip.model.clip_model import PowerClipModel
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def open_clip_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in model_cfg.items() if k != OPEN_CLIP_REFUSAL_KEY}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or its starting weights cannot be built/loaded; the message names the source."""
 
 

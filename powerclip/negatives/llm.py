@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from powerclip.errors import UserError
 from powerclip.negatives.redact import Redactor, redact_all_logging
 from powerclip.negatives.validate import KINDS
 
@@ -67,7 +68,7 @@ EXAMPLES = [
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class LLMError(RuntimeError):
+class LLMError(UserError, RuntimeError):
     """The endpoint failed in a way retries did not (or cannot) fix."""
 
 

@@ -153,7 +153,7 @@ def prepare_output(shards: list[Path], out_dir: str | Path, job: NegativesJob) -
     """Check shards, output folder and settings, and pin the settings in the output folder (done
     once, before any shard is worked on); returns the output folder resolved."""
     _check_job(job)
-    out = check_output_folder(shards, out_dir)
+    out = check_output_folder(shards, out_dir, STATE, "tools/make_negatives.py")
     for sub in ("vocab", "tagged", "done"):
         (out / STATE / sub).mkdir(parents=True, exist_ok=True)
     path = out / STATE / "settings.json"

@@ -19,6 +19,7 @@ Layout (DeepSpeed's own, so ``zero_to_fp32`` and ``powerclip export`` read it)::
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from powerclip.checkpoints import integrity
 from powerclip.checkpoints.discovery import locate
 from powerclip.checkpoints.layout import read_latest, tag_for, write_latest
 from powerclip.config import CheckpointConfig
+from powerclip.outputs import make_private
 from powerclip.train.state import TrainState
 
 
@@ -84,6 +86,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any]
     """
     tag = tag_for(state.step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if options.private and is_main:
+        os.chmod(ckpt_dir, 0o700)  # nothing below is reachable by others, whatever the writers' modes
     if is_main:
         integrity.set_aside(ckpt_dir / tag)  # a leftover of another process: moved, not overwritten
     pdist.barrier()
@@ -93,6 +97,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any]
     pdist.barrier()  # every rank's optimizer shard is on disk
     integrity.seal(ckpt_dir / tag, pdist.rank(), pdist.world_size())
     if is_main:
+        if options.private:
+            make_private(ckpt_dir / tag)
         write_latest(ckpt_dir, tag)
         prune(ckpt_dir, options.keep_last, state.prune_before(options.prune_inherited))
     pdist.barrier()

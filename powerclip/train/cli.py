@@ -54,42 +54,19 @@ def _launcher_args(extra: list[str]) -> list[str]:
     return out
 
 
-def _CLEAR_ERRORS() -> tuple[type[BaseException], ...]:
-    """Errors whose message already says what is wrong and where (key, file, shard, holder)."""
-    from powerclip.checkpoints.discovery import CheckpointError
-    from powerclip.checkpoints.integrity import CheckpointIntegrityError
-    from powerclip.checkpoints.safe_load import CheckpointReadError
-    from powerclip.config import ConfigError
-    from powerclip.data.loader import DataError
-    from powerclip.model.factory import ModelLoadError
-    from powerclip.train.peers import PeerLostError
-    from powerclip.train.run_lock import RunLockError
-
-    return (ConfigError, DataError, CheckpointError, ModelLoadError, CheckpointIntegrityError, RunLockError,
-            CheckpointReadError, PeerLostError, FileNotFoundError, PermissionError)
-
-
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line; for an error re-raised from a DataLoader worker (whose
-    message embeds the worker's traceback) the original error's own line."""
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in lines[1]:
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(lines)
-
-
 def main(args: argparse.Namespace) -> int:
-    import yaml
-
-    from powerclip.config import ConfigError, load_config
+    from powerclip.config import load_config
+    from powerclip.errors import describe, is_expected
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank)
+    debug = getattr(args, "debug", False) or os.environ.get("POWERCLIP_DEBUG", "") not in ("", "0")
     try:
         cfg = load_config(args.config, _launcher_args([*args.overrides, *getattr(args, "extra", [])]))
-    except (ConfigError, yaml.YAMLError) as e:
-        print(f"powerclip train: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a config error in one line (the others are bugs: traceback)
+        if debug or not is_expected(e):
+            raise
+        print(f"powerclip train: {describe(e)}", file=sys.stderr)
         return 2
     # before distributed init and the model: a wrong path or missing annotation costs seconds. Every
     # rank checks (reads a few samples) so none waits on a peer that gave up; local rank 0 reports
@@ -111,9 +88,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback, then exit this rank
-        if not isinstance(e, _CLEAR_ERRORS()):
+        if debug or not is_expected(e):
             raise
-        print(f"powerclip train: error (rank {rank}): {one_line(e)}", file=sys.stderr, flush=True)
+        print(f"powerclip train: error (rank {rank}): {describe(e)}", file=sys.stderr, flush=True)
         os._exit(2)  # the other ranks may be waiting in a collective; do not hang in destructors
     if rank == 0:
         loss = result["loss"]

@@ -32,6 +32,7 @@ from torch import nn
 from powerclip.checkpoints.layout import model_states_file
 from powerclip.checkpoints.safe_load import safe_load
 from powerclip.config import OptimConfig
+from powerclip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
-class ElasticError(RuntimeError):
+class ElasticError(UserError, RuntimeError):
     """The checkpoint cannot be loaded on this layout (message names the file and the cause)."""
 
 

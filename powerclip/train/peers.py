@@ -27,6 +27,8 @@ import socket
 import threading
 import time
 
+from powerclip.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PREFIX = "powerclip/peers/"
@@ -35,7 +37,7 @@ STALE_S = 4.0  # a rank whose beat did not move for this long is gone (4 missed 
 CONNECT_S = 10.0  # store connection and request timeout of the watch (never the training's)
 
 
-class PeerLostError(RuntimeError):
+class PeerLostError(UserError, RuntimeError):
     """A peer rank stopped (its message names the rank, host and pid, and what failed here)."""
 
 

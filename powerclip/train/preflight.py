@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from powerclip.config import Config
+from powerclip.errors import UserError
 
 SAMPLES = 8  # samples of each source decoded in full (image, caption, every annotation in use)
 INDEX_SAMPLES = 64  # samples whose region indices tell their base (0 or 1)
@@ -30,7 +31,7 @@ CHECKPOINT_BYTES_PER_PARAM = 16
 EMA_BYTES_PER_PARAM = 4  # a DeGLA teacher, saved with every checkpoint
 
 
-class CheckError(ValueError):
+class CheckError(UserError, ValueError):
     """What stops the run, on one line naming the config key (or path) and the fix."""
 
 

@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from powerclip.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".powerclip.lock"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UserError, RuntimeError):
     """The run folder is held by another live run; the message names it."""
 
 
