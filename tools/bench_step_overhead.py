@@ -4,13 +4,15 @@ open_clip_train-style step on the same model: a device-independent measure of st
 
     python tools/bench_step_overhead.py                  # the preset combinations, table to stdout
     python tools/bench_step_overhead.py --all            # every mode x ZeRO 0-3
-    python tools/bench_step_overhead.py --markdown       # the table as BENCHMARKS.md holds it
+    python tools/bench_step_overhead.py --where          # + where each host read comes from (file:line)
 
 Why counts and not time: on a GPU every host read (``.item()``, ``.tolist()``, ``bool(tensor)``,
 ``float(tensor)``, an accelerator synchronize) stalls the CPU until the device has caught up, and
-every ATen op is a kernel launch the CPU pays for whatever its size. Both are the same on a CPU as
-on a GPU for the same Python code, so a CPU run counts what a GPU step would pay, exactly, and a
-test can assert on it (tests/test_step_overhead.py).
+every ATen op is a kernel launch the CPU pays for whatever its size. The same Python code makes the
+same calls on either device, so a CPU run counts what a GPU step pays and a test can assert on it
+(tests/test_step_overhead.py). Where torch picks a path by device (foreach kernels, which it uses
+by default only on GPUs), the open_clip-style step asks for the GPU's path explicitly. Not counted:
+reads made inside torch.optim, which keeps its ``step`` counters on the host on every device.
 
 The model has ViT-B/16's parameter structure (open_clip's ViT-B-16 config: the same number and
 kinds of parameter tensors, so per-tensor loops cost what they cost on the real model) at tiny
@@ -284,15 +286,38 @@ def count_open_clip() -> Counts:
     return _counts(counter)
 
 
+def _model_params():
+    import open_clip
+
+    return open_clip.model.CLIP(**vitb16_structure()).parameters()
+
+
 def preset_modes() -> list[tuple[str, int]]:
-    """(precision, zero_stage) of every GPU preset in configs/ (the CPU presets run fp32)."""
+    """(precision, zero_stage) of every GPU preset in configs/ (``*_cpu.yaml`` are CPU smoke runs)."""
     from powerclip.config import load_config
 
     out = set()
     for path in sorted(PRESET_DIR.glob("*.yaml")):
+        if path.stem.endswith("_cpu"):
+            continue
         cfg = load_config(path, [])
         out.add((cfg.train.precision, cfg.train.zero_stage))
     return sorted(out)
+
+
+def cpu_model() -> str:
+    """lscpu's model name (platform's processor string where lscpu is missing)."""
+    import platform
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def table(rows: list[tuple[str, int, Counts]], base: Counts) -> list[str]:
@@ -315,9 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode:
         combos = [(m.split(":")[0], int(m.split(":")[1])) for m in args.mode]
     elif args.all:
-        from powerclip.config import PRECISIONS
+        from powerclip.config import PRECISION_MODES
 
-        combos = [(p, s) for p in PRECISIONS for s in range(4)]
+        combos = [(p, s) for p in PRECISION_MODES for s in range(4)]
     else:
         combos = preset_modes()
     base = count_open_clip()
@@ -327,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((precision, stage, count_powerclip(precision, stage)))
         except Exception as e:  # noqa: BLE001 - a refused combination is a row of the table
             print(f"{precision} ZeRO-{stage}: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+    import deepspeed
+
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, deepspeed {deepspeed.__version__}; model: ViT-B/16 "
+          f"parameter structure ({sum(1 for _ in _model_params())} tensors), batch {BATCH}; max of {COUNTED} "
+          f"counted steps after {WARMUP} warm-up steps")
     print("\n".join(table(rows, base)))
     if args.where:
         for name, c in [("open_clip-style", base)] + [(f"{p} ZeRO-{z}", c) for p, z, c in rows]:

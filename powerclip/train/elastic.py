@@ -76,7 +76,10 @@ def saved_zero_stage(tag_dir: Path) -> int:
     files = list(tag_dir.glob("*_optim_states.pt"))
     if not files:
         return 0
-    return int(_load(files[0])["optimizer_state_dict"]["zero_stage"])
+    osd = _load(files[0])["optimizer_state_dict"]
+    if "zero_stage" not in osd and "single_partition_of_fp32_groups" in osd:
+        return 1  # DeepSpeed's BF16_Optimizer (bf16 weights at ZeRO-1): the stage-1 partition layout
+    return int(osd["zero_stage"])
 
 
 def read_client_state(tag_dir: Path) -> dict[str, Any]:

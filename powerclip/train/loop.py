@@ -41,8 +41,16 @@ from powerclip.train import elastic
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
-from powerclip.train.engine import (COMPUTE_DTYPES, PRECISION_DTYPES, apply_backend_settings, build_engine,
-                                    clip_gradients, discard_gradients, features_of, full_fp32_matmuls)
+from powerclip.train.engine import (
+    COMPUTE_DTYPES,
+    PRECISION_DTYPES,
+    apply_backend_settings,
+    build_engine,
+    clip_gradients,
+    discard_gradients,
+    features_of,
+    full_fp32_matmuls,
+)
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
 from powerclip.train.state import TrainState
