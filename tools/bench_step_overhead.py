@@ -294,14 +294,18 @@ def _model_params():
 
 def preset_modes() -> list[tuple[str, int]]:
     """(precision, zero_stage) of every GPU preset in configs/ (``*_cpu.yaml`` are CPU smoke runs)."""
-    from powerclip.config import load_config
+    import yaml
+
+    from powerclip.config import TrainConfig
 
     out = set()
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         if path.stem.endswith("_cpu"):
             continue
-        cfg = load_config(path, [])
-        out.add((cfg.train.precision, cfg.train.zero_stage))
+        # the train section only: a preset may leave required data paths to the command line
+        train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
+        out.add((str(train.get("precision", TrainConfig.precision)),
+                 int(train.get("zero_stage", TrainConfig.zero_stage))))
     return sorted(out)
 
 
