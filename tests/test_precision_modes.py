@@ -130,3 +130,15 @@ def test_amp_config_derivation():
     assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
     z1 = deepspeed_config(tiny_config(["train.zero_stage=1", "train.precision=amp_fp16", "train.reduce_dtype=fp16"]), 2)
     assert z1["torch_autocast"] == {"enabled": True, "dtype": "fp16"} and z1["gradient_clipping"] == 1.0
+
+
+def test_a_nonfinite_gradient_norm_gates_the_step_only_when_it_is_this_steps():
+    from powerclip.train.step_sync import HostStats, reduce_step
+
+    loss, scale = torch.tensor(1.0), torch.tensor(4.0)
+    for norm, gates, applied in [(float("inf"), True, False), (float("nan"), True, False),
+                                 (2.0, True, True), (float("inf"), False, True)]:
+        host = HostStats(grad_norm=torch.tensor(norm), valid=True)
+        r = reduce_step(loss, {}, scale, host, norm_gates=gates)
+        assert r.applied is applied, (norm, gates)
+        assert r.loss == 1.0

@@ -7,8 +7,11 @@ One optimiser step = ``train.accum_steps`` micro-batches of ``data.batch_size`` 
 
 * feature-caching accumulation (``accum.py``) so the contrastive negative pool is the whole global
   batch;
-* a non-finite loss (checked on every rank and gathered) skips the step on ALL ranks before any
-  backward, so no NaN reaches the weights; skipped steps still consume their data and are counted;
+* a non-finite loss (checked on every rank and gathered) skips the step on ALL ranks, so no NaN
+  reaches the weights: at ZeRO-0 after backward (the gradients are dropped; a non-finite gradient
+  norm, when powerclip clips, skips the step too), at ZeRO >= 1 before
+  backward (DeepSpeed's buffers hold reduced gradients until its step); skipped steps still consume
+  their data and are counted;
 * one host synchronisation per step (``step_sync``): the non-finite flag, the loss terms and the
   previous step's perf values and skip counters travel in one small collective;
 * fp16 overflow steps are skipped by DeepSpeed's loss scaler and counted as ``overflow``.
@@ -237,11 +240,11 @@ def train_step(engine, micro: list[Batch], cfg: Config, teacher=None, host: Host
         # norm rides along
         engine.backward(loss, scale_wrt_gas=False)
         norm = clip_gradients(engine, cfg)
-        if norm is not None and host is not None:
-            host = dataclasses.replace(host, grad_norm=norm)
-        result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
+        if norm is not None:
+            host = dataclasses.replace(host or HostStats(), grad_norm=norm)
+        result = reduce_step(loss, terms, feats.logit_scale, host, time_due, norm_gates=norm is not None)
         if not result.applied:
-            discard_gradients(engine, cfg)  # a non-finite loss on some rank: no rank steps
+            discard_gradients(engine, cfg)  # a non-finite loss or gradient on some rank: no rank steps
             return result
         engine.step()
         return result
