@@ -18,6 +18,8 @@ from tests.dist_helpers import run_on_ranks
 from tests.test_train_engine import MemoryLoader, NanLoader
 from tests.tiny import tiny_config
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class CursorLoader(MemoryLoader):
     """MemoryLoader that also takes the elastic resume's cursor list (same ranks: each keeps its own)."""
@@ -142,3 +144,17 @@ def test_a_nonfinite_gradient_norm_gates_the_step_only_when_it_is_this_steps():
         r = reduce_step(loss, {}, scale, host, norm_gates=gates)
         assert r.applied is applied, (norm, gates)
         assert r.loss == 1.0
+
+
+def test_train_refuses_half_weights_at_zero0_before_writing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "powerclip", "train", "-c", str(ROOT / "configs" / "tiny_cpu.yaml"),
+                           "train.precision=fp16", "train.zero_stage=0", f"train.run_dir={run}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("powerclip train: error")]
+    assert len(errors) == 1 and "train.precision=amp_fp16" in errors[0] and "Traceback" not in proc.stderr
+    assert not run.exists()

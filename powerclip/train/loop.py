@@ -50,6 +50,7 @@ from powerclip.train.engine import (
     apply_backend_settings,
     build_engine,
     clip_gradients,
+    deepspeed_config,
     discard_gradients,
     features_of,
     full_fp32_matmuls,
@@ -102,6 +103,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         from powerclip.data import build_loader
     env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     checks.set_enabled(cfg.train.debug_checks)
+    deepspeed_config(cfg, env.world_size)  # a refused precision x ZeRO combination fails before anything is built
     apply_backend_settings(cfg)
     if env.device.type == "cpu" and cfg.train.keep_freed_host_memory:
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
