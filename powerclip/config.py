@@ -224,7 +224,11 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # fp32 | bf16 | fp16: the weights in that dtype, fp32 masters in DeepSpeed's optimiser wrapper
+    # (ZeRO >= 1 only: at ZeRO-0 DeepSpeed steps a torch optimiser one tensor at a time, with a host
+    # read each, and the run is refused); amp_bf16 | amp_fp16: open_clip's recipe, fp32 weights and
+    # torch autocast, the torch optimiser unwrapped at ZeRO-0 (amp_fp16 with torch's GradScaler)
+    precision: str = "fp32"
     zero_stage: int = 2
     # Feature-caching gradient accumulation (open_clip's method): the loss of every micro-batch sees
     # the features of all accum_steps micro-batches, so the negative pool is the whole global batch.
@@ -253,6 +257,10 @@ class TrainConfig:
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
     allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per parameter all-gather bucket
     prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead
+    # GPU kernel choices open_clip_train makes too: cuDNN autotuning of convolutions, and TF32 for
+    # fp32 matmuls and convolutions (the loss's score matmuls stay full fp32 in the forward)
+    cudnn_benchmark: bool = True
+    tf32: bool = True
     # torch.compile the image and text towers (ZeRO 0/1/2); compile_backend is torch.compile's backend
     compile: bool = False
     compile_backend: str = "inductor"
@@ -371,6 +379,7 @@ def eval_task_error(task: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ loading
+PRECISION_MODES = ("fp32", "bf16", "fp16", "amp_bf16", "amp_fp16")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.region_source": ("random", "precomputed", "patches"),
     "data.phrase_unit": ("tree", "token"),
@@ -382,7 +391,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.degla.distill_reduction": ("mean", "sum"),
     "model.pool": ("default", "mean"),
     "optim.schedule": ("cosine", "constant", "const-cooldown"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": PRECISION_MODES,
     "loss.degla.ema_dtype": ("fp32", "bf16"),
     "train.grad_accum_dtype": ("fp32", "bf16"),
     "train.reduce_dtype": ("fp32", "bf16", "fp16"),

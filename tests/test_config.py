@@ -39,7 +39,7 @@ def test_preset_loads_and_validates(preset):
 def test_paper_recipes_are_what_methods_says():
     pc = load_config(ROOT / "configs/powerclip_vitb16_cc12m.yaml")
     assert (pc.model.name, pc.optim.lr, pc.optim.weight_decay, pc.optim.betas[1], pc.optim.warmup_steps,
-            pc.loss.powerset.weight, pc.train.precision) == ("ViT-B-16", 1e-3, 0.2, 0.98, 10000, 0.2, "bf16")
+            pc.loss.powerset.weight, pc.train.precision) == ("ViT-B-16", 1e-3, 0.2, 0.98, 10000, 0.2, "amp_bf16")
     assert pc.loss.powerset.margin == 0.2 and pc.data.num_regions == 10
     # global batch 4096 over 32 ranks, 32 epochs of ~10M pairs
     assert pc.data.batch_size * 32 * pc.train.accum_steps == 4096

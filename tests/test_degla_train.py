@@ -115,7 +115,7 @@ def test_presets_refuse_to_start_without_pretrained(preset):
 def test_vitb32_preset_is_the_paper_recipe():
     cfg = load_config(REPO / "configs" / "degla_vitb32_coco.yaml",
                       ["data.sources=[{shards: x.tar}]", "model.pretrained=openai"])
-    assert cfg.model.name == "ViT-B-32" and cfg.optim.lr == 1e-6 and cfg.train.precision == "fp16"
+    assert cfg.model.name == "ViT-B-32" and cfg.optim.lr == 1e-6 and cfg.train.precision == "amp_fp16"
     assert cfg.data.batch_size * 8 == 256 and cfg.loss.degla.ema_decay == 0.9996
     assert (cfg.loss.degla.igc_weight, cfg.loss.degla.tgc_weight, cfg.loss.degla.distill_weight) == (0.1, 0.1, 0.005)
     assert cfg.loss.degla.distill_reduction == "sum"  # the released F.mse_loss(reduction="sum")

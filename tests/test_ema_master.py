@@ -1,6 +1,7 @@
 """The EMA teacher blends the optimiser's fp32 master weights (not the bf16 working copy) under every
-ZeRO stage, on real DeepSpeed engines: 1 rank (ZeRO 0/1, bf16) and 2 gloo ranks (ZeRO 2/3, bf16).
-The reference master values come from DeepSpeed's own ``safe_get_full_fp32_param``."""
+ZeRO stage, on real DeepSpeed engines: 1 rank (ZeRO 1, bf16; ZeRO 0, amp_bf16 whose fp32 weights are
+their own masters) and 2 gloo ranks (ZeRO 2/3, bf16). The reference master values come from
+DeepSpeed's own ``safe_get_full_fp32_param``."""
 
 from __future__ import annotations
 
@@ -35,33 +36,34 @@ def _job(rank: int, world: int, root: str, stages: tuple[int, ...]) -> dict:
 
     from powerclip.model.factory import create_model
     from powerclip.train.ema import EmaTeacher
-    from powerclip.train.engine import build_engine
+    from powerclip.train.engine import PRECISION_DTYPES, build_engine
     from powerclip.train.loop import seed_all, train_step
 
     out = {}
     for stage in stages:
+        precision = "amp_bf16" if stage == 0 else "bf16"  # bf16 weights at ZeRO-0 are refused
         cfg = tiny_config([f"train.run_dir={root}/z{stage}", "data.batch_size=4", f"train.zero_stage={stage}",
-                           "train.precision=bf16", "optim.lr=3e-3", "optim.warmup_steps=1", "train.steps=4"])
+                           f"train.precision={precision}", "optim.lr=3e-3", "optim.warmup_steps=1", "train.steps=4"])
         seed_all(0)
         model = create_model(cfg.model)
         teacher = EmaTeacher(model, DECAY)
         engine, _ = build_engine(cfg, model, world)
         errs, working_errs = [], []
+        start = [t.detach().clone() for t in teacher.module.parameters()]
         for k in range(2):
-            train_step(engine, [_batch(rank, k).to("cpu", torch.bfloat16)], cfg)
+            train_step(engine, [_batch(rank, k).to("cpu", PRECISION_DTYPES[precision])], cfg)
             prev = [t.detach().clone() for t in teacher.module.parameters()]
             teacher.update(engine)
             for t_prev, t_now, p in zip(prev, teacher.module.parameters(), engine.module.parameters()):
                 master = safe_get_full_fp32_param(p)  # ZeRO 1/2/3
-                if master is None:  # ZeRO 0: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 copies per param
-                    opt = engine.optimizer
-                    master = {id(h): m for hs, ms in zip(opt.fp16_groups, opt.fp32_groups)
-                              for h, m in zip(hs, ms)}[id(p)]
+                if master is None:  # ZeRO 0 under amp: the fp32 weights the torch optimiser steps
+                    master = p.detach()
                 master = master.float().view(t_now.shape)
                 want = t_prev * DECAY + (1 - DECAY) * master
                 errs.append(float((t_now - want).abs().max()))
                 working_errs.append(float((t_now - (t_prev * DECAY + (1 - DECAY) * _full(p))).abs().max()))
-        out[stage] = {"err": max(errs), "working_err": max(working_errs),
+        moved = max(float((a - b).abs().max()) for a, b in zip(start, teacher.module.parameters()))
+        out[stage] = {"err": max(errs), "working_err": max(working_errs), "moved": moved,
                       "bf16_params": all(p.dtype == torch.bfloat16 for p in engine.module.parameters())}
     return out
 
@@ -72,8 +74,12 @@ def test_ema_blends_fp32_masters_on_every_zero_stage(tmp_path: Path):
     two = run_on_ranks(_job, 2, str(tmp_path / "two"), (2, 3))
     for res in [one, *two]:
         for stage, r in res.items():
-            assert r["bf16_params"], stage  # the working copy is bf16: masters and copy differ
             assert r["err"] < 1e-6, (stage, r)
+            assert r["moved"] > 1e-4, (stage, r)  # the teacher did follow the trained student
+            if stage == 0:  # amp_bf16: fp32 weights, the teacher blends them as they are
+                assert not r["bf16_params"]
+                continue
+            assert r["bf16_params"], stage  # the working copy is bf16: masters and copy differ
             assert r["working_err"] > 1e-4, (stage, r)  # blending the bf16 copy would be visibly different
 
 

@@ -182,6 +182,9 @@ class _PlainEngine:
     def step(self):
         pass
 
+    def zero_optimization_stage(self) -> int:
+        return 2  # the config's default stage: train_step decides before backward, as under ZeRO >= 1
+
 
 @pytest.mark.parametrize("global_loss", ["clip", "siglip"])
 def test_feature_caching_gradients_are_exact(global_loss):

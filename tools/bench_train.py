@@ -102,7 +102,9 @@ def _model_overrides(s: dict[str, Any]) -> list[str]:
 
 def base_overrides(s: dict[str, Any], run_dir: str, steps: int, batch: int, zero: int) -> list[str]:
     """powerclip config matching the open_clip run: AdamW, no clipping, no checkpoints/eval/logging."""
-    precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[s["precision"]]
+    # half weights at ZeRO-0 are refused (DeepSpeed's per-tensor optimiser wrapper): there the run uses
+    # the amp mode, which is also open_clip_train's own recipe (fp32 weights, autocast)
+    precision = s["precision"] if s["precision"] == "fp32" or zero > 0 else f"amp_{s['precision']}"
     return [*_model_overrides(s), f"data.context_length={s['context_length']}", f"data.batch_size={batch}",
             f"data.workers={s.get('workers', 1)}", f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero}",
             f"train.precision={precision}", f"train.log_every={steps}", "optim.lr=1e-3",

@@ -10,8 +10,9 @@ Sections, cheapest correctness checks first (each in a fresh subprocess, timed, 
 * ``numerics``: the powerset (B=256, M=10, K=16, D=512) and XAC (T=196, D=768, ~3 concepts per image)
   scores in fp32 with TF32 on and off against a float64 reference, as an error relative to the
   powerset margin delta (an error that large flips hinge decisions).
-* ``zero``: the tiny config in bf16 and fp16 under ZeRO 0, 2 and 3 for a few steps; a second run resumes
-  from the mid-run checkpoint and must reproduce every later loss exactly (deterministic kernels on).
+* ``zero``: the tiny config in bf16 and fp16 under ZeRO 2 and 3, and in amp_bf16 / amp_fp16 under ZeRO 0
+  (half weights at ZeRO-0 are refused), for a few steps; a second run resumes from the mid-run
+  checkpoint and must reproduce every later loss exactly (deterministic kernels on).
 * ``degla``: the DeGLA tiny config with its EMA teacher, checkpointed and resumed the same way.
 * ``syncs``: powerset + concept training steps under ``torch.cuda.set_sync_debug_mode("warn")``: host
   synchronisations per step and where they come from.
@@ -167,8 +168,9 @@ def sec_zero(spec: dict[str, Any]) -> None:
     rows: list[Row] = []
     failures = []
     steps, every = spec["steps"], spec["every"]
-    for precision in spec["precisions"]:
+    for half in spec["precisions"]:
         for stage in spec["stages"]:
+            precision = f"amp_{half}" if stage == 0 else half  # half weights at ZeRO-0 are refused
             name = f"tiny config {precision} ZeRO-{stage}: {steps} steps, resume from step {every}"
             work = Path(spec["work"]) / f"zero_{precision}_{stage}"
             try:

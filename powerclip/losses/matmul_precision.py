@@ -1,7 +1,7 @@
 """Operand precision of the dense terms' score matmuls (powerset NLA scores, XAC similarities).
 
-``fp32``: plain fp32 matmuls (TF32 only if the run switched it on globally through
-``torch.backends.cuda.matmul.allow_tf32``, which powerclip never does). ``bf16``: the operands are
+``fp32``: plain fp32 matmuls (the training loop runs the loss forward with TF32 off whatever
+``train.tf32`` says; the backward follows ``train.tf32``). ``bf16``: the operands are
 rounded to bf16 and multiplied in bf16 (fp32 accumulation inside the kernel, result rounded to bf16),
 and the result goes back to fp32 at once, so every activation (softplus, log-cosh, softmax,
 log-sum-exp) and every reduction still runs in fp32. The backward of such a matmul is bf16 too.

@@ -78,7 +78,10 @@ def saved_zero_stage(tag_dir: Path) -> int:
     files = list(tag_dir.glob("*_optim_states.pt"))
     if not files:
         return 0
-    return int(_load(files[0])["optimizer_state_dict"]["zero_stage"])
+    osd = _load(files[0])["optimizer_state_dict"]
+    if "zero_stage" not in osd and "single_partition_of_fp32_groups" in osd:
+        return 1  # DeepSpeed's BF16_Optimizer (bf16 weights at ZeRO-1): the stage-1 partition layout
+    return int(osd["zero_stage"])
 
 
 def read_client_state(tag_dir: Path) -> dict[str, Any]:
@@ -327,8 +330,20 @@ def saved_layout(client: dict[str, Any], tag_dir: Path) -> tuple[int, int]:
     return int(client["world_size"]), int(stage) if stage is not None else saved_zero_stage(tag_dir)
 
 
-def needs_conversion(tag_dir: Path, client: dict[str, Any], world_size: int, zero_stage: int) -> bool:
-    return saved_layout(client, tag_dir) != (world_size, zero_stage)
+def needs_conversion(tag_dir: Path, client: dict[str, Any], world_size: int, zero_stage: int,
+                     precision: str | None = None) -> bool:
+    """Another world size or ZeRO stage, or (ZeRO >= 1) weights of another dtype than the saving
+    run's: DeepSpeed's optimiser wrappers for bf16/fp16 weights and for fp32 weights (the amp modes,
+    fp32) save different layouts. A checkpoint that does not name its precision is taken as this run's."""
+    if saved_layout(client, tag_dir) != (world_size, zero_stage):
+        return True
+    saved = client.get("precision")
+    return zero_stage > 0 and saved is not None and precision is not None and _weights(saved) != _weights(precision)
+
+
+def _weights(precision: str) -> str:
+    """The dtype of the working weights of a ``train.precision`` mode (the amp modes keep fp32)."""
+    return precision if precision in ("bf16", "fp16") else "fp32"
 
 
 def adjust_global_batch(cfg, client: dict[str, Any], world_size: int, is_main: bool):

@@ -7,16 +7,23 @@ clipping); ``train.deepspeed`` is then deep-merged on top for the settings we do
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from powerclip.config import Config
+from powerclip.config import Config, ConfigError
 from powerclip.train.optim import build_optimizer, scheduler_factory
 
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.precision -> dtype of the weights and of the batch the model reads (None: fp32)
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": None, "amp_fp16": None}
+# train.precision -> dtype the matmuls compute in (the EMA teacher's autocast dtype)
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16,
+                  "amp_fp16": torch.float16}
+_AUTOCAST = {"amp_bf16": "bf16", "amp_fp16": "fp16"}
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +58,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": b,
         "gradient_accumulation_steps": a,
         "train_batch_size": b * a * world_size,
-        "gradient_clipping": float(cfg.optim.grad_clip),
+        "gradient_clipping": 0.0 if owns_clipping(cfg) else float(cfg.optim.grad_clip),
         "zero_optimization": zero,
         "communication_data_type": t.reduce_dtype,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
@@ -62,7 +69,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if t.precision in _AUTOCAST:
+        half = _AUTOCAST[t.precision]
+        derived["torch_autocast"] = {"enabled": True, "dtype": half}
+        if t.reduce_dtype != half:  # Linear/Conv gradients would otherwise be reduced in the half dtype
+            derived["torch_autocast"]["lower_precision_safe_modules"] = []
     if t.precision == "bf16" and t.zero_stage >= 1:
         derived["data_types"] = {"grad_accum_dtype": t.grad_accum_dtype}
     merged = deep_merge(derived, dict(cfg.train.deepspeed))
@@ -70,7 +83,74 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             "gradient_accumulation_steps"] * world_size:
         raise ValueError("train.deepspeed overrides the batch sizes inconsistently; set data.batch_size "
                          "and train.accum_steps instead")
+    check_optimizer_route(merged)
     return merged
+
+
+def check_optimizer_route(ds: dict[str, Any]) -> None:
+    """Refuse a DeepSpeed config whose optimiser wrapper would be ``FP16_UnfusedOptimizer``.
+
+    DeepSpeed wraps a torch optimiser at ZeRO-0 with bf16 or fp16 weights in that wrapper, which
+    loops over the parameter tensors in Python every step with a host read for each one's overflow
+    check (302 on ViT-B/16): on a GPU each read stalls the launch queue. ZeRO >= 1 flattens the
+    parameters (BF16_Optimizer / the ZeRO optimisers), and the amp modes keep fp32 weights and the
+    torch optimiser unwrapped. A DeepSpeed-built optimiser (``train.deepspeed.optimizer``, FusedAdam)
+    gets the flat FP16_Optimizer instead and is left alone.
+    """
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    half = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
+    if stage == 0 and half and "optimizer" not in ds:
+        raise ConfigError(f"{half[0]} weights at ZeRO-0 make DeepSpeed step the optimiser one tensor at a time "
+                          f"with a host read each: use train.precision=amp_{half[0]} (fp32 weights, autocast) "
+                          f"or train.zero_stage>=1")
+
+
+def owns_clipping(cfg: Config) -> bool:
+    """powerclip, not DeepSpeed, clips the gradients: ZeRO-0 with fp32 weights and a torch optimiser."""
+    return (cfg.train.zero_stage == 0 and PRECISION_DTYPES[cfg.train.precision] is None
+            and "optimizer" not in cfg.train.deepspeed and cfg.optim.grad_clip > 0)
+
+
+def clip_gradients(engine, cfg: Config) -> torch.Tensor | None:
+    """Clip to ``optim.grad_clip`` by the global norm when ``owns_clipping``; the norm (a device tensor,
+    not read), else None. At ZeRO-0 the gradients are already reduced, so the local norm is global.
+    Under amp_fp16 the gradients are unscaled first (GradScaler.step then skips its own unscale)."""
+    if not owns_clipping(cfg):
+        return None
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:
+        scaler.unscale_(engine.optimizer)
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+
+
+def discard_gradients(engine, cfg: Config) -> None:
+    """Drop this step's gradients without stepping (ZeRO-0: they live on the parameters); an amp_fp16
+    scaler that ``clip_gradients`` made unscale them is moved on to its next step (it sees the
+    non-finite values and lowers its scale, as for an overflow)."""
+    engine.optimizer.zero_grad()
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and owns_clipping(cfg):
+        scaler.update()
+
+
+def apply_backend_settings(cfg: Config) -> None:
+    """``train.cudnn_benchmark`` and ``train.tf32`` (open_clip_train's defaults) for this process."""
+    torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls without TF32 inside (the loss forward: scores divided by a small temperature
+    magnify operand rounding); the flag is a host setting, switching it costs no synchronisation."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def features_of(output):

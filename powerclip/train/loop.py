@@ -7,8 +7,11 @@ One optimiser step = ``train.accum_steps`` micro-batches of ``data.batch_size`` 
 
 * feature-caching accumulation (``accum.py``) so the contrastive negative pool is the whole global
   batch;
-* a non-finite loss (checked on every rank and gathered) skips the step on ALL ranks before any
-  backward, so no NaN reaches the weights; skipped steps still consume their data and are counted;
+* a non-finite loss (checked on every rank and gathered) skips the step on ALL ranks, so no NaN
+  reaches the weights: at ZeRO-0 after backward (the gradients are dropped; a non-finite gradient
+  norm, when powerclip clips, skips the step too), at ZeRO >= 1 before
+  backward (DeepSpeed's buffers hold reduced gradients until its step); skipped steps still consume
+  their data and are counted;
 * one host synchronisation per step (``step_sync``): the non-finite flag, the loss terms and the
   previous step's perf values and skip counters travel in one small collective;
 * fp16 overflow steps are skipped by DeepSpeed's loss scaler and counted as ``overflow``.
@@ -42,7 +45,17 @@ from powerclip.train import elastic, peers
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
-from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
+from powerclip.train.engine import (
+    COMPUTE_DTYPES,
+    PRECISION_DTYPES,
+    apply_backend_settings,
+    build_engine,
+    clip_gradients,
+    deepspeed_config,
+    discard_gradients,
+    features_of,
+    full_fp32_matmuls,
+)
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
 from powerclip.train.optim import scheduled_lr
@@ -100,6 +113,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         from powerclip.data import build_loader
     env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     checks.set_enabled(cfg.train.debug_checks)
+    deepspeed_config(cfg, env.world_size)  # a refused precision x ZeRO combination fails before anything is built
+    apply_backend_settings(cfg)
     if env.device.type == "cpu" and cfg.train.keep_freed_host_memory:
         keep_freed_host_memory()  # before the model and the loader workers exist: they inherit it
     run_dir = Path(cfg.train.run_dir)
@@ -219,7 +234,7 @@ def train_step(engine, micro: list[Batch], cfg: Config, teacher=None, host: Host
     if teacher is not None:
         with torch.no_grad():
             # fp32 EMA weights under the run's autocast dtype; the DeGLA terms need no dense outputs
-            teacher_feats = teacher.features(full, PRECISION_DTYPES[cfg.train.precision])
+            teacher_feats = teacher.features(full, COMPUTE_DTYPES[cfg.train.precision])
     if accum > 1:  # the loss once over all micro-batches' cached features, then one surrogate per pass
         with torch.no_grad():
             cached = [features_of(engine(b, dense=dense)) for b in micro]
@@ -234,6 +249,21 @@ def train_step(engine, micro: list[Batch], cfg: Config, teacher=None, host: Host
         return result
     feats = features_of(engine(micro[0], dense=dense))
     loss, terms = _compose(feats, full, cfg, teacher_feats)
+    if engine.zero_optimization_stage() == 0:
+        # the gradients live on the parameters and can be dropped: backward runs first, so the one
+        # host read waits for a device that has the whole step queued, and this step's gradient
+        # norm rides along
+        engine.backward(loss, scale_wrt_gas=False)
+        norm = clip_gradients(engine, cfg)
+        if norm is not None:
+            host = dataclasses.replace(host or HostStats(), grad_norm=norm)
+        result = reduce_step(loss, terms, feats.logit_scale, host, time_due, norm_gates=norm is not None)
+        if not result.applied:
+            discard_gradients(engine, cfg)  # a non-finite loss or gradient on some rank: no rank steps
+            return result
+        engine.step()
+        return result
+    # ZeRO >= 1 keeps reduced gradients in its own buffers until its step: decide before backward
     result = reduce_step(loss, terms, feats.logit_scale, host, time_due)
     if not result.applied:
         return result  # no backward on any rank: the step is skipped everywhere
@@ -243,9 +273,10 @@ def train_step(engine, micro: list[Batch], cfg: Config, teacher=None, host: Host
 
 
 def _compose(feats, batch, cfg: Config, teacher_feats):
-    if teacher_feats is None:
-        return compose_losses(feats, batch, cfg.loss)
-    return compose_losses(feats, batch, cfg.loss, teacher_features=teacher_feats)
+    with full_fp32_matmuls():  # train.tf32 is for the model; the losses' scores keep fp32 operands
+        if teacher_feats is None:
+            return compose_losses(feats, batch, cfg.loss)
+        return compose_losses(feats, batch, cfg.loss, teacher_features=teacher_feats)
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -299,6 +330,7 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
              "rng": ckpt.rng_state()}
     client_state = {"powerclip": {**state.state_dict(), "config_hash": config_hash(cfg),
                                   "world_size": env.world_size, "zero_stage": cfg.train.zero_stage,
+                                  "precision": cfg.train.precision,
                                   "global_batch": cfg.data.batch_size * cfg.train.accum_steps * env.world_size,
                                   "ranks": ckpt.gather_rank_states(local)}}
     before_latest = None
@@ -331,7 +363,7 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
     load_dir, tag = target
     saved = elastic.read_client_state(load_dir / tag)
     rank_state = None
-    if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage):
+    if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage, cfg.train.precision):
         rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim, env.rank)
         state = saved
         if env.is_main:

@@ -3,14 +3,14 @@ small collective and one device-to-host transfer.
 
 Why: on a GPU every ``.item()`` / ``.tolist()`` / ``float(tensor)`` stalls the CPU until the GPU
 has caught up, and every collective is a round trip over the network. The loop needs, per step,
-the non-finite flag (all ranks must skip the same step, before any backward), the loss and its
+the non-finite flag (all ranks must skip the same step, before the optimiser step), the loss and its
 terms, and (for logging) per-rank perf values and skip counters. They are packed into one fp64
 vector per rank, all-gathered once (``distributed.gather_rows``), reduced on the device into sums,
 maxima and rank 0's row, and read back with a single ``.tolist()``.
 
 The host-side values (data wait, peak memory, the gradient norm, skip counters) are those of the
-PREVIOUS step: the flag must be decided before this step's backward, when its own timing and
-gradient norm do not exist yet. Rank 0's clock decides whether a timed checkpoint is due, carried
+PREVIOUS step: the flag must be decided before this step's optimiser step, when its own timing does
+not exist yet (at ZeRO-0 the loop passes this step's gradient norm, which exists by then). Rank 0's clock decides whether a timed checkpoint is due, carried
 in the same vector instead of a broadcast of its own.
 """
 
@@ -87,8 +87,11 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def reduce_step(loss: torch.Tensor, terms: dict[str, torch.Tensor], logit_scale: torch.Tensor,
-                host: HostStats | None = None, time_due: bool = False) -> StepValues:
-    """The step's one collective and one host transfer (see the module docstring)."""
+                host: HostStats | None = None, time_due: bool = False, norm_gates: bool = False) -> StepValues:
+    """The step's one collective and one host transfer (see the module docstring).
+
+    ``norm_gates``: ``host.grad_norm`` is THIS step's (a device tensor): a non-finite norm skips the
+    step like a non-finite loss (a finite loss can still overflow in its gradients)."""
     host = host or HostStats()
     names = sorted(terms)
     device = loss.device
@@ -98,7 +101,10 @@ def reduce_step(loss: torch.Tensor, terms: dict[str, torch.Tensor], logit_scale:
     norm_on_device = isinstance(norm, torch.Tensor)
     dev_part.append(norm.detach().reshape(1).to(device) if norm_on_device else torch.zeros(1, device=device))
     local = torch.cat([t.to(torch.float64) for t in dev_part])
-    bad = (~torch.isfinite(local[:1])).to(torch.float64)
+    bad = ~torch.isfinite(local[:1])
+    if norm_gates and norm_on_device:
+        bad = bad | ~torch.isfinite(local[-1:])
+    bad = bad.to(torch.float64)
     host_part = [0.0 if norm_on_device or norm is None else float(norm), float(norm is not None),
                  host.data_wait_frac, host.peak_mem_mb, host.step_time_s, float(time_due),
                  float(host.valid), *_counts(host.counters)]
