@@ -96,12 +96,12 @@ def test_cpu_smoke_bench_runs_every_measurement(tmp_path: Path):
     for mode in choices("train.precision"):
         assert any(f"{mode} ZeRO-0" in name for name in best), (mode, list(best))
     assert any("compile" in name for name in best) and any("ZeRO-1" in name for name in best)
-    for name, w in best.items():
-        parts = w["forward"] + w["backward"] + w["optimizer"]
-        assert 0 < parts <= w["step"] * 1.05, (name, w)  # the phases lie inside the step
+    for name, w in best.items():  # medians: each phase is inside every step, so its median is too
+        assert all(0 < w[k] <= w["step"] for k in ("forward", "backward", "optimizer")), (name, w)
     assert res["model"]["errors"] == {} and res["section_errors"] == {}
     assert set(res["loader"]["loaders"]) == {"open_clip", "powerclip", "powerclip_draft"}
     assert all(r["worker_cpu"] > 0 and r["sps"] > 0 for r in res["loader"]["loaders"].values())
+    assert res["loader"]["device_decode"]["sps"] > 0
     assert set(res["e2e"]["best_s"]) == {"open_clip_train", "powerclip today"}
     trace = json.loads((out / "profile_step.json").read_text())
     assert any("aten::" in ev.get("name", "") for ev in trace["traceEvents"])

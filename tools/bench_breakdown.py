@@ -444,7 +444,49 @@ def section_loader(s: dict[str, Any], shards: str, log) -> dict[str, Any]:
     draft = "powerclip_draft" if _preset_draft() else "powerclip"
     res = compare_loaders(shards, model, s["batch"], s["workers"], s["loader_batches"], s["repeats"],
                           names=("open_clip", "powerclip", "powerclip_draft"), log=log)
-    return {"loaders": res, "preset_loader": draft, "workers": s["workers"]}
+    return {"loaders": res, "preset_loader": draft, "workers": s["workers"],
+            "device_decode": device_decode_rate(shards, s, log)}
+
+
+def device_decode_rate(shards: str, s: dict[str, Any], log) -> dict[str, Any]:
+    """samples/s of ``data.jpeg_device.decode_crops`` on the bench's device (nvJPEG on a GPU) for one
+    batch of the photo shards, whole image resized to the model's size: what moving the decode off the
+    loader workers would offer."""
+    import io
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    from powerclip.data.jpeg_device import decode_crops
+    from powerclip.data.loader import expand_shards
+
+    jpegs: list[bytes] = []
+    for url in expand_shards(shards):
+        with tarfile.open(url) as tf:
+            jpegs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+        if len(jpegs) >= s["batch"]:
+            break
+    jpegs = (jpegs * (s["batch"] // max(1, len(jpegs)) + 1))[:s["batch"]]
+    crops = []
+    for data in jpegs:
+        with Image.open(io.BytesIO(data)) as img:
+            crops.append((0, 0, img.size[1], img.size[0]))
+    size = 224 if s.get("model_name") else s["model_cfg"]["vision_cfg"]["image_size"]
+    clock = Clock(s["device"] == "cuda")
+    decode_crops(jpegs, crops, size, s["device"])  # warm-up (nvJPEG handles, kernels)
+    times = []
+    for _ in range(s["repeats"] + 1):
+        a = clock.mark()
+        decode_crops(jpegs, crops, size, s["device"])
+        b = clock.mark()
+        clock.settle()
+        times.append(clock.seconds(a, b))
+    best = min(times)
+    log(f"[loader] decode_crops on {s['device']}: {len(jpegs) / best:.1f} samples/s")
+    if s["device"] == "cuda":
+        torch.cuda.empty_cache()
+    return {"device": s["device"], "sps": len(jpegs) / best, "batch": len(jpegs)}
 
 
 def _preset_draft() -> bool:
@@ -658,6 +700,10 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any]) -> str:
         if oc and pc:
             lines.append(f"| per-core ratio powerclip ({ld['preset_loader']}) / open_clip | "
                          f"**{oc['worker_cpu'] / pc['worker_cpu']:.3f}** | target >= 1.0 | |")
+        dd = ld.get("device_decode")
+        if dd:
+            lines.append(f"| batched JPEG decode + resize on the {dd['device']} (data.jpeg_device.decode_crops, "
+                         f"batch {dd['batch']}) | {dd['sps']:.1f} | | |")
         if m and m["best"]:
             fastest = min(m["best"].values(), key=lambda w: w["step"])
             lines.append(f"| samples/s the fastest model-only variant consumes | {b / fastest['step']:.1f} | | |")
