@@ -740,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=None, help="results folder (default $OUT, else runs/bench_breakdown)")
     ap.add_argument("--work", default=None, help="scratch folder (default a temp dir)")
     ap.add_argument("--shards", default=None, help="photo-like shards to reuse (default: generated)")
-    ap.add_argument("--benchmarks", default=None, help="BENCHMARKS.md to append the table to (default: none)")
+    ap.add_argument("--benchmarks", default=None,
+                    help="markdown file the table is appended to (default: BENCHMARKS.md on a GPU, none for "
+                         "--cpu-smoke; '' for none)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -804,10 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "bench_breakdown.json").write_text(json.dumps({"info": info, "sizes": {k: v for k, v in s.items() if k != "variants_extra"}, **res},
                                                              indent=1, default=str))
     print(table, flush=True)
-    if a.benchmarks:
+    benchmarks = a.benchmarks if a.benchmarks is not None else ("" if a.cpu_smoke else str(ROOT / "BENCHMARKS.md"))
+    if benchmarks:
         from tools.gpu_check import append_to_benchmarks
 
-        append_to_benchmarks(Path(a.benchmarks), table)
+        append_to_benchmarks(Path(benchmarks), table)
     failed = list(res["section_errors"]) + [f"model:{k}" for k in (res.get("model") or {}).get("errors", {})]
     failed += [f"e2e:{k}" for k in (res.get("e2e") or {}).get("errors", {})]
     print(f"bench_breakdown: {res['seconds']:.0f} s" + (f"; not measured: {', '.join(failed)}" if failed else ""),

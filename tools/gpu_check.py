@@ -313,8 +313,7 @@ def sec_bench(spec: dict[str, Any]) -> None:
         cmd += ["--budget-s", str(spec["bench_budget_s"])]
     if spec["device"] != "cuda":
         cmd.append("--cpu-smoke")
-    if spec.get("benchmarks"):
-        cmd += ["--benchmarks", spec["benchmarks"]]
+    cmd += ["--benchmarks", spec.get("benchmarks") or ""]  # gpu_check decides where tables go
     print("+ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])), check=False)
