@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("powerclip.export", "export a run or checkpoint to an open_clip folder"),
     "eval": ("powerclip.eval.cli", "zero-shot, retrieval and compositional evaluation"),
     "submit": ("powerclip.launch.cli", "submit a training run to Slurm through submitit"),
+    "check": ("powerclip.launch.check", "check a config, its data, eval sets and run folder in seconds"),
 }
 
 

@@ -62,6 +62,9 @@ class DataConfig:
     # grid of the ``patches`` regions' indices: 14 = patch 16 at 224 px, PowerCLIP's published
     # shards; null = the model's own grid
     region_grid: int | None = 14
+    # the index of the grid's first patch in samcat: 0, or 1 when the indices count the ViT's tokens
+    # with CLS at 0. ``powerclip check`` reads the first samples and refuses a base they contradict
+    region_index_base: int = 0
     # parse-tree phrases (docs/losses.md §2)
     max_phrases: int = 32
     phrase_unit: str = "tree"  # tree | token  (ablation: single tokens instead of tree nodes)
@@ -177,14 +180,43 @@ class LossConfig:
 
 # ------------------------------------------------------------------------------- optimisation
 @dataclass
+class TowerOptimConfig:
+    """What of one tower trains, and how (``optim.image`` / ``optim.text``; docs/training_options.md).
+
+    Locking is open_clip's own ``lock_image_tower`` / ``lock_text_tower``: the locked parameters get
+    ``requires_grad=False`` before DeepSpeed is set up, so they take no gradient and no optimizer state.
+    """
+
+    lock: bool = False
+    # with lock: this many trailing groups stay trainable (open_clip's --lock-image-unlocked-groups for
+    # the image tower, --lock-text-unlocked-layers for the text tower; 0 = the whole tower locked)
+    unlocked_groups: int = 0
+    # image tower with lock: batch-norm running statistics frozen too (--lock-image-freeze-bn-stats;
+    # only towers with BatchNorm, e.g. ModifiedResNet / timm convnets, have any)
+    freeze_bn_stats: bool = False
+    lr: float | None = None  # null: optim.lr
+    weight_decay: float | None = None  # null: optim.weight_decay (gains, biases, 1-D: always 0)
+    # layer-wise lr decay (EVA-CLIP): lr x layer_decay^(depth + 1 - layer_id), layer_id 0 = the
+    # embeddings, i + 1 = block i, depth + 1 = the final norm and projection; 1.0 = off
+    layer_decay: float = 1.0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | const-cooldown
     min_lr_ratio: float = 0.0
+    # const-cooldown (open_clip's): constant after warm-up, then over the last cooldown_steps the lr
+    # falls as (1 - progress)^cooldown_power from lr to cooldown_end_lr (each group in proportion)
+    cooldown_steps: int = 0
+    cooldown_power: float = 1.0
+    cooldown_end_lr: float = 0.0
+    image: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
     grad_clip: float = 1.0  # 0 disables
     # torch's fused AdamW kernel (CPU and CUDA): one kernel over all parameters instead of the
     # per-parameter loop that torch.optim.AdamW (and so open_clip_train) runs by default, same update
@@ -248,11 +280,33 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0 disables periodic evaluation
-    # "TASK:ROOT" entries, e.g. "synthetic:data/synth", "sugar_crepe:/data/sugarcrepe" (powerclip.eval.api)
+    every_steps: int = 0  # 0 disables periodic evaluation; > 0 needs eval.tasks
+    # "TASK:ROOT" entries, e.g. "synthetic:data/synth", "sugar_crepe:/data/sugarcrepe"; TASK is one of
+    # EVAL_TASKS, optionally with /<part> (EVAL_TASK_PARTS)
     tasks: list[str] = field(default_factory=list)
     batch_size: int = 64
     workers: int = 0  # image decoding processes per rank during evaluation
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard: every scalar TensorBoard gets, from rank 0. Needs the
+    optional extra (``pip install 'powerclip[wandb]'``); nothing of wandb is imported while off."""
+
+    enabled: bool = False
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # null: the run folder's name
+    tags: list[str] = field(default_factory=list)
+    # the wandb run to continue (resume by id); null: the id this run folder recorded on its first
+    # start (RUN/wandb_run_id), so a resumed or requeued run logs into the same wandb run
+    id: str | None = None
+    mode: str | None = None  # online | offline | disabled; null: wandb's default (WANDB_MODE)
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -287,7 +341,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# Evaluation task names (``eval.tasks``, ``powerclip eval --task``): the closed list the evaluator
+# dispatches on (powerclip.eval.api), checked when a config loads so a typo fails before training.
+EVAL_TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "wds", "sugar_crepe", "aro",
+                               "valse", "winoground", "synthetic")
+# the parts a compositional task accepts after "/" (VALSE's are its json files' names: not listed)
+EVAL_TASK_PARTS: dict[str, tuple[str, ...]] = {
+    "sugar_crepe": ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"),
+    "aro": ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order"),
+    "valse": (),
+}
+
+
+def eval_task_error(task: str) -> str | None:
+    """Why ``task`` (``NAME`` or ``NAME/PART``) is not an evaluation task, listing the valid names;
+    None when it is one."""
+    base, sep, part = task.partition("/")
+    if base not in EVAL_TASKS:
+        return f"unknown eval task {base!r}; valid tasks: {', '.join(EVAL_TASKS)}"
+    if sep and base not in EVAL_TASK_PARTS:
+        return f"eval task {base!r} has no parts (got {task!r})"
+    parts = EVAL_TASK_PARTS.get(base, ())
+    if sep and (not part or (parts and part not in parts)):
+        return f"unknown part {part!r} of eval task {base!r}; valid parts: {', '.join(parts) or 'a VALSE json name'}"
+    return None
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -301,7 +382,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.concept.form": ("auto", "sigmoid", "softmax"),
     "loss.degla.distill_reduction": ("mean", "sum"),
     "model.pool": ("default", "mean"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "const-cooldown"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "loss.degla.ema_dtype": ("fp32", "bf16"),
     "train.grad_accum_dtype": ("fp32", "bf16"),
@@ -371,14 +452,28 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
-    for i, spec in enumerate(cfg.eval.tasks):
-        task, _, root = spec.partition(":")
-        if not task or not root:
-            raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+    check_eval_tasks(cfg.eval)
+    if cfg.data.region_index_base not in (0, 1):
+        raise ConfigError(f"data.region_index_base must be 0 or 1, got {cfg.data.region_index_base}")
     if cfg.eval.batch_size < 1 or cfg.eval.workers < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("eval.batch_size must be >= 1, eval.workers and eval.every_steps >= 0")
     validate_ranges(cfg)
     return cfg
+
+
+def check_eval_tasks(ev: EvalConfig) -> None:
+    """``eval.tasks`` entries are ``TASK:ROOT`` with a known TASK, and periodic evaluation has tasks."""
+    for i, spec in enumerate(ev.tasks):
+        task, _, root = spec.partition(":")
+        if not task or not root:
+            raise ConfigError(f"eval.tasks[{i}]={spec!r} must be 'TASK:ROOT' (e.g. 'synthetic:data/synth')")
+        problem = eval_task_error(task)
+        if problem:
+            raise ConfigError(f"eval.tasks[{i}]={spec!r}: {problem}")
+    if ev.every_steps > 0 and not ev.tasks:
+        raise ConfigError(f"eval.every_steps={ev.every_steps} but eval.tasks is empty, so nothing would be "
+                          "evaluated; list tasks (eval.tasks='[\"zeroshot_classification:/data/wds/imagenet1k\"]') "
+                          "or set eval.every_steps=0")
 
 
 def _numbers(obj: Any, prefix: str) -> list[tuple[str, float]]:
@@ -403,11 +498,27 @@ def model_context_length(cfg: Config) -> int | None:
         text = cfg.model.config.get("text_cfg") or {}
         return int(text.get("context_length", 77)) if isinstance(text, dict) else None
     if cfg.model.name:
-        import open_clip
+        mc = _builtin_model_config(cfg.model.name)
+        if mc is None:  # not one of open_clip's shipped json configs: ask open_clip itself
+            import open_clip
 
-        mc = open_clip.get_model_config(cfg.model.name)
+            mc = open_clip.get_model_config(cfg.model.name)
         text = (mc or {}).get("text_cfg") or {}
         return int(text["context_length"]) if "context_length" in text else None
+    return None
+
+
+def _builtin_model_config(name: str) -> dict[str, Any] | None:
+    """open_clip's shipped ``model_configs/NAME.json``, read without importing open_clip (and torch):
+    loading a config stays fast, so a mistake in it is reported in well under a second."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / "model_configs" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
     return None
 
 
@@ -429,6 +540,10 @@ def validate_ranges(cfg: Config) -> None:
         raise ConfigError(f"optim.eps must be > 0, got {cfg.optim.eps}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    validate_optim(cfg)
+    validate_patch_dropout(cfg)
+    if cfg.log.wandb.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"log.wandb.mode={cfg.log.wandb.mode!r} is not one of online, offline, disabled (or null)")
     scale = cfg.data.augment_scale
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"data.augment_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -447,6 +562,68 @@ def validate_ranges(cfg: Config) -> None:
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
                           f"context length {n_ctx} (model.config.text_cfg.context_length or model.name)")
+
+
+def model_vision_cfg(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """(where it comes from, the open_clip ``vision_cfg``) of the configured model; ({}) when unknown."""
+    if cfg.model.config is not None:
+        vision = cfg.model.config.get("vision_cfg")
+        return "model.config.vision_cfg", vision if isinstance(vision, dict) else {}
+    if cfg.model.name:
+        import open_clip
+
+        vision = (open_clip.get_model_config(cfg.model.name) or {}).get("vision_cfg")
+        return f"model.name={cfg.model.name}'s vision_cfg", vision if isinstance(vision, dict) else {}
+    return "model", {}
+
+
+def validate_patch_dropout(cfg: Config) -> None:
+    """Patch dropout with a dense term is refused: open_clip drops a random subset of patch tokens
+    inside the tower, so the dense patch outputs no longer line up with the region masks (defined
+    on the full patch grid, docs/losses.md §2) that the powerset term pools over, nor with the patch
+    grid XAC attends over. Sub-selecting each image's region masks to its kept tokens would need
+    the tower's random choice, which open_clip does not expose."""
+    where, vision = model_vision_cfg(cfg)
+    dropout = float(vision.get("patch_dropout") or 0.0)
+    if dropout <= 0:
+        return
+    dense = [k for k, on in (("loss.powerset.weight", cfg.loss.powerset.weight > 0),
+                             ("loss.concept.xac_weight", cfg.loss.concept.xac_weight > 0)) if on]
+    if dense:
+        raise ConfigError(f"{where}.patch_dropout={dropout} cannot train with {dense[0]} > 0: patch dropout "
+                          "removes random patch tokens, so the dense patch outputs no longer match the region "
+                          "masks and patch grid that term reads; set patch_dropout to 0 or the term's weight to 0")
+
+
+def validate_optim(cfg: Config) -> None:
+    """The schedule's cooldown and the per-tower options (locking, lr, weight decay, layer decay)."""
+    o = cfg.optim
+    if o.schedule == "const-cooldown":
+        if not 0 < o.cooldown_steps <= cfg.train.steps - o.warmup_steps:
+            raise ConfigError(f"optim.cooldown_steps={o.cooldown_steps}: optim.schedule=const-cooldown needs "
+                              f"0 < cooldown_steps <= train.steps - optim.warmup_steps "
+                              f"({cfg.train.steps} - {o.warmup_steps})")
+        if o.cooldown_power <= 0 or not 0 <= o.cooldown_end_lr <= o.lr:
+            raise ConfigError(f"optim.cooldown_power must be > 0 (got {o.cooldown_power}) and optim.cooldown_end_lr "
+                              f"in [0, optim.lr={o.lr}] (got {o.cooldown_end_lr})")
+    for tower in ("image", "text"):
+        t: TowerOptimConfig = getattr(o, tower)
+        key = f"optim.{tower}"
+        if t.unlocked_groups < 0 or (t.unlocked_groups and not t.lock):
+            raise ConfigError(f"{key}.unlocked_groups={t.unlocked_groups} needs {key}.lock=true and must be >= 0")
+        if t.freeze_bn_stats and (tower == "text" or not t.lock):
+            raise ConfigError(f"{key}.freeze_bn_stats needs optim.image.lock=true and applies to the image tower "
+                              "only (open_clip's text towers have no batch-norm statistics)")
+        if t.freeze_bn_stats and cfg.train.zero_stage == 3:
+            raise ConfigError("optim.image.freeze_bn_stats is not supported with train.zero_stage=3 (open_clip "
+                              "copies the batch-norm weights into frozen modules, which ZeRO-3 has partitioned)")
+        if t.lr is not None and not t.lr > 0:
+            raise ConfigError(f"{key}.lr must be > 0 or null, got {t.lr} (to train nothing of a tower, "
+                              f"set {key}.lock=true)")
+        if t.weight_decay is not None and t.weight_decay < 0:
+            raise ConfigError(f"{key}.weight_decay must be >= 0 or null, got {t.weight_decay}")
+        if not 0 < t.layer_decay <= 1:
+            raise ConfigError(f"{key}.layer_decay must be in (0, 1] (1 = off), got {t.layer_decay}")
 
 
 def _to_dataclass(conf: DictConfig) -> Config:

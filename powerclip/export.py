@@ -35,6 +35,7 @@ from powerclip.config import load_config
 from powerclip.model.clip_model import PowerClipModel
 from powerclip.model.factory import (
     CONFIG_NAME,
+    OPEN_CLIP_REFUSAL_KEY,
     WEIGHTS_NAME,
     ModelLoadError,
     extract_clip_state_dict,
@@ -59,8 +60,9 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
     """Write an open_clip folder at ``out_dir`` atomically (tmp folder, then rename).
 
     ``text_pool="mean"`` is recorded as ``"powerclip": {"text_pool": "mean"}`` next to open_clip's
-    keys (open_clip reads only model_cfg/preprocess_cfg, so the folder still loads there, but with
-    open_clip's EOT pooling of the text tower; powerclip's evaluation applies the mean).
+    keys, and ``model_cfg`` gets ``OPEN_CLIP_REFUSAL_KEY``: open_clip alone cannot pool text by token
+    mean, so it refuses the folder with a message naming powerclip's loader rather than loading a
+    model that encodes text differently (powerclip's evaluation applies the mean).
 
     ``model_or_state``: a PowerClipModel, a bare open_clip model, or a state dict of either (any
     prefix; extra training-only keys are dropped). Returns ``out_dir``.
@@ -98,6 +100,8 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
         meta: dict[str, Any] = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
         if text_pool != "default":
             meta["powerclip"] = {"text_pool": text_pool}
+            # open_clip would pool the text at EOT: make it refuse the folder instead (factory.OPEN_CLIP_REFUSAL_KEY)
+            meta["model_cfg"] = {**model_cfg, OPEN_CLIP_REFUSAL_KEY: True}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         old = None
         if out_dir.exists():

@@ -104,3 +104,21 @@ def test_cli_summary_and_loader_reads_annotated_shards(published: Path, tmp_path
     # parse-tree phrases reach the batch (more than the root per caption), regions from the npy
     assert sum(b.phrase_valid.sum().item() for b in batches) > 15
     assert sum(len(b.keys) for b in batches) == 15  # x1/x2 have no regions and no decodable image
+
+
+def test_a_repeated_key_is_listed_and_copied_never_merged(tmp_path: Path):
+    src = tmp_path / "dup"
+    src.mkdir()
+    write_powerclip_shard(src / "00000.tar", 3, seed=7)
+    first = _members(src / "00000.tar")
+    key = first[0][0].split(".")[0]
+    repeat = [(f"{key}.{name.split('.', 1)[1]}", data) for name, data in first if name.startswith(f"{key}.")]
+    _add(src / "00000.tar", repeat)  # the first sample's key written again at the end
+    out = tmp_path / "annotated"
+    m = annotate_shards(list_shards(str(src)), out, parser="rule", progress=False)
+    assert m["num_samples"] == 4 and m["num_annotated"] == 3  # the repeat is a sample of its own, not merged
+    assert m["skipped_by_reason"] == {"duplicate_key": 1} and m["skipped"][0]["input"].endswith(f"#{key}")
+    after = _members(out / "00000.tar")
+    assert len(after) == len(first) + len(repeat)  # every member copied
+    assert after[-len(repeat):] == repeat  # the repeat untouched, json included
+    assert json.loads(dict(after[:len(first)])[f"{key}.json"])["parser"] == "rule"  # the first annotated

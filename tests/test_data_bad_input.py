@@ -92,3 +92,31 @@ def test_shard_vanishing_after_preflight(bad_shards, tmp_path: Path):
     (tmp_path / "00001.tar").unlink()
     assert sum(b.size for b in loader) == 20
     assert loader.counters()["unreadable_shard"] == 1
+
+
+def test_duplicate_keys_are_counted_and_never_merged(synthetic_root: Path, tmp_path: Path, caplog):
+    from powerclip.data.stream import shard_len
+
+    src = list(read_shard(str(synthetic_root / "train" / "00000.tar")))[:18]
+    keys = [f"s_{i:03d}" for i in range(18)]
+    keys[5] = keys[4]  # the key written again right after itself (merged into one sample before)
+    keys[12] = keys[2]  # and again further on in the shard
+    tar = tmp_path / "00000.tar"
+    with wds.TarWriter(str(tar)) as w:
+        for key, s in zip(keys, src):
+            w.write({"__key__": key, **{k: v for k, v in s.items() if not k.startswith("__")}})
+    assert shard_len(str(tar)) == len(list(read_shard(str(tar)))) == 18  # header count = stream count
+    cfg = load_config(None, [f"data.sources=[{{shards: '{tar}'}}]", TINY, "data.context_length=32",
+                             "data.batch_size=4", "data.workers=0"])
+    loader = build_loader(cfg, 0, 1, train=False)
+    with caplog.at_level("WARNING", logger="powerclip.data.loader"):
+        batches = list(loader)
+    assert loader.counters() == {"duplicate_key": 2}
+    got = {k: m["caption"] for b in batches for k, m in zip(b.keys, b.meta)}
+    assert sum(len(b.keys) for b in batches) == len(got) == 16  # 18 in: 16 samples, 2 skipped, none merged
+    first = {}
+    for key, s in zip(keys, src):
+        first.setdefault(key, json.loads(s["json"])["caption"])
+    assert got == first  # each key keeps its first sample, whole
+    logged = [r.getMessage() for r in caplog.records if "duplicate_key" in r.getMessage()]
+    assert len(logged) == 2 and f"skipped sample {keys[4]} of {tar}: duplicate_key" in logged[0]

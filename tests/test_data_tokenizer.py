@@ -50,3 +50,83 @@ def test_loader_with_sentencepiece(synthetic_root: Path, sp_model: Path):
     assert b.text.max() == 39 and b.phrase_valid[:, 0].all()
     assert b.phrase_valid.sum(1).max() > 2  # tree nodes mapped through SentencePiece offsets
     assert b.neg_text[b.neg_valid].argmax(-1).gt(0).all()
+
+
+# ------------------------------------------------------------------ captions cut before tokenising
+def _letters(n: int, seed: int) -> str:
+    import random
+
+    r = random.Random(seed)
+    return "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def test_a_40k_caption_without_spaces_reaches_bpe_cut_to_the_bound(monkeypatch):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = build_tokenizer("clip", 77)
+    handed: list[int] = []
+    bpe = tok.tok.bpe
+
+    def counting_bpe(word: str) -> str:
+        handed.append(len(word))
+        return bpe(word)
+
+    monkeypatch.setattr(tok.tok, "bpe", counting_bpe)
+    assert tok.max_non_space == 75 * 32 + 1  # CLIP's longest vocabulary entry has 32 bytes
+    enc = tok.encode(_letters(40_000, 0))
+    assert len(enc.ids) == 77 and enc.ids[-1] == tok.eot and enc.truncated_at == 0  # its one word was cut
+    assert handed and sum(handed) <= tok.max_non_space  # not 40,000 characters
+    # a long caption of ordinary words: the words beyond the bound never reach BPE, and the tokens
+    # kept are exactly those of the whole caption's tokenisation
+    handed.clear()
+    words = " ".join(_letters(8, i) for i in range(5_000))  # 45k characters, ~15k tokens
+    enc = tok.encode(words)
+    assert sum(handed) <= tok.max_non_space
+    assert enc.ids[1:-1] == SimpleTokenizer(context_length=77).encode(words)[:75]
+    assert enc.truncated_at >= enc.spans[-2][0]  # from the last kept token's word on, words were cut
+
+
+def test_captions_whose_tokens_fit_are_not_changed_by_the_cut():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = build_tokenizer("clip", 77)
+    reference = SimpleTokenizer(context_length=77)
+    fitting = [
+        "a small red circle left of a blue square",
+        "a" + " " * 100_000 + "dog",  # whitespace makes no token: 100k characters, 2 tokens
+        "&nbsp;" * 500 + " dog",  # entities that cleaning turns into whitespace: cut, then the bound grows
+        "café crème brûlée on a wooden table, 東京 at night",
+        " ".join(["photograph"] * 75),  # exactly the 75 tokens the context holds
+        _letters(100, 1),  # one long word that still fits
+    ]
+    assert sum(not c.isspace() for c in fitting[2]) > tok.max_non_space  # the bound cuts it at first
+    for caption in fitting:
+        want = reference.encode(caption)
+        assert len(want) <= 75, caption[:40]
+        enc = tok.encode(caption)
+        assert enc.ids == [tok.sot, *want, tok.eot] and enc.truncated_at is None, caption[:40]
+
+
+def test_sentencepiece_captions_are_cut_before_encoding_and_fitting_ones_kept(sp_model: Path, monkeypatch):
+    tok = build_tokenizer(f"sentencepiece:{sp_model}", 24)
+    fitting = ["A small red circle left of a blue square", "red" + " " * 50_000 + "square"]
+    before = [tok.encode(c) for c in fitting]
+    assert all(e.truncated_at is None for e in before)
+
+    class CountingProcessor:  # the real processor; only the length of each text handed to it is kept
+        def __init__(self, sp) -> None:
+            self.sp, self.handed = sp, []
+
+        def encode(self, text: str, **kwargs):
+            self.handed.append(len(text))
+            return self.sp.encode(text, **kwargs)
+
+    counting = CountingProcessor(tok.sp)
+    monkeypatch.setattr(tok, "sp", counting)
+    enc = tok.encode(_letters(40_000, 2))
+    assert len(enc.ids) == 24 and enc.ids[-1] == tok.eot and enc.truncated_at is not None
+    assert counting.handed == [tok.max_non_space]  # cut once, to the bound, before encoding
+    counting.handed.clear()
+    after = [tok.encode(c) for c in fitting]
+    assert counting.handed == [len(c) for c in fitting]  # whole, uncut
+    assert [(e.ids, e.spans) for e in after] == [(e.ids, e.spans) for e in before]

@@ -251,3 +251,11 @@ def test_slug_and_table_parsing():
     assert rows["loss.powerset.tau"][0] == "0.001" and "powerclip_vitb16_cc12m" in rows["loss.powerset.tau"][1]
     assert _same(_doc_value("1e-3"), 0.001) and not _same(_doc_value("0.01"), 0.001)
     assert not _same(_doc_value("false"), 0) and _same(_doc_value("null"), None)
+
+
+def test_training_option_keys_are_documented_in_training_options_md():
+    """Tower options, the schedule's keys and log.* each have a row (default checked above)."""
+    documented = {key for key, _, _ in key_rows(DOCS / "training_options.md")}
+    wanted = {k for k in DEFAULTS if k.startswith(("optim.image.", "optim.text.", "optim.cooldown_", "log."))}
+    missing = sorted((wanted | {"optim.schedule"}) - documented)
+    assert not missing, f"docs/training_options.md has no `key | default` row for {missing}"

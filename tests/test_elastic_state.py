@@ -85,7 +85,7 @@ def _resumed(rank: int, world: int, root: str, stage: int, tag: str, save_step: 
 
     cfg = _cfg(root, stage)
     engine, sched = _engine(cfg, world)
-    load_full_state(engine, read_full_state(Path(root) / "checkpoints" / tag, engine.module, 0.2), sched)
+    load_full_state(engine, read_full_state(Path(root) / "checkpoints" / tag, engine.module, cfg.optim), sched)
     out = {"loaded": _full(engine), "lr": sched.get_last_lr(), "steps": engine.global_steps}
     out["losses"] = _steps(engine, cfg, rank, world, 1)
     if save_step:

@@ -451,8 +451,11 @@ def test_results_files_follow_clip_benchmark_schema(tmp_path):
                "wds/cars": {"task": "zeroshot_classification", "metrics": {"acc1": 0.25}}}
     one = write_results({"wds/cars": results["wds/cars"]}, tmp_path / "r.json", "local-dir:/m", "/m")
     assert one == [tmp_path / "r.json"]
+    assert json.loads(one[0].read_text())["dataset"] == "wds/cars"
     many = write_results(results, tmp_path / "all.json", "local-dir:/m", "/m")
-    assert sorted(p.name for p in many) == ["all.sugar_crepe_swap_att.json", "all.wds_cars.json"]
+    assert many == [tmp_path / "all.json"]  # --out FILE.json: that file, every dataset in it
+    assert [r["dataset"] for r in json.loads(many[0].read_text())] == ["sugar_crepe/swap_att", "wds/cars"]
+    assert sorted(p.name for p in tmp_path.glob("all*")) == ["all.json"]
     folder = write_results(results, tmp_path / "dir", "local-dir:/m", "/m")
     rec = json.loads(folder[1].read_text())
     assert rec == {"dataset": "wds/cars", "model": "local-dir:/m", "pretrained": "/m",

@@ -443,7 +443,7 @@ def test_config_ranges_are_checked_at_load_time(override, message):
     assert str(err.value).startswith(message)
 
 
-def test_error_after_start_up_is_one_line_naming_the_holder(tmp_path):
+def test_error_after_start_up_is_one_line_naming_the_holder(tmp_path, synthetic_root):
     import subprocess
     import sys
 
@@ -454,7 +454,8 @@ def test_error_after_start_up_is_one_line_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"config": tiny_model_config()}, "train": {"run_dir": str(run)}}))
+    config.write_text(yaml.safe_dump({"model": {"config": tiny_model_config()}, "train": {"run_dir": str(run)},
+                                      "data": {"sources": [{"shards": str(synthetic_root / "train" / "00000.tar")}]}}))
     holder = _hold_lock(run)
     try:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}

@@ -30,7 +30,8 @@ from pathlib import Path
 import powerclip
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("powerclip", "powerclip.atomic", "powerclip.config", "powerclip.distributed", "powerclip.checks")),
+    ("foundation", ("powerclip", "powerclip.atomic", "powerclip.config", "powerclip.distributed", "powerclip.checks",
+                    "powerclip.progress")),
     ("checkpoints", ("powerclip.checkpoints",)),
     ("data", ("powerclip.data", "powerclip.annotate", "powerclip.negatives")),
     ("model", ("powerclip.model",)),
@@ -197,3 +198,27 @@ def test_the_checker_sees_lazy_upward_imports_relative_imports_and_cycles(tmp_pa
     assert upward_imports(graph, layers) == ["toy.high (high) imports toy.cli (cli)",
                                              "toy.low.base (low) imports toy.high (high)"]
     assert layer_of("toy.elsewhere", layers) is None  # the root package places only itself
+
+
+def private_imports(files: list[Path], package: str) -> list[str]:
+    """``from <package>... import _name`` anywhere in ``files``: a private name used outside its module
+    (the owner may rename it freely, so a caller that needs it needs a public name)."""
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == package):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        bad.append(f"{path.name}:{node.lineno} imports {alias.name} from {node.module or '.'}")
+    return bad
+
+
+def test_no_private_name_imported_across_modules(tmp_path):
+    root = Path(powerclip.__file__).resolve().parent.parent
+    files = sorted((root / "powerclip").rglob("*.py")) + sorted((root / "tools").glob("*.py"))
+    bad = private_imports(files, "powerclip")
+    assert not bad, "private names imported from other modules (give them a public name):\n" + "\n".join(bad)
+    toy = tmp_path / "toy.py"  # the checker itself sees both spellings
+    toy.write_text("from powerclip.x import _hidden, public\nfrom .y import _other\nfrom powerclip import __version__\n")
+    assert private_imports([toy], "powerclip") == ["toy.py:1 imports _hidden from powerclip.x",
+                                                    "toy.py:2 imports _other from y"]

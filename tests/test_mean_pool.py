@@ -1,5 +1,5 @@
 """model.pool=mean: PowerCLIP's token-average pooling of both towers, against a hand-written pass
-through the towers, and through an export that open_clip still loads."""
+through the towers, and through an export that plain open_clip refuses and powerclip's loader reads."""
 
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def test_export_with_mean_pooling_loads_in_open_clip_and_in_powerclip(tmp_path):
                            text_pool="mean")
     assert json.loads((out / "open_clip_config.json").read_text())["powerclip"] == {"text_pool": "mean"}
     text, images = _tokens(), torch.randn(2, 3, 32, 32)
-    # plain open_clip loads it: the image tower pools as trained, the text tower at EOT (its only options)
-    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    plain.eval()
+    # plain open_clip would pool the text at EOT (its only options): it refuses, naming powerclip's loader
+    with pytest.raises(TypeError, match=r"powerclip\.eval\.model_io\.load_model"):
+        open_clip.create_model_and_transforms(f"local-dir:{out}")
     with torch.no_grad():
-        torch.testing.assert_close(plain.encode_image(images), model.encode_image(images)[0], rtol=1e-4, atol=1e-5)
-        # powerclip's loader applies the recorded text pooling
+        # powerclip's loader (open_clip's own load without the refusal key) applies the recorded text pooling
         loaded = load_export_dir(out).model
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images)[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded.encode_text(text, normalize=True),
                                    F.normalize(model.encode_text(text)[0], dim=-1), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mean_pool_text(loaded, text), model.encode_text(text)[0], rtol=1e-4, atol=1e-5)

@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # tiny training: checkpoints every 2 steps; the requeue must land before the end, so the job
 # must still be running when `scontrol requeue` reaches it, even on an idle machine
-JOB_TIMEOUT = 240  # seconds a single job may take on a loaded 2-core machine
+JOB_TIMEOUT = 420  # seconds a single job may take on a 2-core machine busy with another CPU-heavy job
+# (a job's start-up alone, Python + torch + DeepSpeed imports on both nodes, took ~4 min there once)
 
 
 _SUBMITTED: list[str] = []  # job ids these tests started: cancelled at the end if still queued/running
@@ -220,12 +221,14 @@ def sbatch_run(cluster, tiny_yaml, tmp_path_factory) -> dict:
     jid = out.stdout.strip().split(";")[0]
     _SUBMITTED.append(jid)
     _wait_until(lambda: _latest(run) is not None, JOB_TIMEOUT, "the first checkpoint", jid)
+    first_checkpoint_s = time.time() - t0
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, capture_output=True, timeout=30)
     state = wait_job(jid, JOB_TIMEOUT)
     seconds = time.time() - t0
     print(f"sbatch template job {jid} (2 nodes x 1 task, {STEPS} steps): {seconds:.1f} s")
     text = Path(str(log).replace("%j", jid)).read_text()
-    return {"run": run, "job": jid, "state": state, "log": text, "seconds": seconds}
+    return {"run": run, "job": jid, "state": state, "log": text, "seconds": seconds,
+            "first_checkpoint_s": first_checkpoint_s}
 
 
 def test_sbatch_template_trains(sbatch_run, cluster):
@@ -252,7 +255,10 @@ def test_submit_tiny_training_requeued_midway_resumes(sbatch_run, tiny_yaml, tmp
     run = tmp_path / "requeued"
     t0 = time.time()
     jid = _submit(tiny_yaml, run)
-    _wait_until(lambda: _latest(run) is not None, JOB_TIMEOUT, "the first checkpoint", jid, poll=0.1)
+    # the same job as the sbatch run up to its first checkpoint: wait for it scaled to what that run
+    # measured on this machine at this load (3x, for a load that rises between the two jobs)
+    wait_s = max(JOB_TIMEOUT, 3 * sbatch_run["first_checkpoint_s"])
+    _wait_until(lambda: _latest(run) is not None, wait_s, "the first checkpoint", jid, poll=0.1)
     at_requeue = _latest(run)
     subprocess.run(["scontrol", "requeue", jid], check=True, capture_output=True, timeout=30)
     results = _results(run, jid)

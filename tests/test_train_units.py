@@ -14,7 +14,8 @@ from powerclip.train import checkpoint as ckpt
 from powerclip.train.accum import concat_batches
 from powerclip.train.dist_env import _slurm_master_addr, export_env_from_launcher
 from powerclip.train.engine import deepspeed_config
-from powerclip.train.optim import build_optimizer, lr_lambda, param_groups
+from powerclip.train.optim import build_optimizer, lr_lambda
+from powerclip.train.param_groups import param_groups
 from tests.tiny import tiny_config
 
 
@@ -216,7 +217,7 @@ def test_checkpoint_due_by_steps_minutes_and_at_the_end():
     from powerclip.train.loop import checkpoint_due
 
     cfg = tiny_config(["checkpoint.every_steps=5", "train.steps=12"])
-    now = time.time()
+    now = time.monotonic()
     assert [s for s in range(1, 13) if checkpoint_due(cfg, s, now)] == [5, 10, 12]
     by_time = tiny_config(["checkpoint.every_steps=0", "checkpoint.every_minutes=1", "train.steps=100"])
     assert not checkpoint_due(by_time, 3, now)

@@ -24,7 +24,7 @@ def _job(rank: int, world: int, precision: str) -> dict:
     from powerclip.train.build_model import build_model
     from powerclip.train.dist_env import DistEnv
     from powerclip.train.loop import seed_all
-    from powerclip.train.optim import param_groups
+    from powerclip.train.param_groups import param_groups
 
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
     seed_all(0)
@@ -45,7 +45,7 @@ def test_zero3_model_is_partitioned_from_construction():
     full shape)."""
     from powerclip.model.factory import create_model
     from powerclip.train.loop import seed_all
-    from powerclip.train.optim import param_groups
+    from powerclip.train.param_groups import param_groups
 
     precision = "bf16"
     seed_all(0)

@@ -7,9 +7,9 @@ For shard sets someone else built - PowerCLIP's CC12M shards with their SAM patc
 names in --out, sizes.json, manifest.json (samples left unannotated, and why; they are copied as
 they are), _annotate/ (resume records: rerunning the same command redoes only unfinished shards).
 
-Example: python tools/annotate_shards.py --input 'cc12m/{00000..02175}.tar' --out cc12m_pc --workers 16
+Example: python tools/annotate_shards.py --input 'cc12m/cc12m-train-{0000..2175}.tar' --out cc12m_pc --workers 16
 On Slurm, as a job array (each task a disjoint range of shards, requeued tasks resume, one summary):
-  python tools/annotate_shards.py --input 'cc12m/{00000..02175}.tar' --out cc12m_pc \
+  python tools/annotate_shards.py --input 'cc12m/cc12m-train-{0000..2175}.tar' --out cc12m_pc \
       --slurm-tasks 64 --workers 8 --slurm-partition cpu --slurm-time 240
 """
 

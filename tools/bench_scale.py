@@ -37,7 +37,7 @@ from powerclip import distributed as pdist  # noqa: E402
 from powerclip.config import ConceptLossConfig, DeglaLossConfig, LossConfig, PowersetLossConfig  # noqa: E402
 from powerclip.data.batch import Batch  # noqa: E402
 from powerclip.losses.composer import all_terms  # noqa: E402
-from powerclip.losses.concept import _with_own_block, contrast  # noqa: E402
+from powerclip.losses.concept import contrast, with_own_block  # noqa: E402
 from powerclip.losses.concept_xac import xac_scores, xac_scores_paired  # noqa: E402
 from powerclip.losses.degla import caption_logits, degla_losses  # noqa: E402
 from powerclip.losses.global_loss import clip_loss  # noqa: E402
@@ -187,7 +187,7 @@ def concept_case(s: Shapes, cfg: ConceptLossConfig, term: str, world: int, devic
         else:
             scores = xac_scores(patches, columns, cfg.xac_lambda, cfg.memory_budget_mb)
             paired = xac_scores_paired(patches, owner, concepts[:own], cfg.xac_lambda)
-        scores = _with_own_block(paired, owner, scores, s.b)
+        scores = with_own_block(paired, owner, scores, s.b)
         pos = torch.zeros(s.b, own + dense, dtype=torch.bool, device=image.device)
         pos[:, :1] = True
         return contrast(scores, pos, "softmax", Features(image=image, text=image, logit_scale=scale), float(s.b))

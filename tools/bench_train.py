@@ -716,7 +716,7 @@ def render(s: dict[str, Any], info: dict[str, str], res: dict[str, Any], elapsed
                   "per-parameter loop of about ten elementwise ops) and freed host memory kept mapped between "
                   "steps (train.keep_freed_host_memory; glibc's defaults unmap large blocks and page-fault "
                   "them back in every step). The 'stock settings' row turns both off.", ""]
-    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU lent)'}. "
+    lines += [f"GPU: {'run on ' + info['gpu'] if 'gpu' in info else 'not run (no GPU available on this machine)'}. "
               "Command: `python tools/bench_train.py --device cuda --model-name ViT-B-16 --batch-size 256 "
               "--term-batch 256 --precision bf16 --peak-tflops 989 --threads 8 --parts 1,2` (part 3 needs 2 GPUs).",
               ""]
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     if s["terms"] and ("clip" not in s["terms"] or set(s["terms"]) - set(bench_terms())):
         ap.error(f"--terms must name 'clip' (the baseline) and only configs of {','.join(bench_terms())}")
     parts = {int(x) for x in a.parts.split(",") if x.strip()}
-    t0 = time.time()
+    t0 = time.monotonic()
     info = machine()
     print(f"# bench_train: {info['cpu']}, {info['cores']} cores, load {info['load']}", flush=True)
     res: dict[str, Any] = {}
@@ -808,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
         if 4 in parts:
             res["loader"] = part_loader(s)
     res["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = render(s, info, res, time.time() - t0)
+    text = render(s, info, res, time.monotonic() - t0)
     print(text)
     Path(a.out).write_text(text + gpu_check_tail(Path(a.out)))
     print(f"wrote {a.out}")

@@ -199,16 +199,16 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
             result["metrics"] = evaluate_model(kept, synth)
             done.write_text(json.dumps(result, indent=1))
         return result
-    t0 = time.time()
+    t0 = time.monotonic()
     trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
     if trained.is_file():
         t_train = json.loads(trained.read_text())["train_s"]
     else:
         cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
         train(cfg)
-        t_train = time.time() - t0
+        t_train = time.monotonic() - t0
         trained.write_text(json.dumps({"train_s": t_train}))
-        t0 = time.time() - t_train
+        t0 = time.monotonic() - t_train
     result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
     from powerclip.export import export_checkpoint
 
@@ -219,7 +219,7 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
         if job.keep_model and not is_export_dir(model):
             export_checkpoint(job.run_dir, model)
         result["metrics"] = evaluate_model(model, synth)
-    result["eval_s"] = time.time() - t0 - t_train
+    result["eval_s"] = time.monotonic() - t0 - t_train
     _cleanup(job.run_dir)
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0 = time.monotonic()
     state0 = machine_state()
     synth = out / "synth"
     if not (synth / "manifest.json").is_file():
@@ -417,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     pending = {j.name: j for j in jobs}
     finished: set[str] = set()
     ctx = __import__("multiprocessing").get_context("spawn")
+    from powerclip.progress import progress_bar
+
     with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
-                                initargs=(args.threads,)) as pool:
+                                initargs=(args.threads,)) as pool, progress_bar(len(jobs), "runs", unit="run") as bar:
         running: dict[cf.Future, Job] = {}
         while pending or running:
             for name, job in list(pending.items()):
@@ -434,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         from fut.exception()
                 res = fut.result()
                 finished.add(job.name)
-                print(f"[{time.time() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
+                print(f"[{time.monotonic() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
+                bar.update(1)
                 if job.name != "pretrain":
                     arm, seed = job.name.split("/seed")
                     results.setdefault(arm, {})[int(seed)] = res
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(Winoground scores); zero-shot top-1 1/{5 * args.colours}",
             "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
-            "wall time": f"{time.time() - t0:.0f} s", "command": " ".join(sys.argv)}
+            "wall time": f"{time.monotonic() - t0:.0f} s", "command": " ".join(sys.argv)}
     text = report(results, pretrained, meta)
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"results": results, "pretrained": pretrained, "meta": meta},

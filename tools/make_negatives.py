@@ -10,7 +10,7 @@ Examples:
 
   # on Slurm, as job arrays (each task a disjoint range of shards; rules: a counting array, then a
   # writing array with the merged corpus vocabulary; requeued tasks resume; one summary job)
-  python tools/make_negatives.py --input 'cc12m/{00000..02175}.tar' --output cc12m_neg \
+  python tools/make_negatives.py --input 'cc12m_pc/cc12m-train-{0000..2175}.tar' --output cc12m_neg \
       --workers 8 --slurm-tasks 64 --slurm-partition cpu --slurm-time 240
 
 Writes OUTPUT/NNNNN.tar (same names, other members copied untouched), OUTPUT/sizes.json and

@@ -32,6 +32,7 @@ from pathlib import Path
 from webdataset.tariterators import base_plus_ext
 
 from .shard_pool import check_output_folder, run_shards
+from .stream import starts_sample
 
 RECORDS = "_annotate"
 _ANNOTATOR = None
@@ -77,7 +78,8 @@ def _caption_of(members: dict[str, bytes]) -> tuple[str | None, object, str | No
 
 
 def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) of each sample (consecutive members sharing a key, webdataset's rule)."""
+    """(key, {ext: bytes}) of each sample (consecutive members sharing a key, webdataset's rule; a
+    member the sample already has starts the next one, as the training reader splits them)."""
     key, cur = None, {}
     for m, data in _members(path):
         if data is None:
@@ -85,7 +87,7 @@ def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         k, ext = _key_ext(m.name)
         if k is None:
             continue
-        if k != key and key is not None:
+        if key is not None and starts_sample(k, ext, key, cur):
             yield key, cur
             cur = {}
         key = k
@@ -100,9 +102,13 @@ def annotate_one_shard(src: str, out: str) -> dict:
     assert _ANNOTATOR is not None, "worker not initialised"
     src_path, out_dir = Path(src), Path(out)
     captions: dict[str, tuple[str, object]] = {}
-    skipped, keys = [], []
+    skipped, keys, seen = [], [], set()
     for key, members in _samples(src_path):
         keys.append(key)
+        if key in seen:  # copied as it is; the training reader skips it (its reason, duplicate_key)
+            skipped.append({"input": f"{src}#{key}", "reason": "duplicate_key"})
+            continue
+        seen.add(key)
         caption, obj, reason = _caption_of(members)
         if reason is not None:
             skipped.append({"input": f"{src}#{key}", "reason": reason})
@@ -122,17 +128,18 @@ def annotate_one_shard(src: str, out: str) -> dict:
 
     tmp = out_dir / (src_path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as w:
-        prev = None
+        prev, prev_exts = None, set()
         for m, data in _members(src_path):
             key, ext = _key_ext(m.name) if data is not None else (None, None)
-            if prev is not None and key != prev and prev in anns:  # the sample had no json member
+            new_sample = key is not None and starts_sample(key, ext, prev, prev_exts)
+            if prev is not None and new_sample and prev in anns:  # the sample had no json member
                 w.addfile(*_with_stream(json_member(prev)))
             if key is not None and ext == "json" and key in anns:
                 w.addfile(*_with_stream(json_member(key)))
             else:
                 w.addfile(m, io.BytesIO(data) if data is not None else None)
             if key is not None:
-                prev = key
+                prev, prev_exts = key, (set() if new_sample else prev_exts) | {ext}
         if prev is not None and prev in anns:
             w.addfile(*_with_stream(json_member(prev)))
     os.replace(tmp, out_dir / src_path.name)

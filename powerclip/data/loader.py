@@ -25,14 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from braceexpand import braceexpand
 
 from ..config import Config, ConfigError
 from .batch import Batch
 from .collate import CollateContext, collate
 from .remap import RemapError, check_compatible, pieces_from_json, remap, shards_fingerprint
 from .samples import DataError, SampleProcessor, concept_id
-from .stream import SHARD_END, StreamSpec, initial_cursor, slot_samples, slot_universe
+from .stream import SHARD_END, StreamSpec, expand_shards, initial_cursor, slot_samples, slot_universe
 
 __all__ = ["DataError", "Loader", "SampleProcessor", "build_loader", "concept_id", "expand_shards", "make_spec"]
 
@@ -46,14 +45,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ shard lists
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(u for u in braceexpand(part.strip()) if u)
-    return urls
-
-
 def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url)
 

@@ -13,6 +13,10 @@ import random
 import numpy as np
 import torch
 
+# the CSR reader of ``samlens``/``samcat`` lives with the published format, torch-free so the preflight
+# check reads regions without importing torch; named here too, beside the code that maps the regions
+from .published import PatchRegionError, read_patch_sets  # noqa: F401
+
 
 def map_box(box, window) -> tuple[float, float, float, float] | None:
     """A 0..1 box of the stored image in the 0..1 coordinates of the transformed view (None if outside)."""
@@ -77,34 +81,6 @@ def region_masks(boxes: list, window, grid: int, m: int, source: str, rng: rando
 
 
 # ---------------------------------------------------------------- regions as sets of patch cells
-class PatchRegionError(ValueError):
-    """A sample's patch-index regions cannot be read (wrong dtype, shape or lengths)."""
-
-
-def read_patch_sets(lens_npy: bytes, cat_npy: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR pair of ``{key}.samlens.npy`` (patch indices per region) and ``{key}.samcat.npy``
-    (every region's patch indices, concatenated) as two int64 arrays, checked for consistency.
-
-    Why CSR: regions have different sizes; two flat arrays are what SAM annotators store and
-    avoid pickled object arrays (``allow_pickle`` stays off: a shard is untrusted input)."""
-    import io
-
-    try:
-        lens = np.load(io.BytesIO(lens_npy), allow_pickle=False)
-        cat = np.load(io.BytesIO(cat_npy), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise PatchRegionError(f"unreadable .npy: {e}") from None
-    if lens.ndim != 1 or cat.ndim != 1 or lens.dtype.kind not in "iu" or (cat.size and cat.dtype.kind not in "iu"):
-        raise PatchRegionError(f"samlens {lens.dtype}{list(lens.shape)} / samcat {cat.dtype}{list(cat.shape)}: "
-                               "expected two 1-D integer arrays")
-    lens, cat = lens.astype(np.int64), cat.astype(np.int64)
-    if (lens < 0).any() or int(lens.sum()) != cat.size:
-        raise PatchRegionError(f"samlens sums to {int(lens.sum())} but samcat holds {cat.size} indices")
-    if (cat < 0).any():
-        raise PatchRegionError("negative patch index in samcat")
-    return lens, cat
-
-
 def patch_sets_in_view(lens: np.ndarray, cat: np.ndarray, src_grid: int, window, grid: int) -> np.ndarray:
     """Regions given as patch indices on the stored image's ``src_grid`` x ``src_grid`` grid (row
     major), mapped onto the model's ``grid`` for the view ``window`` (``apply_transform``'s crop):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -22,14 +23,27 @@ import torch
 from ..config import Config
 from .decode import MAX_PIXELS, decode_image
 from .geometry import model_geometry
-from .regions import PatchRegionError, map_box, patch_region_masks, read_patch_sets, region_cells
+from .published import (
+    NjsonError,
+    PatchRegionError,
+    decode_ids,
+    find_run,
+    find_text,
+    read_njson,
+    read_patch_sets,
+)
+from .regions import map_box, patch_region_masks, region_cells
 from .stream import ERROR_KEY, image_bytes
-from .text import build_tokenizer, span_positions
+from .text import ClipTokenizer, build_tokenizer, span_positions
 from .transforms import apply_transform, draft_size, is_seeded_by_rng
 
 SCHEMA_SUPPORTED = 1
 RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
 PHRASE_LABELS = {"NP", "PP", "VP", "S", "ROOT"}
+# counter of kept samples whose only phrase is the whole caption (no json phrases, no .njson ones)
+CAPTION_ONLY = "phrases_caption_only"
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -45,6 +59,9 @@ def concept_id(text: str) -> int:
         words = words[1:]
     h = hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little", signed=True)
+
+
+_WARNED: list[bool] = []  # the caption-only warning, once per process
 
 
 class SampleProcessor:
@@ -69,6 +86,9 @@ class SampleProcessor:
         self.in_main = torch.utils.data.get_worker_info() is None  # workers own their RNG: no restore
         # annotation entries dropped from samples that are kept (``field_*`` counters, by reason)
         self.dropped: dict[str, int] = {}
+        self.index_base = d.region_index_base
+        # the powerset term reads the phrases: caption-only samples are then counted and warned about
+        self.phrases_used = d.phrase_unit == "tree" and cfg.loss.powerset.weight > 0
 
     def _drop(self, reason: str, n: int = 1) -> None:
         if n > 0:
@@ -172,12 +192,52 @@ class SampleProcessor:
         except PatchRegionError:
             return "bad_regions"
         g = self.region_grid
+        where = f"{sample.get('__url__')}: sample {sample['__key__']!r}"
+        if self.index_base and cat.size:
+            if int(cat.min()) < self.index_base:
+                raise DataError(f"{where} has patch index 0, the CLS token under data.region_index_base=1; "
+                                "its indices are 0-based: set data.region_index_base=0 (powerclip check tells)")
+            cat = cat - self.index_base
         if cat.size and int(cat.max()) >= g * g:
-            raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has patch index "
-                            f"{int(cat.max())}, beyond the {g}x{g} grid (data.region_grid="
-                            f"{self.d.region_grid}); set data.region_grid to the grid its samcat indices "
-                            "refer to")
+            top = int(cat.max()) + self.index_base
+            hint = ("its indices look 1-based (CLS at 0): set data.region_index_base=1"
+                    if top == g * g and not self.index_base else
+                    "set data.region_grid to the grid its samcat indices refer to")
+            raise DataError(f"{where} has patch index {top}, beyond the {g}x{g} grid (data.region_grid="
+                            f"{self.d.region_grid}, data.region_index_base={self.index_base}); {hint} "
+                            "(powerclip check reads the first samples and tells)")
         return patch_region_masks(lens, cat, g, window, self.geo.grid, self.d.num_regions, rng)
+
+    def _njson_phrases(self, sample: dict, caption: str, enc) -> list[list[int]]:
+        """Token positions of the ``.njson`` phrases (published/README assumptions in ``data.published``)."""
+        try:
+            phrases = read_njson(sample["njson"])
+        except NjsonError:
+            self._drop("field_njson_unreadable")
+            return []
+        ids = enc.ids[:-1]  # without EOT: a phrase never contains it
+        out = []
+        for ph in phrases:
+            if isinstance(self.tok, ClipTokenizer):
+                pos = find_run(ids, ph)
+            else:
+                span = find_text(caption, decode_ids(ph))
+                pos = span_positions(enc, *span) if span else None
+            if pos is None:
+                self._drop("field_njson_phrase_unplaced")  # not in the caption, or cut by the context
+            else:
+                out.append(pos)
+        return out
+
+    def _caption_only(self, sample: dict) -> None:
+        """Count a sample with no phrase beyond the whole caption; warn at the first (per process)."""
+        if not _WARNED:
+            _WARNED.append(True)
+            log.warning("%s: sample %r has no phrase beyond the whole caption (no 'phrases' in its json, no "
+                        ".njson): the powerset term sees the caption alone; add phrases with "
+                        "tools/annotate_shards.py (such samples are counted as data/%s)",
+                        sample.get("__url__"), sample.get("__key__"), CAPTION_ONLY)
+        self._drop(CAPTION_ONLY)
 
     def _regions(self, boxes: list, window, rng: random.Random) -> list:
         """``region_cells``, counting stored boxes it does not use (cut away by the crop, or beyond
@@ -197,6 +257,8 @@ class SampleProcessor:
         seen = {tuple(root)}
         if self.d.phrase_unit == "token":
             cand = [[i] for i in range(1, n_tok - 1)]
+        elif "phrases" not in ann and "njson" in sample:  # a published shard's own parse-tree phrases
+            cand = self._njson_phrases(sample, caption, enc)
         else:
             cand = []
             for p in ann.get("phrases", []):
@@ -206,6 +268,8 @@ class SampleProcessor:
                         cand.append(pos)
                     else:  # a span outside the caption or cut by the context length
                         self._drop("field_phrase_span")
+        if self.phrases_used and not any(tuple(p) != tuple(root) for p in cand):
+            self._caption_only(sample)
         for i, pos in enumerate(cand):
             if len(nodes) >= self.d.max_phrases:
                 self._drop("field_phrase_over_max", len(cand) - i)

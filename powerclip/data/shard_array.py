@@ -156,18 +156,16 @@ def wait_array(jobs: list, summary, total: int, finished: Callable[[], int], pro
     (``finished()`` counts the shards done so far, from their records); returns the summary
     manifest with ``resumed_shards`` (shards the tasks found already finished) and
     ``array_tasks``. A failed task re-raises its error, after the summary is written."""
-    from tqdm import tqdm
-
     from ..launch.submit import TERMINAL_STATES, scontrol_state, wait_for_result
+    from ..progress import progress_bar
 
-    bar = tqdm(total=total, desc="shards (array)", unit="shard", disable=not progress)
+    bar = progress_bar(total, "shards (array)", unit="shard", enabled=progress)
     while not summary.paths.result_pickle.exists():
-        bar.n = min(total, finished())
-        bar.refresh()
+        bar.update(min(total, finished()) - bar.n)  # update, not refresh: a log gets a line per interval
         if scontrol_state(str(summary.job_id)) in TERMINAL_STATES:  # ended: wait_for_result says how
             break
         time.sleep(1)
-    bar.n = min(total, finished())
+    bar.update(min(total, finished()) - bar.n)
     bar.close()
     manifest = wait_for_result(summary, poll_s=1.0, timeout_s=timeout_s)[0]
     results = [wait_for_result(j, poll_s=1.0, timeout_s=60)[0] for j in jobs]

@@ -22,10 +22,10 @@ def run_shards(todo: Sequence[Any], work: Callable[[Any], Any], *, workers: int 
     before it keep their records, so a rerun resumes."""
     if not todo:
         return []
-    from tqdm import tqdm
+    from powerclip.progress import progress_bar
 
     out: list[Any] = []
-    with tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress) as bar:
+    with progress_bar(len(todo), desc, unit="shard", enabled=progress) as bar:
         if workers <= 1:
             if initializer is not None:
                 initializer(*initargs)

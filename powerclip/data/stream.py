@@ -35,11 +35,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from braceexpand import braceexpand
 
 ERROR_KEY = "__error__"
 SHARD_END = "__shard_end__"
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: such members are not sample files
+# webdataset's base_plus_ext: the sample key ends at the first dot of the file name. Kept here rather than
+# imported so that reading a local shard (``powerclip check``) does not import webdataset, and torch with it
+KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """(sample key, extensions) of a member name, as webdataset splits it; (None, None) for no extension."""
+    m = KEY_EXT.match(path)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(u for u in braceexpand(part.strip()) if u)
+    return urls
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,8 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
     measures the pipeline); the iterator still serves remote, piped and compressed shards.
     Members are not kept (webdataset does the same), so memory stays flat on shards of any size."""
     if not isinstance(f, io.BufferedReader) or url.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+        from webdataset.tariterators import tar_file_iterator
+
         for item in tar_file_iterator(f):
             yield item["fname"], item["data"]
         return
@@ -181,19 +200,30 @@ def _members(f, url: str) -> Iterator[tuple[str, bytes]]:
             yield m.name, tf.extractfile(m).read()
 
 
+def starts_sample(prefix: str, suffix: str, current_key: str | None, current_suffixes) -> bool:
+    """Whether a member (``prefix``.``suffix``) starts a new raw item: another key than the current
+    sample's, or a file the current sample already has (its key written again: webdataset would
+    merge the two samples into one)."""
+    return prefix != current_key or suffix in current_suffixes
+
+
 def read_shard(url: str) -> Iterator[dict]:
     """Samples of one tar in order; a truncated or unreadable tar ends with an error marker, and a
     tar without any sample is one ``empty_shard`` marker (so a stream of only empty shards still
     hands control back, and the training loader can tell it will never yield a sample). The last
     item of every shard carries ``SHARD_END`` (the training loader counts completed shard visits).
 
-    The incomplete sample at a truncation point is dropped with the rest of the shard."""
+    A key that occurs again in the shard (right after itself or later) makes a ``duplicate_key``
+    marker of the repeat: the first sample with the key is kept whole, the repeat is skipped and
+    counted, never merged into its neighbour. The incomplete sample at a truncation point is dropped
+    with the rest of the shard."""
     try:
         f = _open(url)
     except OSError as e:
         yield {ERROR_KEY: "unreadable_shard", "__url__": url, "__detail__": str(e), SHARD_END: True}
         return
     current: dict | None = None
+    keys: set[str] = set()
     try:
         with f:
             for name, data in _members(f, url):
@@ -201,10 +231,14 @@ def read_shard(url: str) -> Iterator[dict]:
                 if prefix is None:
                     continue
                 suffix = suffix.lower()
-                if current is None or prefix != current["__key__"]:
+                if current is None or starts_sample(prefix, suffix, current["__key__"], current):
                     if current is not None:
                         yield current
                     current = {"__key__": prefix, "__url__": url}
+                    if prefix in keys:
+                        current.update({ERROR_KEY: "duplicate_key", "__detail__": f"key {prefix!r} occurs again "
+                                        "in this shard; the first sample with it is kept"})
+                    keys.add(prefix)
                 current[suffix] = data
         if current is not None:
             current[SHARD_END] = True
@@ -245,15 +279,19 @@ def shard_len(url: str) -> int:
             with open(url, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 tf = tarfile.open(fileobj=f, mode="r:")
-                n, prev, end = 0, None, 0
+                n, prev, suffixes, end = 0, None, set(), 0
                 while (m := tf.next()) is not None:
                     tf.members = []
                     end = max(end, m.offset_data + m.size)
                     if not m.isreg() or (m.name.startswith("__") and META.match(m.name)):
                         continue
-                    prefix, _ = base_plus_ext(m.name)
-                    if prefix is not None and prefix != prev:
-                        n, prev = n + 1, prefix
+                    prefix, suffix = base_plus_ext(m.name)
+                    if prefix is None:
+                        continue
+                    suffix = suffix.lower()
+                    if starts_sample(prefix, suffix, prev, suffixes):
+                        n, prev, suffixes = n + 1, prefix, set()
+                    suffixes.add(suffix)
                 if end <= size:
                     return n
         except (OSError, tarfile.TarError):

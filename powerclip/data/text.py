@@ -14,11 +14,23 @@ Two backends:
   tools/train_tokenizer.py (pad 0, bos/eos reserved); ids are permuted so that EOT is the highest
   id, because open_clip pools the text tower at argmax(token id). The text tower's vocab_size
   must equal the model's piece count.
+
+Long captions are cut *before* tokenisation (``cut_to_bound``): BPE costs grow with the square of a
+word's length, so a 40k-character caption without spaces would take tens of seconds to tokenise
+before the context length cuts it. The cut keeps ``keep * longest + 1`` non-whitespace characters
+(``keep`` = context length - 2, ``longest`` = the most characters one token can cover): the cut text
+then has more than ``keep`` tokens, so the caption overflows the context either way and the tokens
+kept come from its first characters. Whitespace makes no token and is not counted, so a caption whose
+tokens fit is never cut. Should the text's normalisation (HTML entities, NFKC) shrink the cut text
+until it fits after all, the bound doubles and the caption is cut again, so the result never depends
+on the cut; the cost stays linear in the caption's length and bounded by the context length.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +46,58 @@ class Encoded:
     truncated_at: int | None  # char offset from which words were cut off (None: nothing cut)
 
 
-class _CachedIds:
-    """``ids(text)``, shared by both backends: the token ids alone (concepts, negatives), cached
-    whole because short texts repeat across captions."""
+_NON_SPACE = re.compile(r"\S+")
+
+
+def cut_to_bound(text: str, max_non_space: int) -> str:
+    """``text`` up to and including its ``max_non_space``-th non-whitespace character (all of it when
+    it has no more); one linear scan."""
+    seen = 0
+    for m in _NON_SPACE.finditer(text):
+        n = m.end() - m.start()
+        if seen + n >= max_non_space:
+            return text[: m.start() + max_non_space - seen]
+        seen += n
+    return text
+
+
+class _Tokenizer(ABC):
+    """What both backends share: the bounded ``encode`` in open_clip layout, and ``ids(text)`` (the
+    token ids alone, for concepts and negatives), cached whole because short texts repeat across
+    captions. A backend sets ``context_length``, ``sot``, ``eot``, ``max_non_space`` and implements
+    ``_tokenize``."""
+
+    context_length: int
+    sot: int
+    eot: int
+    max_non_space: int  # the caption's bound before tokenisation (see the module doc)
+
+    @abstractmethod
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """(ids, char span per id or None when unknown) of the whole ``text``, no SOT/EOT."""
+
+    def encode(self, text: str) -> Encoded:
+        keep = self.context_length - 2
+        bound = self.max_non_space
+        while True:
+            bounded = cut_to_bound(text, bound)
+            ids, spans = self._tokenize(bounded)
+            if len(ids) > keep or len(bounded) == len(text):
+                break
+            bound *= 2  # normalisation shrank the cut text below the context: it was cut too early
+        cut = None
+        if len(ids) > keep:
+            cut = spans[keep][0] if spans is not None else 0
+            ids, spans = ids[:keep], (spans[:keep] if spans is not None else None)
+        out_spans = None if spans is None else [(-1, -1)] + spans + [(-1, -1)]
+        return Encoded([self.sot] + ids + [self.eot], out_spans, cut)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.encode(text).ids)
 
 
-class ClipTokenizer(_CachedIds):
+class ClipTokenizer(_Tokenizer):
     def __init__(self, context_length: int):
         from open_clip.tokenizer import SimpleTokenizer
 
@@ -52,6 +106,9 @@ class ClipTokenizer(_CachedIds):
         self.sot, self.eot = self.tok.sot_token_id, self.tok.eot_token_id
         self.vocab_size = self.tok.vocab_size
         self._word_ids: dict[str, list[int]] = {}  # word → BPE ids (open_clip caches only the strings)
+        # a token covers at most as many characters as its byte-level vocabulary entry has bytes
+        longest = max(len(piece.removesuffix("</w>")) for piece in self.tok.encoder)
+        self.max_non_space = (context_length - 2) * longest + 1
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def _words(self, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
@@ -74,22 +131,14 @@ class ClipTokenizer(_CachedIds):
             return None
         return tuple(ids), tuple(spans)
 
-    def encode(self, text: str) -> Encoded:
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
         words = self._words(text)
         if words is None:
-            ids, spans = self.tok.encode(text), None
-        else:
-            ids, spans = list(words[0]), list(words[1])
-        keep = self.context_length - 2
-        cut = None
-        if len(ids) > keep:
-            cut = spans[keep][0] if spans is not None else 0
-            ids, spans = ids[:keep], (spans[:keep] if spans is not None else None)
-        out_spans = None if spans is None else [(-1, -1)] + spans + [(-1, -1)]
-        return Encoded([self.sot] + ids + [self.eot], out_spans, cut)
+            return self.tok.encode(text), None
+        return list(words[0]), list(words[1])
 
 
-class SentencePieceTokenizer(_CachedIds):
+class SentencePieceTokenizer(_Tokenizer):
     """SentencePiece with native char offsets, in open_clip's token layout.
 
     open_clip pools the text tower at ``argmax(token id)``, so EOT must be the highest id, but
@@ -111,6 +160,8 @@ class SentencePieceTokenizer(_CachedIds):
                              "tools/train_tokenizer.py")
         self._top = self.vocab_size - 1
         self.sot, self.eot = self._map(bos), self._top
+        longest = max(len(self.sp.id_to_piece(i).replace("\u2581", "")) for i in range(self.vocab_size))
+        self.max_non_space = (context_length - 2) * max(1, longest) + 1
 
     def _map(self, i: int) -> int:
         return self._top if i == self._eos else self._eos if i == self._top else i
@@ -118,18 +169,9 @@ class SentencePieceTokenizer(_CachedIds):
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([self._map(i) for i in ids if i not in (0, self.sot, self.eot)])
 
-    def encode(self, text: str) -> Encoded:
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
         proto = self.sp.encode(text, return_type="proto")
-        ids, spans = [], []
-        for p in proto.pieces:
-            ids.append(self._map(p.id))
-            spans.append((p.begin, p.end))
-        keep = self.context_length - 2
-        cut = None
-        if len(ids) > keep:
-            cut = spans[keep][0]
-            ids, spans = ids[:keep], spans[:keep]
-        return Encoded([self.sot] + ids + [self.eot], [(-1, -1)] + spans + [(-1, -1)], cut)
+        return [self._map(p.id) for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
 
 
 def build_tokenizer(spec: str, context_length: int) -> ClipTokenizer | SentencePieceTokenizer:

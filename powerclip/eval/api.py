@@ -26,6 +26,7 @@ from typing import Any
 import open_clip
 import torch
 
+from powerclip.config import EVAL_TASKS, eval_task_error
 from powerclip.eval import compositional as comp
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, load_folder, load_wds, wds_type
 from powerclip.eval.encode import encode_images, encode_texts, model_device
@@ -39,8 +40,7 @@ from powerclip.eval.metrics import (
 from powerclip.eval.sources import ImageDataset, check_files_exist
 from powerclip.eval.synthetic import load_synthetic
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "wds", "sugar_crepe", "aro", "valse",
-         "winoground", "synthetic")
+TASKS = EVAL_TASKS
 
 
 @dataclass
@@ -55,6 +55,7 @@ class EvalOptions:
     dataset_name: str | None = None
     seed: int = 0  # ARO order perturbations
     all_valse: bool = False
+    progress: bool = False  # a progress bar per image set (``powerclip eval``; the trainer's periodic eval shows none)
 
 
 def evaluate(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, task: str,
@@ -69,9 +70,10 @@ def evaluate(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, 
         if not hasattr(opts, k):
             raise TypeError(f"evaluate() got an unknown option {k!r}")
         setattr(opts, k, v)
+    problem = eval_task_error(task)
+    if problem:
+        raise ValueError(problem)
     base, _, part = task.partition("/")
-    if base not in TASKS:
-        raise ValueError(f"unknown eval task {task!r}; one of {TASKS} (compositional ones accept /<part>)")
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -157,7 +159,7 @@ class _Ctx:
     def images(self, refs, what: str) -> torch.Tensor:
         check_files_exist(refs, what)
         return encode_images(self.model, ImageDataset(refs, self.preprocess), self.opts.batch_size,
-                             self.opts.workers, self.opts.amp)
+                             self.opts.workers, self.opts.amp, progress=what if self.opts.progress else None)
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Features of ``texts`` (same order); every rank passes the same list, so the set of
@@ -230,9 +232,9 @@ class _Ctx:
 
 
 def _maybe_autocast(model: torch.nn.Module, amp: bool):
-    from powerclip.eval.encode import _autocast
+    from powerclip.eval.encode import eval_autocast
 
-    return _autocast(model_device(model), amp)
+    return eval_autocast(model_device(model), amp)
 
 
 def flatten(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from powerclip.config import eval_task_error
 from powerclip.eval.api import TASKS, EvalOptions, evaluate
 from powerclip.eval.model_io import load_model
 from powerclip.eval.results import write_results
@@ -29,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append", help="dataset root, one per --task")
     p.add_argument("--images", default=None, help="image root when it differs from --data (SugarCrepe, VALSE)")
     p.add_argument("--split", default=None, help="wds split (default test) / synthetic split (default heldout)")
-    p.add_argument("--out", default=None, help="results folder or .json file (clip_benchmark schema)")
+    p.add_argument("--out", default=None,
+                   help="FILE.json: one file with every dataset's result (a list of clip_benchmark records); "
+                        "DIR: one clip_benchmark json per dataset")
     p.add_argument("--dataset-name", default=None, help="dataset name in the results (default from the folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-batch-size", type=int, default=256)
@@ -38,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on GPU)")
     p.add_argument("--seed", type=int, default=0, help="ARO order perturbation seed")
     p.add_argument("--all-valse", action="store_true", help="keep VALSE foils that annotators did not validate")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a log gets plain lines anyway)")
     p.add_argument("--device", default=None, help="default: cuda:(LOCAL_RANK mod visible GPUs) if available, else cpu")
 
 
@@ -51,7 +55,14 @@ def _init_distributed() -> None:
 
 def main(args: argparse.Namespace) -> int:
     if len(args.task) != len(args.data):
-        raise SystemExit(f"powerclip eval: {len(args.task)} --task but {len(args.data)} --data (one each)")
+        print(f"powerclip eval: error: {len(args.task)} --task but {len(args.data)} --data (one each)",
+              file=sys.stderr)
+        return 2
+    for task in args.task:  # before the model loads: a typo costs nothing
+        problem = eval_task_error(task)
+        if problem:
+            print(f"powerclip eval: error: --task {task}: {problem}", file=sys.stderr)
+            return 2
     _init_distributed()
     if args.device:
         device = args.device
@@ -70,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     opts = EvalOptions(batch_size=args.batch_size, text_batch_size=args.text_batch_size, workers=args.workers,
                        amp=args.amp, recall_k=tuple(args.recall_k), split=args.split, images=args.images,
-                       dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse)
+                       dataset_name=args.dataset_name, seed=args.seed, all_valse=args.all_valse,
+                       progress=not args.no_progress)
     results: dict[str, dict] = {}
     for task, data in zip(args.task, args.data):
         results.update(evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, task, data, opts))

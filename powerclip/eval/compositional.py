@@ -39,10 +39,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from powerclip.config import EVAL_TASK_PARTS
 from powerclip.eval.sources import BytesImage, FileImage, ImageRef, require_file
 
-SUGARCREPE_TASKS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
-ARO_TASKS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
+SUGARCREPE_TASKS = EVAL_TASK_PARTS["sugar_crepe"]
+ARO_TASKS = EVAL_TASK_PARTS["aro"]
 ARO_FILES = {
     "vg_relation": "visual_genome_relation.json",
     "vg_attribution": "visual_genome_attribution.json",

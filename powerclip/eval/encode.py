@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from powerclip import distributed as pdist
+from powerclip.progress import progress_bar
 
 
 class _Indexed(Dataset):
@@ -50,7 +51,9 @@ def _gather_ordered(local: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(chunks, dim=0)[:n]
 
 
-def _autocast(device: torch.device, amp: bool):
+def eval_autocast(device: torch.device, amp: bool):
+    """Autocast for ``--amp`` evaluation: bf16 on CPU (the only half type CPU kernels cover well), fp16
+    on GPU (what clip_benchmark's ``--amp`` uses, so numbers compare with its)."""
     if not amp:
         return nullcontext()
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -73,11 +76,12 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64, workers: int = 0,
-                  amp: bool = False, collate: Callable | None = None) -> torch.Tensor:
+                  amp: bool = False, collate: Callable | None = None, progress: str | None = None) -> torch.Tensor:
     """L2-normalised ``encode_image`` features [len(dataset), D] of a map-style dataset of image tensors.
 
     ``dataset[i]`` returns a preprocessed image tensor [3, H, W]. Decoding runs in ``workers``
-    DataLoader processes; the rows come back in dataset order on every rank.
+    DataLoader processes; the rows come back in dataset order on every rank. ``progress``: a label
+    for a progress bar over this rank's images (rank 0 shows it), or None for none.
     """
     n = len(dataset)
     indices, per = shard_indices(n, pdist.world_size(), pdist.rank())
@@ -86,10 +90,12 @@ def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64
     if per:
         loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
                             num_workers=workers, collate_fn=collate)
-        for images in loader:
-            with _autocast(device, amp):
-                feats = model.encode_image(images.to(device, dtype))
-            out.append(F.normalize(feats.float(), dim=-1))
+        with progress_bar(per, progress or "", unit="img", enabled=bool(progress) and pdist.rank() == 0) as bar:
+            for images in loader:
+                with eval_autocast(device, amp):
+                    feats = model.encode_image(images.to(device, dtype))
+                out.append(F.normalize(feats.float(), dim=-1))
+                bar.update(len(images))
     local = torch.cat(out) if out else _empty_features(model, device)
     return _gather_ordered(local, n).cpu()
 
@@ -104,7 +110,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor],
     out: list[torch.Tensor] = []
     for start in range(0, per, batch_size):
         chunk = [texts[i] for i in indices[start:start + batch_size]]
-        with _autocast(device, amp):
+        with eval_autocast(device, amp):
             feats = model.encode_text(tokenizer(chunk).to(device))
         out.append(F.normalize(feats.float(), dim=-1))
     local = torch.cat(out) if out else _empty_features(model, device)

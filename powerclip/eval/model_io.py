@@ -22,7 +22,7 @@ from typing import Any
 import open_clip
 import torch
 
-from powerclip.model.factory import CONFIG_NAME, WEIGHTS_NAME
+from powerclip.model.factory import CONFIG_NAME, OPEN_CLIP_REFUSAL_KEY, WEIGHTS_NAME, open_clip_model_cfg
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def check_export(path: Path) -> list[str]:
         return [f"{path}: no {WEIGHTS_NAME}; the config cannot be checked against the weights"]
     try:
         cfg = json.loads((path / CONFIG_NAME).read_text())
-        model_cfg, pre = cfg["model_cfg"], cfg.get("preprocess_cfg", {})
-        ref = reference_model(dict(model_cfg))
+        model_cfg, pre = open_clip_model_cfg(cfg["model_cfg"]), cfg.get("preprocess_cfg", {})
+        ref = reference_model(model_cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise ExportMismatchError(f"{path / CONFIG_NAME}: unusable model_cfg ({e})") from None
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -112,10 +112,14 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     for warning in check_export(path):
         log.warning("%s", warning)
     name = f"local-dir:{path.resolve()}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-    tokenizer = open_clip.get_tokenizer(name)
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    if OPEN_CLIP_REFUSAL_KEY in meta.get("model_cfg", {}):
+        model, preprocess, tokenizer = _open_clip_load_without_refusal(path, meta, device)
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
     model.eval()
-    text_pool = json.loads((path / CONFIG_NAME).read_text()).get("powerclip", {}).get("text_pool", "default")
+    text_pool = meta.get("powerclip", {}).get("text_pool", "default")
     if text_pool == "mean":  # PowerCLIP's token-mean text pooling, which open_clip's config cannot say
         from powerclip.model.clip_model import mean_pool_text
 
@@ -127,6 +131,21 @@ def load_export_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     elif text_pool != "default":
         raise ValueError(f"{path / CONFIG_NAME}: powerclip.text_pool={text_pool!r} is not 'default' or 'mean'")
     return LoadedModel(model, preprocess, tokenizer, name=name, pretrained=str(path.resolve()))
+
+
+def _open_clip_load_without_refusal(path: Path, meta: dict, device: str | torch.device):
+    """open_clip's own ``local-dir:`` load of an export that refuses plain open_clip: from a temporary
+    folder holding the config without the refusal key and a link to the weights (not a copy)."""
+    tmp = Path(tempfile.mkdtemp(prefix="powerclip-load-"))
+    try:
+        clean = {**meta, "model_cfg": open_clip_model_cfg(meta["model_cfg"])}
+        (tmp / CONFIG_NAME).write_text(json.dumps(clean))
+        (tmp / WEIGHTS_NAME).symlink_to((path / WEIGHTS_NAME).resolve())
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp}", device=device)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, preprocess, tokenizer
 
 
 def _export_checkpoint(path: Path, out_dir: Path) -> None:

@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="advanced: 'module:function' called with the Config on every task "
                              "(default: powerclip.train.loop:train)")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    parser.add_argument("--no-check", action="store_true",
+                        help="queue without running `powerclip check` first (e.g. data visible only on the nodes)")
 
 
 def slurm_overrides(args: argparse.Namespace) -> list[str]:
@@ -96,13 +98,19 @@ def slurm_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from powerclip.config import ConfigError, load_config
+    from powerclip.launch.check import check_slurm
     from powerclip.launch.job import DEFAULT_ENTRY
     from powerclip.launch.submit import submit, wait_for_result
+    from powerclip.train.preflight import preflight
 
     try:
         cfg = load_config(args.config, [*args.overrides, *getattr(args, "extra", []), *slurm_overrides(args)])
+        if not args.no_check:  # nothing is queued (or written) for a run that would fail at start
+            preflight(cfg)
+            if args.cluster == "slurm":
+                check_slurm(cfg)
         job = submit(cfg, entry=args.entry or DEFAULT_ENTRY, cluster=args.cluster)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:  # CheckError and SlurmCheckError are ValueErrors
         print(f"powerclip submit: {e}", file=sys.stderr)
         return 2
     print(f"submitted job {job.job_id}: run folder {job.paths.folder.parent}, logs {job.paths.folder}",

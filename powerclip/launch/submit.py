@@ -132,12 +132,12 @@ def wait_for_result(job, poll_s: float = 2.0, timeout_s: float | None = None, gr
     """
     import submitit
 
-    deadline = None if timeout_s is None else time.time() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s  # a wall-clock step must not cut or stretch it
     terminal_since: float | None = None
     on_slurm = isinstance(job, submitit.SlurmJob)  # local jobs' ids are process ids, not Slurm's
     pickles = [job.task(i).paths.result_pickle for i in range(job.num_tasks)]
     while not all(p.exists() for p in pickles):
-        now = time.time()
+        now = time.monotonic()
         state = scontrol_state(job.job_id) if on_slurm else None
         if deadline is not None and now > deadline:
             raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s (Slurm state {state})")

@@ -231,7 +231,7 @@ def contrast(scores: torch.Tensor, positives: torch.Tensor, form: str, features:
     return total * (pdist.world_size() / max(normaliser, 1.0))
 
 
-def _with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, b: int) -> torch.Tensor:
+def with_own_block(own: torch.Tensor, owner: torch.Tensor, rest: torch.Tensor, b: int) -> torch.Tensor:
     """[B, n_own + N] scores: each own column holds its owner's score (others 0: not candidates)."""
     if own.shape[0] == 0:
         return rest
@@ -277,7 +277,7 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
     if want_npc:
         img = image.float()
         npc_own = (img[own_owner] * concepts[:own_cols]).sum(-1)
-        npc_scores = _with_own_block(npc_own, own_owner, img @ concepts[own_cols:].t(), b)
+        npc_scores = with_own_block(npc_own, own_owner, img @ concepts[own_cols:].t(), b)
         out["concept_npc"] = contrast(npc_scores, pos, form, features, normaliser, cand)
     if want_xac:
         if features.patches is None:
@@ -285,7 +285,7 @@ def concept_losses(features: Features, batch: Batch, cfg: ConceptLossConfig,
                              "(the model's dense patch path)")
         mdt = operand_dtype(cfg.matmul_precision, "loss.concept.matmul_precision")
         xac_own = xac_scores_paired(features.patches, own_owner, concepts[:own_cols], cfg.xac_lambda, mdt)
-        xac = _with_own_block(xac_own, own_owner, xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda,
+        xac = with_own_block(xac_own, own_owner, xac_scores(features.patches, concepts[own_cols:], cfg.xac_lambda,
                                                              cfg.memory_budget_mb, mdt), b)
         out["concept_xac"] = contrast(xac, pos, form, features, normaliser, cand)
         with torch.no_grad():

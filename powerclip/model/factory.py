@@ -36,6 +36,21 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
+# A model_cfg key that open_clip refuses, naming the loader to use instead. An export whose text tower
+# pools by token mean (``model.pool=mean``) carries it: open_clip's text tower can pool only at one
+# token (argmax/first/last/eos), so open_clip alone would load the folder and quietly encode text
+# differently from the trained model. With the key, ``open_clip.create_model*('local-dir:DIR')``
+# (and so clip_benchmark) stops with ``CLIP.__init__() got an unexpected keyword argument '<this
+# sentence>'``; powerclip's loader removes it and applies the mean.
+OPEN_CLIP_REFUSAL_KEY = ("powerclip_text_pool_mean: open_clip cannot pool text by token mean, so it must not load "
+                         "this folder; load it with powerclip.eval.model_io.load_model or evaluate it with "
+                         "`powerclip eval --model DIR`")
+
+
+def open_clip_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """An export's ``model_cfg`` as open_clip can build it (without ``OPEN_CLIP_REFUSAL_KEY``)."""
+    return {k: v for k, v in model_cfg.items() if k != OPEN_CLIP_REFUSAL_KEY}
+
 
 class ModelLoadError(RuntimeError):
     """A model or its starting weights cannot be built/loaded; the message names the source."""
@@ -54,7 +69,7 @@ def model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
         if out is None:
             raise ModelLoadError(f"model.name={cfg.name!r} is not an open_clip built-in model "
                                  f"(see open_clip.list_models())")
-        out = copy.deepcopy(out)
+        out = open_clip_model_cfg(copy.deepcopy(out))  # a ``local-dir:`` export may carry the refusal key
     else:
         raise ModelLoadError("exactly one of model.name and model.config must be set")
     for key in ("embed_dim", "vision_cfg", "text_cfg"):

@@ -450,11 +450,11 @@ def make_negatives(shards: list[Path], out_dir: str | Path, job: NegativesJob, w
                    progress: bool = False) -> dict:
     """Write (or resume writing) the new shard set in this machine's processes; returns the report
     (also written to ``out_dir/negatives_report.json``)."""
-    t0 = time.time()
+    t0 = time.monotonic()
     out = prepare_output(shards, out_dir, job)
     run_phase("count", shards, out, job, workers, progress)
     resumed = run_phase("write", shards, out, job, workers, progress)
     report = summarize(out)
-    report.update(resumed_shards=resumed, elapsed_s=round(time.time() - t0, 3))
+    report.update(resumed_shards=resumed, elapsed_s=round(time.monotonic() - t0, 3))
     write_report(out, report)
     return report

@@ -23,12 +23,14 @@ from torch import nn
 from powerclip import distributed as pdist
 from powerclip.config import Config, ConfigError
 from powerclip.train.dist_env import DistEnv
+from powerclip.train.param_groups import lock_towers
 
 BUCKET_NUMEL = 50_000_000  # parameters gathered at once while the values are copied in
 
 
 def build_model(cfg: Config, env: DistEnv) -> nn.Module:
-    """The starting model on ``env.device`` (ZeRO 0/1/2) or partitioned (ZeRO-3). Seed torch first."""
+    """The starting model on ``env.device`` (ZeRO 0/1/2) or partitioned (ZeRO-3), its locked towers
+    (``optim.image.lock`` / ``optim.text.lock``) frozen. Seed torch first."""
     from powerclip.model.factory import create_model
 
     def starting_model(build: bool = True) -> nn.Module | None:
@@ -41,6 +43,7 @@ def build_model(cfg: Config, env: DistEnv) -> nn.Module:
 
     if cfg.train.zero_stage != 3:
         model = starting_model().to(env.device)
+        lock_towers(model, cfg.optim)  # before compiling: the compiled graphs see the final requires_grad
         if cfg.train.compile:
             compile_towers(model, cfg.train.compile_backend)
         return model
@@ -58,6 +61,7 @@ def build_model(cfg: Config, env: DistEnv) -> nn.Module:
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = create_model(dataclasses.replace(cfg.model, pretrained=None))
     copy_into_partitioned(model, source)
+    lock_towers(model, cfg.optim)
     return model
 
 

@@ -62,10 +62,11 @@ def _CLEAR_ERRORS() -> tuple[type[BaseException], ...]:
     from powerclip.config import ConfigError
     from powerclip.data.loader import DataError
     from powerclip.model.factory import ModelLoadError
+    from powerclip.train.peers import PeerLostError
     from powerclip.train.run_lock import RunLockError
 
     return (ConfigError, DataError, CheckpointError, ModelLoadError, CheckpointIntegrityError, RunLockError,
-            CheckpointReadError, FileNotFoundError, PermissionError)
+            CheckpointReadError, PeerLostError, FileNotFoundError, PermissionError)
 
 
 def one_line(e: BaseException) -> str:
@@ -90,6 +91,19 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, yaml.YAMLError) as e:
         print(f"powerclip train: {e}", file=sys.stderr)
         return 2
+    # before distributed init and the model: a wrong path or missing annotation costs seconds. Every
+    # rank checks (reads a few samples) so none waits on a peer that gave up; local rank 0 reports
+    from powerclip.train.preflight import CheckError, preflight
+
+    try:
+        report = preflight(cfg)
+    except CheckError as e:
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0:
+            print(f"powerclip train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    for warning in report.warnings:  # e.g. some of the first samples skipped: said once, by rank 0
+        if rank == 0:
+            logging.getLogger("powerclip.train.preflight").warning("%s", warning)
 
     from powerclip import distributed as pdist
     from powerclip.train.loop import train

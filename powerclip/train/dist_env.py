@@ -18,6 +18,7 @@ device 0, whatever its local rank.
 
 The process group is created by ``deepspeed.init_distributed`` (NCCL on GPUs, gloo on CPU), with the
 timeout of ``train.dist_timeout_s``, unless a caller (a test harness, a notebook) already created one.
+With several ranks, each then starts its heartbeat (``peers``), so that a rank that dies is named.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from powerclip import distributed as pdist
+from powerclip.train import peers
 
 
 @dataclass(frozen=True)
@@ -168,5 +170,6 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     print(f"powerclip: rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank}, {device}, "
           f"{pdist.backend()}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})",
           file=sys.stderr, flush=True)
+    peers.start_watch(rank, world)  # names a rank that dies later (powerclip.train.peers)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
                    backend=str(pdist.backend()))

@@ -31,6 +31,7 @@ from torch import nn
 
 from powerclip.checkpoints.layout import model_states_file
 from powerclip.checkpoints.safe_load import safe_load
+from powerclip.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,16 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def read_full_state(tag_dir: Path, model: nn.Module, weight_decay: float) -> FullState:
+def read_full_state(tag_dir: Path, model: nn.Module, optim: OptimConfig) -> FullState:
     """Whole fp32 weights and Adam moments of a checkpoint written at any stage and world size.
 
-    ``model``/``weight_decay`` give the parameter order of a stage-0 (unpartitioned) optimiser,
-    which torch's state dict keys by index only."""
+    ``model``/``optim`` give the parameter order of a stage-0 (unpartitioned) optimiser (its
+    parameter groups), which torch's state dict keys by index only."""
     stage = saved_zero_stage(tag_dir)
     ms = _load(model_states_file(tag_dir))
     out = FullState(model_states=ms, zero_stage=stage)
     if stage == 0:
-        _read_stage0(ms, model, weight_decay, out, tag_dir)
+        _read_stage0(ms, model, optim, out, tag_dir)
     elif stage in (1, 2):
         _read_stage12(tag_dir, out)
     else:
@@ -123,15 +124,15 @@ def read_full_state(tag_dir: Path, model: nn.Module, weight_decay: float) -> Ful
     return out
 
 
-def _read_stage0(ms: dict, model: nn.Module, weight_decay: float, out: FullState, tag_dir: Path) -> None:
-    from powerclip.train.optim import param_groups
+def _read_stage0(ms: dict, model: nn.Module, optim: OptimConfig, out: FullState, tag_dir: Path) -> None:
+    from powerclip.train.param_groups import optimizer_groups
 
     opt = ms.get("optimizer")
     if not opt or "state" not in opt:
         raise ElasticError(f"{tag_dir}: a stage-0 checkpoint without torch optimizer state (a mixed-precision "
                            "stage-0 optimiser does not convert; resume on the saving layout)")
     ids = _param_names(model)
-    names = [ids[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
+    names = [ids[id(p)] for g in optimizer_groups(model, optim) for p in g["params"]]
     index = [i for g in opt["param_groups"] for i in g["params"]]
     if len(index) != len(names):
         raise ElasticError(f"{tag_dir}: the optimizer holds {len(index)} parameters, this model {len(names)}")
@@ -360,11 +361,11 @@ def adjust_global_batch(cfg, client: dict[str, Any], world_size: int, is_main: b
     return out
 
 
-def resume(engine, scheduler, tag_dir: Path, client: dict[str, Any], weight_decay: float, rank: int) -> dict:
+def resume(engine, scheduler, tag_dir: Path, client: dict[str, Any], optim: OptimConfig, rank: int) -> dict:
     """Load ``tag_dir`` into an engine of another layout; this rank's resume state for the loop:
     the data state maps every old rank's cursor (``powerclip.data.remap``), the RNG state is the old
     rank's of the same number (None for a rank that did not exist: it is seeded afresh)."""
-    load_full_state(engine, read_full_state(tag_dir, engine.module, weight_decay), scheduler)
+    load_full_state(engine, read_full_state(tag_dir, engine.module, optim), scheduler)
     ranks = client["ranks"]
     data = [r.get("data") for r in ranks]
     return {"data": None if any(d is None for d in data) else

@@ -91,9 +91,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     ds_config = deepspeed_config(cfg, world_size)
     sched = scheduler_factory(cfg.optim, cfg.train.steps)
     if "optimizer" in ds_config:
-        from powerclip.train.optim import param_groups
+        from powerclip.train.param_groups import optimizer_groups
 
-        groups = param_groups(model, cfg.optim.weight_decay)
+        groups = optimizer_groups(model, cfg.optim)
         for g in groups:
             g.pop("name")
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups,

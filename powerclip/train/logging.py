@@ -1,4 +1,5 @@
-"""What a run reports: TensorBoard scalars, a per-step jsonl record, and a console progress line.
+"""What a run reports: TensorBoard scalars (and the same to wandb when ``log.wandb.enabled``), a
+per-step jsonl record, and a console progress line.
 
 Only rank 0 writes. Values arrive already reduced over ranks (the loop does the collectives), so
 this module does no communication.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from powerclip.atomic import write_text_atomic
+from powerclip.config import WandbConfig
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -35,20 +37,28 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
+    """Rank 0's sinks. It is also the ``writer`` the periodic evaluation logs to (``add_scalar`` /
+    ``flush``), so every scalar reaches TensorBoard and wandb alike."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, wandb: WandbConfig | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.tb = None
+        self.wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step or 0)
+        if wandb is not None and wandb.enabled:
+            from powerclip.train.wandb_log import WandbSink
+
+            self.wandb = WandbSink(wandb, run_dir, config or {})
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tb"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
         self._jsonl = open(self.metrics_path, "a")
-        self._t0 = time.time()
+        self._t0 = time.monotonic()  # elapsed time shown on the console: immune to wall-clock steps
 
     def _truncate(self, keep_upto: int) -> None:
         """Drop records after ``keep_upto`` (steps a killed run did past its last checkpoint)."""
@@ -78,16 +88,26 @@ class RunLogger:
         self._jsonl.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
+        if self.tb is None:
             return
         for name, v in values.items():
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                self.writer.add_scalar(name, v, step)
+                self.tb.add_scalar(name, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        """One scalar to every sink (SummaryWriter's signature)."""
+        self.scalars(step, {name: value})
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
 
     def console(self, step: int, total: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        elapsed = time.time() - self._t0
+        elapsed = time.monotonic() - self._t0
         parts = [f"step {step}/{total}", f"loss {values.get('loss/total', float('nan')):.4f}",
                  f"lr {values.get('optim/lr', 0.0):.3g}",
                  f"scale {values.get('train/logit_scale', float('nan')):.2f}",
@@ -100,8 +120,10 @@ class RunLogger:
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.enabled:
             self._jsonl.close()

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from powerclip import checks
 from powerclip import distributed as pdist
@@ -37,13 +38,15 @@ from powerclip.data.geometry import model_geometry
 from powerclip.losses.composer import compose_losses, needs_dense, needs_teacher
 from powerclip.losses.pool import set_step as set_pool_step
 from powerclip.train import checkpoint as ckpt
-from powerclip.train import elastic
+from powerclip.train import elastic, peers
 from powerclip.train.accum import cached_loss, concat_batches, surrogate_passes
 from powerclip.train.build_model import build_model
 from powerclip.train.dist_env import DistEnv, init_distributed
 from powerclip.train.engine import PRECISION_DTYPES, build_engine, features_of
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
+from powerclip.train.optim import scheduled_lr
+from powerclip.train.param_groups import group_table, optimizer_groups
 from powerclip.train.state import TrainState
 from powerclip.train.step_sync import HostStats, StepValues, reduce_step
 
@@ -57,12 +60,19 @@ def train(cfg: Config, build_loader: LoaderFactory | None = None) -> dict[str, A
 
     ``build_loader`` defaults to ``powerclip.data.build_loader``; any factory with the same signature
     (an iterable of Batch with optional ``state_dict()``/``counters()``) can replace it. The run
-    folder is locked for the duration (``run_lock``): a second run on it is refused.
+    folder is locked for the duration (``run_lock``): a second run on it is refused. A runtime error
+    that came with the death of another rank is raised as ``peers.PeerLostError`` naming that rank.
     """
     locks: list[Any] = []
     try:
         return _train(cfg, build_loader, locks)
+    except RuntimeError as e:
+        lost = peers.explain_failure(e)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
+        peers.stop_watch()
         for lock in locks:
             lock.release()
 
@@ -117,6 +127,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             template = create_model(dataclasses.replace(cfg.model, pretrained=None))
         teacher = EmaTeacher(model, cfg.loss.degla.ema_decay, template=template,  # the starting weights
                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss.degla.ema_dtype])
+    if env.is_main:
+        log.info("parameter groups:\n%s", group_table(model, optimizer_groups(model, cfg.optim), cfg.optim.lr))
     try:
         engine, scheduler = build_engine(cfg, model, env.world_size)
     except AssertionError as e:  # DeepSpeed validates its config with bare asserts
@@ -130,7 +142,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     # ---- resume (default: this run's latest complete checkpoint)
     state, rank_state = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
-    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step)
+    logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step, wandb=cfg.log.wandb,
+                       config=OmegaConf.to_container(OmegaConf.structured(cfg)) if cfg.log.wandb.enabled else None)
     if rank_state and rank_state["rng"] is not None:
         ckpt.set_rng_state(rank_state["rng"])
     else:
@@ -142,7 +155,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * env.world_size
     batches = _forever(loader)
-    last_save = time.time()
+    last_save = time.monotonic()  # intervals on a clock that never steps (NTP, a node's clock fixed)
     losses: list[float] = []
     result: StepResult | None = None
     host = HostStats()  # the previous step's host measurements, packed into the next step's sync
@@ -153,7 +166,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
         t0 = time.perf_counter()
         micro = [to_device(next(batches), env.device, dtype, geo.mean, geo.std) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        lr = float(scheduler.get_last_lr()[0])
+        lr = scheduled_lr(scheduler, cfg.optim.lr)
         set_pool_step(state.step)  # sampled negative pools: the same draw on every rank and accumulation pass
         result = train_step(engine, micro, cfg, teacher, host, _time_due(cfg, last_save))
         if result.applied and teacher is not None and engine.was_step_applied():  # not on fp16 overflow
@@ -175,7 +188,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
-            last_save = time.time()
+            last_save = time.monotonic()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, state.step, logger)
 
@@ -256,22 +269,26 @@ def step_metrics(engine, env: DistEnv, result: StepResult, lr: float, t_step: fl
 
 # -------------------------------------------------------------------------------- checkpoints
 def _time_due(cfg: Config, last_save: float) -> bool:
-    """This rank's clock says checkpoint.every_minutes have passed since the last save."""
+    """This rank's clock says checkpoint.every_minutes have passed since the last save.
+
+    ``last_save`` is a ``time.monotonic()`` reading: the wall clock can step back (NTP, a node's clock
+    being fixed), which would postpone every timed checkpoint by the size of the step."""
     minutes = cfg.checkpoint.every_minutes
-    return minutes > 0 and (time.time() - last_save) >= 60.0 * minutes
+    return minutes > 0 and (time.monotonic() - last_save) >= 60.0 * minutes
 
 
 def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | None = None) -> bool:
     """Every N steps, every M minutes (rank 0's clock decides for all) and at the last step.
 
-    ``time_due``: rank 0's verdict as it came with the step's collective (the training loop);
+    ``last_save``: ``time.monotonic()`` at the last save. ``time_due``: rank 0's verdict as it came
+    with the step's collective (the training loop);
     without it the clocks are compared here with a broadcast of their own."""
     c = cfg.checkpoint
     due = step == cfg.train.steps or (c.every_steps > 0 and step % c.every_steps == 0)
     if time_due is not None:
         return due or time_due
     if c.every_minutes > 0:
-        flag = torch.tensor([float(due or (time.time() - last_save) >= 60.0 * c.every_minutes)])
+        flag = torch.tensor([float(due or (time.monotonic() - last_save) >= 60.0 * c.every_minutes)])
         due = bool(pdist.broadcast(flag, src=0).item())
     return due
 
@@ -315,7 +332,7 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
     saved = elastic.read_client_state(load_dir / tag)
     rank_state = None
     if elastic.needs_conversion(load_dir / tag, saved, env.world_size, cfg.train.zero_stage):
-        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim.weight_decay, env.rank)
+        rank_state = elastic.resume(engine, scheduler, load_dir / tag, saved, cfg.optim, env.rank)
         state = saved
         if env.is_main:
             log.info("elastic resume: %s was written by %d ranks at ZeRO-%d, this run has %d ranks at ZeRO-%d",
@@ -346,7 +363,7 @@ def periodic_eval(engine, cfg: Config, step: int, logger: RunLogger) -> None:
     engine.eval()
     try:
         with torch.no_grad():
-            run_periodic_eval(engine, cfg, step, writer=logger.writer)
+            run_periodic_eval(engine, cfg, step, writer=logger if logger.enabled else None)
     finally:
         engine.train()
 

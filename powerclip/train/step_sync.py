@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 # a reason not listed here is counted as "other" (and named in a warning by the rank that saw it)
 SKIP_REASONS = ("unreadable_shard", "truncated_tar", "empty_shard", "missing_json", "bad_json",
                 "unsupported_schema", "bad_annotation", "bad_caption", "empty_caption", "missing_image",
-                "bad_image", "missing_regions", "bad_regions", "other")
+                "bad_image", "missing_regions", "bad_regions", "duplicate_key", "other")
 # annotation entries dropped from samples that are kept (the loader's ``field_*`` counters): reported
 # as data/dropped_*, not counted as skipped samples
 DROPPED_FIELDS = ("field_phrase_span", "field_phrase_over_max", "field_concept_empty", "field_concept_over_max",
                   "field_negative_empty", "field_negative_over_max", "field_box_outside_crop",
-                  "field_box_over_max")
+                  "field_box_over_max", "field_njson_unreadable", "field_njson_phrase_unplaced")
 # other counters of the data pipeline that are not skipped samples (logged as data/NAME)
-EVENT_COUNTERS = ("regions_dropped",)
+EVENT_COUNTERS = ("regions_dropped", "phrases_caption_only")
 COUNTED = SKIP_REASONS + DROPPED_FIELDS + EVENT_COUNTERS  # the packed order
 _warned_reasons: set[str] = set()
 
