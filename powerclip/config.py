@@ -76,6 +76,11 @@ class DataConfig:
     num_negatives: int = 0
     # augmentation (open_clip's train transform)
     augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    # JPEGs decoded at a reduced scale (PIL's Image.draft: libjpeg's 1/2, 1/4 or 1/8 DCT scaling) when
+    # the image stays large enough that the transform never upsamples: 2-4x less decode work on
+    # CC12M-sized sources. Deterministic (exact resume holds) but not the same pixels as a full decode
+    # followed by the resize, hence off by default and on in the GPU presets (docs/data.md)
+    jpeg_draft: bool = False
 
 
 # -------------------------------------------------------------------------------------- model
@@ -396,6 +401,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.grad_accum_dtype": ("fp32", "bf16"),
     "train.reduce_dtype": ("fp32", "bf16", "fp16"),
 }
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The values a choice-valued config key accepts (``train.precision`` ...): tools that iterate over
+    every mode read them here, so a mode added to the config is picked up without editing them."""
+    if key not in _CHOICES:
+        raise KeyError(f"{key} is not a choice-valued config key; those are {sorted(_CHOICES)}")
+    return _CHOICES[key]
 
 
 def _get(cfg: Config, dotted: str) -> Any:

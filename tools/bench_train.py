@@ -588,7 +588,7 @@ def part_zero(s: dict[str, Any]) -> dict[str, Any]:
 
 def part_loader(s: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--samples", str(s["loader_samples"]),
-           "--repeats", "1" if s["quick"] else "5", "--batch-size", str(min(32, s["loader_samples"] // 2))]
+           "--part", "floor", "--repeats", "1" if s["quick"] else "5", "--batch-size", str(min(32, s["loader_samples"] // 2))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=_pythonpath()))
     # its summary lines: "best wall-clock: bare X, pipeline Y samples/s per worker, ratio R" and
     # "best CPU time:   bare X, pipeline Y samples per CPU-second ..., ratio R"

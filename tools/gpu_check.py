@@ -16,8 +16,10 @@ Sections, cheapest correctness checks first (each in a fresh subprocess, timed, 
 * ``degla``: the DeGLA tiny config with its EMA teacher, checkpointed and resumed the same way.
 * ``syncs``: powerset + concept training steps under ``torch.cuda.set_sync_debug_mode("warn")``: host
   synchronisations per step and where they come from.
-* ``bench``: ``tools/bench_train.py`` part 1 (ViT-B/16 224 px bf16 samples/s and MFU next to
-  open_clip's trainer in the same run) and part 2 (PowerCLIP and concept step / CLIP-only step).
+* ``bench``: ``tools/bench_breakdown.py``, where the step time goes (<= 8 minutes on its own,
+  ``--only bench``): model-only forward / backward / optimizer per precision mode, ZeRO-1 and
+  ``train.compile`` next to open_clip_train's step, both trainers' loaders on CC12M-sized JPEGs, both
+  trainers end to end, and a torch.profiler trace of one step; its table and trace land in OUT.
 
 Each section's result is appended to ``OUT/gpu_check.jsonl`` and the table rewritten to
 ``OUT/gpu_check.md`` as soon as it ends (OUT = ``--out-dir``, else ``$OUT``, else ``runs/gpu_check``),
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 SECTIONS = ("numerics", "zero", "degla", "syncs", "bench")
 # seconds each section needs at least on the GPU (skipped when the budget has less left)
 MIN_SECONDS = {"numerics": 20, "zero": 70, "degla": 35, "syncs": 30, "bench": 150}
+BENCH_MAX_S = 480.0  # tools/bench_breakdown.py's own budget on a GPU (it skips, and says, what does not fit)
 
 DETERMINISTIC = ("zero", "degla")  # sections whose resume equality needs deterministic kernels
 Row = list  # [measurement, value, verdict]
@@ -304,31 +307,59 @@ def sec_syncs(spec: dict[str, Any]) -> None:
 
 
 def sec_bench(spec: dict[str, Any]) -> None:
-    """tools/bench_train.py parts 1 and 2 on this device; its key rows copied into the table."""
-    b = spec["bench"]
-    out = Path(spec["work"]) / "bench_train.md"
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--parts", "1,2", "--no-shards", "--no-stock",
-           "--out", str(out), "--work", str(Path(spec["work"]) / "bench_work"), "--device", spec["device"],
-           "--precision", b["precision"], "--batch-size", str(b["batch"]), "--term-batch", str(b["term_batch"]),
-           "--steps", str(b["steps"]), "--term-steps", str(b["term_steps"]), "--repeats", "1",
-           "--threads", str(b["threads"]), "--workers", str(b["workers"]), "--terms", b["terms"]]
-    if b.get("model_name"):
-        cmd += ["--model-name", b["model_name"], "--peak-tflops", str(b["peak_tflops"])]
-    if b.get("quick"):
-        cmd.append("--quick")
+    """tools/bench_breakdown.py on this device; its headline rows copied into the table."""
+    out = Path(spec["out_dir"])
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_breakdown.py"), "--out-dir", str(out),
+           "--work", str(Path(spec["work"]) / "bench_work")]
+    if spec.get("bench_budget_s") is not None:
+        cmd += ["--budget-s", str(spec["bench_budget_s"])]
+    if spec["device"] != "cuda":
+        cmd.append("--cpu-smoke")
+    cmd += ["--benchmarks", spec.get("benchmarks") or ""]  # gpu_check decides where tables go
     print("+ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])), check=False)
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"tools/bench_train.py failed (exit {proc.returncode})")
-    keep = ("open_clip_train CLIP step", "powerclip CLIP-only step", "powerclip / open_clip throughput ratio",
-            "model FLOPs per sample", "achieved model FLOP/s", "CLIP-only step, batch", "step / CLIP-only step")
+    result = out / "bench_breakdown.json"
+    if not result.exists():
+        raise RuntimeError(f"tools/bench_breakdown.py failed (exit {proc.returncode}) and wrote no result")
+    _emit(spec, breakdown_rows(json.loads(result.read_text())))
+    if proc.returncode != 0:
+        raise RuntimeError(f"tools/bench_breakdown.py: some measurements did not run (exit {proc.returncode}); "
+                           f"see {out / 'bench_breakdown.md'}")
+
+
+def breakdown_rows(res: dict[str, Any]) -> list[Row]:
+    """The headline figures of a bench_breakdown.json: each model-only variant's step split, the loader
+    per-core ratio, the end-to-end throughput ratio."""
     rows: list[Row] = []
-    for line in out.read_text().splitlines():
-        cells = [x.strip() for x in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 3 and any(k in cells[0] for k in keep):
-            rows.append(cells)
-    _emit(spec, rows, bench_md=out.read_text())
+    b = res["sizes"]["batch"]
+    smoke = res["sizes"]["smoke"]
+
+    def verdict(ok: bool, target: str) -> str:
+        return "n/a (toy sizes)" if smoke else f"{target}: " + ("ok" if ok else "missed")
+
+    for name, w in ((res.get("model") or {}).get("best") or {}).items():
+        split = "/".join(f"{w[k] * 1e3:.1f}" if k in w else "-" for k in ("forward", "backward", "optimizer"))
+        rows.append([f"model only, batch {b}: {name}", f"{w['step'] * 1e3:.1f} ms/step (fwd/bwd/opt {split} ms), "
+                     f"{b / w['step']:.1f} samples/s", ""])
+    ld = res.get("loader")
+    if ld:
+        oc, pc = ld["loaders"].get("open_clip"), ld["loaders"].get(ld["preset_loader"])
+        if oc and pc:
+            r = oc["worker_cpu"] / pc["worker_cpu"]
+            rows.append([f"loader per core, {ld['preset_loader']} / open_clip_train ({ld['workers']} workers)",
+                         f"{r:.3f} ({pc['sps']:.0f} vs {oc['sps']:.0f} samples/s)",
+                         verdict(r >= 1.0, ">= 1.0")])
+    e = res.get("e2e") or {}
+    oc_t = (e.get("best_s") or {}).get("open_clip_train")
+    for name, t in (e.get("best_s") or {}).items():
+        if oc_t and name != "open_clip_train":
+            rows.append([f"end to end {name} / open_clip_train", f"{oc_t / t:.3f} ({b / t:.0f} samples/s)",
+                         verdict(oc_t / t >= 1.1, ">= 1.1")])
+    for name, err in {**(res.get("section_errors") or {}), **((res.get("model") or {}).get("errors") or {}),
+                      **(e.get("errors") or {})}.items():
+        rows.append([f"not measured: {name}", err[:200], "FAIL"])
+    return rows or [["bench_breakdown", "no figures", "FAIL"]]
 
 
 CHILDREN = {"numerics": sec_numerics, "zero": sec_zero, "degla": sec_degla, "syncs": sec_syncs,
@@ -341,16 +372,11 @@ def sizes(smoke: bool, device: str) -> dict[str, Any]:
     if smoke:
         return {"device": device, "batch": 8, "steps": 4, "every": 2, "precisions": ["bf16", "fp16"],
                 "stages": [0, 3], "numerics": {"B": 8, "M": 4, "K": 4, "D": 32, "T": 16, "N": 24, "Dx": 32},
-                "numerics_tol": 1e-2,
-                "bench": {"quick": True, "precision": "fp32", "batch": 8, "term_batch": 8, "steps": 4,
-                          "term_steps": 2, "threads": 1, "workers": 1, "terms": "clip,powerset,concept_xac"}}
+                "numerics_tol": 1e-2}
     return {"device": device, "batch": 32, "steps": 6, "every": 3, "precisions": ["bf16", "fp16"],
             "stages": [0, 2, 3],
             "numerics": {"B": 256, "M": 10, "K": 16, "D": 512, "T": 196, "N": 768, "Dx": 768},
-            "numerics_tol": 1e-2,
-            "bench": {"precision": "bf16", "model_name": "ViT-B-16", "peak_tflops": 989, "batch": 256,
-                      "term_batch": 128, "steps": 12, "term_steps": 6, "threads": 8, "workers": 12,
-                      "terms": "clip,powerset,concept_npc,concept_xac"}}
+            "numerics_tol": 1e-2}
 
 
 def make_shards(work: Path, smoke: bool) -> str:
@@ -437,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="every section at toy size on CPU")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget: sections that no longer fit are skipped and reported as not run "
-                         "(default 330 s on a GPU, none for --cpu-smoke)")
+                         "(default 690 s on a GPU, of which the bench takes up to 480 s; none for --cpu-smoke)")
     ap.add_argument("--out-dir", default=None, help="results folder (default $OUT, else runs/gpu_check)")
     ap.add_argument("--work", default=None, help="scratch folder (default a temp dir)")
     ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"),
@@ -472,13 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     print(f"gpu_check on {info['device']}: torch {info['torch']}, deepspeed {info['deepspeed']}, "
           f"open_clip {info['open_clip']}; sections {','.join(only)}", flush=True)
-    budget = a.budget_s if a.budget_s is not None else (float("inf") if a.cpu_smoke else 330.0)
+    budget = a.budget_s if a.budget_s is not None else (float("inf") if a.cpu_smoke else 690.0)
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        spec = {**sizes(a.cpu_smoke, device), "work": str(work)}
+        spec = {**sizes(a.cpu_smoke, device), "work": str(work), "out_dir": str(out_dir),
+                "benchmarks": a.benchmarks if device == "cuda" else ""}
         if {"zero", "degla", "syncs"} & set(only):
             spec["shards"] = make_shards(work, a.cpu_smoke)
         jsonl = out_dir / "gpu_check.jsonl"
@@ -488,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = {"section": name, "status": "NOT RUN", "seconds": 0.0, "rows": [],
                        "error": f"skipped: {left:.0f} s of the {budget:.0f} s budget left"}
             else:
+                # the bench stops itself within its budget, with room to write its table
+                spec["bench_budget_s"] = min(BENCH_MAX_S, max(left - 30.0, 10.0)) if left < float("inf") else None
                 res = run_section(name, spec, timeout=min(max(left, 10.0), 3600.0))
             results.append(res)
             with open(jsonl, "a") as f:

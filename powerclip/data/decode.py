@@ -24,7 +24,7 @@ class ImageTooLargeError(UserError, ValueError):
 
 
 def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PIXELS,
-                 rgb: bool = True) -> Image.Image:
+                 rgb: bool = True, draft: int | None = None) -> Image.Image:
     """The decoded image of ``source`` (encoded bytes or a file path), in RGB unless ``rgb`` is
     False (then in its stored mode, ``format`` kept). ``name`` says where the image came from
     (shard and sample, file, parquet row) and starts every error message.
@@ -32,7 +32,13 @@ def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PI
     The size is read from the header and checked against ``max_pixels`` before the pixels are
     decoded; PIL's own bomb check (a warning above its limit, an error above twice it) is folded
     into the same ``ImageTooLargeError``. Unreadable bytes raise PIL's own errors (OSError, ...),
-    a missing file ``FileNotFoundError``."""
+    a missing file ``FileNotFoundError``.
+
+    ``draft``: a JPEG is decoded at the smallest of libjpeg's scales 1, 1/2, 1/4, 1/8 that keeps both
+    sides at least ``draft`` pixels (``Image.draft``: the inverse DCT at a reduced size, so the
+    skipped pixels are never computed). The scale depends only on the header, and libjpeg's scaled
+    decode is deterministic, so the same bytes give the same pixels on every run. Other formats
+    ignore it."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with warnings.catch_warnings():
@@ -45,6 +51,8 @@ def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PI
         img.close()
         raise ImageTooLargeError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
                                  "(decompression-bomb guard)")
+    if draft is not None and img.format == "JPEG":
+        img.draft(img.mode, (draft, draft))
     img.load()
     if not rgb or img.mode == "RGB":
         return img

@@ -37,7 +37,7 @@ from .published import (
 from .regions import map_box, patch_region_masks, region_cells
 from .stream import ERROR_KEY, image_bytes
 from .text import ClipTokenizer, build_tokenizer, span_positions
-from .transforms import apply_transform, is_seeded_by_rng
+from .transforms import apply_transform, draft_size, is_seeded_by_rng
 
 SCHEMA_SUPPORTED = 1
 RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
@@ -79,6 +79,8 @@ class SampleProcessor:
         self.transform = image_transform(self.geo.image_size, is_train=train, mean=self.geo.mean,
                                          std=self.geo.std, aug_cfg=aug)
         self.rng_only = is_seeded_by_rng(self.transform)
+        # data.jpeg_draft: JPEGs decoded at a reduced DCT scale that the transform never upsamples
+        self.draft = draft_size(self.transform) if d.jpeg_draft else None
         self.tok = build_tokenizer(d.tokenizer, d.context_length)
         # grid of the stored patch-index regions: data.region_grid, or the model's own when null
         self.region_grid = d.region_grid if d.region_grid is not None else self.geo.grid
@@ -146,7 +148,8 @@ class SampleProcessor:
         if data is None:
             return "missing_image"
         try:
-            img = decode_image(data, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}", MAX_PIXELS)
+            img = decode_image(data, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}", MAX_PIXELS,
+                               draft=self.draft)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt bytes
             sample.setdefault("__detail__", f"{type(e).__name__}: {e}")  # for the skip log
             return "bad_image"

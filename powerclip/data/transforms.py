@@ -152,6 +152,29 @@ def apply_transform(transform, img, out: torch.Tensor | None = None, rng: random
     return img, (win[0] / w0, win[1] / h0, win[2] / w0, win[3] / h0)
 
 
+def draft_size(transform) -> int | None:
+    """The smallest shorter side (pixels) an input image may be reduced to before ``transform`` without
+    its first resizing step ever upsampling, or None when the transform's geometry is not known here.
+
+    RandomResizedCrop(size, scale, ratio) cuts a w x h window with w h = s W H and w / h = a, so with
+    the shorter side S <= sqrt(W H): w >= S sqrt(s a) and h >= S sqrt(s / a). Both stay >= size for
+    every s >= scale[0] and a in ratio when S >= size / sqrt(scale[0] min(ratio[0], 1 / ratio[1])).
+    Resize(size) scales the shorter side to size (a pair: each side to its own), so S >= size."""
+    for t in getattr(transform, "transforms", [transform]):
+        if _is_convert_mode(t):
+            continue
+        if isinstance(t, RandomResizedCrop):
+            out = max(t.size) if isinstance(t.size, (tuple, list)) else t.size
+            least = t.scale[0] * min(t.ratio[0], 1.0 / t.ratio[1])
+            if least <= 0:
+                return None
+            return math.ceil(out / math.sqrt(least)) + 1  # + 1: rounding of the window's integer sides
+        if isinstance(t, Resize) and t.max_size is None:
+            return max(t.size) if isinstance(t.size, (tuple, list)) else int(t.size)
+        return None  # any other first step: geometry unknown, decode in full
+    return None
+
+
 def is_seeded_by_rng(transform) -> bool:
     """True when ``apply_transform(..., rng=)`` draws every random choice of ``transform`` from
     ``rng`` (its only random step is RandomResizedCrop), so torch's generator need not be seeded."""
