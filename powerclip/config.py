@@ -455,8 +455,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            try:
+                with open(path, "rb") as f:
+                    data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:  # the problem's own line names the position
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: top level must be a mapping")
             layers.append(OmegaConf.create(data))

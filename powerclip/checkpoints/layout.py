@@ -36,13 +36,29 @@ def list_tags(root: Path) -> list[str]:
     return sorted((p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)), key=tag_step)
 
 
+class PointerError(ValueError):
+    """``latest`` holds something other than one tag name (binary garbage, a path, two lines...);
+    the message names the file. Readers treat it like a damaged checkpoint: resume falls back,
+    reading weights refuses."""
+
+
 def read_latest(root: Path) -> str | None:
-    """The tag ``root/latest`` names; None when the file is missing or empty."""
+    """The tag ``root/latest`` names; None when the file is missing or empty.
+
+    Raises ``PointerError`` when it holds anything but a tag name: a pointer such as
+    ``../other_run/step_1`` would otherwise lead a reader out of this checkpoint root."""
     f = root / "latest"
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    return tag or None
+    try:
+        text = f.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise PointerError(f"{f}: not a text file naming a checkpoint tag (damaged?)") from None
+    if not text:
+        return None
+    if not TAG_RE.match(text):
+        raise PointerError(f"{f}: holds {text[:60]!r}, not a checkpoint tag such as 'step_00001000' (damaged?)")
+    return text
 
 
 def write_latest(root: Path, tag: str) -> None:
