@@ -120,18 +120,23 @@ def prune(ckpt_dir: Path, keep_last: int, latest: str | None, run_id: str | None
     """Delete all but the newest ``keep_last`` complete checkpoints, among those of this run (see the
     module docstring; ``run_id`` None: only those this process sealed), and, when
     ``inherited_before`` is a step, complete checkpoints older than it. Never ``latest``."""
+    def deletable(tag: str) -> bool:
+        path = ckpt_dir / tag
+        if path.is_symlink():
+            return False
+        if integrity.written_here(path) or (run_id is not None and owned_complete(path, run_id)):
+            return True
+        return inherited_before is not None and tag_step(tag) < inherited_before
+
+    # the window of keep_last counts this run's checkpoints only: another run's never shortens it
     tags = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / integrity.MANIFEST).is_file() or t == latest]
-    doomed = tags[:-keep_last] if keep_last > 0 and len(tags) > keep_last else []
+    runs = [t for t in tags if t == latest or deletable(t)]
+    doomed = runs[:-keep_last] if keep_last > 0 and len(runs) > keep_last else []
     removed = []
     for tag in doomed:
-        path = ckpt_dir / tag
-        if tag == latest or path.is_symlink():
+        if tag == latest:
             continue
-        ours = integrity.written_here(path) or (run_id is not None and owned_complete(path, run_id))
-        inherited = inherited_before is not None and tag_step(tag) < inherited_before
-        if not (ours or inherited):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        integrity.forget(path)
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        integrity.forget(ckpt_dir / tag)
         removed.append(tag)
     return removed

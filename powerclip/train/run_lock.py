@@ -91,15 +91,9 @@ class RunLock:
     def _read_holder(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text() or "{}")
+            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict):
-            return {}
-        # schema: host, started and slurm_job_id strings, pid an int; anything else is ignored
-        out: dict[str, Any] = {k: data[k] for k in ("host", "started", "slurm_job_id") if isinstance(data.get(k), str)}
-        if isinstance(data.get("pid"), int) and not isinstance(data.get("pid"), bool):
-            out["pid"] = data["pid"]
-        return out
 
     def _open(self) -> int:
         """The lock file, opened for writing; a folder that cannot be written is refused here, in one
