@@ -81,6 +81,7 @@ def base_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 # ----------------------------------------------------------------- a changed model is refused first
 def test_resume_with_another_model_shape_is_refused_before_anything_changes(tmp_path, base_run, capsys):
     runs = {name: tmp_path / name for name in ("embed", "layers")}
@@ -117,6 +118,7 @@ MALFORMED_MANIFESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MALFORMED_MANIFESTS))
 def test_malformed_manifest_is_a_damaged_checkpoint_for_export(tmp_path, base_run, capsys, case):
     run = tmp_path / "run"
@@ -133,6 +135,7 @@ def test_malformed_manifest_is_a_damaged_checkpoint_for_export(tmp_path, base_ru
     assert cli_main(["export", str(run), "--tag", "step_00000002", "--out", str(tmp_path / "ok")]) == 0
 
 
+@pytest.mark.slow
 def test_malformed_manifest_latest_and_client_state_on_resume(tmp_path, base_run):
     """Resume: a malformed manifest or ``latest`` falls back to the newest good checkpoint (and says
     why); a client state of another shape behind valid checksums is refused naming the file."""
@@ -171,6 +174,7 @@ def test_malformed_manifest_latest_and_client_state_on_resume(tmp_path, base_run
     assert _digests(runs["client_state"]) == before
 
 
+@pytest.mark.slow
 def test_malformed_latest_is_refused_by_export_in_one_line(tmp_path, base_run, capsys):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -219,6 +223,7 @@ def test_run_mark_of_another_shape_is_never_proof_of_ownership(tmp_path):
     assert not ownership.half_written(tag, rid)
 
 
+@pytest.mark.slow
 # ----------------------------------------------------------------- keep_last across restarts
 def test_keep_last_bounds_the_folder_across_four_restarts_and_spares_others(tmp_path, base_run):
     """A fresh run and 4 restarts (separate processes) with keep_last=2: this run's checkpoints are
@@ -275,6 +280,7 @@ def _size(tag_dir: Path) -> int:
     return sum(e["size"] for e in integrity.parse_manifest(tag_dir / integrity.MANIFEST).values())
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_half_save_swept_and_the_run_resumes(small_disk):
     run = small_disk / "run"
     keep = ["checkpoint.keep_last=1"]
