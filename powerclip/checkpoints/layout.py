@@ -64,11 +64,14 @@ def read_latest(root: Path) -> str | None:
 def write_latest(root: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (tmp file + fsync + rename)."""
     tmp = root / f".latest.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
+    try:
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "latest")
+    finally:  # a full disk must not leave the temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def is_tag_dir(path: Path) -> bool:
