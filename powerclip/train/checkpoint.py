@@ -88,8 +88,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any]
     newest ``options.keep_last`` checkpoints of the run ``run_id`` are pruned (with
     ``options.prune_inherited``, also those older than the one ``state`` resumed from) and the
     run's half-written saves deleted. A full disk or read-only file system raises ``StorageError``
-    naming the folder (``needed_bytes``: what a checkpoint of this run takes); ``latest`` then
-    still names the last complete checkpoint.
+    naming the folder and the bytes a checkpoint needs (the newest complete one's size, else
+    ``needed_bytes``); ``latest`` then still names the last complete checkpoint.
     """
     tag = tag_for(state.step)
     tag_dir = ckpt_dir / tag
@@ -114,7 +114,7 @@ def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any]
         if is_main:
             write_latest(ckpt_dir, tag)
     except (OSError, RuntimeError) as e:
-        error = storage.as_storage_error(e, tag_dir, needed_bytes, hint)
+        error = storage.as_storage_error(e, tag_dir, checkpoint_size(ckpt_dir, needed_bytes), hint)
         if error is None:
             raise
         raise error from None

@@ -203,7 +203,6 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
         if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
             save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state, run_id, ckpt_bytes)
-            ckpt_bytes = ckpt.checkpoint_size(ckpt_dir, ckpt_bytes)  # measured: the next save needs as much
             last_save = time.time()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, state.step, logger)
@@ -308,8 +307,8 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | No
 def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, state: TrainState,
                     run_id: str | None = None, needed_bytes: int = 0) -> str:
     """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank.
-    ``run_id``: the run the checkpoint belongs to (``checkpoints.ownership``); ``needed_bytes``: a
-    checkpoint's size, for the message when the disk is full."""
+    ``run_id``: the run the checkpoint belongs to (``checkpoints.ownership``); ``needed_bytes``: the
+    estimated size of a checkpoint, for the message when the disk fills before one exists to measure."""
     local = {"data": loader.state_dict() if hasattr(loader, "state_dict") else None,
              "rng": ckpt.rng_state()}
     client_state = {"powerclip": {**state.state_dict(), "config_hash": config_hash(cfg),
