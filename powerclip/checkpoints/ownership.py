@@ -10,11 +10,11 @@ requeue. Deleting is only safe for what provably is this run's, so every save st
   resumes from a checkpoint of the same checkpoint folder (``identity``). Resuming from a checkpoint
   elsewhere (``checkpoint.resume=PATH``) or starting over (``checkpoint.resume=none``) starts a new
   run: it never deletes the folder's older checkpoints.
-* **Pruned** (``prune``): beyond the newest ``keep_last`` complete checkpoints, those this process
-  sealed, and those whose ``run.json`` names this run, matches its sha256 in ``checksums.json``, and
-  whose folder holds exactly the files the manifest lists, at their sizes. A checkpoint copied in
-  from another run, written by an older powerclip (no ``run.json``), or holding a file someone added
-  is kept. ``latest`` is never deleted.
+* **Pruned** (``prune``): this run's complete checkpoints beyond its newest ``keep_last`` (others'
+  never shorten that window). This run's: sealed by this process, or ``run.json`` names this run,
+  matches its sha256 in ``checksums.json``, and the folder holds exactly the files the manifest
+  lists, at their sizes. A checkpoint copied in from another run, written by an older powerclip (no
+  ``run.json``), or holding a file someone added is kept. ``latest`` is never deleted.
 * **Half-written saves** (a save that died of a full disk or a kill: no ``checksums.json``) of this
   run are deleted once a later save has succeeded (``sweep_half_written``), also when they were
   moved aside (``<tag>.aside-...``); a half-written folder holding anything but checkpoint files is
