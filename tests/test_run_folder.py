@@ -181,8 +181,9 @@ def test_malformed_latest_is_refused_by_export_in_one_line(tmp_path, base_run, c
     (run / CK / "latest").write_text("../../other/checkpoints/step_00000001")
     assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().out.strip() == (
-        f"powerclip export: error: {run / CK / 'latest'}: holds '../../other/checkpoints/step_00000001', not a "
-        "checkpoint tag such as 'step_00001000' (damaged?); repair it, or name one checkpoint folder to read")
+        f"powerclip export: error: {run / CK / 'latest'}: holds '../../other/checkpoints/step_00000001', not the "
+        "name of a checkpoint folder beside it such as 'step_00001000' (damaged?); repair it, or name one checkpoint "
+        "folder to read")
 
 
 def test_metrics_records_of_another_shape_are_kept_aside_on_resume(tmp_path):

@@ -17,6 +17,9 @@ import re
 from pathlib import Path
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+# what ``latest`` may name: one folder beside it (DeepSpeed's own saves use tags such as
+# ``global_step100``), never a path that leads elsewhere
+NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,255}$")
 
 
 def tag_for(step: int) -> str:
@@ -45,7 +48,7 @@ class PointerError(ValueError):
 def read_latest(root: Path) -> str | None:
     """The tag ``root/latest`` names; None when the file is missing or empty.
 
-    Raises ``PointerError`` when it holds anything but a tag name: a pointer such as
+    Raises ``PointerError`` when it holds anything but one folder name: a pointer such as
     ``../other_run/step_1`` would otherwise lead a reader out of this checkpoint root."""
     f = root / "latest"
     if not f.is_file():
@@ -56,8 +59,9 @@ def read_latest(root: Path) -> str | None:
         raise PointerError(f"{f}: not a text file naming a checkpoint tag (damaged?)") from None
     if not text:
         return None
-    if not TAG_RE.match(text):
-        raise PointerError(f"{f}: holds {text[:60]!r}, not a checkpoint tag such as 'step_00001000' (damaged?)")
+    if not NAME_RE.match(text) or text in (".", ".."):
+        raise PointerError(f"{f}: holds {text[:60]!r}, not the name of a checkpoint folder beside it such as "
+                           "'step_00001000' (damaged?)")
     return text
 
 
