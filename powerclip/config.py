@@ -280,10 +280,12 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 500  # 0 disables
     every_minutes: float = 0.0  # 0 disables
+    # this run's complete checkpoints kept, across restarts and requeues (checkpoints.ownership:
+    # another run's, or one holding a file its manifest does not list, is never deleted)
     keep_last: int = 3
     resume: str = "latest"  # latest | none | /path/to/checkpoint/dir
-    # prune also complete checkpoints older than the one resumed from (written by an earlier process
-    # of this run, e.g. before a Slurm requeue); off: a process deletes only checkpoints it wrote
+    # prune also complete checkpoints older than the one resumed from that carry no run id (written
+    # by a powerclip before run ids); off: only checkpoints provably of this run are deleted
     prune_inherited: bool = False
     # checkpoints (and exports of this run) readable by the owner only: folders 0700, files 0600;
     # off: they follow the process umask like every other file, so a team on shared storage can read them

@@ -18,7 +18,7 @@ import pytest
 from powerclip.config import ConfigError, load_config
 from powerclip.launch import cli
 from powerclip.launch.dist import dist_env_from_job, master_port_for
-from powerclip.launch.job import RequeueLedger, TrainJob, _ignore_user_signal_in_children
+from powerclip.launch.job import LedgerError, RequeueLedger, TrainJob, _ignore_user_signal_in_children
 from powerclip.launch.submit import check_slurm_config, executor_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +158,31 @@ def test_checkpoint_only_resubmits_up_to_the_cap(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints").exists()  # no save from the signal handler
     # the cap lives in the run folder: a new submission of the same run shares it
     assert TrainJob(cfg).checkpoint() is None
+
+
+@pytest.mark.parametrize("text", ['{"count": "1", "events": []}', '{"count": 1, "events": null}', "[1]", "{bad"])
+def test_requeue_ledger_of_another_shape_stops_requeueing_naming_the_file(tmp_path, monkeypatch, caplog, text):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    cfg = load_config(None, [*BASE, f"train.run_dir={tmp_path}", "slurm.max_requeues=2"])
+    ledger = RequeueLedger(tmp_path)
+    ledger.path.parent.mkdir(parents=True)
+    ledger.path.write_text(text)
+    with pytest.raises(LedgerError, match=f"^{ledger.path}: (malformed|unreadable) .*; fix or delete it$"):
+        ledger.read()
+    assert TrainJob(cfg).checkpoint() is None  # no requeue on a cap that cannot be read, no traceback
+    assert f"not requeuing job 77: {ledger.path}: " in caplog.text
+    assert ledger.path.read_text() == text  # left for the user to look at
+
+
+def test_start_records_skip_damaged_lines_and_name_a_damaged_latest(tmp_path):
+    from powerclip.launch.job import latest_text, read_starts
+
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "starts.jsonl").write_text('{"job_id": "1"}\n[1]\n{"job_id": "2", "cut\n7\n')
+    assert read_starts(tmp_path) == [{"job_id": "1"}]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    assert latest_text(tmp_path / "checkpoints" / "latest").startswith(f"damaged: {tmp_path}/checkpoints/latest: ")
 
 
 def test_restart_resumes_from_latest_whatever_resume_said(tmp_path, monkeypatch):

@@ -108,6 +108,7 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path, synthetic_root):
     assert [s for s, _ in reference] == list(range(1, STEPS + 1))
 
     # kill -9 (both ranks) in the middle of the second checkpoint save: its folder exists, unsealed
+    # (run.json, the save's first file, is there: the weights are being written)
     killed = tmp_path / "killed"
     latest = killed / "checkpoints" / "latest"
     saving = killed / "checkpoints" / f"step_{2 * EVERY:08d}"
@@ -115,7 +116,7 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path, synthetic_root):
         proc = subprocess.Popen(_command(config, killed), stdout=log, stderr=subprocess.STDOUT, env=_env(),
                                 start_new_session=True)
         deadline = time.time() + 600
-        while not saving.exists() and proc.poll() is None and time.time() < deadline:
+        while not (saving / "run.json").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         still_running = proc.poll() is None
         _kill_tree(proc.pid)
@@ -124,25 +125,20 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path, synthetic_root):
     assert still_running, f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
     tag_at_kill = latest.read_text()
     in_save = not (saving / "checksums.json").exists()  # else the save finished before the kill landed
-    sealed_at_kill = {p.name for p in (killed / "checkpoints").iterdir()
-                      if (p / "checksums.json").is_file() and p.name <= tag_at_kill}
-    digests = {str(p.relative_to(killed)): p.read_bytes() for p in (killed / "checkpoints" / tag_at_kill).rglob("*")}
     assert tag_at_kill != f"step_{STEPS:08d}", "killed too late: the run had already finished"
 
     _run(_command(config, killed), tmp_path / "resumed.log")
-    assert f"resumed from {killed / 'checkpoints' / tag_at_kill}" in (tmp_path / "resumed.log").read_text()
+    resumed_log = (tmp_path / "resumed.log").read_text()
+    assert f"resumed from {killed / 'checkpoints' / tag_at_kill}" in resumed_log
     assert _losses(killed) == reference  # exact float equality, every step
-    # the checkpoint resumed from is untouched bit for bit; the interrupted save was moved aside, not reused
-    assert {str(p.relative_to(killed)): p.read_bytes()
-            for p in (killed / "checkpoints" / tag_at_kill).rglob("*")} == digests
-    if in_save:
+    if in_save:  # the interrupted save was moved aside, not reused, and deleted after the next good save
         assert tag_at_kill == f"step_{EVERY:08d}"
-        assert len(list((killed / "checkpoints").glob(f"step_{2 * EVERY:08d}.aside-*"))) == 1
+        assert f"step_{2 * EVERY:08d}.aside-" in resumed_log.split("removed half-written checkpoint folders")[1]
 
-    # what the resumed run left behind: its last K checkpoints, latest on the final one, and every
-    # complete checkpoint of the killed process (a process prunes only what it wrote itself)
+    # what the resumed run left behind: the run's last K checkpoints (keep_last spans the restart:
+    # the killed process's checkpoints are the same run's), latest on the final one, nothing aside
     ckpts = killed / "checkpoints"
     assert latest.read_text() == f"step_{STEPS:08d}"
-    kept = {f"step_{STEPS - EVERY:08d}", f"step_{STEPS:08d}"} | sealed_at_kill
-    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir() and ".aside-" not in p.name) == sorted(kept)
+    kept = {f"step_{STEPS - EVERY:08d}", f"step_{STEPS:08d}"}
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == sorted(kept)
     assert (killed / "config.yaml").is_file()

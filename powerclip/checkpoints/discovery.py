@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from powerclip.checkpoints.layout import is_tag_dir, list_tags, read_latest
+from powerclip.checkpoints.layout import PointerError, is_tag_dir, list_tags, read_latest
 from powerclip.errors import UserError
 
 
@@ -69,7 +69,10 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointRe
 def _strict_latest(root: Path) -> str:
     if not (root / "latest").is_file():
         raise CheckpointError(f"{root}: no 'latest' file (is this a checkpoint root?)")
-    tag = read_latest(root)
+    try:
+        tag = read_latest(root)
+    except PointerError as e:
+        raise CheckpointError(f"{e}; repair it, or name one checkpoint folder to read") from None
     if not tag:
         raise CheckpointError(f"{root}/latest is empty")
     if not (root / tag).is_dir():

@@ -12,9 +12,9 @@ lost or emptied, a shard truncated by a full disk or flipped by a bad disk. The 
   checkpoint fails verification, the newest complete checkpoint is used instead and the log says
   why; if tag folders exist but none is complete, the run refuses to start (no silent restart from
   step 0 over someone's checkpoints).
-* **Never lose.** ``prune`` only deletes checkpoints this process wrote (plus, with
-  ``checkpoint.prune_inherited``, complete checkpoints older than the one it resumed from). A tag
-  folder that a new save would overwrite is moved aside (``<tag>.aside-<time>``), not deleted.
+* **Never lose.** A tag folder that a new save would overwrite is moved aside
+  (``<tag>.aside-<time>``), not deleted. Which checkpoints may be deleted (``keep_last``, half-written
+  saves) is ``checkpoints.ownership``'s rule: only this run's own, proven by a checksum.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from powerclip import distributed as pdist
-from powerclip.checkpoints.layout import list_tags, tag_step
+from powerclip.checkpoints.layout import PointerError, list_tags, read_latest
 from powerclip.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,56 @@ def seal(tag_dir: Path, rank: int, world: int) -> None:
     _WRITTEN.add(tag_dir.resolve())
 
 
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def parse_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` of a ``checksums.json``, checked against its schema; raise naming the file.
+
+    Schema: ``{"algorithm": "sha256" (optional), "files": {relative name: {"size": int >= 0,
+    "sha256": 64 hex digits}}}``. Valid JSON of another shape is as untrustworthy as random bytes,
+    and a name that leaves the folder (``../x``, ``/etc/x``) would make a reader hash files
+    elsewhere, so both are refused the same way as a damaged file."""
+    def bad(why: str) -> CheckpointIntegrityError:
+        return CheckpointIntegrityError(f"{path}: malformed {MANIFEST}: {why} (damaged, or not a powerclip "
+                                        "checkpoint)")
+
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointIntegrityError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise bad(f"the top level is {_kind(data)}, not an object")
+    if data.get("algorithm", "sha256") != "sha256":
+        raise bad(f"algorithm {data.get('algorithm')!r}, expected 'sha256'")
+    if "files" not in data:
+        raise bad("no 'files' entry")
+    files = data["files"]
+    if not isinstance(files, dict):
+        raise bad(f"'files' is {_kind(files)}, not an object of file name -> {{size, sha256}}")
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name == MANIFEST:
+            raise bad(f"file name {name!r} is not a file inside the checkpoint folder")
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str)
+                or not _DIGEST.match(digest)):
+            raise bad(f"the entry of {name!r} is {json.dumps(entry)[:60]}, not {{size: bytes, sha256: hex digest}}")
+    return files
+
+
 def _manifest(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / MANIFEST
     if not path.is_file():
         raise CheckpointIntegrityError(f"{tag_dir}: no {MANIFEST} (an interrupted save, or not a powerclip "
                                        "checkpoint)")
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointIntegrityError(f"{path}: unreadable manifest ({e})") from None
-    return files
+    return parse_manifest(path)
 
 
 def verify(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
@@ -116,13 +157,18 @@ def verify_everywhere(tag_dir: Path, rank: int, world: int) -> str | None:
     return errors[0] if errors else None
 
 
-def choose_resume_tag(ckpt_dir: Path, latest: str | None, rank: int, world: int) -> str | None:
+def choose_resume_tag(ckpt_dir: Path, rank: int, world: int) -> str | None:
     """Collective. The tag to resume from (see module docstring), or None for a fresh start.
 
     Raises ``CheckpointIntegrityError`` when checkpoints exist but none is usable.
     """
     tags = list_tags(ckpt_dir)
     problems: list[str] = []
+    try:
+        latest = read_latest(ckpt_dir)
+    except PointerError as e:  # like a damaged checkpoint: fall back to the newest complete one
+        latest = None
+        problems.append(str(e))
     if latest and latest in tags:
         if not (ckpt_dir / latest / MANIFEST).is_file():  # written before checksums existed
             if rank == 0:
@@ -134,6 +180,8 @@ def choose_resume_tag(ckpt_dir: Path, latest: str | None, rank: int, world: int)
         problems.append(err)
     elif latest:
         problems.append(f"{ckpt_dir / 'latest'} names {latest!r}, which does not exist")
+    elif problems:
+        pass  # the damaged pointer itself is the problem
     elif (ckpt_dir / "latest").exists():
         problems.append(f"{ckpt_dir / 'latest'} is empty")
     elif tags:
@@ -168,21 +216,10 @@ def set_aside(tag_dir: Path) -> Path | None:
     return aside
 
 
-def prune(ckpt_dir: Path, keep_last: int, latest: str | None, inherited_before: int | None = None) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, among those this process wrote
-    (and, when ``inherited_before`` is a step, complete checkpoints older than it). Never ``latest``."""
-    import shutil
+def written_here(tag_dir: Path) -> bool:
+    """This process sealed ``tag_dir`` (and has not pruned it since)."""
+    return tag_dir.resolve() in _WRITTEN
 
-    tags = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file() or t == latest]
-    doomed = tags[:-keep_last] if keep_last > 0 and len(tags) > keep_last else []
-    removed = []
-    for tag in doomed:
-        path = ckpt_dir / tag
-        mine = path.resolve() in _WRITTEN
-        inherited = inherited_before is not None and tag_step(tag) < inherited_before
-        if tag == latest or not (mine or inherited):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        _WRITTEN.discard(path.resolve())
-        removed.append(tag)
-    return removed
+
+def forget(tag_dir: Path) -> None:
+    _WRITTEN.discard(tag_dir.resolve())

@@ -16,7 +16,12 @@ import os
 import re
 from pathlib import Path
 
+from powerclip.errors import UserError
+
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+# what ``latest`` may name: one folder beside it (DeepSpeed's own saves use tags such as
+# ``global_step100``), never a path that leads elsewhere
+NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,255}$")
 
 
 def tag_for(step: int) -> str:
@@ -36,23 +41,43 @@ def list_tags(root: Path) -> list[str]:
     return sorted((p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)), key=tag_step)
 
 
+class PointerError(UserError, ValueError):
+    """``latest`` holds something other than one tag name (binary garbage, a path, two lines...);
+    the message names the file. Readers treat it like a damaged checkpoint: resume falls back,
+    reading weights refuses."""
+
+
 def read_latest(root: Path) -> str | None:
-    """The tag ``root/latest`` names; None when the file is missing or empty."""
+    """The tag ``root/latest`` names; None when the file is missing or empty.
+
+    Raises ``PointerError`` when it holds anything but one folder name: a pointer such as
+    ``../other_run/step_1`` would otherwise lead a reader out of this checkpoint root."""
     f = root / "latest"
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    return tag or None
+    try:
+        text = f.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise PointerError(f"{f}: not a text file naming a checkpoint tag (damaged?)") from None
+    if not text:
+        return None
+    if not NAME_RE.match(text) or text in (".", ".."):
+        raise PointerError(f"{f}: holds {text[:60]!r}, not the name of a checkpoint folder beside it such as "
+                           "'step_00001000' (damaged?)")
+    return text
 
 
 def write_latest(root: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (tmp file + fsync + rename)."""
     tmp = root / f".latest.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
+    try:
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "latest")
+    finally:  # a full disk must not leave the temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def is_tag_dir(path: Path) -> bool:

@@ -38,6 +38,7 @@ from typing import Any
 
 from powerclip.atomic import write_json_atomic
 from powerclip.config import Config
+from powerclip.errors import UserError
 from powerclip.launch.dist import export_dist_env
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def resolve_entry(entry: str) -> Callable[[Config], Any]:
     return fn
 
 
+class LedgerError(UserError, ValueError):
+    """``requeues.json`` is damaged or of another shape; the message names it."""
+
+
 class RequeueLedger:
     """``RUN/slurm/requeues.json``: how many times ``checkpoint()`` resubmitted this run, and when.
 
@@ -77,9 +82,21 @@ class RequeueLedger:
         self.path = slurm_dir(run_dir) / "requeues.json"
 
     def read(self) -> dict[str, Any]:
+        """``{"count": int >= 0, "events": [object, ...]}``; ``LedgerError`` naming the file when it
+        holds anything else (the cap cannot be trusted then)."""
         if not self.path.exists():
             return {"count": 0, "events": []}
-        return json.loads(self.path.read_text())
+        try:
+            data = json.loads(self.path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            raise LedgerError(f"{self.path}: unreadable ({e}); fix or delete it") from None
+        count = data.get("count") if isinstance(data, dict) else None
+        events = data.get("events") if isinstance(data, dict) else None
+        if (not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(events, list)
+                or not all(isinstance(e, dict) for e in events)):
+            raise LedgerError(f"{self.path}: malformed (expected {{count: int >= 0, events: [...]}}, found "
+                              f"{json.dumps(data)[:80]}); fix or delete it")
+        return data
 
     @property
     def count(self) -> int:
@@ -99,7 +116,15 @@ def read_starts(run_dir: str | Path) -> list[dict[str, Any]]:
     path = slurm_dir(run_dir) / "starts.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:  # a line cut by a kill, or damaged: not a start record
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 class TrainJob:
@@ -157,7 +182,7 @@ class TrainJob:
                  "host": socket.gethostname(), "world_size": int(dist_vars["WORLD_SIZE"]),
                  "master": f"{dist_vars['MASTER_ADDR']}:{dist_vars['MASTER_PORT']}",
                  "resume": cfg.checkpoint.resume,
-                 "latest_at_start": latest.read_text().strip() if latest.is_file() else None}
+                 "latest_at_start": latest_text(latest)}
         with open(folder / "starts.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         log.info("start %s of job %s (%s)", len(read_starts(cfg.train.run_dir)), job_id, entry)
@@ -168,8 +193,12 @@ class TrainJob:
         import submitit
 
         ledger = RequeueLedger(self.cfg.train.run_dir)
-        done = ledger.count
         job_id = os.environ.get("SLURM_JOB_ID", "?")
+        try:
+            done = ledger.count
+        except LedgerError as e:  # an untrustworthy cap: no requeue (a signal handler must not raise)
+            log.warning("not requeuing job %s: %s", job_id, e)
+            return None
         if done >= self.cfg.slurm.max_requeues:
             log.warning("not requeuing job %s: %d requeues already (slurm.max_requeues=%d)", job_id, done,
                         self.cfg.slurm.max_requeues)
@@ -178,6 +207,17 @@ class TrainJob:
         log.warning("requeuing job %s (%d/%d); the restart resumes from the latest checkpoint", job_id, n,
                     self.cfg.slurm.max_requeues)
         return submitit.helpers.DelayedSubmission(self)
+
+
+def latest_text(latest: Path) -> str | None:
+    """What ``latest`` names, for the start record (a damaged pointer is recorded, not fatal: the
+    trainer decides what to resume from)."""
+    from powerclip.checkpoints.layout import PointerError, read_latest
+
+    try:
+        return read_latest(latest.parent)
+    except PointerError as e:
+        return f"damaged: {e}"
 
 
 def _ignore_user_signal_in_children(signum: int) -> None:

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from powerclip import distributed as pdist
-from powerclip.checkpoints import integrity
+from powerclip.checkpoints import integrity, ownership, storage
 from powerclip.checkpoints.discovery import locate
-from powerclip.checkpoints.layout import read_latest, tag_for, write_latest
-from powerclip.config import CheckpointConfig
+from powerclip.checkpoints.layout import PointerError, read_latest, tag_for, write_latest
+from powerclip.config import CheckpointConfig, ConfigError, ModelConfig
 from powerclip.outputs import make_private
 from powerclip.train.state import TrainState
 
@@ -64,10 +64,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------ save / resume
-def prune(ckpt_dir: Path, keep_last: int, inherited_before: int | None = None) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints this process wrote; never the one
-    ``latest`` names, never another process's (see ``checkpoints.integrity.prune``)."""
-    return integrity.prune(ckpt_dir, keep_last, read_latest(ckpt_dir), inherited_before)
+def prune(ckpt_dir: Path, keep_last: int, inherited_before: int | None = None, run_id: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints of this run (``run_id``; those
+    this process wrote when None); never the one ``latest`` names, never another run's (see
+    ``checkpoints.ownership``)."""
+    try:
+        latest = read_latest(ckpt_dir)
+    except PointerError:
+        return []  # nothing is pruned while the pointer is damaged: it is the next resume's problem
+    return ownership.prune(ckpt_dir, keep_last, latest, run_id, inherited_before)
 
 
 def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,33 +81,127 @@ def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def save(engine, ckpt_dir: Path, state: TrainState, client_state: dict[str, Any], options: CheckpointConfig,
-         is_main: bool, before_latest: Callable[[Path], None] | None = None) -> str:
+         is_main: bool, before_latest: Callable[[Path], None] | None = None, run_id: str | None = None,
+         needed_bytes: int = 0) -> str:
     """Collective: every rank calls it. Returns the tag written (named after ``state.step``).
 
     ``before_latest(tag_dir)`` writes extra files (the EMA teacher) before ``latest`` moves; the
     checksums of every file are sealed after that, also before ``latest`` moves. Then all but the
-    newest ``options.keep_last`` checkpoints this process wrote are pruned (with
-    ``options.prune_inherited``, also those older than the one ``state`` resumed from).
+    newest ``options.keep_last`` checkpoints of the run ``run_id`` are pruned (with
+    ``options.prune_inherited``, also those older than the one ``state`` resumed from) and the
+    run's half-written saves deleted. A full disk or read-only file system raises ``StorageError``
+    naming the folder and the bytes a checkpoint needs (the newest complete one's size, else
+    ``needed_bytes``); ``latest`` then still names the last complete checkpoint.
     """
     tag = tag_for(state.step)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if options.private and is_main:
-        os.chmod(ckpt_dir, 0o700)  # nothing below is reachable by others, whatever the writers' modes
+    tag_dir = ckpt_dir / tag
+    try:
+        latest = read_latest(ckpt_dir)
+    except PointerError:
+        latest = None
+    hint = f"the run resumes from {ckpt_dir / latest}" if latest else "the run starts over"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if options.private and is_main:
+            os.chmod(ckpt_dir, 0o700)  # nothing below is reachable by others, whatever the writers' modes
+        if is_main:
+            integrity.set_aside(tag_dir)  # a leftover of another process: moved, not overwritten
+            if run_id is not None:
+                tag_dir.mkdir(exist_ok=True)
+                ownership.write_run_mark(tag_dir, run_id)  # before any weights: a half save is known ours
+        pdist.barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if before_latest is not None:
+            before_latest(tag_dir)
+        pdist.barrier()  # every rank's optimizer shard is on disk
+        integrity.seal(tag_dir, pdist.rank(), pdist.world_size())
+        if is_main:
+            if options.private:
+                make_private(tag_dir)
+            write_latest(ckpt_dir, tag)
+    except (OSError, RuntimeError) as e:
+        error = storage.as_storage_error(e, tag_dir, checkpoint_size(ckpt_dir, needed_bytes), hint)
+        if error is None:
+            raise
+        raise error from None
     if is_main:
-        integrity.set_aside(ckpt_dir / tag)  # a leftover of another process: moved, not overwritten
-    pdist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    if before_latest is not None:
-        before_latest(ckpt_dir / tag)
-    pdist.barrier()  # every rank's optimizer shard is on disk
-    integrity.seal(ckpt_dir / tag, pdist.rank(), pdist.world_size())
-    if is_main:
-        if options.private:
-            make_private(ckpt_dir / tag)
-        write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, options.keep_last, state.prune_before(options.prune_inherited))
+        prune(ckpt_dir, options.keep_last, state.prune_before(options.prune_inherited), run_id)
+        if run_id is not None:
+            ownership.sweep_half_written(ckpt_dir, run_id, keep=tag)
     pdist.barrier()
     return tag
+
+
+def model_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """The model settings that decide parameter shapes, as primitives (stored in every checkpoint so
+    that a resume with another shape names the key that changed)."""
+    return {"name": cfg.name, "config": cfg.config, "pool": cfg.pool}
+
+
+def _flat(obj: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: obj}
+
+
+def check_model_matches(tag_dir: Path, saved: dict[str, tuple[int, ...]], model: torch.nn.Module,
+                        cfg: ModelConfig, saved_settings: Any) -> None:
+    """Refuse, in one line, to resume ``tag_dir`` (parameter name -> shape: ``saved``) into a model
+    of other shapes; the message names the config keys that differ (from the settings the
+    checkpoint recorded) or else the first parameter, with both values."""
+    mine = {n: tuple(int(x) for x in getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    if mine == saved:
+        return
+    differ = sorted(n for n in mine.keys() & saved.keys() if mine[n] != saved[n])
+    only_new, only_old = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
+    if differ:
+        what = (f"{len(differ)} parameter(s) differ in shape, e.g. {differ[0]}: {list(mine[differ[0]])} here, "
+                f"{list(saved[differ[0]])} in the checkpoint")
+    else:
+        what = (f"the parameters differ: {len(only_new)} only in this model (e.g. {(only_new or ['-'])[0]}), "
+                f"{len(only_old)} only in the checkpoint (e.g. {(only_old or ['-'])[0]})")
+    keys = ""
+    if isinstance(saved_settings, dict):
+        now, then = _flat(model_settings(cfg), "model"), _flat(saved_settings, "model")
+        changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        keys = "; ".join(f"{k} is {now.get(k)!r} in the config, {then.get(k)!r} in the checkpoint"
+                         for k in changed[:3])
+    raise ConfigError(
+        f"cannot resume {tag_dir}: it holds another model shape ({keys + ': ' if keys else ''}{what}); resume "
+        "with the checkpoint's model settings, or train the new shape in another train.run_dir (to start "
+        "fresh from these weights with unchanged shapes: model.pretrained=<this run> checkpoint.resume=none "
+        "in a new train.run_dir); nothing was changed")
+
+
+def estimate_bytes(model: torch.nn.Module, zero_stage: int, low_precision: bool) -> int:
+    """A lower bound on the size of a first checkpoint of ``model`` (before one exists to measure):
+    the module weights (stages 0-2; 2 bytes each in bf16/fp16, else 4) and, per trainable
+    parameter, Adam's two fp32 moments plus an fp32 master copy in mixed precision."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    weights = 0 if zero_stage == 3 else total * (2 if low_precision else 4)
+    return weights + trainable * (12 if low_precision else 8)
+
+
+def checkpoint_size(ckpt_dir: Path, default: int) -> int:
+    """The size of the newest complete checkpoint in ``ckpt_dir`` (``default`` when none)."""
+    measured = storage.checkpoint_bytes(ckpt_dir)
+    return default if measured is None else measured
+
+
+def check_space(ckpt_dir: Path, estimate: int) -> int:
+    """Refuse to start when the next checkpoint cannot fit; returns the bytes a checkpoint needs
+    (the newest complete one's size, or ``estimate`` for a run without one)."""
+    measured = storage.checkpoint_bytes(ckpt_dir)
+    needed = measured if measured is not None else estimate
+    storage.check_space(ckpt_dir, needed, "the newest checkpoint" if measured is not None else "this model")
+    return needed
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
@@ -117,12 +216,12 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         return None
     rank, world = pdist.rank(), pdist.world_size()
     if resume == "latest":
-        tag = integrity.choose_resume_tag(ckpt_dir, read_latest(ckpt_dir), rank, world)
+        tag = integrity.choose_resume_tag(ckpt_dir, rank, world)
         return (ckpt_dir, tag) if tag else None
     path = Path(resume)
     ref = locate(path) if path.is_dir() else None
     if ref is not None and ref.tag is None:  # a run folder or checkpoint root: choose its tag
-        tag = integrity.choose_resume_tag(ref.root, read_latest(ref.root), rank, world)
+        tag = integrity.choose_resume_tag(ref.root, rank, world)
         if tag:
             return ref.root, tag
     elif ref is not None:  # one named checkpoint (a tag folder): it, or an error

@@ -84,15 +84,67 @@ def saved_zero_stage(tag_dir: Path) -> int:
     return int(osd["zero_stage"])
 
 
+_COUNTERS = ("step", "samples_seen", "skipped_steps", "world_size")
+
+
+def _client_problem(client: Any) -> str | None:
+    """What is wrong with a ``powerclip`` client state's shape, or None (schema: the counters and
+    ``world_size`` non-negative ints, ``zero_stage``/``global_batch`` ints or absent, ``config_hash``
+    a string, ``ranks`` one ``{data, rng}`` object per saving rank)."""
+    if not isinstance(client, dict):
+        return f"the client state is a {type(client).__name__}, not a mapping"
+    for key in _COUNTERS:
+        v = client.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key!r} is {v!r}, not a non-negative integer"
+    for key in ("zero_stage", "global_batch"):
+        v = client.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"{key!r} is {v!r}, not an integer"
+    if not isinstance(client.get("config_hash"), str):
+        return "'config_hash' is not a string"
+    ranks = client.get("ranks")
+    if (not isinstance(ranks, list) or len(ranks) != client["world_size"]
+            or not all(isinstance(r, dict) and "data" in r and "rng" in r for r in ranks)):
+        return f"'ranks' is not a list of {client['world_size']} {{data, rng}} entries (one per saving rank)"
+    return None
+
+
 def read_client_state(tag_dir: Path) -> dict[str, Any]:
-    """The ``powerclip`` client state of a checkpoint (step, counters, per-rank cursors)."""
+    """The ``powerclip`` client state of a checkpoint (step, counters, per-rank cursors), checked
+    against its schema: a file that passed its checksums but holds another shape was written by
+    something else, and is refused naming it."""
+    from powerclip.checkpoints.discovery import CheckpointError
+
     path = model_states_file(tag_dir)
     if not path.is_file():
         raise ElasticError(f"{path}: missing (incomplete checkpoint?)")
     sd = safe_load(path, mmap=True)  # mapped: only the small client state is read, not the weights beside it
-    if "powerclip" not in sd:
-        raise ElasticError(f"{tag_dir}: not a powerclip checkpoint (no client state)")
+    if not isinstance(sd, dict) or "powerclip" not in sd:
+        raise CheckpointError(f"{path}: not a powerclip checkpoint (no client state)")
+    problem = _client_problem(sd["powerclip"])
+    if problem:
+        raise CheckpointError(f"{path}: malformed powerclip client state: {problem}; resume from another "
+                              "checkpoint (checkpoint.resume=PATH)")
     return sd["powerclip"]
+
+
+def saved_param_shapes(tag_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model a checkpoint holds (read without its weights):
+    DeepSpeed's ``param_shapes`` (ZeRO 1-3) and ``frozen_param_shapes``, or the module's own
+    non-buffer tensors (stage 0)."""
+    ms = safe_load(model_states_file(tag_dir), mmap=True)
+    shapes: dict[str, tuple[int, ...]] = {}
+    groups = ms.get("param_shapes")
+    if groups:
+        for group in groups if isinstance(groups, list) else [groups]:
+            shapes.update({n: tuple(int(x) for x in s) for n, s in group.items()})
+    else:
+        buffers = set(ms.get("buffer_names") or ())
+        shapes.update({n: tuple(t.shape) for n, t in (ms.get("module") or {}).items()
+                       if n not in buffers and isinstance(t, torch.Tensor)})
+    shapes.update({n: tuple(int(x) for x in s) for n, s in (ms.get("frozen_param_shapes") or {}).items()})
+    return shapes
 
 
 def _adam_state(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:

@@ -65,13 +65,17 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
         kept, cut = [], []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut by kill -9
                 cut.append(line)
                 continue
-            (kept if rec.get("step", 0) <= keep_upto else cut).append(line)
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):  # not a record of ours: kept aside too
+                cut.append(line)
+                continue
+            (kept if step <= keep_upto else cut).append(line)
         if not cut:
             return
         with open(self.metrics_path.with_name(self.metrics_path.name + ".cut"), "a") as f:

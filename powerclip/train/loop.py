@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from powerclip import checks
 from powerclip import distributed as pdist
+from powerclip.checkpoints import ownership
 from powerclip.checkpoints.codec import install_safe_checkpoint_engine
 from powerclip.config import Config, config_hash, save_config
 from powerclip.data.batch import Batch
@@ -106,6 +107,28 @@ def _lock_run_dir(run_dir: Path, env: DistEnv) -> Any:
     return lock
 
 
+def _before_writing(cfg: Config, model, ckpt_dir: Path, target: tuple[Path, str] | None) -> int:
+    """Collective. Refuse (on every rank, with the same one-line error) a checkpoint of another model
+    shape and a disk without room for a checkpoint; returns the bytes a checkpoint takes."""
+    from powerclip.checkpoints.discovery import CheckpointError
+    from powerclip.config import ConfigError
+
+    needed, error = 0, None
+    try:
+        if target is not None:
+            tag_dir = target[0] / target[1]
+            ckpt.check_model_matches(tag_dir, elastic.saved_param_shapes(tag_dir), model, cfg.model,
+                                     elastic.read_client_state(tag_dir).get("model"))
+        needed = ckpt.check_space(ckpt_dir, ckpt.estimate_bytes(model, cfg.train.zero_stage,
+                                                                cfg.train.precision != "fp32"))
+    except (ConfigError, CheckpointError) as e:
+        error = e
+    errors = [e["error"] for e in ckpt.gather_rank_states({"error": error}) if e["error"] is not None]
+    if errors:
+        raise errors[0]
+    return needed
+
+
 def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) -> dict[str, Any]:
     from powerclip.model.factory import create_model
 
@@ -125,12 +148,15 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
     # the checkpoint to resume from, chosen once (a fallback past a damaged 'latest' is logged once)
     resume_target = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     cfg = elastic_config(cfg, resume_target, env)  # another world size: the global batch is kept
-    if env.is_main:
-        save_config(cfg, run_dir)
+    # this run's identity: inherited from a checkpoint of its own folder, so pruning spans restarts
+    run_id = ownership.identity(ckpt_dir, None if resume_target is None else resume_target[0] / resume_target[1])
 
     # ---- model, teacher, engine (same seed on every rank: identical initial weights)
+    # nothing in the run folder changes until the checkpoint is loaded: a refused resume (another
+    # model shape, a full disk) leaves config.yaml, metrics and checkpoints as they were
     seed_all(cfg.train.seed)
     model = build_model(cfg, env)  # starting weights (model.pretrained); ZeRO-3: built partitioned
+    ckpt_bytes = _before_writing(cfg, model, ckpt_dir, resume_target)
     teacher = None
     if needs_teacher(cfg.loss):
         from powerclip.train.ema import EmaTeacher
@@ -156,6 +182,8 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
 
     # ---- resume (default: this run's latest complete checkpoint)
     state, rank_state = load_resume(cfg, engine, resume_target, env, teacher, scheduler)
+    if env.is_main:
+        save_config(cfg, run_dir)  # only now: a failed load must not leave the run described otherwise
     loader = build_loader(cfg, env.rank, env.world_size, state=rank_state["data"] if rank_state else None)
     logger = RunLogger(run_dir, env.is_main, resume_step=state.resumed_step, wandb=cfg.log.wandb,
                        config=OmegaConf.to_container(OmegaConf.structured(cfg)) if cfg.log.wandb.enabled else None)
@@ -202,7 +230,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
             logger.console(state.step, cfg.train.steps, values)
 
         if checkpoint_due(cfg, state.step, last_save, result.checkpoint_time_due):
-            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state)
+            save_checkpoint(engine, ckpt_dir, cfg, env, loader, teacher, state, run_id, ckpt_bytes)
             last_save = time.monotonic()
         if cfg.eval.tasks and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
             periodic_eval(engine, cfg, state.step, logger)
@@ -324,20 +352,25 @@ def checkpoint_due(cfg: Config, step: int, last_save: float, time_due: bool | No
     return due
 
 
-def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, state: TrainState) -> str:
-    """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank."""
+def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, teacher, state: TrainState,
+                    run_id: str | None = None, needed_bytes: int = 0) -> str:
+    """Collective. Client state: primitives and tensors only; each rank's cursor and RNG by rank.
+    ``run_id``: the run the checkpoint belongs to (``checkpoints.ownership``); ``needed_bytes``: the
+    estimated size of a checkpoint, for the message when the disk fills before one exists to measure."""
     local = {"data": loader.state_dict() if hasattr(loader, "state_dict") else None,
              "rng": ckpt.rng_state()}
     client_state = {"powerclip": {**state.state_dict(), "config_hash": config_hash(cfg),
                                   "world_size": env.world_size, "zero_stage": cfg.train.zero_stage,
                                   "precision": cfg.train.precision,
+                                  "model": ckpt.model_settings(cfg.model),
                                   "global_batch": cfg.data.batch_size * cfg.train.accum_steps * env.world_size,
                                   "ranks": ckpt.gather_rank_states(local)}}
     before_latest = None
     if teacher is not None and env.is_main:
         def before_latest(tag_dir: Path) -> None:
             teacher.save(tag_dir / "ema_teacher.pt")
-    tag = ckpt.save(engine, ckpt_dir, state, client_state, cfg.checkpoint, env.is_main, before_latest=before_latest)
+    tag = ckpt.save(engine, ckpt_dir, state, client_state, cfg.checkpoint, env.is_main, before_latest=before_latest,
+                    run_id=run_id, needed_bytes=needed_bytes)
     if env.is_main:
         log.info("saved checkpoint %s", ckpt_dir / tag)
     return tag

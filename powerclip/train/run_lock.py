@@ -97,8 +97,22 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def _open(self) -> int:
+        """The lock file, opened for writing; a folder that cannot be written is refused here, in one
+        line, before anything else runs (a run there could not save a checkpoint)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+                why = "is on a read-only file system" if e.errno == errno.EROFS else f"cannot be written ({e.strerror})"
+                raise RunLockError(f"run folder {self.path.parent} {why}: a run must write its checkpoints and "
+                                   f"lock file ({self.path}) there; make it writable or use another "
+                                   "train.run_dir") from None
+            raise
+
     def _try(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,14 +125,16 @@ class RunLock:
             else:
                 os.close(fd)
                 raise
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_holder_info()).encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(_holder_info()).encode())
+            os.fsync(fd)
+        except OSError as e:  # a full disk: the lock holds without the record (the run's own space check follows)
+            log.warning("%s: could not record the lock holder (%s)", self.path, e.strerror)
         self._fd = fd
         return True
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._try():
             return self
         holder = self._read_holder()
