@@ -69,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from powerclip.eval.api import EvalOptions, evaluate
-    from powerclip.eval.model_io import load_model
     from powerclip.eval.results import check_replaceable, write_results
+    from powerclip.eval_io.model_io import load_model
 
     if args.out and args.out.endswith(".json"):
         check_replaceable(Path(args.out))  # before the work: refused now, not after the evaluation
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         device = f"cuda:{cuda_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
     else:
         device = "cpu"
-    from powerclip.eval.model_io import ExportMismatchError
+    from powerclip.eval_io.model_io import ExportMismatchError
 
     try:
         loaded = load_model(args.model, device)
