@@ -18,7 +18,10 @@ from powerclip.config import eval_task_error
 
 def _task_list() -> str:
     """The task table of ``powerclip.eval.api``'s docstring, read from its source (no torch import)."""
-    doc = ast.get_docstring(ast.parse((Path(__file__).parent / "api.py").read_text())) or ""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("powerclip.eval.api").origin).read_text()
+    doc = ast.get_docstring(ast.parse(source)) or ""
     return doc.split("\n\n", 2)[2] if doc.count("\n\n") >= 2 else doc
 
 
