@@ -17,7 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("powerclip.train.cli", "train (or fine-tune) from a YAML config with dotted overrides"),
     "export": ("powerclip.export", "export a run or checkpoint to an open_clip folder"),
-    "eval": ("powerclip.eval.cli", "zero-shot, retrieval and compositional evaluation"),
+    "eval": ("powerclip.eval_io.cli", "zero-shot, retrieval and compositional evaluation"),
     "submit": ("powerclip.launch.cli", "submit a training run to Slurm through submitit"),
     "check": ("powerclip.launch.check", "check a config, its data, eval sets and run folder in seconds"),
     "config": ("powerclip.config_cli", "print the resolved config (config show -c CONFIG [overrides])"),

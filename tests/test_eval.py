@@ -25,7 +25,7 @@ from powerclip.eval.metrics import (
     winoground_terms,
     zero_shot_metrics,
 )
-from powerclip.eval.model_io import load_model
+from powerclip.eval_io.model_io import load_model
 from tests.dist_helpers import run_on_ranks
 from tests.test_eval_support import (
     make_export,

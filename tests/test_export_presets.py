@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from powerclip.config import load_config
-from powerclip.eval.model_io import load_export_dir
+from powerclip.eval_io.model_io import load_export_dir
 from powerclip.export import export_open_clip
 from powerclip.model.factory import create_model, model_cfg_dict, preprocess_cfg, reference_model
 
@@ -74,7 +74,7 @@ def test_preset_export_loads_in_open_clip_identically_or_is_refused(preset, tmp_
     with torch.no_grad():
         ours_img, ours_txt = model.encode_image(images)[0], model.encode_text(text)[0]
         if cfg.model.pool == "mean":  # token-mean text pooling: open_clip cannot express it and must refuse
-            with pytest.raises(TypeError, match=r"powerclip\.eval\.model_io\.load_model"):
+            with pytest.raises(TypeError, match=r"powerclip\.eval_io\.model_io\.load_model"):
                 open_clip.create_model(f"local-dir:{out}")
             plain = load_export_dir(out).model  # powerclip's loader: open_clip's own load, then the mean
         else:

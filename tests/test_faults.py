@@ -83,7 +83,7 @@ def test_hostile_stage0_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
     # model.pretrained and eval --model go through the same consolidation
-    from powerclip.eval.model_io import load_model
+    from powerclip.eval_io.model_io import load_model
     from powerclip.model.factory import create_model
 
     with pytest.raises(Exception, match=f"{bad}: refusing to load"):
@@ -670,7 +670,7 @@ def test_llm_key_echoed_by_the_server_is_redacted_everywhere(tmp_path, monkeypat
 def test_eval_refuses_exports_whose_config_disagrees_with_the_weights(tmp_path, caplog, capsys):
     import json
 
-    from powerclip.eval.model_io import ExportMismatchError, load_model
+    from powerclip.eval_io.model_io import ExportMismatchError, load_model
     from powerclip.export import export_open_clip
     from powerclip.model import create_model, model_cfg_dict, preprocess_cfg, reference_model
 

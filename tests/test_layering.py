@@ -40,8 +40,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("eval", ("powerclip.eval",)),
     ("train", ("powerclip.train",)),
     ("export", ("powerclip.export",)),
-    ("eval_io", ("powerclip.eval.model_io", "powerclip.eval.cli")),
-    ("launch", ("powerclip.launch", "powerclip.data.shard_array")),
+    ("eval_io", ("powerclip.eval_io",)),
+    ("launch", ("powerclip.launch",)),
     ("cli", ("powerclip.cli", "powerclip.__main__", "powerclip.config_cli")),
 )
 
@@ -223,3 +223,17 @@ def test_no_private_name_imported_across_modules(tmp_path):
     toy.write_text("from powerclip.x import _hidden, public\nfrom .y import _other\nfrom powerclip import __version__\n")
     assert private_imports([toy], "powerclip") == ["toy.py:1 imports _hidden from powerclip.x",
                                                     "toy.py:2 imports _other from y"]
+
+
+def test_each_package_folder_lies_in_one_layer():
+    """The folder tree shows the layers: no module sits in a package folder of another layer (a
+    prefix naming a module inside another layer's folder would hide an upward step in the tree)."""
+    prefixes = [(name, p) for name, ps in LAYERS for p in ps if "." in p]
+    bad = [f"{p} ({name}) lies inside {q} ({other})" for name, p in prefixes for other, q in prefixes
+           if other != name and p.startswith(q + ".")]
+    assert not bad, bad
+    modules = _package_graph()
+    packages = {m for m in modules if (Path(powerclip.__file__).parent.parent / m.replace(".", "/")).is_dir()}
+    mixed = {pkg: sorted({LAYERS[layer_of(m)][0] for m in modules if m.startswith(pkg + ".")} - {LAYERS[layer_of(pkg)][0]})
+             for pkg in packages if pkg != "powerclip"}
+    assert not {k: v for k, v in mixed.items() if v}, mixed

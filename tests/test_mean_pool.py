@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from powerclip.eval.model_io import load_export_dir
+from powerclip.eval_io.model_io import load_export_dir
 from powerclip.export import export_open_clip
 from powerclip.model.clip_model import mean_pool_text
 from powerclip.model.factory import create_model, model_cfg_dict, preprocess_cfg, reference_model
@@ -70,7 +70,7 @@ def test_export_with_mean_pooling_loads_in_open_clip_and_in_powerclip(tmp_path):
     assert json.loads((out / "open_clip_config.json").read_text())["powerclip"] == {"text_pool": "mean"}
     text, images = _tokens(), torch.randn(2, 3, 32, 32)
     # plain open_clip would pool the text at EOT (its only options): it refuses, naming powerclip's loader
-    with pytest.raises(TypeError, match=r"powerclip\.eval\.model_io\.load_model"):
+    with pytest.raises(TypeError, match=r"powerclip\.eval_io\.model_io\.load_model"):
         open_clip.create_model_and_transforms(f"local-dir:{out}")
     with torch.no_grad():
         # powerclip's loader (open_clip's own load without the refusal key) applies the recorded text pooling

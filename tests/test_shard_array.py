@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from powerclip.data.shard_array import split_ranges
+from powerclip.launch.shard_array import split_ranges
 from tests.test_data_patch_regions import write_powerclip_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powerclip.data.annotate_shards import annotate_shards  # noqa: E402
-from powerclip.data.shard_array import add_slurm_args, run_array_cli  # noqa: E402
+from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 from powerclip.negatives.shards import list_shards  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powerclip.data.build import DEFAULT_MAX_PIXELS, build_shards, plan_build  # noqa: E402
-from powerclip.data.shard_array import add_slurm_args, run_array_cli  # noqa: E402
+from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,7 +210,7 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     from powerclip.config import load_config
-    from powerclip.eval.model_io import is_export_dir
+    from powerclip.eval_io.model_io import is_export_dir
     from powerclip.train.loop import train
 
     done = job.run_dir / "compare_done.json"
@@ -306,7 +306,7 @@ def evaluate_model(model_path: Path | str, synth: str) -> tuple[dict[str, float]
     twins. Every accuracy keeps its per-item outcomes (their mean is the value), so that any figure
     can be recomputed, and resampled over items."""
     from powerclip.eval import evaluate
-    from powerclip.eval.model_io import load_model
+    from powerclip.eval_io.model_io import load_model
 
     loaded = load_model(model_path)
     flat: dict[str, float] = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from powerclip.data.shard_array import add_slurm_args, run_array_cli  # noqa: E402
+from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives  # noqa: E402
 from powerclip.negatives.validate import KINDS, Bounds  # noqa: E402
 

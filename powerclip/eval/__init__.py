@@ -1,7 +1,7 @@
 """Evaluation: zero-shot, retrieval and compositional benchmarks, in clip_benchmark's result schema.
 
 The names below are loaded on first use: they import torch and open_clip, and ``powerclip eval
---help`` (which imports ``powerclip.eval.cli``, so this package) must not.
+--help`` (which reads the task list of ``powerclip.eval.api``, so imports this package) must not.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # (and so clip_benchmark) stops with ``CLIP.__init__() got an unexpected keyword argument '<this
 # sentence>'``; powerclip's loader removes it and applies the mean.
 OPEN_CLIP_REFUSAL_KEY = ("powerclip_text_pool_mean: open_clip cannot pool text by token mean, so it must not load "
-                         "this folder; load it with powerclip.eval.model_io.load_model or evaluate it with "
+                         "this folder; load it with powerclip.eval_io.model_io.load_model or evaluate it with "
                          "`powerclip eval --model DIR`")
 
 

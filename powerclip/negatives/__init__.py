@@ -6,7 +6,7 @@
                in-context examples per kind, batching, retries with back-off and an on-disk cache.
 * ``validate`` every candidate is checked the same way whatever produced it; rejects are counted.
 * ``shards``   reads a webdataset shard set and writes new shards with ``json["negatives"]`` filled,
-               shard by shard (resumable; ``powerclip.data.shard_array`` runs it as a Slurm job array).
+               shard by shard (resumable; ``powerclip.launch.shard_array`` runs it as a Slurm job array).
 ``tools/make_negatives.py`` is the command line.
 """
 

@@ -18,7 +18,10 @@ from powerclip.config import eval_task_error
 
 def _task_list() -> str:
     """The task table of ``powerclip.eval.api``'s docstring, read from its source (no torch import)."""
-    doc = ast.get_docstring(ast.parse((Path(__file__).parent / "api.py").read_text())) or ""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("powerclip.eval.api").origin).read_text()
+    doc = ast.get_docstring(ast.parse(source)) or ""
     return doc.split("\n\n", 2)[2] if doc.count("\n\n") >= 2 else doc
 
 
@@ -69,8 +72,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from powerclip.eval.api import EvalOptions, evaluate
-    from powerclip.eval.model_io import load_model
     from powerclip.eval.results import check_replaceable, write_results
+    from powerclip.eval_io.model_io import load_model
 
     if args.out and args.out.endswith(".json"):
         check_replaceable(Path(args.out))  # before the work: refused now, not after the evaluation
@@ -83,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         device = f"cuda:{cuda_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
     else:
         device = "cpu"
-    from powerclip.eval.model_io import ExportMismatchError
+    from powerclip.eval_io.model_io import ExportMismatchError
 
     try:
         loaded = load_model(args.model, device)

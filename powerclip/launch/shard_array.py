@@ -46,13 +46,13 @@ def split_ranges(n: int, tasks: int) -> list[tuple[int, int]]:
 def _run_range(tool: str, shards: list, out: str, options: dict[str, Any]) -> dict:
     """``shards``: input shard paths (annotate) or the [lo, hi) output shard numbers of the plan (build)."""
     if tool == "annotate":
-        from .annotate_shards import annotate_shards
+        from powerclip.data.annotate_shards import annotate_shards
 
         return annotate_shards([Path(s) for s in shards], out, options.get("workers", 1),
                                options.get("parser", "spacy"), options.get("model", "en_core_web_sm"),
                                progress=False, write_manifest=False)
     if tool == "build":
-        from .build import build_shards
+        from powerclip.data.build import build_shards
 
         opts = dict(options)
         return build_shards(opts.pop("inputs"), out, progress=False, only=(shards[0], shards[-1] + 1),
@@ -68,7 +68,7 @@ def _negatives_range(shards: list[Path], out: Path, options: dict[str, Any]) -> 
     was named: sqlite shared by many nodes needs file locks that network filesystems often lack."""
     from dataclasses import replace
 
-    from ..negatives.shards import check_settings, run_phase
+    from powerclip.negatives.shards import check_settings, run_phase
 
     job = options["job"]
     check_settings(out, job, shards)
@@ -90,20 +90,20 @@ class ShardRangeTask(submitit.helpers.Checkpointable):
 def summarize_task(tool: str, out: str, expected: list[str]) -> dict:
     """The summary job: the manifest of every finished shard, plus the shards still missing."""
     if tool == "build":
-        from .build import build_manifest, write_build_manifest
+        from powerclip.data.build import build_manifest, write_build_manifest
 
         manifest = build_manifest(out)  # knows the missing shards from the plan
         write_build_manifest(out, manifest)
         return manifest
     if tool == "negatives":
-        from ..negatives.shards import summarize, write_report
+        from powerclip.negatives.shards import summarize, write_report
 
         report = summarize(Path(out))
         write_report(Path(out), report)
         return report
     if tool != "annotate":
         raise ValueError(f"unknown shard tool {tool!r}; one of {TOOLS}")
-    from .annotate_shards import summarize, write_summary
+    from powerclip.data.annotate_shards import summarize, write_summary
 
     manifest = summarize(Path(out))
     done = set(manifest["sizes"])
@@ -156,8 +156,8 @@ def wait_array(jobs: list, summary, total: int, finished: Callable[[], int], pro
     (``finished()`` counts the shards done so far, from their records); returns the summary
     manifest with ``resumed_shards`` (shards the tasks found already finished) and
     ``array_tasks``. A failed task re-raises its error, after the summary is written."""
-    from ..launch.submit import TERMINAL_STATES, scontrol_state, wait_for_result
-    from ..progress import progress_bar
+    from powerclip.launch.submit import TERMINAL_STATES, scontrol_state, wait_for_result
+    from powerclip.progress import progress_bar
 
     bar = progress_bar(total, "shards (array)", unit="shard", enabled=progress)
     while not summary.paths.result_pickle.exists():
