@@ -39,6 +39,7 @@ def _cfg(run_dir: Path, precision: str, stage: int, steps: int, extra: tuple[str
 
 
 def _resume_job(rank: int, world: int, root: str) -> dict:
+    from powerclip.train import elastic
     from powerclip.train.loop import train
 
     out = {}
@@ -56,6 +57,12 @@ def _resume_job(rank: int, world: int, root: str) -> dict:
     out["cross_ref"] = train(_cfg(Path(root) / "cross-ref", "bf16", 1, 8), build_loader=MemoryLoader)["losses"]
     nan = train(_cfg(Path(root) / "nan", "amp_bf16", 0, 3, ("checkpoint.every_steps=0",)), build_loader=NanLoader)
     out["nan"] = {"losses": nan["losses"], "skipped": nan["skipped_steps"]}
+    # amp_fp16's loss scale halves at the non-finite step 2; the resume before step 3 continues from it
+    scales = Path(root) / "scale"
+    for steps in (2, 3):
+        train(_cfg(scales, "amp_fp16", 0, steps, ("checkpoint.every_steps=1",)), build_loader=NanLoader)
+    out["scales"] = [elastic.read_client_state(scales / "checkpoints" / f"step_{s:08d}")["grad_scaler"]["scale"]
+                     for s in (1, 2, 3)]
     return out
 
 
@@ -92,6 +99,13 @@ def test_nonfinite_loss_at_zero0_skips_after_backward(runs):
     _, out = runs
     assert out["nan"]["skipped"] == 1 and len(out["nan"]["losses"]) == 3
     assert math.isfinite(out["nan"]["losses"][2])  # the weights stayed finite: the NaN step was dropped
+
+
+@pytest.mark.slow
+def test_amp_fp16_loss_scale_survives_a_resume(runs):
+    # GradScaler's initial 65536, halved by the NaN step 2, kept across the restart before step 3 (a scale
+    # that restarted would read 65536 again at step 3); powers of two: exact in any process
+    assert runs[1]["scales"] == [65536.0, 32768.0, 32768.0]
 
 
 @pytest.mark.slow
@@ -146,12 +160,14 @@ def test_a_nonfinite_gradient_norm_gates_the_step_only_when_it_is_this_steps():
         assert r.loss == 1.0
 
 
-def test_train_refuses_half_weights_at_zero0_before_writing_anything(tmp_path):
+def test_train_refuses_half_weights_at_zero0_before_writing_anything(tmp_path, synthetic_root):
     import subprocess
     import sys
 
     run = tmp_path / "run"
+    shards = str(synthetic_root / "train" / "{00000..00002}.tar")  # real shards: the data check passes
     proc = subprocess.run([sys.executable, "-m", "powerclip", "train", "-c", str(ROOT / "configs" / "tiny_cpu.yaml"),
+                           f"data.sources=[{{shards: '{shards}'}}]", "model.config.vision_cfg.image_size=32",
                            "train.precision=fp16", "train.zero_stage=0", f"train.run_dir={run}"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2

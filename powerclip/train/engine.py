@@ -134,6 +134,22 @@ def discard_gradients(engine, cfg: Config) -> None:
         scaler.update()
 
 
+def grad_scaler_state(engine) -> dict[str, Any] | None:
+    """The amp_fp16 loss scaler's state (scale, growth tracker: primitives) for the checkpoint, None in
+    every other mode. DeepSpeed does not save the GradScaler it builds for torch autocast at ZeRO-0, and
+    a resumed run that restarted at the initial scale would overflow (and skip) steps anew."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    state = scaler.state_dict() if scaler is not None else None
+    return state or None  # an unused scaler has an empty state
+
+
+def load_grad_scaler_state(engine, state: dict[str, Any] | None) -> None:
+    """Restore ``grad_scaler_state``'s state into this engine's amp_fp16 scaler (when both exist)."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and isinstance(state, dict) and state:
+        scaler.load_state_dict(state)
+
+
 def apply_backend_settings(cfg: Config) -> None:
     """``train.cudnn_benchmark`` and ``train.tf32`` (open_clip_train's defaults) for this process."""
     torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)

@@ -56,6 +56,8 @@ from powerclip.train.engine import (
     discard_gradients,
     features_of,
     full_fp32_matmuls,
+    grad_scaler_state,
+    load_grad_scaler_state,
 )
 from powerclip.train.host_memory import keep_freed_host_memory
 from powerclip.train.logging import RunLogger, peak_memory_mb
@@ -363,6 +365,7 @@ def save_checkpoint(engine, ckpt_dir: Path, cfg: Config, env: DistEnv, loader, t
                                   "world_size": env.world_size, "zero_stage": cfg.train.zero_stage,
                                   "precision": cfg.train.precision,
                                   "model": ckpt.model_settings(cfg.model),
+                                  "grad_scaler": grad_scaler_state(engine),
                                   "global_batch": cfg.data.batch_size * cfg.train.accum_steps * env.world_size,
                                   "ranks": ckpt.gather_rank_states(local)}}
     before_latest = None
@@ -411,6 +414,7 @@ def load_resume(cfg: Config, engine, target: tuple[Path, str] | None, env: DistE
     if state["config_hash"] != config_hash(cfg) and env.is_main:
         log.warning("resuming %s with a changed config (hash %s -> %s)", load_dir / tag,
                     state["config_hash"], config_hash(cfg))
+    load_grad_scaler_state(engine, state.get("grad_scaler"))
     if teacher is not None:
         teacher.load(load_dir / tag / "ema_teacher.pt")
     if env.is_main:
