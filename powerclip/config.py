@@ -700,12 +700,12 @@ def validate_aug(cfg: Config) -> None:
         p = getattr(a, key)
         if p is not None and not 0.0 <= p <= 1.0:
             raise ConfigError(f"aug.{key} must be in [0, 1] (or null), got {p}")
-    if a.color_jitter_prob is not None:
+    if a.color_jitter_prob:
         cj = a.color_jitter
         if cj is None or len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
             raise ConfigError(f"aug.color_jitter must be [brightness, contrast, saturation, hue] (each >= 0, hue "
                               f"<= 0.5) when aug.color_jitter_prob is set, got {cj}")
-    elif a.color_jitter is not None:
+    elif a.color_jitter is not None and a.color_jitter_prob is None:
         raise ConfigError("aug.color_jitter is applied by open_clip only with aug.color_jitter_prob > 0; set "
                           "aug.color_jitter_prob (e.g. 0.8) or remove aug.color_jitter")
     for key in ("mean", "std"):
