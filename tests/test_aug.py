@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, Normalize, Resize
 
-from powerclip.config import ConfigError, aug_cfg_dict, load_config
+from powerclip.config import ConfigError, aug_cfg_dict, aug_preprocess, load_config
 from powerclip.data import build_loader
 from powerclip.data.device import normalize_images
 from powerclip.data.geometry import model_geometry
 from powerclip.data.samples import SampleProcessor
 from powerclip.data.transforms import apply_transform
+from powerclip.eval.periodic import eval_transform
 from powerclip.export import export_open_clip, run_preprocess_cfg
 from powerclip.model import create_model, model_cfg_dict
 from tests.test_data_resume import TINY, cfg_for
@@ -171,6 +172,8 @@ def test_export_preprocess_cfg_makes_open_clip_transforms_match(tmp_path):
     assert resize[0].interpolation == InterpolationMode.BILINEAR and tuple(resize[0].size) == (32, 32)
     geo = model_geometry(cfg)  # the device normalisation of training uses the same values
     assert list(geo.mean) == pytest.approx(MEAN) and list(geo.std) == pytest.approx(STD)
+    periodic = eval_transform(model.clip, aug_preprocess(cfg))  # and the periodic evaluation during training
+    assert [repr(t) for t in periodic.transforms] == [repr(t) for t in preprocess.transforms]
 
 
 @pytest.mark.parametrize("override, key", [
