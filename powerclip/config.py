@@ -83,6 +83,61 @@ class DataConfig:
     jpeg_draft: bool = False
 
 
+# ---------------------------------------------------------------------------------------- aug
+AUG_INTERPOLATIONS = ("bicubic", "bilinear", "random")
+AUG_RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+@dataclass
+class AugConfig:
+    """open_clip's ``--aug-cfg`` keys and its ``--image-*`` preprocessing flags, with its meanings.
+
+    Only what runs identically in the uint8 loader is accepted (``validate_aug``): open_clip's own
+    train transform (random resized crop, colour jitter, grayscale) runs in the worker on the PIL image
+    with every random choice drawn from the sample's seed; timm's transform (``use_timm``, and the keys
+    only it reads: ``ratio``, ``re_prob``, ``re_count``) is refused at config load."""
+
+    scale: list[float] | None = None  # crop area range; null: data.augment_scale
+    ratio: list[float] | None = None  # timm only: refused
+    # [brightness, contrast, saturation, hue], applied with probability color_jitter_prob
+    color_jitter: list[float] | None = None
+    color_jitter_prob: float | None = None
+    gray_scale_prob: float | None = None
+    re_prob: float | None = None  # timm only: refused
+    re_count: int | None = None  # timm only: refused
+    use_timm: bool = False  # refused
+    # preprocessing (open_clip's --image-mean/std/interpolation/resize-mode); null: the model's preprocess_cfg
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None  # bicubic | bilinear | random (evaluation resize; training crops bicubic)
+    resize_mode: str | None = None  # shortest | longest | squash (evaluation transform)
+
+
+def aug_scale(cfg: Config) -> list[float]:
+    """The crop scale in force: ``aug.scale``, or its alias ``data.augment_scale``."""
+    return list(cfg.aug.scale) if cfg.aug.scale is not None else list(cfg.data.augment_scale)
+
+
+def aug_cfg_dict(cfg: Config) -> dict[str, Any]:
+    """open_clip's ``aug_cfg`` for the training transform (the keys validate_aug accepts)."""
+    a = cfg.aug
+    out: dict[str, Any] = {"scale": tuple(aug_scale(cfg))}
+    if a.color_jitter_prob:
+        out["color_jitter"] = tuple(a.color_jitter or ())
+        out["color_jitter_prob"] = float(a.color_jitter_prob)
+    if a.gray_scale_prob:
+        out["gray_scale_prob"] = float(a.gray_scale_prob)
+    return out
+
+
+def aug_preprocess(cfg: Config) -> dict[str, Any]:
+    """The open_clip preprocess_cfg entries the ``aug`` section sets (mean, std, interpolation,
+    resize_mode): they override the model's, in the loader and in the exported open_clip config."""
+    a = cfg.aug
+    out = {"mean": a.mean, "std": a.std, "interpolation": a.interpolation, "resize_mode": a.resize_mode}
+    return {k: ([float(x) for x in v] if isinstance(v, (list, tuple)) else v) for k, v in out.items() if v is not None}
+
+
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -349,6 +404,7 @@ class SlurmConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -602,6 +658,7 @@ def validate_ranges(cfg: Config) -> None:
     scale = cfg.data.augment_scale
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"data.augment_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")
+    validate_aug(cfg)
     if cfg.data.max_concepts_per_caption is not None and cfg.data.max_concepts_per_caption < 1:
         raise ConfigError(f"data.max_concepts_per_caption must be >= 1 (or null), got "
                           f"{cfg.data.max_concepts_per_caption}")
@@ -617,6 +674,51 @@ def validate_ranges(cfg: Config) -> None:
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
                           f"context length {n_ctx} (model.config.text_cfg.context_length or model.name)")
+
+
+def validate_aug(cfg: Config) -> None:
+    """The ``aug`` section: ranges, and a refusal for what the uint8 loader cannot run as open_clip does.
+
+    timm's transform (``use_timm``) ends in random erasing with per-pixel normal noise drawn in the
+    normalised space, after Normalize: on uint8 pixels that noise would be clipped and quantised, and
+    on the device it would need each sample's rectangles and noise seed shipped with the batch, so it
+    is refused; ``ratio``, ``re_prob`` and ``re_count`` are read by timm's transform only (open_clip's
+    own ignores them with a warning), so setting them without it is a mistake."""
+    a = cfg.aug
+    if a.use_timm:
+        raise ConfigError("aug.use_timm=true is not supported: timm's transform erases after Normalize with "
+                          "normal noise the uint8 loader cannot reproduce; use open_clip's own aug keys")
+    for key in ("ratio", "re_prob", "re_count"):
+        if getattr(a, key) is not None:
+            raise ConfigError(f"aug.{key} is read only by timm's transform (aug.use_timm), which powerclip does "
+                              f"not support; remove aug.{key} (open_clip would ignore it)")
+    if a.scale is not None:
+        if list(cfg.data.augment_scale) != [0.9, 1.0]:
+            raise ConfigError("aug.scale and data.augment_scale are both set; set only aug.scale (the other is "
+                              "its alias)")
+        if len(a.scale) != 2 or not 0.0 < a.scale[0] <= a.scale[1] <= 1.0:
+            raise ConfigError(f"aug.scale must be [min, max] with 0 < min <= max <= 1, got {a.scale}")
+    for key in ("color_jitter_prob", "gray_scale_prob"):
+        p = getattr(a, key)
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise ConfigError(f"aug.{key} must be in [0, 1] (or null), got {p}")
+    if a.color_jitter_prob:
+        cj = a.color_jitter
+        if cj is None or len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
+            raise ConfigError(f"aug.color_jitter must be [brightness, contrast, saturation, hue] (each >= 0, hue "
+                              f"<= 0.5) when aug.color_jitter_prob is set, got {cj}")
+    elif a.color_jitter is not None and a.color_jitter_prob is None:
+        raise ConfigError("aug.color_jitter is applied by open_clip only with aug.color_jitter_prob > 0; set "
+                          "aug.color_jitter_prob (e.g. 0.8) or remove aug.color_jitter")
+    for key in ("mean", "std"):
+        v = getattr(a, key)
+        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+            raise ConfigError(f"aug.{key} must be 3 numbers (one per RGB channel{', each > 0' * (key == 'std')}), "
+                              f"got {v}")
+    if a.interpolation is not None and a.interpolation not in AUG_INTERPOLATIONS:
+        raise ConfigError(f"aug.interpolation={a.interpolation!r} is not one of {', '.join(AUG_INTERPOLATIONS)}")
+    if a.resize_mode is not None and a.resize_mode not in AUG_RESIZE_MODES:
+        raise ConfigError(f"aug.resize_mode={a.resize_mode!r} is not one of {', '.join(AUG_RESIZE_MODES)}")
 
 
 def model_vision_cfg(cfg: Config) -> tuple[str, dict[str, Any]]:

@@ -130,6 +130,15 @@ def export_open_clip(model_or_state: torch.nn.Module | dict[str, torch.Tensor], 
     return out_dir
 
 
+def run_preprocess_cfg(cfg, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's preprocess_cfg for a run's export: the model's, with the run's ``aug.mean``, ``aug.std``,
+    ``aug.interpolation`` and ``aug.resize_mode`` over it, so open_clip's own transforms match training's."""
+    from powerclip.config import aug_preprocess
+    from powerclip.model.factory import preprocess_cfg, reference_model
+
+    return {**preprocess_cfg(reference_model(model_cfg)), **aug_preprocess(cfg)}
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path, tag: str | None = None,
                       config_path: str | Path | None = None, nonscalar_logit_scale: bool = False,
                       private: bool | None = None) -> Path:
@@ -139,7 +148,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, tag: str | None = N
     from powerclip.checkpoints.consolidate import consolidate_checkpoint
     from powerclip.checkpoints.discovery import resolve_checkpoint
     from powerclip.config import load_config
-    from powerclip.model.factory import model_cfg_dict, preprocess_cfg, reference_model
+    from powerclip.model.factory import model_cfg_dict
 
     check_output_dir(out_dir, is_previous_export, "a previous export")  # before the slow consolidation
     ref = resolve_checkpoint(path, tag)
@@ -151,7 +160,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, tag: str | None = N
     if nonscalar_logit_scale:
         model_cfg["nonscalar_logit_scale"] = True
     state = consolidate_checkpoint(ref.root, ref.tag)
-    preprocess = preprocess_cfg(reference_model(model_cfg))
+    preprocess = run_preprocess_cfg(cfg, model_cfg)
     log.info("exporting %s (tag %s) to %s", ref.root, ref.tag, out_dir)
     private = cfg.checkpoint.private if private is None else private
     return export_open_clip(state, model_cfg, preprocess, out_dir, text_pool=cfg.model.pool, private=private)

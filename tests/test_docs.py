@@ -253,6 +253,12 @@ def test_slug_and_table_parsing():
     assert not _same(_doc_value("false"), 0) and _same(_doc_value("null"), None)
 
 
+def test_every_aug_key_is_documented_in_data_md():
+    documented = {key for key, _, _ in key_rows(DOCS / "data.md")}
+    missing = sorted({k for k in DEFAULTS if k.startswith("aug.")} - documented)
+    assert not missing, f"docs/data.md has no `key | default` row for {missing}"
+
+
 def test_training_option_keys_are_documented_in_training_options_md():
     """Tower options, the schedule's keys and log.* each have a row (default checked above)."""
     documented = {key for key, _, _ in key_rows(DOCS / "training_options.md")}

@@ -15,7 +15,7 @@ from powerclip.config import Config, DataSourceConfig
 from tests.test_docs import _cells, _leaf_keys, _prose_lines
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "open_clip_flags.md"
-SECTIONS = ("data.", "model.", "loss.", "optim.", "train.", "checkpoint.", "eval.", "log.", "slurm.")
+SECTIONS = ("data.", "aug.", "model.", "loss.", "optim.", "train.", "checkpoint.", "eval.", "log.", "slurm.")
 
 
 def open_clip_train_flags(monkeypatch) -> set[str]:

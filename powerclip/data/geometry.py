@@ -1,9 +1,11 @@
-"""Image geometry of the configured model: input size, patch grid, normalisation.
+"""Image geometry of the configured model: input size, patch grid, normalisation, resizing.
 
 Why here: the data pipeline must agree with the model on the input resolution, the patch grid
 (region masks are [M, grid*grid]) and the mean/std, and the model config is the one source of
 truth. Read from ``cfg.model.config`` (a full open_clip model_cfg dict), an open_clip built-in
-name, or an exported folder ``local-dir:DIR`` (its open_clip_config.json).
+name, or an exported folder ``local-dir:DIR`` (its open_clip_config.json); ``aug.mean``, ``aug.std``,
+``aug.interpolation`` and ``aug.resize_mode`` override its preprocess_cfg as open_clip's ``--image-*``
+flags do, and the export writes them into its preprocess_cfg (``config.aug_preprocess``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from powerclip.config import aug_preprocess
 
 # open_clip.constants values, repeated so that importing this module does not import open_clip
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,6 +28,8 @@ class Geometry:
     patch_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     @property
     def grid(self) -> int:
@@ -69,9 +75,11 @@ def model_geometry(cfg) -> Geometry:
             patch = 32
         else:
             raise ValueError(f"cannot tell the patch size of vision_cfg {vc}")
-    mean = tuple(pp.get("mean") or vc.get("image_mean") or OPENAI_DATASET_MEAN)
-    std = tuple(pp.get("std") or vc.get("image_std") or OPENAI_DATASET_STD)
-    return Geometry(int(size), int(patch), mean, std)
+    pp.update(aug_preprocess(cfg))
+    mean = tuple(float(x) for x in (pp.get("mean") or vc.get("image_mean") or OPENAI_DATASET_MEAN))
+    std = tuple(float(x) for x in (pp.get("std") or vc.get("image_std") or OPENAI_DATASET_STD))
+    return Geometry(int(size), int(patch), mean, std, str(pp.get("interpolation") or "bicubic"),
+                    str(pp.get("resize_mode") or "shortest"))
 
 
 def grid_size(cfg) -> int:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from powerclip.errors import UserError
 
-from ..config import Config
+from ..config import Config, aug_cfg_dict
 from .decode import MAX_PIXELS, decode_image
 from .geometry import model_geometry
 from .published import (
@@ -75,9 +76,12 @@ class SampleProcessor:
         d = cfg.data
         self.d = d
         self.geo = model_geometry(cfg)
-        aug = {"scale": tuple(d.augment_scale)} if train else None
-        self.transform = image_transform(self.geo.image_size, is_train=train, mean=self.geo.mean,
-                                         std=self.geo.std, aug_cfg=aug)
+        g = self.geo
+        with warnings.catch_warnings():  # open_clip warns that its own jitter/grayscale keys are "unused"
+            warnings.simplefilter("ignore", UserWarning)
+            self.transform = image_transform(g.image_size, is_train=train, mean=g.mean, std=g.std,
+                                             resize_mode=g.resize_mode, interpolation=g.interpolation,
+                                             aug_cfg=aug_cfg_dict(cfg) if train else None)
         self.rng_only = is_seeded_by_rng(self.transform)
         # data.jpeg_draft: JPEGs decoded at a reduced DCT scale that the transform never upsamples
         self.draft = draft_size(self.transform) if d.jpeg_draft else None

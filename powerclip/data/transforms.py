@@ -10,7 +10,9 @@ Two steps are done our way, because the loader pays them on every sample: the Ra
 window is drawn from the sample's Python ``random.Random`` (``crop_params``: torchvision's algorithm,
 without seeding and restoring torch's global generator per sample), and ToTensor (+ Normalize) is
 fused into one or two passes written straight into the batch tensor (``pixels_into``,
-``normalized_into``).
+``normalized_into``). open_clip's probabilistic colour jitter and grayscale draw their coin and
+factors from the same ``random.Random`` (``jitter_with``): open_clip draws the coin from Python's
+global ``random``, which no per-sample torch seed would make reproducible.
 """
 
 from __future__ import annotations
@@ -31,6 +33,28 @@ def _is_convert_mode(t) -> bool:
     """open_clip's MaybeConvertMode, matched by name: importing open_clip here would cost every
     user of this module a second of start-up."""
     return type(t).__name__ == "MaybeConvertMode" and hasattr(t, "mode")
+
+
+def _is_open_clip_step(t, name: str) -> bool:
+    """open_clip's ``color_jitter`` / ``gray_scale`` wrappers (a coin of probability ``p``, then ``transf``),
+    matched by name for the reason of ``_is_convert_mode``."""
+    return type(t).__name__ == name and hasattr(t, "p") and hasattr(t, "transf")
+
+
+def jitter_with(rng: random.Random, jitter, img: Image.Image) -> Image.Image:
+    """torchvision ``ColorJitter(img)`` with its random order and factors drawn from ``rng``.
+
+    The same distribution as ``ColorJitter.get_params`` (a uniform permutation of the four
+    adjustments, each factor uniform in its range) and the same ``adjust_*`` functions."""
+    order = [0, 1, 2, 3]
+    rng.shuffle(order)
+    ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    factors = [None if r is None else rng.uniform(r[0], r[1]) for r in ranges]
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in order:
+        if factors[i] is not None:
+            img = adjust[i](img, factors[i])
+    return img
 
 
 def crop_params(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -119,15 +143,23 @@ def apply_transform(transform, img, out: torch.Tensor | None = None, rng: random
             sx, sy = (win[2] - win[0]) / img.size[0], (win[3] - win[1]) / img.size[1]
             win = [win[0] + j * sx, win[1] + i * sy, win[0] + (j + w) * sx, win[1] + (i + h) * sy]
             img = TF.resized_crop(img, i, j, h, w, t.size, t.interpolation, antialias=t.antialias)
-        elif isinstance(t, CenterCrop):
+        elif isinstance(t, CenterCrop) or (type(t).__name__ == "CenterCropOrPad" and isinstance(img, Image.Image)):
             ch, cw = t.size if isinstance(t.size, (tuple, list)) else (t.size, t.size)
             W, H = img.size
-            top, left = int(round((H - ch) / 2.0)), int(round((W - cw) / 2.0))
+            # a side shorter than the crop is padded (CenterCropOrPad): its offset is minus the left pad
+            top = -((ch - H) // 2) if H < ch else int(round((H - ch) / 2.0))
+            left = -((cw - W) // 2) if W < cw else int(round((W - cw) / 2.0))
             sx, sy = (win[2] - win[0]) / W, (win[3] - win[1]) / H
             win = [win[0] + left * sx, win[1] + top * sy, win[0] + (left + cw) * sx, win[1] + (top + ch) * sy]
             img = t(img)
         elif _is_convert_mode(t) and isinstance(img, Image.Image) and img.mode == t.mode:
             continue  # PIL's convert to the same mode is a full copy
+        elif rng is not None and _is_open_clip_step(t, "color_jitter"):
+            if rng.random() < t.p:
+                img = jitter_with(rng, t.transf, img)
+        elif rng is not None and _is_open_clip_step(t, "gray_scale"):
+            if rng.random() < t.p:
+                img = t.transf(img)
         elif uint8 and isinstance(t, ToTensor):
             rest = steps[k:]
             if not (isinstance(img, Image.Image) and img.mode == "RGB") or len(rest) > 1 or (
@@ -177,7 +209,11 @@ def draft_size(transform) -> int | None:
 
 def is_seeded_by_rng(transform) -> bool:
     """True when ``apply_transform(..., rng=)`` draws every random choice of ``transform`` from
-    ``rng`` (its only random step is RandomResizedCrop), so torch's generator need not be seeded."""
+    ``rng`` (its random steps: RandomResizedCrop, open_clip's colour jitter and grayscale), so torch's
+    generator need not be seeded. open_clip's ResizeKeepRatio and CenterCropOrPad (resize mode
+    ``longest``) draw nothing as its evaluation transform builds them."""
     steps = getattr(transform, "transforms", [transform])
     return all(isinstance(t, (RandomResizedCrop, CenterCrop, Resize, ToTensor, Normalize)) or _is_convert_mode(t)
-               for t in steps)
+               or _is_open_clip_step(t, "color_jitter") or _is_open_clip_step(t, "gray_scale")
+               or (type(t).__name__ == "ResizeKeepRatio" and not t.random_scale_prob and not t.random_aspect_prob)
+               or type(t).__name__ == "CenterCropOrPad" for t in steps)

@@ -17,7 +17,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from powerclip import distributed as pdist
 from powerclip.atomic import write_json_atomic
-from powerclip.config import Config
+from powerclip.config import Config, aug_preprocess
 from powerclip.eval.api import EvalOptions, evaluate, flatten, unwrap
 from powerclip.eval.results import record
 
@@ -29,9 +29,10 @@ def parse_task(spec: str) -> tuple[str, str]:
     return task, root
 
 
-def eval_transform(clip: torch.nn.Module):
-    """open_clip's inference transform for this model (what an export of it would use)."""
-    cfg = open_clip.get_model_preprocess_cfg(clip)
+def eval_transform(clip: torch.nn.Module, overrides: dict | None = None):
+    """open_clip's inference transform for this model (what an export of it would use): the model's
+    preprocess config with ``overrides`` (the run's ``aug.mean/std/interpolation/resize_mode``) over it."""
+    cfg = {**open_clip.get_model_preprocess_cfg(clip), **(overrides or {})}
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
@@ -52,7 +53,7 @@ def run_periodic_eval(model: torch.nn.Module, cfg: Config, step: int, writer: An
                       tokenizer=None) -> dict[str, dict]:
     """Evaluate ``cfg.eval.tasks`` now; log to ``writer`` (a SummaryWriter) and the run folder."""
     clip = unwrap(model)
-    preprocess = eval_transform(clip)
+    preprocess = eval_transform(clip, aug_preprocess(cfg))
     tokenizer = tokenizer or text_tokenizer(cfg)
     # no autocast: the engine's module already holds the run's dtype (bf16/fp16 under DeepSpeed) and
     # encode_images feeds images in that dtype

@@ -51,7 +51,8 @@ def check_export(path: Path) -> list[str]:
     reports different numbers without a word. Refused: a weight whose shape differs from the one
     the config builds, missing or unexpected weights, a preprocessing size other than the model's
     image size. Returned as warnings: preprocessing (mean, std, interpolation, resize mode) other
-    than open_clip's default for that model, which is what ``powerclip export`` writes.
+    than open_clip's default for that model, which is what ``powerclip export`` writes unless the run
+    set ``aug.mean``, ``aug.std``, ``aug.interpolation`` or ``aug.resize_mode`` (then the warning names them).
     """
     import json
 
