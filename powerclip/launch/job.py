@@ -143,12 +143,13 @@ class TrainJob:
     def __call__(self) -> Any:
         import submitit
 
-        from powerclip.train.cli import setup_logging
+        from powerclip.train.cli import mute_deepspeed, setup_logging
 
         dist_vars = export_dist_env(self.cfg.slurm.master_port)
         for key, value in NCCL_ENV.items():  # what slurm/*.sbatch exports; a site's own values win
             os.environ.setdefault(key, value)
         setup_logging(int(dist_vars["RANK"]))  # as `powerclip train` does: INFO on rank 0
+        mute_deepspeed()  # submit ran the checks before queueing
         _ignore_user_signal_in_children(submitit.JobEnvironment._usr_sig())
         job_env = submitit.JobEnvironment()
         cfg = self._cfg_for_this_start()

@@ -25,11 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(rank: int) -> None:
-    """INFO from powerclip on rank 0, warnings only elsewhere; DeepSpeed's INFO chatter muted."""
+    """INFO from powerclip on rank 0, warnings only elsewhere (DeepSpeed's: ``mute_deepspeed``)."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def mute_deepspeed() -> None:
+    """DeepSpeed's INFO chatter muted. Its logger resets its level when DeepSpeed is imported, so this
+    imports it: called once the checks have passed, so a config or data mistake is reported without
+    waiting seconds for torch and DeepSpeed to load."""
     try:
         from deepspeed.utils import logger as ds_logger
 
@@ -82,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
         if rank == 0:
             logging.getLogger("powerclip.train.preflight").warning("%s", warning)
 
+    mute_deepspeed()
     from powerclip import distributed as pdist
     from powerclip.train.loop import train
 
