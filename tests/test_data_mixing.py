@@ -170,3 +170,25 @@ def test_weight_and_factors_on_one_source_is_a_config_error(six_shards: Path):
         _cfg(f"[{{shards: '{_shard(six_shards, 0)}', weight: 2, upsampling_factors: '2'}}]")
     with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.weight must be > 0"):
         _cfg(f"[{{shards: '{_shard(six_shards, 0)}', weight: 0}}]")
+
+
+def test_check_reports_the_mix_and_refuses_a_bad_one_in_one_line(six_shards: Path, tmp_path: Path, capsys):
+    from powerclip.cli import main as cli_main
+
+    r = six_shards
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train: {{run_dir: {tmp_path}/run}}\ndata: {{resampled: false, context_length: 32}}\n")
+    base = ["-c", str(config), TINY.replace("layers: 1}, text", "layers: 1, head_width: 16}, text")]
+    good = (f"data.sources=[{{shards: '{r}/train/{{00000..00003}}.tar::{r}/train/{{00004..00005}}.tar', "
+            "upsampling_factors: '1::2'}]")
+    assert cli_main(["check", good, *base]) == 0
+    assert "ok: data mix: an epoch visits 8 shards (copies included); per source [0] 100.0 %" in \
+        capsys.readouterr().out
+    bad = (f"data.sources=[{{shards: '{r}/train/{{00000..00002}}.tar', weight: 1}}, "
+           f"{{shards: '{r}/train/{{00003..00004}}.tar', weight: 1}}]")
+    assert cli_main(["check", bad, *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("powerclip check: error: data.sources[1].weight: epoch mode") and "\n" not in err, err
+    assert cli_main(["check", bad.replace("weight: 1}]", "weight: 2}]"), *base]) == 0  # 1/3 and 2/2: 3 copies
+    assert "ok: data mix: an epoch visits 9 shards (copies included); per source [0] 33.3 %, [1] 66.7 %" in \
+        capsys.readouterr().out
