@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from braceexpand import braceexpand
+
+from .mixing import expand_parts
 
 ERROR_KEY = "__error__"
 SHARD_END = "__shard_end__"
@@ -54,10 +55,7 @@ def base_plus_ext(path: str) -> tuple[str | None, str | None]:
 
 def expand_shards(pattern: str) -> list[str]:
     """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(u for u in braceexpand(part.strip()) if u)
-    return urls
+    return [u for part in expand_parts(pattern) for u in part]
 
 
 @dataclass(frozen=True)
