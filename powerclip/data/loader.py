@@ -89,8 +89,8 @@ def make_spec(cfg: Config, rank: int, world_size: int, sources: list[tuple[str, 
     total = len(spec.epoch_shards)
     if not resampled and total < world_size * slots:
         raise DataError(f"epoch mode needs at least ranks x workers = {world_size} x {slots} = "
-                        f"{world_size * slots} shards per epoch, found {total}; use fewer workers, more shards "
-                        "or data.resampled=true")
+                        f"{world_size * slots} shards, found {total} (per epoch, copies included); use fewer "
+                        "workers, more shards or data.resampled=true")
     return spec
 
 
