@@ -33,10 +33,17 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------------------- data
 @dataclass
 class DataSourceConfig:
-    """One shard set. ``shards`` is a brace pattern (``/data/cc12m/{00000..01242}.tar``)."""
+    """One shard set. ``shards`` is a brace pattern (``/data/cc12m/{00000..01242}.tar``); several may be
+    joined with '::' as in open_clip's ``--train-data``. How sources mix: ``powerclip.data.mixing``."""
 
     shards: str = "???"
-    weight: float = 1.0
+    # probability of drawing from this source, normalised over sources (null counts as 1.0); in epoch
+    # mode realised by repeating shards a whole number of times per epoch
+    weight: float | None = None
+    # open_clip's --train-data-upsampling-factors for this source's '::' patterns ("1::2", or one
+    # number): the weight of each shard, so a source's share grows with its shard count. Set on every
+    # source or none, never together with weight
+    upsampling_factors: str | None = None
 
 
 @dataclass
@@ -521,8 +528,11 @@ def validate(cfg: Config) -> Config:
     if cfg.data.region_grid is not None and cfg.data.region_grid < 1:
         raise ConfigError(f"data.region_grid must be >= 1 or null, got {cfg.data.region_grid}")
     for i, src in enumerate(cfg.data.sources):
-        if src.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+        if src.weight is not None and not src.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be > 0 or null, got {src.weight}")
+        if src.weight is not None and src.upsampling_factors is not None:
+            raise ConfigError(f"data.sources[{i}] sets both weight and upsampling_factors; keep one (weight: "
+                              "the source's probability, upsampling_factors: open_clip's per-shard factors)")
     check_eval_tasks(cfg.eval)
     if cfg.data.region_index_base not in (0, 1):
         raise ConfigError(f"data.region_index_base must be 0 or 1, got {cfg.data.region_index_base}")

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import gc
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from ..config import Config, ConfigError
 from .batch import Batch
 from .collate import CollateContext, collate
+from .mixing import MixingError, expand_parts, resolve_mix
 from .remap import RemapError, check_compatible, pieces_from_json, remap, shards_fingerprint
 from .samples import DataError, SampleProcessor, concept_id
 from .stream import SHARD_END, StreamSpec, expand_shards, initial_cursor, slot_samples, slot_universe
@@ -53,37 +53,45 @@ def make_spec(cfg: Config, rank: int, world_size: int, sources: list[tuple[str, 
               resampled: bool | None = None, finite: bool = False) -> StreamSpec:
     """Resolve shard lists and run the preflight checks (clear errors before training starts)."""
     d = cfg.data
-    srcs = sources if sources is not None else [(s.shards, s.weight) for s in d.sources]
+    srcs = ([(pattern, weight, None) for pattern, weight in sources] if sources is not None
+            else [(s.shards, s.weight, s.upsampling_factors) for s in d.sources])
     if not srcs:
         raise DataError("data.sources is empty: give at least one {shards: /path/{00000..00009}.tar}")
     resolved = []
-    for i, (pattern, weight) in enumerate(srcs):
+    for i, (pattern, weight, factors) in enumerate(srcs):
         if pattern in (None, "???", ""):
             raise DataError(f"data.sources[{i}].shards is not set")
-        urls = expand_shards(pattern)
+        parts = expand_parts(pattern)
+        urls = [u for part in parts for u in part]
         if not urls:
             raise DataError(f"data.sources[{i}].shards={pattern!r} expands to no shard")
         missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"data.sources[{i}]: shard not found: {missing[0]}{more}")
-        resolved.append((tuple(urls), float(weight)))
+        resolved.append((parts, weight, factors))
     resampled = d.resampled if resampled is None else resampled
     slots = max(1, d.workers)
-    total = sum(len(u) for u, _ in resolved)
     if finite:
         # one pass for evaluation: no more worker slots than this rank has shards, none is an error
+        urls = tuple(tuple(u for part in parts for u in part) for parts, _, _ in resolved)
+        total = sum(len(u) for u in urls)
         slots = max(1, min(slots, -(-total // world_size)))
-        return StreamSpec(tuple(resolved), False, int(d.seed), int(rank), int(world_size), slots, 1, False)
-    if not resampled and len({w for _, w in resolved}) > 1:
-        warnings.warn("data.sources weights apply in resampled mode only; epoch mode visits every shard "
-                      "of every source once per epoch", stacklevel=2)
+        return StreamSpec(tuple((u, 1.0) for u in urls), False, int(d.seed), int(rank), int(world_size), slots, 1,
+                          False)
+    try:
+        mix = resolve_mix(resolved, bool(resampled))
+    except MixingError as e:
+        raise DataError(str(e)) from None
+    spec = StreamSpec(tuple(zip(mix.urls, mix.weights)), bool(resampled), int(d.seed), int(rank), int(world_size),
+                      slots, int(d.shuffle_buffer), bool(d.shard_shuffle), factors=mix.factors,
+                      repeats=mix.repeats)
+    total = len(spec.epoch_shards)
     if not resampled and total < world_size * slots:
         raise DataError(f"epoch mode needs at least ranks x workers = {world_size} x {slots} = "
-                        f"{world_size * slots} shards, found {total}; use fewer workers, more shards "
-                        "or data.resampled=true")
-    return StreamSpec(tuple(resolved), bool(resampled), int(d.seed), int(rank), int(world_size), slots,
-                      int(d.shuffle_buffer), bool(d.shard_shuffle))
+                        f"{world_size * slots} shards, found {total} (per epoch, copies included); use fewer "
+                        "workers, more shards or data.resampled=true")
+    return spec
 
 
 # ------------------------------------------------------------------------------- dataset

@@ -11,7 +11,8 @@ so the position is translated into *what is left*:
   indices). The pieces are cut into S' runs of equal sample count (shard sizes read from the tar
   headers), one per new slot, which delivers its run (shuffled in blocks as usual) and then
   continues with its own shards of epoch E+1 in the new layout, drawn from the seed as usual.
-  Every sample of every epoch is therefore delivered exactly once; what differs from an
+  Every sample of every epoch is therefore delivered exactly once (a shard an epoch holds m copies
+  of, ``data.sources`` weights or upsampling factors: exactly m times); what differs from an
   uninterrupted run is the order (and so the batch composition and the augmentation seeds) from
   the resume to the end of epoch E. A remap can follow a remap: the pieces are part of the cursor.
 * resampled mode: a slot that exists in both layouts (same rank and worker number) continues its
@@ -51,8 +52,9 @@ class RemapError(UserError, ValueError):
 
 
 def shards_fingerprint(spec: StreamSpec) -> str:
-    """Identifies the ordered shard list that cursor positions refer to."""
-    return hashlib.blake2b("\n".join(spec.all_shards).encode(), digest_size=8).hexdigest()
+    """Identifies the ordered shard list that cursor positions refer to (an epoch's weighted multiset:
+    changing the repeats of a shard moves the positions as much as changing the list)."""
+    return hashlib.blake2b("\n".join(spec.epoch_shards).encode(), digest_size=8).hexdigest()
 
 
 def pieces_from_json(rest) -> tuple[tuple[Piece, ...], ...] | None:
@@ -68,7 +70,7 @@ def check_compatible(state: dict, spec: StreamSpec) -> None:
     if saved is not None and saved != shards_fingerprint(spec):
         raise RemapError(f"the data cursor in the checkpoint refers to another shard list (fingerprint "
                          f"{saved}, this run's data.sources give {shards_fingerprint(spec)} over "
-                         f"{len(spec.all_shards)} shards): data.sources changed since the checkpoint, so "
+                         f"{len(spec.epoch_shards)} shards per epoch): data.sources changed since the checkpoint, so "
                          "the saved position cannot be mapped; restore the shard list or start the data "
                          "stream afresh with a new run")
     if "resampled" in state and bool(state["resampled"]) != spec.resampled:
@@ -78,12 +80,12 @@ def check_compatible(state: dict, spec: StreamSpec) -> None:
 
 def old_spec(state: dict, spec: StreamSpec) -> StreamSpec:
     """The stream spec the rank that saved ``state`` ran with (keys missing in older states: ours)."""
-    return StreamSpec(spec.sources, spec.resampled, int(state.get("seed", spec.seed)), int(state["rank"]),
-                      int(state["world_size"]), int(state["workers"]),
-                      int(state.get("shuffle_buffer", spec.shuffle_buffer)),
-                      bool(state.get("shard_shuffle", spec.shard_shuffle)),
-                      rest=pieces_from_json(state.get("rest")), rest_epoch=int(state.get("rest_epoch", -1)),
-                      salts=tuple(int(s) for s in state.get("salts", ())))
+    return dataclasses.replace(spec, seed=int(state.get("seed", spec.seed)), rank=int(state["rank"]),
+                               world_size=int(state["world_size"]), workers=int(state["workers"]),
+                               shuffle_buffer=int(state.get("shuffle_buffer", spec.shuffle_buffer)),
+                               shard_shuffle=bool(state.get("shard_shuffle", spec.shard_shuffle)),
+                               rest=pieces_from_json(state.get("rest")), rest_epoch=int(state.get("rest_epoch", -1)),
+                               salts=tuple(int(s) for s in state.get("salts", ())))
 
 
 def remap(old: list[dict], spec: StreamSpec, salt: int) -> tuple[StreamSpec, dict[int, dict]]:

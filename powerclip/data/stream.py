@@ -5,8 +5,9 @@ whole history, so a checkpoint could only resume at a shard boundary. Here the s
 *slot* (seed, rank, worker) is a pure function of its inputs:
 
 * shard order: resampled mode draws shard k with ``rng(seed, rank, slot, k)`` (source chosen by
-  weight, then a shard of that source uniformly); epoch mode permutes all shards with
-  ``rng(seed, epoch)`` and gives slot g = rank*workers + worker the shards g, g+S, g+2S, ...
+  weight, then a shard of that source, uniformly or by its upsampling factor); epoch mode permutes
+  the epoch's shard multiset (every shard once, or ``repeats`` copies of it: ``powerclip.data.mixing``)
+  with ``rng(seed, epoch)`` and gives slot g = rank*workers + worker the entries g, g+S, g+2S, ...
   (S = world*workers). Both streams are infinite: epoch e+1 follows epoch e inside each slot.
 * shuffle: the raw sample stream is cut into blocks of ``shuffle_buffer`` samples; each block is
   permuted with ``rng(seed, rank, slot, block)``. (Block shuffling mixes about as well as a rolling
@@ -35,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from braceexpand import braceexpand
+
+from .mixing import expand_parts
 
 ERROR_KEY = "__error__"
 SHARD_END = "__shard_end__"
@@ -53,10 +55,7 @@ def base_plus_ext(path: str) -> tuple[str | None, str | None]:
 
 def expand_shards(pattern: str) -> list[str]:
     """Brace-expand a pattern; several patterns may be joined with '::' (open_clip's convention)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(u for u in braceexpand(part.strip()) if u)
-    return urls
+    return [u for part in expand_parts(pattern) for u in part]
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,21 @@ class StreamSpec:
     rest: tuple[tuple[Piece, ...], ...] | None = None
     rest_epoch: int = -1
     salts: tuple[int, ...] = ()
+    # per source, each shard's weight inside it (resampled draw); () or an empty entry: uniform
+    factors: tuple[tuple[float, ...], ...] = ()
+    # epoch mode: copies of each shard of ``all_shards`` per epoch; (): every shard once
+    repeats: tuple[int, ...] = ()
 
     @property
     def all_shards(self) -> tuple[str, ...]:
         return tuple(u for urls, _ in self.sources for u in urls)
+
+    @property
+    def epoch_shards(self) -> tuple[str, ...]:
+        """One epoch's shard multiset: each shard of ``all_shards`` ``repeats`` times, copies adjacent."""
+        if not self.repeats:
+            return self.all_shards
+        return tuple(u for u, m in zip(self.all_shards, self.repeats) for _ in range(m))
 
     def salt(self, slot: int) -> tuple[int, ...]:
         s = self.salts[slot] if slot < len(self.salts) else 0
@@ -105,9 +115,9 @@ def mix_seed(*ints: int) -> int:
 
 def per_epoch(spec: StreamSpec, slot: int) -> int:
     """How many shards slot ``slot`` reads per epoch (epoch mode)."""
-    n = len(range(spec.rank * spec.workers + slot, len(spec.all_shards), spec.world_size * spec.workers))
+    n = len(range(spec.rank * spec.workers + slot, len(spec.epoch_shards), spec.world_size * spec.workers))
     if n == 0:
-        raise ValueError(f"slot {spec.rank * spec.workers + slot} has no shards: {len(spec.all_shards)} "
+        raise ValueError(f"slot {spec.rank * spec.workers + slot} has no shards: {len(spec.epoch_shards)} "
                          f"shards < {spec.world_size * spec.workers} ranks x workers")
     return n
 
@@ -149,8 +159,12 @@ def shard_at(spec: StreamSpec, slot: int, k: int) -> str:
         weights = np.array([w for _, w in spec.sources], dtype=np.float64)
         s = int(r.choice(len(spec.sources), p=weights / weights.sum()))
         urls = spec.sources[s][0]
-        return urls[int(r.integers(len(urls)))]
-    shards = spec.all_shards
+        within = spec.factors[s] if s < len(spec.factors) else ()
+        if not within:
+            return urls[int(r.integers(len(urls)))]
+        f = np.array(within, dtype=np.float64)
+        return urls[int(r.choice(len(urls), p=f / f.sum()))]
+    shards = spec.epoch_shards
     n_slots = spec.world_size * spec.workers
     g = spec.rank * spec.workers + slot
     per_epoch = len(range(g, len(shards), n_slots))
@@ -165,7 +179,7 @@ def slot_universe(spec: StreamSpec, slot: int) -> frozenset[str]:
     """Every shard a slot's infinite sequence can visit (for detecting a stream with no valid sample)."""
     if spec.resampled:
         return frozenset(u for urls, w in spec.sources if w > 0 for u in urls)
-    shards = spec.all_shards
+    shards = spec.epoch_shards
     if spec.shard_shuffle:  # each epoch's permutation deals every shard to some slot position
         return frozenset(shards)
     return frozenset(shards[i] for i in range(spec.rank * spec.workers + slot, len(shards),
@@ -252,7 +266,7 @@ def read_shard(url: str) -> Iterator[dict]:
 
 def raw_stream(spec: StreamSpec, slot: int, k: int, off: int, finite: bool = False) -> Iterator[tuple[int, int, dict]]:
     """(k, offset, raw sample) from sequence index k, skipping the raw samples of it before ``off``."""
-    n_finite = len(range(spec.rank * spec.workers + slot, len(spec.all_shards),
+    n_finite = len(range(spec.rank * spec.workers + slot, len(spec.epoch_shards),
                          spec.world_size * spec.workers))
     while True:
         if finite and k >= n_finite:

@@ -64,6 +64,8 @@ def preflight(cfg: Config, say: Callable[[str], None] | None = None) -> Report:
     ok(check_tokenizer(cfg))
     for i, (url, samples, n_shards) in enumerate(sources):
         ok(check_decode(cfg, i, url, samples, n_shards, report.warnings))
+    if len(cfg.data.sources) > 1 or any(s.upsampling_factors is not None for s in cfg.data.sources):
+        ok(check_mix(cfg))
     ok(check_disk(cfg))
     return report
 
@@ -238,6 +240,29 @@ def _first_samples(url: str, n: int) -> list[dict]:
         if len(out) >= n:
             break
     return out
+
+
+def check_mix(cfg: Config) -> str:
+    """The sources' weights or upsampling factors resolve to a mix this mode can run; the line gives each
+    source's share of shard visits (and an epoch's shard count in epoch mode)."""
+    from powerclip.data.mixing import MixingError, expand_parts, resolve_mix
+
+    srcs = [(expand_parts(s.shards), s.weight, s.upsampling_factors) for s in cfg.data.sources]
+    try:
+        mix = resolve_mix(srcs, cfg.data.resampled)
+    except MixingError as e:
+        raise CheckError(str(e)) from None
+    if cfg.data.resampled:
+        total = sum(mix.weights)
+        shares = ", ".join(f"[{i}] {100 * w / total:.1f} %" for i, w in enumerate(mix.weights))
+        return f"data mix: shard visits per source {shares}"
+    repeats = mix.repeats or (1,) * sum(len(u) for u in mix.urls)
+    visits, at = [], 0
+    for urls in mix.urls:
+        visits.append(sum(repeats[at:at + len(urls)]))
+        at += len(urls)
+    shares = ", ".join(f"[{i}] {100 * v / sum(visits):.1f} %" for i, v in enumerate(visits))
+    return f"data mix: an epoch visits {sum(visits)} shards (copies included); per source {shares}"
 
 
 def source_samples(cfg: Config, i: int, warnings: list[str]) -> tuple[str, list[dict], int]:
