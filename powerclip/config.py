@@ -88,6 +88,11 @@ class DataConfig:
     # CC12M-sized sources. Deterministic (exact resume holds) but not the same pixels as a full decode
     # followed by the resize, hence off by default and on in the GPU presets (docs/data.md)
     jpeg_draft: bool = False
+    # training JPEGs decoded on the training device (torchvision's nvJPEG decode, in one call per
+    # batch) instead of in the loader workers: the workers read the header, draw the crop and ship
+    # the bytes; other formats are decoded in the worker as usual. Needs the crop to be the only
+    # pixel-level augmentation (no aug colour jitter or grayscale) and data.jpeg_draft off (docs/data.md)
+    decode_on_device: bool = False
 
 
 # ---------------------------------------------------------------------------------------- aug
@@ -559,6 +564,7 @@ def check_eval_tasks(ev: EvalConfig) -> None:
 
 def validate_combinations(cfg: Config) -> None:
     """Keys that are each valid but cannot work together, refused at load rather than after launch."""
+    validate_decode_on_device(cfg)
     if cfg.train.compile and cfg.train.zero_stage == 3:
         raise ConfigError("train.compile=true does not work with train.zero_stage=3 (ZeRO-3 gathers each "
                           "parameter on use, which torch.compile cannot trace); set train.compile=false or "
@@ -684,6 +690,21 @@ def validate_ranges(cfg: Config) -> None:
     if n_ctx is not None and cfg.data.context_length != n_ctx:
         raise ConfigError(f"data.context_length={cfg.data.context_length} differs from the model's text "
                           f"context length {n_ctx} (model.config.text_cfg.context_length or model.name)")
+
+
+def validate_decode_on_device(cfg: Config) -> None:
+    """``data.decode_on_device`` leaves the workers without pixels: every pixel-level step of the
+    training transform but the crop and resize (colour jitter, grayscale) would need them, and a
+    draft decode draws the crop on the reduced image the device never sees."""
+    if not cfg.data.decode_on_device:
+        return
+    for key in ("color_jitter_prob", "gray_scale_prob"):
+        if getattr(cfg.aug, key):
+            raise ConfigError(f"data.decode_on_device=true cannot run aug.{key}={getattr(cfg.aug, key)} (it needs "
+                              f"the pixels in the loader worker); set aug.{key}=0 or data.decode_on_device=false")
+    if cfg.data.jpeg_draft:
+        raise ConfigError("data.decode_on_device=true cannot run with data.jpeg_draft=true (the draft decode "
+                          "is a worker-side saving; the device decodes in full); set data.jpeg_draft=false")
 
 
 def validate_aug(cfg: Config) -> None:

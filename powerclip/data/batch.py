@@ -20,6 +20,10 @@ concept_owner      [C] long                index of the owning image in this loc
 concept_ids        [C] long                hash of the normalised concept text (false-negative rule)
 neg_text           [B, N, L] long          hard-negative captions (N = data.num_negatives)
 neg_valid          [B, N] bool             real negatives (samples may have fewer than N)
+jpegs              list (B) | None         ``data.decode_on_device``: per sample (JPEG bytes, crop
+                                          (top, left, h, w)) still to decode into its zeroed
+                                          ``images`` slot, or None (pixels already there);
+                                          consumed (set None) by ``data.device.to_device``
 =================  =====================  =======================================================
 
 Each field declares, once, in its ``dataclasses.field`` metadata (a ``FieldSpec``), what its rows
@@ -123,6 +127,9 @@ class Batch:
     concept_ids: torch.Tensor | None = declare(FieldSpec("concept", "flat_ints"))
     neg_text: torch.Tensor | None = declare(FieldSpec("sample", "token_row_sets", encodes="negatives"))
     neg_valid: torch.Tensor | None = declare(FieldSpec("sample", "bools"))
+    # data.decode_on_device: per sample (JPEG bytes, crop window) or None; decoded by data.device.to_device
+    jpegs: list[tuple[bytes, tuple[int, int, int, int]] | None] | None = declare(
+        FieldSpec("none", "list", concat="list", wire="python"))
     # free-form per-sample metadata for evaluation and debugging (never used by losses)
     meta: list[dict] = declare(FieldSpec("none", "list", concat="list", wire="python"), list)
 

@@ -39,6 +39,17 @@ def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PI
     skipped pixels are never computed). The scale depends only on the header, and libjpeg's scaled
     decode is deterministic, so the same bytes give the same pixels on every run. Other formats
     ignore it."""
+    img = _open_checked(source, name, max_pixels)
+    if draft is not None and img.format == "JPEG":
+        img.draft(img.mode, (draft, draft))
+    img.load()
+    if not rgb or img.mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def _open_checked(source: bytes | str | Path, name: str, max_pixels: int) -> Image.Image:
+    """``source`` opened by PIL (header read, no pixel decoded) after the pixel-count check."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with warnings.catch_warnings():
@@ -51,9 +62,15 @@ def decode_image(source: bytes | str | Path, name: str, max_pixels: int = MAX_PI
         img.close()
         raise ImageTooLargeError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
                                  "(decompression-bomb guard)")
-    if draft is not None and img.format == "JPEG":
-        img.draft(img.mode, (draft, draft))
-    img.load()
-    if not rgb or img.mode == "RGB":
-        return img
-    return img.convert("RGB")
+    return img
+
+
+def image_header(source: bytes | str | Path, name: str, max_pixels: int = MAX_PIXELS) -> tuple[str, str, int, int]:
+    """(format, mode, width, height) of ``source`` read from its header alone, under the same pixel
+    limit and errors as ``decode_image``: what a loader worker needs to draw a crop window for an
+    image that is decoded elsewhere (``data.decode_on_device``)."""
+    img = _open_checked(source, name, max_pixels)
+    try:
+        return str(img.format), img.mode, img.size[0], img.size[1]
+    finally:
+        img.close()

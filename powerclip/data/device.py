@@ -3,7 +3,8 @@
 Why: fp32 images are 4x the bytes of uint8 in the loader workers' shared memory, in the pinned host
 buffers and over PCIe; the normalisation is two elementwise passes the GPU does for free. The
 arithmetic is that of ``transforms.normalized_into`` exactly, (x - 255 mean) * 1 / (255 std) in fp32, so the
-pixels the model sees do not depend on where they were normalised.
+pixels the model sees do not depend on where they were normalised. With ``data.decode_on_device``
+the JPEGs the workers did not decode are decoded here first, on the device (``jpeg_device``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import functools
 
 import torch
 
+from powerclip.errors import UserError
+
 from .batch import Batch, field_specs
+from .jpeg_device import decode_crops
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,8 +42,37 @@ def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype | Non
     uint8 ``pixels`` fields normalised there with ``mean``/``std`` and cast to ``dtype``. Float
     images (batches made by hand or by a custom loader) are only moved and cast."""
     moved = batch.to(device, dtype)
+    if batch.jpegs is not None:
+        decode_pending(moved)
     for name, spec in field_specs(type(batch)):
         v = getattr(batch, name)
         if spec.move == "pixels" and isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
             setattr(moved, name, normalize_images(getattr(moved, name), mean, std, dtype))
     return moved
+
+
+def decode_pending(batch: Batch) -> None:
+    """Decode ``batch.jpegs`` (bytes + crop window per sample, ``data.decode_on_device``) into their
+    ``images`` slots on the images' device, in one batched call, then set ``jpegs`` to None. Samples
+    whose entry is None already hold their pixels (non-JPEG images the worker decoded).
+
+    The worker read only the header, so a JPEG whose compressed data is damaged is found here, where
+    a sample can no longer be skipped: the run stops naming the batch's keys."""
+    images, pending = batch.images, batch.jpegs
+    idx = [k for k, j in enumerate(pending) if j is not None]
+    batch.jpegs = None
+    if not idx:
+        return
+    try:
+        decoded = decode_crops([pending[k][0] for k in idx], [pending[k][1] for k in idx], int(images.shape[-1]),
+                               images.device)
+    except (RuntimeError, ValueError) as e:
+        keys = [batch.keys[k] for k in idx]
+        raise UserError(f"data.decode_on_device: a JPEG among samples {keys} cannot be decoded "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); repair or drop it from "
+                        "its shard, or set data.decode_on_device=false (the workers then skip it)") from None
+    if len(idx) == len(pending):
+        images.copy_(decoded)
+    else:
+        for n, k in enumerate(idx):
+            images[k].copy_(decoded[n])

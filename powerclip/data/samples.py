@@ -24,7 +24,7 @@ import torch
 from powerclip.errors import UserError
 
 from ..config import Config, aug_cfg_dict
-from .decode import MAX_PIXELS, decode_image
+from .decode import MAX_PIXELS, decode_image, image_header
 from .geometry import model_geometry
 from .published import (
     NjsonError,
@@ -38,7 +38,7 @@ from .published import (
 from .regions import map_box, patch_region_masks, region_cells
 from .stream import ERROR_KEY, image_bytes
 from .text import ClipTokenizer, build_tokenizer, span_positions
-from .transforms import apply_transform, draft_size, is_seeded_by_rng
+from .transforms import apply_transform, crop_window, draft_size, is_crop_only, is_seeded_by_rng
 
 SCHEMA_SUPPORTED = 1
 RING_SPARE = 2  # shared-memory image buffers per worker beyond data.prefetch_factor
@@ -85,6 +85,11 @@ class SampleProcessor:
         self.rng_only = is_seeded_by_rng(self.transform)
         # data.jpeg_draft: JPEGs decoded at a reduced DCT scale that the transform never upsamples
         self.draft = draft_size(self.transform) if d.jpeg_draft else None
+        # data.decode_on_device: JPEGs leave the worker as bytes + crop window (training only)
+        self.on_device = bool(train and d.decode_on_device)
+        if self.on_device and not is_crop_only(self.transform):
+            raise DataError(f"data.decode_on_device=true needs a training transform of crop, resize and "
+                            f"normalise only, got {self.transform}; set data.decode_on_device=false")
         self.tok = build_tokenizer(d.tokenizer, d.context_length)
         # grid of the stored patch-index regions: data.region_grid, or the model's own when null
         self.region_grid = d.region_grid if d.region_grid is not None else self.geo.grid
@@ -151,14 +156,24 @@ class SampleProcessor:
         data = image_bytes(sample)
         if data is None:
             return "missing_image"
+        name = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
+        jpeg = None
         try:
-            img = decode_image(data, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}", MAX_PIXELS,
-                               draft=self.draft)
+            if self.on_device:
+                fmt, mode, width, height = image_header(data, name, MAX_PIXELS)
+                img = None if fmt == "JPEG" and mode in ("RGB", "L") else decode_image(data, name, MAX_PIXELS)
+            else:
+                img = decode_image(data, name, MAX_PIXELS, draft=self.draft)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt bytes
             sample.setdefault("__detail__", f"{type(e).__name__}: {e}")  # for the skip log
             return "bad_image"
         rng = random.Random(seed)
-        if self.rng_only:  # the crop is drawn from the sample's own rng
+        if img is None:  # decoded on the device: the crop from the header's size, the slot zeroed
+            crop, window = crop_window(self.transform, width, height, rng)
+            jpeg = (bytes(data), crop)
+            size = self.geo.image_size
+            image = out.zero_() if out is not None else torch.zeros((3, size, size), dtype=torch.uint8)
+        elif self.rng_only:  # the crop is drawn from the sample's own rng
             image, window = apply_transform(self.transform, img, out, rng, uint8=True)
         else:
             # other random steps use torch's generator: seed it for this sample only (restored
@@ -181,7 +196,10 @@ class SampleProcessor:
             if isinstance(patches, str):
                 return patches
         try:
-            return self._text_fields(sample, ann, caption, enc, image, window, rng, patches)
+            out_fields = self._text_fields(sample, ann, caption, enc, image, window, rng, patches)
+            if self.on_device:
+                out_fields["jpegs"] = jpeg
+            return out_fields
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             return "bad_annotation"  # phrases/concepts/negatives/boxes of the wrong shape
 

@@ -217,3 +217,22 @@ def is_seeded_by_rng(transform) -> bool:
                or _is_open_clip_step(t, "color_jitter") or _is_open_clip_step(t, "gray_scale")
                or (type(t).__name__ == "ResizeKeepRatio" and not t.random_scale_prob and not t.random_aspect_prob)
                or type(t).__name__ == "CenterCropOrPad" for t in steps)
+
+
+def is_crop_only(transform) -> bool:
+    """True when ``transform`` is a RandomResizedCrop followed only by steps that need no pixels of
+    their own (open_clip's mode conversion to RGB, ToTensor, Normalize): its output is then fixed by
+    the crop window alone, which ``crop_window`` draws without the image being decoded."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    return bool(steps) and isinstance(steps[0], RandomResizedCrop) and all(
+        _is_convert_mode(t) or isinstance(t, (ToTensor, Normalize)) for t in steps[1:])
+
+
+def crop_window(transform, width: int, height: int, rng: random.Random
+                ) -> tuple[tuple[int, int, int, int], tuple[float, float, float, float]]:
+    """((top, left, h, w) in pixels, window in 0..1 as ``apply_transform`` returns it) of a crop-only
+    ``transform`` (``is_crop_only``) on a ``width`` x ``height`` image: the same draws from ``rng`` as
+    ``apply_transform(transform, img, rng=rng)``, so the crop and every later draw are the same."""
+    t = list(getattr(transform, "transforms", [transform]))[0]
+    i, j, h, w = crop_params(rng, width, height, t.scale, t.ratio)
+    return (i, j, h, w), (j / width, i / height, (j + w) / width, (i + h) / height)

@@ -66,10 +66,10 @@ def concat_batches(batches: list[Batch]) -> Batch:
     out: dict = {}
     for name, spec in field_specs(batch_type):
         values = [getattr(b, name) for b in batches]
-        if spec.concat == "list":
-            out[name] = [x for v in values for x in v]
-        elif all(v is None for v in values):
+        if all(v is None for v in values):
             out[name] = None
+        elif spec.concat == "list":
+            out[name] = [x for v in values for x in v]
         elif any(v is None for v in values):
             raise ValueError(f"Batch.{name} is set in some micro-batches and not in others")
         else:
