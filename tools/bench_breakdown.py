@@ -24,7 +24,7 @@ Three measurements, each next to open_clip_train doing the same thing in the sam
   runs end to end too.
 
 Variants are data (``variants()``): the recipe of the GPU preset as shipped (``today``), every value
-of ``train.precision`` the config accepts at ZeRO-0 (read from ``powerclip.config.choices`` at run
+of ``train.precision`` the config accepts at its lowest ZeRO stage (read from ``powerclip.config.choices`` at run
 time, so a precision mode added to the config is measured without editing this file), ZeRO-1 and
 ``train.compile`` on today's recipe; ``--variant NAME=key=value,key=value`` adds more. Also a
 torch.profiler trace of one step of today's recipe (``OUT/profile_step.json``, Chrome/Perfetto
@@ -69,8 +69,17 @@ class Variant:
     overrides: list[str] = field(default_factory=list)
 
 
+def lowest_stage(precision: str) -> int:
+    """The lowest ZeRO stage a precision mode runs at: 0, or 1 for bf16/fp16 weights (refused at ZeRO-0,
+    where DeepSpeed would step the optimiser one tensor at a time)."""
+    from powerclip.train.engine import PRECISION_DTYPES
+
+    return 0 if PRECISION_DTYPES[precision] is None else 1
+
+
 def variants(today: dict[str, Any], extra: list[Variant] | None = None) -> list[Variant]:
-    """today's recipe; each train.precision choice at ZeRO-0; ZeRO-1 and train.compile on today's recipe.
+    """today's recipe; each train.precision choice at its lowest ZeRO stage (``lowest_stage``); ZeRO-1
+    and train.compile on today's recipe.
 
     ``today``: the preset's train.precision / train.zero_stage / train.compile. Variants that resolve
     to the same (precision, ZeRO stage, compile) are merged, their names joined."""
@@ -78,7 +87,8 @@ def variants(today: dict[str, Any], extra: list[Variant] | None = None) -> list[
 
     p, z = today["precision"], today["zero_stage"]
     out = [Variant(f"today ({p}, ZeRO-{z}{', compile' if today['compile'] else ''})", [])]
-    out += [Variant(f"{mode} ZeRO-0", [f"train.precision={mode}", "train.zero_stage=0"])
+    out += [Variant(f"{mode} ZeRO-{lowest_stage(mode)}", [f"train.precision={mode}",
+                                                          f"train.zero_stage={lowest_stage(mode)}"])
             for mode in choices("train.precision")]
     out += [Variant(f"{p} ZeRO-1", ["train.zero_stage=1"]), Variant(f"{p} ZeRO-{z} compile", ["train.compile=true"])]
     out += extra or []
@@ -86,7 +96,8 @@ def variants(today: dict[str, Any], extra: list[Variant] | None = None) -> list[
     for v in out:
         key = _resolved(today, v.overrides)
         if key in merged:
-            merged[key].name += f" = {v.name}"
+            if v.name not in merged[key].name.split(" = "):
+                merged[key].name += f" = {v.name}"
         else:
             merged[key] = Variant(v.name, list(v.overrides))
     return list(merged.values())
