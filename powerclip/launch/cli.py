@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: powerclip.train.loop:train)")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
     parser.add_argument("--no-check", action="store_true",
-                        help="queue without running `powerclip check` first (e.g. data visible only on the nodes)")
+                        help="queue without running `powerclip check` first (e.g. data visible only on the nodes); "
+                             "with another --entry only the Slurm part of the check runs")
 
 
 def slurm_overrides(args: argparse.Namespace) -> list[str]:
@@ -106,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, *getattr(args, "extra", []), *slurm_overrides(args)])
         if not args.no_check:  # nothing is queued (or written) for a run that would fail at start
-            preflight(cfg)
+            if args.entry in (None, DEFAULT_ENTRY):  # the trainer's data, eval sets and run folder
+                preflight(cfg)
             if args.cluster == "slurm":
                 check_slurm(cfg)
         job = submit(cfg, entry=args.entry or DEFAULT_ENTRY, cluster=args.cluster)
