@@ -31,10 +31,14 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
+from .records import ListOf, read_finished, read_pinned
 from .shard_pool import check_output_folder, run_shards
 from .stream import starts_sample
 
 RECORDS = "_annotate"
+TOOL = "tools/annotate_shards.py"
+SETTINGS_SHAPE = {"parser": str}
+RECORD_SHAPE = {"shard": str, "count": int, "annotated": int, "skipped": ListOf({"input": str, "reason": str})}
 _ANNOTATOR = None
 
 
@@ -165,12 +169,12 @@ def prepare_output(shards: list[Path], out: str | Path, parser: str, model: str)
     """Check the input/output pair and record the settings in ``out`` (refusing a folder annotated
     with other settings, which would mix two annotations in one shard set); returns ``out`` resolved.
     Done once before a job array starts, so that its tasks only read the settings."""
-    out = check_output_folder(shards, out, RECORDS, "tools/annotate_shards.py")
+    out = check_output_folder(shards, out, RECORDS, TOOL)
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
     settings_path = out / RECORDS / "settings.json"
     settings = _settings(parser, model)
     if settings_path.is_file():
-        if json.loads(settings_path.read_text()) != settings:
+        if read_pinned(settings_path, SETTINGS_SHAPE, TOOL) != settings:
             raise ValueError(f"{out} holds shards annotated with {settings_path.read_text()}, not {settings}; "
                              "use another output folder")
     else:
@@ -185,7 +189,7 @@ def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parse
     """Annotate (or resume annotating) ``shards`` into ``out``; returns the manifest of every shard
     finished in ``out`` so far (``write_manifest=False``: the records only, for one task of many)."""
     out = prepare_output(shards, out, parser, model)
-    todo = [p for p in shards if not ((out / RECORDS / f"{p.name}.json").is_file() and (out / p.name).is_file())]
+    todo = [p for p in shards if _finished(out, p.name) is None]
     run_shards([str(p) for p in todo], partial(annotate_one_shard, out=str(out)), workers=workers,
                initializer=_init_worker, initargs=(parser, model), desc="annotate", progress=progress)
     manifest = summarize(out)
@@ -195,11 +199,19 @@ def annotate_shards(shards: list[Path], out: str | Path, workers: int = 1, parse
     return manifest
 
 
+def _finished(out: Path, name: str) -> dict | None:
+    """Shard ``name``'s record when it is finished (the shard and a sound record exist)."""
+    if not (out / name).is_file():
+        return None
+    return read_finished(out / RECORDS / f"{name}.json", RECORD_SHAPE)
+
+
 def summarize(out: Path) -> dict:
     """Manifest of every finished shard record in ``out`` (all tasks of a job array together)."""
-    records = [json.loads(p.read_text()) for p in sorted((out / RECORDS).glob("*.tar.json"))]
+    found = (_finished(out, p.name[: -len(".json")]) for p in sorted((out / RECORDS).glob("*.tar.json")))
+    records = [r for r in found if r is not None]
     skipped = [x for r in records for x in r["skipped"]]
-    settings = json.loads((out / RECORDS / "settings.json").read_text())
+    settings = read_pinned(out / RECORDS / "settings.json", SETTINGS_SHAPE, TOOL)
     return {"schema": 1, **settings, "num_shards": len(records),
             "num_samples": sum(r["count"] for r in records),
             "num_annotated": sum(r["annotated"] for r in records),

@@ -40,11 +40,16 @@ from pathlib import Path
 
 from ..outputs import check_output_dir
 from .decode import MAX_PIXELS, ImageTooLargeError, decode_image
+from .records import ListOf, read_finished, read_pinned
 from .shard_pool import run_shards
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 DEFAULT_MAX_PIXELS = MAX_PIXELS
+TOOL = "tools/build_shards.py"
+PLAN_SHAPE = {"hash": str, "inputs": ListOf(str), "items": int, "shard_size": int, "parser": str, "model": str,
+              "follow_links?": bool, "refused_links?": ListOf(dict)}
+RECORD_SHAPE = {"shard": str, "count": int, "skipped": ListOf({"input": str, "reason": str})}
 
 
 @dataclass(frozen=True)
@@ -321,12 +326,12 @@ def plan_build(inputs: list[str], out: str | Path, shard_size: int = 1000, parse
     if not items:
         raise ValueError(f"no input samples found in {inputs}")
     # only a new or empty folder or an earlier build's (resumed): never overwrite others' shards
-    check_output_dir(out, lambda p: (p / "_build").is_dir(), "an output folder of tools/build_shards.py")
+    check_output_dir(out, lambda p: (p / "_build").is_dir(), f"an output folder of {TOOL}")
     (out / "_build").mkdir(parents=True, exist_ok=True)
     plan_path = out / "_build" / "plan.json"
     digest = _plan_hash(items, shard_size, parser, model)
     if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
+        old = read_pinned(plan_path, PLAN_SHAPE, TOOL)
         if old["hash"] != digest:
             raise ValueError(f"{out} holds a build of different inputs or settings; use an empty output folder")
     else:
@@ -349,7 +354,7 @@ def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, wor
     out, chunks = plan_build(inputs, out, shard_size, parser, model, image_col, caption_col, boxes_col,
                              follow_links)
     mine = range(len(chunks)) if only is None else range(max(0, only[0]), min(len(chunks), only[1]))
-    todo = [s for s in mine if not ((out / "_build" / f"{s:05d}.json").is_file() and (out / f"{s:05d}.tar").is_file())]
+    todo = [s for s in mine if _finished(out, s) is None]
     run_shards([(str(out), s, chunks[s], max_pixels) for s in todo], _build_task, workers=workers,
                initializer=_init_worker, initargs=(parser, model), desc="shards", progress=progress)
     manifest = build_manifest(out)
@@ -359,16 +364,22 @@ def build_shards(inputs: list[str], out: str | Path, shard_size: int = 1000, wor
     return manifest
 
 
+def _finished(out: Path, shard: int) -> dict | None:
+    """Shard ``shard``'s record when it is finished (the shard and a sound record exist)."""
+    if not (out / f"{shard:05d}.tar").is_file():
+        return None
+    return read_finished(out / "_build" / f"{shard:05d}.json", RECORD_SHAPE)
+
+
 def build_manifest(out: str | Path) -> dict:
     """The manifest of every finished shard in ``out``, from the plan and the shard records."""
     out = Path(out)
-    plan = json.loads((out / "_build" / "plan.json").read_text())
+    plan = read_pinned(out / "_build" / "plan.json", PLAN_SHAPE, TOOL)
     n_chunks = -(-plan["items"] // plan["shard_size"])
     records = {}
     for s in range(n_chunks):
-        rec = out / "_build" / f"{s:05d}.json"
-        if rec.is_file() and (out / f"{s:05d}.tar").is_file():
-            records[s] = json.loads(rec.read_text())
+        if (rec := _finished(out, s)) is not None:
+            records[s] = rec
     sizes = {records[s]["shard"]: records[s]["count"] for s in sorted(records)}
     skipped = [x for s in sorted(records) for x in records[s]["skipped"]]
     parser, model = plan["parser"], plan["model"]

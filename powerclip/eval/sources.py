@@ -10,6 +10,7 @@ the decoder clip_benchmark's ``wds`` loader uses, so both tools see identical pi
 
 from __future__ import annotations
 
+import logging
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext
 
 from ..data.decode import ImageTooLargeError, decode_image
+from ..data.stream import starts_sample
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order of preference
 
@@ -116,9 +120,14 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def index_tar(path: str | Path) -> list[dict[str, TarMember]]:
-    """Samples of one tar shard in stream order: ``[{"__key__": ..., ext: TarMember}]``."""
+    """Samples of one tar shard in stream order: ``[{"__key__": ..., ext: TarMember}]``, grouped as
+    the training reader groups them. A key met again is a repeat: the first sample with it is kept
+    whole, the repeats are skipped (never merged into a neighbour) and counted in one warning line."""
     path = str(path)
     samples: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: dict[str, Any] | None = None
+    repeats = 0
     with tarfile.open(path, "r:") as tf:
         for m in tf:
             if not m.isfile():
@@ -126,9 +135,18 @@ def index_tar(path: str | Path) -> list[dict[str, TarMember]]:
             key, ext = base_plus_ext(m.name)
             if key is None:
                 continue
-            if not samples or samples[-1]["__key__"] != key:
-                samples.append({"__key__": key})
-            samples[-1][ext.lower()] = TarMember(path, m.name, m.offset_data, m.size)
+            ext = ext.lower()
+            if current is None or starts_sample(key, ext, current["__key__"], current):
+                current = {"__key__": key}
+                if key in seen:
+                    repeats += 1  # filled but never listed
+                else:
+                    samples.append(current)
+                seen.add(key)
+            current[ext] = TarMember(path, m.name, m.offset_data, m.size)
+    if repeats:
+        log.warning("%s: %d samples skipped: duplicate_key (a key repeated in the shard; the first sample "
+                    "with it is kept)", path, repeats)
     return samples
 
 

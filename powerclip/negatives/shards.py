@@ -36,13 +36,24 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from powerclip.data.records import ListOf, MapOf, read_finished, read_pinned
 from powerclip.data.shard_pool import check_output_folder, run_shards
+from powerclip.data.stream import starts_sample
 from powerclip.negatives.rules import RuleGenerator, Tagged, Vocabulary, load_tagger, tag_captions
 from powerclip.negatives.validate import KINDS, REASONS, Bounds, select_negatives
 
 log = logging.getLogger(__name__)
 
 STATE = "_negatives"
+TOOL = "tools/make_negatives.py"
+SETTINGS_SHAPE = {"backend": str, "k": int, "kinds": ListOf(str), "seed": int, "bounds": dict, "shards": ListOf(str)}
+COUNTS_SHAPE = {"tags": MapOf(MapOf(int)), "slots": MapOf(MapOf(int))}
+VOCAB_SHAPE = {"shard": str, "samples": int, "counts": COUNTS_SHAPE}
+MERGED_SHAPE = {"shards": int, "counts": COUNTS_SHAPE}
+TAGGED_SHAPE = {"keys": ListOf(str), "tagged": ListOf(list)}
+RECORD_SHAPE = {"shard": str, "count": int, "bytes": int, "sha256": str, "per_kind": MapOf(int),
+                "per_count": MapOf(int), "rejects": MapOf(int), "counters": MapOf(int),
+                "llm?": {"client": MapOf(int), "generator": MapOf(int), "cache": str}}
 
 
 @dataclass
@@ -79,12 +90,38 @@ def list_shards(spec: str) -> list[Path]:
     return shards
 
 
-def iter_samples(path: Path) -> Iterator[dict]:
-    """webdataset's own tar grouping: {"__key__", ext: bytes, ...} in file order."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def iter_samples(path: Path, skipped: Counter | None = None) -> Iterator[dict]:
+    """{"__key__", ext: bytes, ...} in file order, grouped as the training reader groups them
+    (consecutive members sharing a key; a member the sample already has starts the next one). A
+    key met again is a repeat: the first sample with it is kept whole, the repeat is skipped, never
+    merged into its neighbour; the repeats are counted in ``skipped["duplicate_key"]`` and, when
+    ``skipped`` is given, reported in one warning line."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+    seen: set[str] = set()
+    current: dict | None = None
+    repeats = 0
     with open(path, "rb") as f:
-        yield from group_by_keys({**m, "__url__": str(path)} for m in tar_file_iterator(f))
+        for m in tar_file_iterator(f):
+            key, ext = base_plus_ext(m["fname"])
+            if key is None:
+                continue
+            ext = ext.lower()
+            if current is None or starts_sample(key, ext, current["__key__"], current):
+                if current is not None and not current.get("__repeat__"):
+                    yield current
+                current = {"__key__": key, "__url__": str(path)}
+                if key in seen:
+                    current["__repeat__"] = True
+                    repeats += 1
+                seen.add(key)
+            current[ext] = m["data"]
+    if current is not None and not current.get("__repeat__"):
+        yield current
+    if skipped is not None and repeats:
+        skipped["duplicate_key"] += repeats
+        log.warning("%s: %d samples skipped: duplicate_key (a key repeated in the shard; the first sample "
+                    "with it is kept)", path, repeats)
 
 
 def _caption(sample: dict) -> tuple[dict | None, str | None]:
@@ -153,13 +190,13 @@ def prepare_output(shards: list[Path], out_dir: str | Path, job: NegativesJob) -
     """Check shards, output folder and settings, and pin the settings in the output folder (done
     once, before any shard is worked on); returns the output folder resolved."""
     _check_job(job)
-    out = check_output_folder(shards, out_dir, STATE, "tools/make_negatives.py")
+    out = check_output_folder(shards, out_dir, STATE, TOOL)
     for sub in ("vocab", "tagged", "done"):
         (out / STATE / sub).mkdir(parents=True, exist_ok=True)
     path = out / STATE / "settings.json"
     settings = settings_of(job, shards)
     if path.is_file():
-        diff = _differs(json.loads(path.read_text()), settings)
+        diff = _differs(read_pinned(path, SETTINGS_SHAPE, TOOL), settings)
         if diff:
             raise ValueError(f"{out} holds negatives made with other {', '.join(diff)} (see {path}); "
                              "use another output folder")
@@ -174,7 +211,7 @@ def check_settings(out: Path, job: NegativesJob, shards: list[Path]) -> dict:
     path = out / STATE / "settings.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the output folder was not prepared (prepare_output)")
-    stored = json.loads(path.read_text())
+    stored = read_pinned(path, SETTINGS_SHAPE, TOOL)
     diff = _differs(stored, settings_of(job, shards), skip=("shards",))
     if diff:
         raise ValueError(f"{out} holds negatives made with other {', '.join(diff)} (see {path})")
@@ -193,8 +230,27 @@ def _tagged_path(out: Path, name: str) -> Path:
     return out / STATE / "tagged" / f"{name}.json.gz"
 
 
+def _stored_settings(out: Path) -> dict:
+    return read_pinned(out / STATE / "settings.json", SETTINGS_SHAPE, TOOL)
+
+
+def _partial_vocabulary(out: Path, name: str) -> dict | None:
+    return read_finished(_vocab_path(out, name), VOCAB_SHAPE)
+
+
+def _tags(out: Path, name: str) -> dict | None:
+    """The shard's tagged captions (one per key), None when absent or damaged."""
+    data = read_finished(_tagged_path(out, name), TAGGED_SHAPE, gz=True)
+    if data is not None and len(data["keys"]) != len(data["tagged"]):
+        log.warning("%s: damaged record (%d keys, %d tagged captions); redoing the work it records",
+                    _tagged_path(out, name), len(data["keys"]), len(data["tagged"]))
+        return None
+    return data
+
+
 def counted(out: Path, name: str) -> bool:
-    return _vocab_path(out, name).is_file() and _tagged_path(out, name).is_file()
+    """The shard's partial vocabulary and tags are there and sound (else it is counted again)."""
+    return _partial_vocabulary(out, name) is not None and _tags(out, name) is not None
 
 
 def count_shard(path: str, out: str, spacy_model: str) -> str:
@@ -218,18 +274,21 @@ def merged_vocabulary(out: Path, names: list[str], min_count: int = 1) -> Vocabu
     vocabulary the first time (in name order, though counts add up the same in any order).
     Refuses while any shard is uncounted: a partial vocabulary would change every shard's draws."""
     path = out / STATE / "vocabulary.json"
-    if not path.is_file():
-        missing = [n for n in names if not _vocab_path(out, n).is_file()]
+    merged = read_finished(path, MERGED_SHAPE)
+    if merged is None:
+        partial = {n: _partial_vocabulary(out, n) for n in names}
+        missing = [n for n, v in partial.items() if v is None]
         if missing:
             raise RuntimeError(f"{len(missing)} of {len(names)} shards have no partial vocabulary in "
                                f"{out / STATE / 'vocab'} (first: {missing[:5]}): their counting did not "
                                f"finish (a failed array task? see {out / '_slurm'}); rerun to count them")
         total = Vocabulary()
         for n in sorted(names):
-            total.merge(json.loads(_vocab_path(out, n).read_text())["counts"])
-        _atomic_write(path, json.dumps({"shards": len(names), "counts": total.counts()}).encode())
+            total.merge(partial[n]["counts"])
+        merged = {"shards": len(names), "counts": total.counts()}
+        _atomic_write(path, json.dumps(merged).encode())
     vocab = Vocabulary(min_count=min_count)
-    vocab.merge(json.loads(path.read_text())["counts"])
+    vocab.merge(merged["counts"])
     return vocab
 
 
@@ -241,7 +300,7 @@ def _init_writer(out: str, job: NegativesJob) -> None:
     _close_writer()
     o = Path(out)
     if job.backend == "rules":
-        names = json.loads((o / STATE / "settings.json").read_text())["shards"]
+        names = _stored_settings(o)["shards"]
         _WRITER["rule"] = RuleGenerator(merged_vocabulary(o, names, job.min_count), seed=job.seed)
         return
     from powerclip.negatives.llm import ChatClient, LLMGenerator, ResponseCache
@@ -267,15 +326,19 @@ def _done_path(out: Path, name: str) -> Path:
 
 def _record(out: Path, name: str) -> dict | None:
     """The shard's record when the shard is finished (record present, file of the recorded size)."""
-    rec, shard = _done_path(out, name), out / name
-    if not (rec.is_file() and shard.is_file()):
+    shard = out / name
+    if not shard.is_file():
         return None
-    record = json.loads(rec.read_text())
-    return record if record["bytes"] == shard.stat().st_size else None
+    record = read_finished(_done_path(out, name), RECORD_SHAPE)
+    return record if record is not None and record["bytes"] == shard.stat().st_size else None
 
 
 def _rule_candidates(src: Path, out: Path, rows: list, job: NegativesJob) -> list:
-    data = json.loads(gzip.decompress(_tagged_path(out, src.name).read_bytes()))
+    data = _tags(out, src.name)
+    if data is None:  # damaged since it was counted: tag the shard again (same captions, same tags)
+        count_shard(str(src), str(out), job.spacy_model)
+        data = _tags(out, src.name)
+        assert data is not None, "count_shard writes sound tags"
     if data["keys"] != [k for k, _, _ in rows]:
         raise ValueError(f"{src} changed since its captions were tagged ({_tagged_path(out, src.name)}); "
                          "use a new output folder")
@@ -335,7 +398,7 @@ def write_shard(path: str, out: str, job: NegativesJob) -> dict:
     tmp = o / (src.name + ".tmp")
     n = 0
     with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:  # no time stamps: reruns are identical
-        for sample in iter_samples(src):
+        for sample in iter_samples(src, counters):
             key = sample["__key__"]
             n += 1
             if key in negatives:
@@ -383,7 +446,7 @@ def run_phase(phase: str, shards: list[Path], out: Path, job: NegativesJob, work
     todo = [p for p in shards if _record(out, p.name) is None]
     if todo:
         if job.backend == "rules":  # merged once here, so that pool workers only read it
-            merged_vocabulary(out, json.loads((out / STATE / "settings.json").read_text())["shards"])
+            merged_vocabulary(out, _stored_settings(out)["shards"])
         try:
             run_shards([str(p) for p in todo], partial(write_shard, out=str(out), job=job),
                        workers=workers if job.backend == "rules" else 1,  # one sqlite writer per cache
@@ -415,7 +478,7 @@ def _cache_entries(paths: set[str]) -> int:
 def summarize(out: Path) -> dict:
     """The report of every finished shard in ``out`` (all tasks of a job array together), and the
     shards not finished yet."""
-    settings = json.loads((out / STATE / "settings.json").read_text())
+    settings = _stored_settings(out)
     names = settings["shards"]
     found = {n: _record(out, n) for n in names}
     records = [r for r in found.values() if r is not None]
@@ -433,8 +496,8 @@ def summarize(out: Path) -> dict:
                   sizes={r["shard"]: r["count"] for r in records})
     report["negatives_written"] = sum(report["per_kind"].values())
     if settings["backend"] == "llm":
-        llm = [r["llm"] for r in records]
-        report["llm"] = {"model": settings["model"], "client": _sum(llm, "client"),
+        llm = [r["llm"] for r in records if "llm" in r]
+        report["llm"] = {"model": settings.get("model"), "client": _sum(llm, "client"),
                          "generator": _sum(llm, "generator"),
                          "cache_entries": _cache_entries({x["cache"] for x in llm})}
     return report
