@@ -122,3 +122,45 @@ def test_a_repeated_key_is_listed_and_copied_never_merged(tmp_path: Path):
     assert len(after) == len(first) + len(repeat)  # every member copied
     assert after[-len(repeat):] == repeat  # the repeat untouched, json included
     assert json.loads(dict(after[:len(first)])[f"{key}.json"])["parser"] == "rule"  # the first annotated
+
+
+@pytest.mark.parametrize("damage", [b'{"shard": "00001.tar", "count"', b'{"shard": "00001.tar", "count": 6}'])
+def test_a_damaged_shard_record_redoes_the_shard(published: Path, tmp_path: Path, capsys, caplog, damage: bytes):
+    from tools import annotate_shards as tool
+
+    def run(out: Path) -> dict:
+        assert tool.main(["--input", str(published), "--out", str(out), "--parser", "rule", "--no-progress"]) == 0
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+    clean = run(tmp_path / "clean")
+    out = tmp_path / "out"
+    run(out)
+    record = out / "_annotate" / "00001.tar.json"
+    record.write_bytes(damage)  # truncated, or valid JSON without "annotated" and "skipped"
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="powerclip.data.records"):
+        assert run(out) == clean
+    assert "(2 already done)" in capsys.readouterr().out
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(record)]  # one line, naming it
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert manifest.pop("resumed_shards") == 2 and expected.pop("resumed_shards") == 0
+    assert manifest == expected and manifest["num_shards"] == 3 and manifest["num_annotated"] == 16
+
+
+@pytest.mark.parametrize("damage", [b'{"parser": "ru', b'{"parser": ["rule"]}', b'"rule"'])
+def test_damaged_settings_are_refused_in_one_line(published: Path, tmp_path: Path, capsys, damage: bytes):
+    from tools import annotate_shards as tool
+
+    out = tmp_path / "out"
+    args = ["--input", str(published), "--out", str(out), "--parser", "rule", "--no-progress"]
+    assert tool.main(args) == 0
+    settings = out / "_annotate" / "settings.json"
+    settings.write_bytes(damage)
+    capsys.readouterr()
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(settings) in err and "restore it, or delete it" in err
+    settings.unlink()  # the fix the line names: the rerun resumes every shard
+    assert tool.main(args) == 0
+    assert "(3 already done)" in capsys.readouterr().out

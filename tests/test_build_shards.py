@@ -146,3 +146,48 @@ def test_resume_parallel_cli(raw: Path, tmp_path: Path, capsys):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--help"],
                        capture_output=True, text=True, check=True)
     assert "--shard-size" in r.stdout
+
+
+@pytest.mark.parametrize("damage", [b'{"shard": "00001.tar", "cou', b'{"shard": "00001.tar", "count": "3"}', b"[]"])
+def test_a_damaged_shard_record_redoes_the_shard(raw: Path, tmp_path: Path, capsys, caplog, damage: bytes):
+    from tools import build_shards as tool
+
+    def run(out: Path) -> dict:
+        assert tool.main([str(raw / "folder"), "--out", str(out), "--shard-size", "3", "--parser", "rule",
+                          "--no-progress"]) == 0
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+    clean = run(tmp_path / "clean")
+    out = tmp_path / "out"
+    run(out)
+    record = out / "_build" / "00001.json"
+    record.write_bytes(damage)  # truncated, or valid JSON of the wrong shape
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="powerclip.data.records"):
+        assert run(out) == clean
+    assert "8 samples in 4 shards (3 already done)" in capsys.readouterr().out
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(record)]  # one line, naming it
+    assert json.loads(record.read_text())["shard"] == "00001.tar"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.pop("resumed_shards") == 3
+    expected = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    expected.pop("resumed_shards")
+    assert manifest == expected
+
+
+@pytest.mark.parametrize("damage", [b'{"hash": "ab', b'{"hash": 5}', b'{"hash": "x", "items": []}'])
+def test_a_damaged_plan_is_refused_in_one_line(raw: Path, tmp_path: Path, capsys, damage: bytes):
+    from tools import build_shards as tool
+
+    out = tmp_path / "out"
+    args = [str(raw / "folder"), "--out", str(out), "--shard-size", "3", "--parser", "rule", "--no-progress"]
+    assert tool.main(args) == 0
+    (out / "_build" / "plan.json").write_bytes(damage)
+    capsys.readouterr()
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / "_build" / "plan.json") in err
+    assert "is damaged" in err and "restore it, or delete it" in err
+    (out / "_build" / "plan.json").unlink()  # the fix the line names: the rerun resumes every shard
+    assert tool.main(args) == 0
+    assert "(4 already done)" in capsys.readouterr().out
