@@ -86,3 +86,29 @@ def test_training_loader_skips_and_logs_an_image_over_the_limit(tmp_path, synthe
     (msg,) = [r.getMessage() for r in caplog.records if r.name == "powerclip.data.loader"]
     assert msg.startswith(f"skipped sample bomb of {shard}: bad_image (ImageTooLargeError: ")
     assert "10000x10000 pixels exceeds the limit" in msg
+
+
+def test_eval_wds_index_skips_a_repeated_key_and_says_so(tmp_path, caplog):
+    """A clip_benchmark ``wds`` set whose shard repeats keys: each key keeps its first sample whole
+    (image and label), the repeats are skipped (never merged into a neighbour) and counted in one line."""
+    import webdataset as wds
+
+    from powerclip.eval.datasets import load_wds
+
+    root = tmp_path / "set"
+    (root / "test").mkdir(parents=True)
+    (root / "test" / "nshards.txt").write_text("1")
+    (root / "classnames.txt").write_text("zero\none\ntwo\nthree\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    keys = ["a", "b", "b", "c", "a"]  # "b" again right after itself, "a" again further on
+    shard = root / "test" / "0.tar"
+    with wds.TarWriter(str(shard), encoder=False) as w:
+        for i, k in enumerate(keys):
+            w.write({"__key__": k, "png": f"image {i}".encode(), "cls": str(i % 4).encode()})
+    with caplog.at_level("WARNING", logger="powerclip.eval.sources"):
+        ds = load_wds(root)
+    assert ds.labels == [0, 1, 3]
+    assert [m.read() for m in ds.images] == [b"image 0", b"image 1", b"image 3"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"{shard}: 2 samples skipped: duplicate_key (a key repeated in the shard; the first "
+                      "sample with it is kept)"]

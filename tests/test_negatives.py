@@ -308,3 +308,96 @@ def test_adjectives_of_the_same_slot_are_preferred():
             assert out[1] == "large"  # a size replaces a size
         else:
             assert out[2] == "blue" or out[6] == "blue"  # a colour replaces a colour
+
+
+def _outputs(out: Path) -> tuple[dict[str, bytes], dict]:
+    report = json.loads((out / "negatives_report.json").read_text())
+    for k in ("resumed_shards", "elapsed_s"):
+        report.pop(k)
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}, report
+
+
+@pytest.mark.parametrize("record,damage", [
+    ("done/00000.tar.json", b'{"shard": "00000.tar", "count": 7, "by'),  # truncated: the shard is rewritten
+    ("done/00000.tar.json", b'{"shard": "00000.tar", "count": 7}'),  # wrong shape
+    ("vocab/00000.tar.json", b'{"shard": "00000.tar", "samples": 7, "counts": {"tags": []}}'),  # counted again
+    ("tagged/00001.tar.json.gz", b"\x1f\x8b\x08\x00cut"),  # a cut gzip: counted again
+    ("vocabulary.json", b'{"shards": 2, "counts": {"tags": {"red": {"JJ": "3"}}, "slots": {}}}'),  # merged again
+])
+def test_a_damaged_cache_record_is_redone_and_the_output_is_unchanged(tmp_path, caplog, record, damage):
+    _write_shards(tmp_path / "in")
+    shards = list_shards(str(tmp_path / "in"))
+    make_negatives(shards, tmp_path / "clean", NegativesJob(k=4, seed=3))
+    clean = _outputs(tmp_path / "clean")
+    out = tmp_path / "out"
+    make_negatives(shards, out, NegativesJob(k=4, seed=3))
+    path = out / "_negatives" / record
+    path.write_bytes(damage)
+    with caplog.at_level("WARNING", logger="powerclip.data.records"):
+        report = make_negatives(shards, out, NegativesJob(k=4, seed=3))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(path)]  # one line, naming it
+    assert report["resumed_shards"] == (1 if record.startswith("done/") else 2)
+    assert _outputs(out) == clean
+    assert path.read_bytes() != damage
+
+
+def test_tags_damaged_after_counting_are_made_again_by_the_writer(tmp_path, caplog):
+    """A job array's writing task meeting a shard whose tags broke after the counting tasks ran."""
+    from powerclip.negatives.shards import prepare_output, run_phase, summarize, write_report
+
+    _write_shards(tmp_path / "in")
+    shards = list_shards(str(tmp_path / "in"))
+    job = NegativesJob(k=4, seed=3)
+    make_negatives(shards, tmp_path / "clean", job)
+    out = prepare_output(shards, tmp_path / "out", job)
+    run_phase("count", shards, out, job)
+    tags = out / "_negatives" / "tagged" / "00000.tar.json.gz"
+    tags.write_bytes(tags.read_bytes()[:20])
+    with caplog.at_level("WARNING", logger="powerclip.data.records"):
+        assert run_phase("write", shards, out, job) == 0
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(tags)]
+    report = summarize(out)
+    write_report(out, {**report, "resumed_shards": 0, "elapsed_s": 0})
+    assert _outputs(out) == _outputs(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("damage", [b'{"backend": "rul', b'{"backend": "rules", "k": "4"}', b"[1, 2]"])
+def test_damaged_settings_are_refused_in_one_line(tmp_path, capsys, damage):
+    _write_shards(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--output", str(out), "-k", "4", "--seed", "3"]
+    assert cli_main(args) == 0
+    settings = out / "_negatives" / "settings.json"
+    settings.write_bytes(damage)
+    capsys.readouterr()
+    assert cli_main(args) == 1
+    captured = capsys.readouterr()
+    errors = [x for x in captured.err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.err
+    assert str(settings) in errors[0] and "is damaged" in errors[0] and "restore it, or delete it" in errors[0]
+    settings.unlink()  # the fix the line names: the rerun resumes every shard
+    assert cli_main(args) == 0
+    assert "(2 already done)" in capsys.readouterr().out
+
+
+def test_a_repeated_key_is_counted_and_skipped_never_merged(tmp_path, caplog):
+    src = tmp_path / "in"
+    src.mkdir()
+    keys = ["a", "b", "b", "c", "a", "d"]  # "b" again right after itself, "a" again further on
+    samples = [{"__key__": k, "png": f"image {i}".encode(), "txt": CAPTIONS[i].encode()} for i, k in enumerate(keys)]
+    with wds.TarWriter(str(src / "00000.tar"), encoder=False) as w:
+        for s in samples:
+            w.write(s)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="powerclip.negatives.shards"):
+        report = make_negatives(list_shards(str(src)), out, NegativesJob(k=4, seed=3))
+    got = {s["__key__"]: s for s in iter_samples(out / "00000.tar")}
+    assert list(got) == ["a", "b", "c", "d"]
+    for i in (0, 1, 3, 5):  # each key keeps its first sample, whole
+        assert got[keys[i]]["png"] == samples[i]["png"] and got[keys[i]]["txt"] == samples[i]["txt"]
+        assert json.loads(got[keys[i]]["json"])["caption"] == CAPTIONS[i]
+    assert report["counters"]["duplicate_key"] == 2 and report["samples"] == 4
+    assert json.loads((out / "negatives_report.json").read_text())["counters"]["duplicate_key"] == 2
+    logged = [r.getMessage() for r in caplog.records if "duplicate_key" in r.getMessage()]
+    assert logged == [f"{src / '00000.tar'}: 2 samples skipped: duplicate_key (a key repeated in the shard; "
+                      "the first sample with it is kept)"]
