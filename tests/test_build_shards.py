@@ -191,3 +191,21 @@ def test_a_damaged_plan_is_refused_in_one_line(raw: Path, tmp_path: Path, capsys
     (out / "_build" / "plan.json").unlink()  # the fix the line names: the rerun resumes every shard
     assert tool.main(args) == 0
     assert "(4 already done)" in capsys.readouterr().out
+
+
+def test_a_repeated_key_in_an_input_tar_is_skipped_never_merged(tmp_path: Path):
+    src = tmp_path / "i2d"
+    src.mkdir()
+    keys = ["a", "b", "b", "c", "a"]  # "b" again right after itself, "a" again further on
+    with wds.TarWriter(str(src / "00000.tar")) as w:
+        for i, k in enumerate(keys):
+            sample = {"__key__": k, "png": _png((50 * i, 0, 0)), "txt": f"a red square number {i}".encode()}
+            if i == 4:
+                sample["json"] = json.dumps({"url": "http://x/repeat.jpg"}).encode()  # a member the first lacks
+            w.write(sample)
+    m = build_shards([str(src)], tmp_path / "out", shard_size=10, parser="rule", progress=False)
+    assert m["num_inputs"] == 5 and m["num_samples"] == 3
+    assert m["skipped_by_reason"] == {"duplicate_key": 2}
+    got = sorted((json.loads(s["json"]) for s in _all_samples(tmp_path / "out")), key=lambda a: a["caption"])
+    assert [a["caption"] for a in got] == [f"a red square number {i}" for i in (0, 1, 3)]  # each key's first
+    assert all("source" not in a for a in got)  # the repeat's json never joined the first "a"

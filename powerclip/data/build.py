@@ -23,7 +23,8 @@ Keys are generated (``SSSSSIIII``), never taken from input file names, so nothin
 Symbolic links inside an input folder that lead out of it (an image, a caption or an input tar
 whose real path is outside the folder's real path) are not followed unless ``follow_links`` is
 set: a shared folder must not pull a private file elsewhere into the shards. Each refused link is
-listed in the manifest (``refused_links``). A truncated input tar keeps the samples before the cut.
+listed in the manifest (``refused_links``). A truncated input tar keeps the samples before the cut;
+a key repeated in an input tar keeps its first sample, the repeats are listed as ``duplicate_key``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..outputs import check_output_dir
 from .decode import MAX_PIXELS, ImageTooLargeError, decode_image
 from .records import ListOf, read_finished, read_pinned
 from .shard_pool import run_shards
+from .stream import starts_sample
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -134,6 +136,29 @@ def read_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None
     return members, None
 
 
+def index_members(members: list[tarfile.TarInfo]) -> tuple[dict[str, dict[str, tarfile.TarInfo]], list[str]]:
+    """(key -> {member name: member} of the first sample with each key, the keys of later samples
+    that repeat a key), grouped as the training reader groups a tar: consecutive members sharing a
+    key, a member the sample already has starting the next one. A repeat is never merged."""
+    index: dict[str, dict[str, tarfile.TarInfo]] = {}
+    repeats: list[str] = []
+    key, exts, current = None, set(), None
+    for m in members:
+        if not (m.isfile() and "." in m.name):
+            continue
+        k, ext = m.name.rsplit(".", 1)
+        if current is None or starts_sample(k, ext.lower(), key, exts):
+            key, exts = k, set()
+            if k in index:
+                repeats.append(k)
+                current = {}  # filled, never listed
+            else:
+                current = index[k] = {}
+        exts.add(ext.lower())
+        current[m.name] = m
+    return index, repeats
+
+
 def _tar_items(root: Path, follow_links: bool, refused: list[dict]) -> list[Item]:
     items = []
     real_root = root.resolve()
@@ -147,9 +172,10 @@ def _tar_items(root: Path, follow_links: bool, refused: list[dict]) -> list[Item
         except (tarfile.TarError, OSError) as e:
             items.append(Item("tar", str(tar), f"<unreadable: {type(e).__name__}>"))
             continue
-        keys = sorted({m.name.rsplit(".", 1)[0] for m in members
-                       if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)})
+        index, repeats = index_members(members)
+        keys = sorted(k for k, ms in index.items() if any(n.lower().endswith(IMAGE_EXTS) for n in ms))
         items.extend(Item("tar", str(tar), k) for k in keys)
+        items.extend(Item("tar", str(tar), f"<duplicate_key {k}>") for k in repeats)
         if error is not None:  # the samples after the cut are lost: say so in the manifest
             items.append(Item("tar", str(tar), f"<truncated after {len(keys)} samples: {error}>"))
     return items
@@ -219,13 +245,11 @@ def _load(item: Item, tars: dict) -> tuple[bytes, str, dict | None]:
         raise KeyError("unreadable_tar")
     if item.name.startswith("<truncated"):
         raise KeyError("truncated_tar")
+    if item.name.startswith("<duplicate_key"):
+        raise KeyError("duplicate_key")
     if item.source not in tars:  # open each input tar once per shard job and index it by key
         tf = tarfile.open(item.source)
-        index: dict[str, dict] = {}
-        for m in read_members(tf)[0]:
-            if m.isfile() and "." in m.name:
-                index.setdefault(m.name.rsplit(".", 1)[0], {})[m.name] = m
-        tars[item.source] = (tf, index)
+        tars[item.source] = (tf, index_members(read_members(tf)[0])[0])
     tf, index = tars[item.source]
     members = index.get(item.name, {})
     img = next((m for n, m in sorted(members.items()) if n.lower().endswith(IMAGE_EXTS)), None)
