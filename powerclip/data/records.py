@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,15 @@ class DamagedRecordError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ListOf:
+    """A list whose every item has the shape ``item``."""
+
     item: Any
 
 
 @dataclass(frozen=True)
 class MapOf:
+    """An object of any keys whose every value has the shape ``value`` (counts by name)."""
+
     value: Any
 
 
@@ -78,7 +83,7 @@ def parse(path: Path, shape: Any, gz: bool = False) -> Any:
     data = Path(path).read_bytes()
     try:
         value = json.loads(gzip.decompress(data) if gz else data)
-    except (ValueError, EOFError, gzip.BadGzipFile) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, EOFError, OSError, zlib.error) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise ValueError(f"not readable json ({type(e).__name__})") from None
     _check(value, shape, "")
     return value
