@@ -151,3 +151,25 @@ def test_every_preset_cited_in_the_code_exists():
     for path in [*(ROOT / "powerclip").rglob("*.py"), *(ROOT / "tools").glob("*.py")]:
         cited |= {m for m in re.findall(r"configs/[\w.-]+\.yaml", path.read_text())}
     assert cited and all((ROOT / c).is_file() for c in cited), sorted(c for c in cited if not (ROOT / c).is_file())
+
+
+@pytest.mark.parametrize("tool", ["make_synthetic", "build_shards"])
+def test_shard_tool_os_error_is_one_line_with_the_path_and_the_fix(tool: str, tmp_path: Path):
+    """A shard tool whose --out lies under a regular file (an OSError, as a full or read-only disk is):
+    one line naming the path and the fix, exit 2, no traceback."""
+    from PIL import Image
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "out"
+    images = tmp_path / "images"  # one valid input sample for build_shards
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(images / "a.png")
+    (images / "a.txt").write_text("a red square")
+    args = {"make_synthetic": ["--out", str(out), "--train-shards", "1", "--per-shard", "4"],
+            "build_shards": [str(images), "--out", str(out), "--parser", "rule"]}[tool]
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and str(blocker) in lines[0] and "(" in lines[0], r.stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powerclip.data.annotate_shards import annotate_shards  # noqa: E402
+from powerclip.errors import describe  # noqa: E402
 from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 from powerclip.negatives.shards import list_shards  # noqa: E402
 
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.slurm_tasks > 0:
             return _submit(a, shards)
         m = annotate_shards(shards, a.out, a.workers, a.parser, a.spacy_model, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # a bad option, input or output folder, or disk: one line (OSError: path + fix)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     print(f"{m['num_annotated']} of {m['num_samples']} samples annotated in {m['num_shards']} shards "
           f"({m['resumed_shards']} already done); left unannotated {m['num_skipped']}: {m['skipped_by_reason']}")

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powerclip.data.build import DEFAULT_MAX_PIXELS, build_shards, plan_build  # noqa: E402
+from powerclip.errors import describe  # noqa: E402
 from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         m = build_shards(a.inputs, a.out, a.shard_size, a.workers, a.parser, a.spacy_model, a.max_pixels,
                          a.image_col, a.caption_col, a.boxes_col, progress=not a.no_progress,
                          follow_links=a.follow_links)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # a bad option, input or output folder, or disk: one line (OSError: path + fix)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     print(f"{m['num_samples']} samples in {m['num_shards']} shards ({m['resumed_shards']} already done); "
           f"skipped {m['num_skipped']}: {m['skipped_by_reason']}"

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from powerclip.errors import describe  # noqa: E402
 from powerclip.launch.shard_array import add_slurm_args, run_array_cli  # noqa: E402
 from powerclip.negatives.shards import NegativesJob, list_shards, make_negatives  # noqa: E402
 from powerclip.negatives.validate import KINDS, Bounds  # noqa: E402
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.slurm_tasks > 0:
             return _submit(args, shards, job)
         report = make_negatives(shards, args.output, job, workers=args.workers, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:  # a bad option, input or output folder, or disk: one line (OSError: path + fix)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 1
     _print_summary(report, f"({report['resumed_shards']} already done)")
     return 0

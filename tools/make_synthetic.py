@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from powerclip.data.synthetic import make_synthetic  # noqa: E402
+from powerclip.errors import describe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
                            a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs)
-    except ValueError as e:  # a bad option or an --out folder that is not a synthetic dataset
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # a bad option, input or output folder, or disk: one line (OSError: path + fix)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     for split, info in m["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['shards']}")
