@@ -163,7 +163,7 @@ def test_usr2_rendezvous_checkpoint_resubmits_and_resumes(cluster, plain_yaml, t
     steps = 12
     t0 = time.time()
     jid = _submit(plain_yaml, run, f"train.steps={steps}", "slurm.max_requeues=2",
-                  entry="tests.slurm_cluster:resumable_entry", env=_env(POWERCLIP_TOY_STEP_S="0.3"))
+                  entry="tests.slurm_cluster:resumable_entry", env=_env(POWERCLIP_TOY_STEP_S="1.0"))  # 9+ s between step 3 and the end: USR2 lands under load
     state = run / "toy_state.json"
     _wait_until(lambda: state.exists() and json.loads(state.read_text())["step"] >= 3, JOB_TIMEOUT,
                 "toy step 3", jid)
