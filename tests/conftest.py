@@ -70,5 +70,6 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic(root, train_shards=SYNTH_TRAIN_SHARDS, val_shards=1, heldout_shards=1,
-                   per_shard=SYNTH_PER_SHARD, image_size=SYNTH_IMAGE_SIZE, seed=0, binding_pairs=24)
+                   per_shard=SYNTH_PER_SHARD, image_size=SYNTH_IMAGE_SIZE, seed=0, binding_pairs=24,
+                   single_objects=24)
     return root

@@ -376,7 +376,11 @@ def test_synthetic_benchmark_on_make_synthetic_output(loaded, synthetic_root):
     # and the binding pairs the manifest records (drawn at evaluation)
     counts["binding-pairs"] = json.loads((synthetic_root / "manifest.json").read_text())["binding_pairs"]["cases"]
     assert counts and {f"synthetic/{k}": float(v) for k, v in counts.items()} == {
-        k: r["metrics"]["n"] for k, r in res.items() if k not in ("synthetic", "synthetic/retrieval")}
+        k: r["metrics"]["n"] for k, r in res.items()
+        if k not in ("synthetic", "synthetic/retrieval", "synthetic/single-object")}
+    # and the single objects (drawn at evaluation): one outcome per case
+    single = json.loads((synthetic_root / "manifest.json").read_text())["single_objects"]["cases"]
+    assert len(res["synthetic/single-object"]["items"]["acc1"]) == single == 24
     # every result keeps its per-item outcomes, whose means are its metrics
     assert res["synthetic"]["items"]["acc1"] and sum(res["synthetic"]["items"]["acc1"]) / n == pytest.approx(
         res["synthetic"]["metrics"]["acc1"])
@@ -441,6 +445,28 @@ def test_synthetic_binding_pairs_match_brute_force(loaded, synthetic_root):
     assert res["items"]["pair_acc"] == pytest.approx(pair)
     assert res["metrics"]["pair_acc"] == pytest.approx(sum(pair) / 24)
     assert res["metrics"]["acc"] == pytest.approx(sum(group) / 24)
+
+
+def test_synthetic_single_objects_match_brute_force(loaded, synthetic_root):
+    """The single-object zero-shot cases, drawn and classified by hand over the dataset's classes and
+    templates (the class embedding: the normalised mean of the normalised template embeddings)."""
+    from powerclip.data.synthetic import draw_objects
+    from powerclip.data.synthetic_pairs import single_object_cases
+
+    res = evaluate(loaded.model, loaded.preprocess, loaded.tokenizer, "synthetic", synthetic_root,
+                   split="heldout", batch_size=32)["synthetic/single-object"]
+    manifest = json.loads((synthetic_root / "manifest.json").read_text())
+    classes = json.loads((synthetic_root / "classes.json").read_text())
+    weights = []
+    for name in classes["classnames"]:
+        t = torch.stack([_txt(loaded, tpl.format(name)) for tpl in classes["templates"]]).mean(0)
+        weights.append(t / t.norm())
+    w = torch.stack(weights)
+    cases = single_object_cases(manifest, "heldout")
+    hits = [int(int((w @ _img(loaded, draw_objects(c.objects, manifest["image_size"]))).argmax()) == c.label)
+            for c in cases]
+    assert len(cases) == 24 and res["items"]["acc1"] == hits
+    assert res["metrics"]["acc1"] == pytest.approx(sum(hits) / 24)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -158,3 +158,41 @@ def test_make_synthetic_records_the_pairs_and_they_are_evaluated_per_split(tmp_p
     # and a dataset written without them neither
     make_synthetic(tmp_path / "none", train_shards=0, val_shards=1, heldout_shards=0, per_shard=4, binding_pairs=0)
     assert load_synthetic(tmp_path / "none", "val").pairs is None
+
+
+# ---------------------------------------------------------------------------------- single objects
+def test_single_object_cases_hold_one_object_whose_class_is_the_label():
+    from powerclip.data.synthetic import class_names
+    from powerclip.data.synthetic_pairs import single_object_case
+
+    names = class_names(tuple(list(PALETTE)[:NUM_COLOURS]))
+    for split in ("val", "heldout"):
+        cases = [single_object_case(i, split, 0, HELD, NUM_COLOURS) for i in range(300)]
+        labels = set()
+        for c in cases:
+            assert len(c.objects) == 1
+            shape, colour, box = c.objects[0]
+            assert names[c.label] == f"{colour} {shape}"
+            # heldout: only held pairs (never named in training); val: none of them
+            assert ((colour, shape) in HELD) == (split == "heldout")
+            px = _pixels(c.objects)
+            assert (px != np.asarray((90, 90, 90))).any(-1).sum() > 20  # the object is drawn
+            labels.add(c.label)
+        # the classes spread over the split's pairs: no class holds over 4x its uniform share
+        classes = len(HELD) if split == "heldout" else len(names) - len(HELD)
+        top = Counter(c.label for c in cases).most_common(1)[0][1]
+        assert len(labels) >= min(classes, 100) * 0.9 and top <= 4 * len(cases) / classes
+    assert single_object_case(7, "val", 0, HELD, NUM_COLOURS) == single_object_case(7, "val", 0, HELD, NUM_COLOURS)
+
+
+def test_make_synthetic_records_the_single_objects_and_they_are_evaluated_per_split(tmp_path):
+    from powerclip.eval.synthetic import load_synthetic
+
+    make_synthetic(tmp_path, train_shards=1, val_shards=1, heldout_shards=1, per_shard=4, image_size=SIZE,
+                   num_colours=NUM_COLOURS, binding_pairs=0, single_objects=10)
+    for split in ("val", "heldout"):
+        bench = load_synthetic(tmp_path, split)
+        assert bench.single is not None and len(bench.single.images) == 10 and bench.pairs is None
+        assert bench.single.images[0].load().size == (SIZE, SIZE)
+    make_synthetic(tmp_path / "none", train_shards=0, val_shards=1, heldout_shards=0, per_shard=4, single_objects=0)
+    assert load_synthetic(tmp_path / "none", "val").single is None

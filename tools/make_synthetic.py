@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="colour vocabulary size (7: the default data; up to the palette's 27: binding twins rare)")
     p.add_argument("--binding-pairs", type=int, default=2000,
                    help="binding pairs per split (powerclip.data.synthetic_pairs; drawn at evaluation, not stored)")
+    p.add_argument("--single-objects", type=int, default=2000,
+                   help="single-object zero-shot cases per split (drawn at evaluation, not stored)")
     a = p.parse_args(argv)
     try:
         m = make_synthetic(a.out, a.train_shards, a.val_shards, a.heldout_shards, a.per_shard, a.image_size,
-                           a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs)
+                           a.seed, a.format, a.relation_prob, a.colours, a.binding_pairs,
+                           a.single_objects)
     except (ValueError, OSError) as e:  # a bad option, input or output folder, or disk: one line (OSError: path + fix)
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2

@@ -445,12 +445,13 @@ def _is_synthetic(path: Path) -> bool:
 def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, heldout_shards: int = 1,
                    per_shard: int = 256, image_size: int = 64, seed: int = 0,
                    image_format: str = "png", relation_prob: float = 1.0, num_colours: int = DEFAULT_COLOURS,
-                   binding_pairs: int = 2000) -> dict:
+                   binding_pairs: int = 2000, single_objects: int = 2000) -> dict:
     """Write the whole dataset under ``out``; returns the manifest dict (also written to disk).
 
     ``num_colours``: the colour vocabulary (``colour_vocabulary``); the default is the original one.
     ``binding_pairs``: cases per split of the binding pairs (``synthetic_pairs``), recorded in the
-    manifest and drawn when evaluated (0: none).
+    manifest and drawn when evaluated (0: none). ``single_objects``: cases per split of the
+    single-object zero-shot set (``synthetic_pairs.single_object_case``), likewise.
     """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
@@ -458,8 +459,8 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
         raise ValueError(f"relation_prob must be in [0, 1], got {relation_prob}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
-    if binding_pairs < 0:
-        raise ValueError(f"binding_pairs must be >= 0, got {binding_pairs}")
+    if binding_pairs < 0 or single_objects < 0:
+        raise ValueError(f"binding_pairs and single_objects must be >= 0, got {binding_pairs}, {single_objects}")
     out = check_output_dir(out, _is_synthetic, "a synthetic dataset (tools/make_synthetic.py)")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()  # first: an interrupted run's folder is still recognised as this tool's
@@ -469,7 +470,8 @@ def make_synthetic(out: str | Path, train_shards: int = 4, val_shards: int = 1, 
     manifest: dict = {"generator": "powerclip.data.synthetic", "schema": SCHEMA_VERSION, "seed": seed,
                       "image_size": image_size, "image_format": image_format, "relation_prob": relation_prob,
                       "num_colours": num_colours, "heldout_pairs": sorted(f"{c} {s}" for c, s in held),
-                      "binding_pairs": {"cases": binding_pairs}, "splits": {}}
+                      "binding_pairs": {"cases": binding_pairs}, "single_objects": {"cases": single_objects},
+                      "splits": {}}
     for split, n in splits.items():
         if n <= 0:
             continue

@@ -1,4 +1,5 @@
-"""Binding pairs: a synthetic benchmark that only binding colours to shapes can solve.
+"""Binding pairs (a synthetic benchmark that only binding colours to shapes can solve) and single
+objects (a zero-shot set whose label is the only true one).
 
 A case is two images and two captions. Image 0 holds two objects of two different shapes and two
 different colours, drawn at the same size on two distinct cells of the 3x3 layout; image 1 is the same
@@ -20,6 +21,10 @@ object size the data draws (``SIZES["large"]``: 20 px wide at 64 px, twice the a
 that most training objects have), which is where shapes are most legible without leaving that
 distribution.
 
+Single objects: the scenes' zero-shot label is their first-named object, which is ill-posed for a
+scene of two or three objects (another class is as true of the image). A single-object case holds one
+object, so its class is the only true label; heldout cases are the held pairs, never named in training.
+
 The cases are not stored: each is a pure function of (seed, split, index, vocabulary), drawn when
 evaluated (``pair_case``). Rendering two 64-px images is far cheaper than reading them from a tar, and
 the manifest records everything that defines the set (its seed, vocabulary, heldout pairs, image size
@@ -31,7 +36,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from powerclip.data.synthetic import SHAPES, SIZES, Obj, colour_vocabulary
+from powerclip.data.synthetic import SHAPES, SIZES, Obj, class_names, colour_vocabulary
 
 PAIR_SIZE = "large"  # both objects drawn at the data's largest size (see the module docstring)
 # jitter of an object's centre (fraction of the side): at the pair size a box nearly fills its cell
@@ -103,4 +108,45 @@ def pair_cases(manifest: dict, split: str) -> list[PairCase]:
         return []
     held = {tuple(p.split(" ", 1)) for p in manifest.get("heldout_pairs", [])}
     return [pair_case(i, split, int(manifest["seed"]), held, int(manifest.get("num_colours", 7)))  # type: ignore[arg-type]
+            for i in range(int(entry["cases"]))]
+
+
+# ---------------------------------------------------------------------------------- single objects
+@dataclass(frozen=True)
+class SingleObjectCase:
+    """One object on the 3x3 layout and its zero-shot class (an index into ``class_names``)."""
+
+    objects: Drawn
+    label: int
+
+
+def single_object_case(index: int, split: str, seed: int, held: set[tuple[str, str]],
+                       num_colours: int) -> SingleObjectCase:
+    """Zero-shot case ``index`` of ``split``: ONE object, so its class ("colour shape") is the only
+    true label, which the scenes' first-named-object label of a multi-object image is not.
+
+    The object is drawn like the data's (random cell, jitter and size of the generator's own range);
+    heldout: a held (colour, shape) pair, never named in training; other splits: any other pair."""
+    colours = colour_vocabulary(num_colours)
+    rng = random.Random(f"{seed}-single-{split}-{index}")
+    if split == "heldout":
+        if not held:
+            raise ValueError("the heldout single objects need heldout (colour, shape) pairs")
+        colour, shape = rng.choice(sorted(held))
+    else:
+        colour, shape = rng.choice([(c, s) for c in colours for s in SHAPES if (c, s) not in held])
+    size = rng.choice(("small", "large"))
+    cell = (rng.randrange(3), rng.randrange(3))
+    jitter = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))  # the generator's own scene jitter
+    box = Obj(shape, colour, size, cell).box(jitter)
+    return SingleObjectCase([(shape, colour, box)], class_names(colours).index(f"{colour} {shape}"))
+
+
+def single_object_cases(manifest: dict, split: str) -> list[SingleObjectCase]:
+    """Every single-object zero-shot case of ``split`` (empty for a dataset written without)."""
+    entry = manifest.get("single_objects")
+    if not entry or not entry.get("cases"):
+        return []
+    held = {tuple(p.split(" ", 1)) for p in manifest.get("heldout_pairs", [])}
+    return [single_object_case(i, split, int(manifest["seed"]), held, int(manifest.get("num_colours", 7)))  # type: ignore[arg-type]
             for i in range(int(entry["cases"]))]

@@ -144,6 +144,8 @@ def _dispatch(model, preprocess, tokenizer, base: str, part: str | None, data: P
             out[bench.binding.name] = ctx.winoground(bench.binding)
         if bench.pairs is not None:
             out[bench.pairs.name] = ctx.winoground(bench.pairs)
+        if bench.single is not None:
+            out[bench.single.name] = ctx.zero_shot(bench.single, ctx.images(bench.single.images, bench.single.name))
         return out
     if base == "winoground":
         wino = comp.load_winoground(data)

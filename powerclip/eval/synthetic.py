@@ -13,7 +13,10 @@ chance by preferring one string of a pair whatever the image shows; the twin's g
 The twins' captions say a relation whose arguments are the swapped objects, so the colours' positions
 and the relation word solve them without binding. The binding pairs (``data.synthetic_pairs``, a
 Winoground set ``synthetic/binding-pairs`` drawn from the manifest when evaluated) are solved by binding
-only; they exist for the generator's own splits (train, val, heldout), not for other folders.
+only; they exist for the generator's own splits (train, val, heldout), not for other folders. The
+scenes' zero-shot label is their first-named object, ill-posed for a multi-object scene; the single
+objects (``data.synthetic_pairs.single_object_case``, a ClassificationSet ``synthetic/single-object``
+drawn from the manifest like the pairs) are the well-posed zero-shot.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import PIL.Image
 
 from powerclip.data.synthetic import JPEG_QUALITY, draw_objects, twin_objects
-from powerclip.data.synthetic_pairs import pair_cases
+from powerclip.data.synthetic_pairs import pair_cases, single_object_cases
 from powerclip.eval.compositional import SelectionCase, SelectionSet, WinogroundCase, WinogroundSet
 from powerclip.eval.datasets import ClassificationSet, RetrievalSet, template_fn
 from powerclip.eval.sources import (
@@ -48,6 +51,7 @@ class SyntheticBenchmark:
     selection: list[SelectionSet]
     binding: WinogroundSet | None  # scenes against their colour-swapped twins; None: no twin-able scene
     pairs: WinogroundSet | None = None  # the binding pairs of the split; None: the manifest has none
+    single: ClassificationSet | None = None  # single-object zero-shot cases; None: the manifest has none
 
 
 def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchmark:
@@ -100,18 +104,51 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
     retrieval = RetrievalSet("synthetic", images, captions)
     selection = [SelectionSet(f"synthetic/{kind}", images, cases) for kind, cases in sorted(negatives.items())]
     binding = WinogroundSet("synthetic/binding", twin_images, twin_cases) if twin_cases else None
-    return SyntheticBenchmark(images, classification, retrieval, selection, binding, _binding_pairs(root, split))
+    return SyntheticBenchmark(images, classification, retrieval, selection, binding, _binding_pairs(root, split),
+                              _single_objects(root, split))
 
 
-def _binding_pairs(root: Path, split: str) -> WinogroundSet | None:
-    """The split's binding pairs drawn at the dataset's image size, PNG-encoded like its images;
-    None for a folder the manifest does not name as a split, or a dataset written without pairs."""
+def _generator_manifest(root: Path, split: str) -> tuple[Path, dict] | None:
+    """The generator's manifest when ``split`` is one of its splits, else None."""
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
         return None
     manifest = json.loads(manifest_file.read_text())
     if split not in manifest.get("splits", {}):
         return None
+    return manifest_file, manifest
+
+
+def _png(objects: list, size: int, where: str) -> BytesImage:
+    buf = io.BytesIO()
+    draw_objects(objects, size).save(buf, format="PNG")
+    return BytesImage(where, buf.getvalue())
+
+
+def _single_objects(root: Path, split: str) -> ClassificationSet | None:
+    """The split's single-object zero-shot cases drawn at the dataset's image size (PNG, like the
+    pairs), classified over the dataset's own classes and templates; None where the manifest has none."""
+    found = _generator_manifest(root, split)
+    if found is None:
+        return None
+    manifest_file, manifest = found
+    cases = single_object_cases(manifest, split)
+    if not cases:
+        return None
+    classes = json.loads(require_file(root / "classes.json", "synthetic single-object zero-shot").read_text())
+    size = int(manifest["image_size"])
+    images = [_png(c.objects, size, f"{manifest_file} single object {split} #{i}") for i, c in enumerate(cases)]
+    return ClassificationSet("synthetic/single-object", images, [c.label for c in cases], list(classes["classnames"]),
+                             [template_fn(t) for t in classes["templates"]])
+
+
+def _binding_pairs(root: Path, split: str) -> WinogroundSet | None:
+    """The split's binding pairs drawn at the dataset's image size, PNG-encoded like its images;
+    None for a folder the manifest does not name as a split, or a dataset written without pairs."""
+    found = _generator_manifest(root, split)
+    if found is None:
+        return None
+    manifest_file, manifest = found
     cases = pair_cases(manifest, split)
     if not cases:
         return None
@@ -120,9 +157,7 @@ def _binding_pairs(root: Path, split: str) -> WinogroundSet | None:
     wino: list[WinogroundCase] = []
     for i, case in enumerate(cases):
         for k, objects in enumerate(case.objects):
-            buf = io.BytesIO()
-            draw_objects(objects, size).save(buf, format="PNG")
-            images.append(BytesImage(f"{manifest_file} binding pair {split} #{i} image {k}", buf.getvalue()))
+            images.append(_png(objects, size, f"{manifest_file} binding pair {split} #{i} image {k}"))
         wino.append(WinogroundCase((len(images) - 2, len(images) - 1), case.captions))
     return WinogroundSet("synthetic/binding-pairs", images, wino)
 
