@@ -65,37 +65,70 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SCRATCH_CONTROL, FT_CONTROL = "clip", "clip_ft"
-PRETRAINED = "pretrained"  # the fine-tuning arms' starts, one per seed: reported as a column beside them
+SCRATCH_CONTROL, FT_CONTROL, SIGLIP_CONTROL = "clip", "clip_ft", "siglip_ft"
+PRETRAINED = "pretrained"  # the CLIP fine-tuning arms' starts, one per seed: a column beside them
+PRETRAINED_SIGLIP = "pretrained_siglip"  # the SigLIP starts of the concept arms, one per seed
+ZETA = "zeta"  # per seed: loss.powerset.zeta calibrated by tools/calibrate_zeta.py with that seed's CLIP start
+SIGLIP = ["loss.global_loss=siglip", "model.init_logit_bias=-10", "model.init_logit_scale=2.302585"]  # log(10)
+# the PowerCLIP preset: powerset term 0.2, mean pooling; its regions are the objects' boxes (the analogue
+# of the paper's SAM regions: the generator knows every object's box) and its zeta is calibrated per seed
+POWERCLIP = ["loss.powerset.weight=0.2", "model.pool=mean"]
 SCRATCH_ARMS: dict[str, list[str]] = {
     "clip": [],
     "clip_mean": ["model.pool=mean"],
-    "powerclip": ["loss.powerset.weight=0.2", "model.pool=mean"],
-    "concept": ["data.concepts=true", "loss.concept.npc_weight=1.0", "loss.concept.xac_weight=0.01"],
+    "powerclip": [*POWERCLIP, "data.region_source=precomputed"],
+    "powerclip_random": [*POWERCLIP, "data.region_source=random"],  # ablation: random boxes, same zeta
 }
+ZETA_ARMS = ("powerclip", "powerclip_random")
+# DeGLA's released distillation: squared L2 SUMMED over the batch's G images, G captions and G*K negatives,
+# weighted 0.005, at G = 256 and K = 4; as a per-vector mean its weight is 0.005 x 256 x (2 + 4) = 7.68,
+# the released strength relative to the (mean) base loss at any batch. EMA: the released 0.9996.
+DEGLA_RELEASED = {"batch": 256, "negatives": 4, "sum_weight": 0.005, "ema_decay": 0.9996}
+DEGLA_MEAN_WEIGHT = DEGLA_RELEASED["sum_weight"] * DEGLA_RELEASED["batch"] * (2 + DEGLA_RELEASED["negatives"])
 FT_ARMS: dict[str, list[str]] = {
     "clip_ft": ["loss.degla.enabled=false", "data.num_negatives=0"],
     "negclip": ["loss.degla.igc_weight=0", "loss.degla.tgc_weight=0", "loss.degla.distill_weight=0"],
-    "degla": [],
+    "degla": ["loss.degla.distill_reduction=mean", f"loss.degla.distill_weight={DEGLA_MEAN_WEIGHT:g}",
+              f"loss.degla.ema_decay={DEGLA_RELEASED['ema_decay']}"],
 }
-# arm -> the arm that differs from it in one component only, reported as a second paired difference:
-# the PowerCLIP preset changes the pooling AND adds the powerset term, and against clip_mean the term
-# is the only difference
-ABLATIONS: dict[str, str] = {"powerclip": "clip_mean"}
+# C2LIP fine-tunes SigLIP with the sigmoid loss: both arms start from a SigLIP start (pretrained here with
+# the sigmoid loss, one per seed) and differ only in the concept terms (NPC 1.0 + XAC 0.01, sigmoid form)
+SIGLIP_ARMS: dict[str, list[str]] = {
+    "siglip_ft": [],
+    "concept": ["data.concepts=true", "loss.concept.npc_weight=1.0", "loss.concept.xac_weight=0.01"],
+}
+# (arm, reference) pairs that differ in one component only, reported beside the control: the PowerCLIP
+# preset changes the pooling AND adds the powerset term (against clip_mean the term is the only
+# difference), and its regions are the objects' boxes (against powerclip_random the boxes are)
+ABLATIONS: tuple[tuple[str, str], ...] = (("powerclip", "clip_mean"), ("powerclip", "powerclip_random"))
+# control, its arms, the column of their start (None: from random weights)
+GROUPS: tuple[tuple[str, dict[str, list[str]], str | None], ...] = (
+    (SCRATCH_CONTROL, SCRATCH_ARMS, None), (FT_CONTROL, FT_ARMS, PRETRAINED),
+    (SIGLIP_CONTROL, SIGLIP_ARMS, PRETRAINED_SIGLIP))
+ALL_ARMS = [*SCRATCH_ARMS, *FT_ARMS, *SIGLIP_ARMS]
 # "seen": the first train shard, scenes every arm trained on; against val it tells memorising the
 # training scenes from learning something that carries to new scenes
 SPLITS = ("seen", "val", "heldout")
+# --device cuda: all arms of a seed at once on one GPU, a wider model at 112 px and more steps
+CUDA_MODEL = ["model.config.vision_cfg.width=256", "model.config.vision_cfg.layers=6",
+              "model.config.vision_cfg.patch_size=16", "model.config.text_cfg.width=256",
+              "model.config.text_cfg.layers=6", "model.config.embed_dim=256"]
+CUDA_DEFAULTS = {"image_size": 112, "scratch_steps": 1200, "pretrain_steps": 1200, "ft_steps": 600, "batch": 128,
+                 "jobs": len(ALL_ARMS), "threads": 1}
 
 
 @dataclass
 class Job:
-    name: str  # arm/seedN, or pretrained/seedN (a start: exported to OUT/pretrained/seedN, then evaluated)
+    name: str  # arm/seedN; pretrained*/seedN (a start: exported to OUT/<name>, evaluated); zeta/seedN
     config: str
     overrides: list[str]
     run_dir: Path
     evaluate: bool = True
     after: list[str] = field(default_factory=list)
     keep_model: bool = False  # export the trained weights to run_dir/model (for later evaluations)
+    kind: str = "train"  # train | start (exported to OUT/<name>) | zeta (calibrates, trains nothing)
+    zeta_from: str | None = None  # a zeta job's name: its fitted value is this run's loss.powerset.zeta
+    zeta_batches: int = 4  # a zeta job: batches of the training stream it fits on
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for data, runs, results and report.md")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (>= 2 for a confidence interval)")
     p.add_argument("--scratch-steps", type=int, default=300, help="steps of the arms trained from random weights")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of each seed's pretrained start")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of each seed's pretrained starts")
     p.add_argument("--ft-steps", type=int, default=150, help="steps of the fine-tuning arms")
     p.add_argument("--ft-lr", type=float, default=1e-3,
-                   help="lr of every fine-tuning arm (control included); 0: the DeGLA preset's (1e-4), under "
-                   "which 150 steps barely move NegCLIP's own image-grounded loss (docs/method_comparison.md)")
+                   help="lr of every fine-tuning arm (controls included); 0: the presets' (DeGLA 1e-4, SigLIP arms "
+                   "tiny_cpu's 1e-3). 1e-3 is the papers' lr x steps over this run's 150 steps: C2LIP 1e-5 x 14,160 "
+                   "steps = 0.14 (9.4e-4 over 150); at DeGLA's preset 1e-4, 150 steps barely move NegCLIP's own "
+                   "image-grounded loss (docs/method_comparison.md)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=512, help="samples per shard (val/heldout: one shard each)")
@@ -118,12 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic generator: colour vocabulary size (27: binding twins rare in a batch, so plain CLIP "
                         "is not taught binding, see powerclip.data.synthetic_twins; 7: the demo's data)")
     p.add_argument("--binding-pairs", type=int, default=2000,
-                   help="binding pairs per split (powerclip.data.synthetic_pairs): the binding endpoints' items")
+                   help="binding pairs and single-object zero-shot cases per split (powerclip.data.synthetic_pairs): "
+                   "the primary endpoints' items")
+    p.add_argument("--zeta-batches", type=int, default=4,
+                   help="batches of the training stream tools/calibrate_zeta.py fits each seed's zeta on")
     p.add_argument("--boot", type=int, default=10000,
                    help="hierarchical bootstrap replicates of each primary endpoint (powerclip.eval.stats)")
     p.add_argument("--pretrained", default=None,
-                   help="reuse this export as the fine-tuning start of every seed (default: each seed pretrains its own)")
-    p.add_argument("--arms", default=",".join([*SCRATCH_ARMS, *FT_ARMS]), help="comma-separated subset")
+                   help="reuse this export as the CLIP start of every seed (the CLIP fine-tuning arms and the zeta "
+                   "calibration; default: each seed pretrains its own)")
+    p.add_argument("--arms", default=",".join(ALL_ARMS), help="comma-separated subset")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU-window mode: every arm of a seed at once on one GPU (--jobs "
+                   f"{CUDA_DEFAULTS['jobs']}), {CUDA_DEFAULTS['image_size']} px, a 256-wide 6-layer model, "
+                   f"{CUDA_DEFAULTS['scratch_steps']}/{CUDA_DEFAULTS['ft_steps']} steps, batch {CUDA_DEFAULTS['batch']}, "
+                   "amp_bf16 (options given on the command line win)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--keep-models", action="store_true",
@@ -131,62 +175,97 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluated again later; by default only the metrics are kept")
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the finished runs again from the weights --keep-models kept (and the pretrained "
-                   "start), e.g. after the benchmark gained a metric; runs without kept weights keep their metrics")
+                   "starts), e.g. after the benchmark gained a metric; runs without kept weights keep their metrics")
     p.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per run: checks the tool only")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
     return p
+
+
+def apply_device_defaults(args: argparse.Namespace, argv: list[str]) -> None:
+    """--device cuda: the GPU mode's sizes wherever the command line did not set the option."""
+    if args.device != "cuda":
+        return
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for key, value in CUDA_DEFAULTS.items():
+        if f"--{key.replace('_', '-')}" not in given:
+            setattr(args, key, value)
+
+
+def _steps(steps: int) -> list[str]:
+    return [f"train.steps={steps}", f"checkpoint.every_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}"]
 
 
 def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
     out = Path(args.out)
     shards = f"{synth}/train/{{00000..{args.train_shards - 1:05d}}}.tar"
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in SCRATCH_ARMS and a not in FT_ARMS]
+    unknown = [a for a in arms if a not in ALL_ARMS]
     if unknown:
-        raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {[*SCRATCH_ARMS, *FT_ARMS]}")
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {ALL_ARMS}")
     common = [f"data.sources=[{{shards: '{shards}'}}]", f"data.batch_size={args.batch}", "data.workers=0",
               "checkpoint.resume=none", "train.log_every=10"]
     if args.image_size != 64:
         common.append(f"model.config.vision_cfg.image_size={args.image_size}")
+    if getattr(args, "device", "cpu") == "cuda":
+        common += CUDA_MODEL + ["train.precision=amp_bf16", "train.zero_stage=0"]
+    lr = [f"optim.lr={args.ft_lr}"] if args.ft_lr else []
     jobs: list[Job] = []
+    starts: dict[str, Job] = {}
+
+    def start(kind: str, seed: int) -> str:
+        """The job name of seed's CLIP or SigLIP start (planned once), or nothing for --pretrained."""
+        name = f"{kind}/seed{seed}"
+        if kind == PRETRAINED and args.pretrained:
+            return ""
+        if name not in starts:
+            extra = SIGLIP if kind == PRETRAINED_SIGLIP else []
+            starts[name] = Job(name, "configs/tiny_cpu.yaml",
+                               common + [f"train.seed={seed}", f"data.seed={seed}"] + _steps(args.pretrain_steps)
+                               + extra + args.overrides, out / "runs" / kind.replace(PRETRAINED, "pretrain") / f"seed{seed}",
+                               kind="start")
+        return name
+
+    zetas: dict[str, Job] = {}
     for arm in arms:
         for seed in range(args.seeds):
             seeded = [f"train.seed={seed}", f"data.seed={seed}"]
+            run_dir = out / "runs" / arm / f"seed{seed}"
             if arm in SCRATCH_ARMS:
-                steps = args.scratch_steps
-                jobs.append(Job(f"{arm}/seed{seed}", "configs/tiny_cpu.yaml",
-                                common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
-                                                   f"optim.warmup_steps={max(1, steps // 10)}"]
-                                + SCRATCH_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
-                                keep_model=args.keep_models))
+                job = Job(f"{arm}/seed{seed}", "configs/tiny_cpu.yaml",
+                          common + seeded + _steps(args.scratch_steps) + SCRATCH_ARMS[arm] + args.overrides,
+                          run_dir, keep_model=args.keep_models)
+                if arm in ZETA_ARMS:  # zeta: calibrated with the seed's CLIP start on the boxes' regions
+                    zname = f"{ZETA}/seed{seed}"
+                    if zname not in zetas:
+                        s = start(PRETRAINED, seed)
+                        zetas[zname] = Job(zname, "configs/tiny_cpu.yaml",
+                                           common + seeded + SCRATCH_ARMS["powerclip"] + args.overrides
+                                           + [f"model.pretrained={pretrained_path(args, seed)}"],
+                                           out / ZETA / f"seed{seed}", evaluate=False, after=[s] if s else [],
+                                           kind="zeta", zeta_batches=args.zeta_batches)
+                    job.after, job.zeta_from = [zname], zname
+            elif arm in FT_ARMS:
+                s = start(PRETRAINED, seed)
+                job = Job(f"{arm}/seed{seed}", "configs/degla_tiny_cpu.yaml",
+                          common + seeded + _steps(args.ft_steps) + [f"model.pretrained={pretrained_path(args, seed)}"]
+                          + lr + FT_ARMS[arm] + args.overrides, run_dir, after=[s] if s else [],
+                          keep_model=args.keep_models)
             else:
-                steps = args.ft_steps
-                lr = [f"optim.lr={args.ft_lr}"] if args.ft_lr else []
-                jobs.append(Job(f"{arm}/seed{seed}", "configs/degla_tiny_cpu.yaml",
-                                common + seeded + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
-                                                   f"optim.warmup_steps={max(1, steps // 10)}",
-                                                   f"model.pretrained={pretrained_path(args, seed)}"]
-                                + lr + FT_ARMS[arm] + args.overrides, out / "runs" / arm / f"seed{seed}",
-                                after=[] if args.pretrained else [f"{PRETRAINED}/seed{seed}"],
-                                keep_model=args.keep_models))
-    # one pretrained start per seed (each seed pretrains its own, with that seed): the fine-tuning arms'
-    # seed variance then includes the start's, as it would across labs; a start is evaluated like a run
-    starts = sorted({a for j in jobs for a in j.after})
-    for name in reversed(starts):
-        seed = int(name.split("/seed")[1])
-        steps = args.pretrain_steps
-        jobs.insert(0, Job(name, "configs/tiny_cpu.yaml",
-                           common + [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
-                                     f"checkpoint.every_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}"]
-                           + args.overrides, out / "runs" / "pretrain" / f"seed{seed}"))
-    return jobs
+                s = start(PRETRAINED_SIGLIP, seed)
+                job = Job(f"{arm}/seed{seed}", "configs/tiny_cpu.yaml",
+                          common + seeded + _steps(args.ft_steps) + SIGLIP
+                          + [f"model.pretrained={pretrained_path(args, seed, PRETRAINED_SIGLIP)}"]
+                          + lr + SIGLIP_ARMS[arm] + args.overrides, run_dir, after=[s], keep_model=args.keep_models)
+            jobs.append(job)
+    # starts first (every later job waits for one), then the calibrations, then the arms in arm order
+    return sorted(starts.values(), key=lambda j: (int(j.name.split("/seed")[1]), j.name)) + list(zetas.values()) + jobs
 
 
-def pretrained_path(args: argparse.Namespace, seed: int) -> str:
-    """The fine-tuning start of ``seed``: --pretrained (one start for every seed) or its own pretraining."""
-    if args.pretrained:
+def pretrained_path(args: argparse.Namespace, seed: int, kind: str = PRETRAINED) -> str:
+    """The fine-tuning start of ``seed``: --pretrained (one CLIP start for every seed) or its own pretraining."""
+    if args.pretrained and kind == PRETRAINED:
         return str(Path(args.pretrained).resolve())
-    return str(Path(args.out).resolve() / "pretrained" / f"seed{seed}")
+    return str(Path(args.out).resolve() / kind / f"seed{seed}")
 
 
 # ---------------------------------------------------------------------------------- one job
@@ -202,8 +281,8 @@ def _worker_init(threads: int) -> None:
 
 
 def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
-    """Train (unless already finished), export the pretrained start or evaluate every split;
-    ``reevaluate``: evaluate a finished run again from its kept weights (new metrics, same runs)."""
+    """Train (unless already finished), export a start or evaluate every split; a zeta job fits
+    ``loss.powerset.zeta`` instead. ``reevaluate``: evaluate a finished run again from its kept weights."""
     import logging
     import warnings
 
@@ -214,20 +293,28 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     from powerclip.train.loop import train
 
     done = job.run_dir / "compare_done.json"
-    start = job.name.startswith(PRETRAINED + "/")
-    export = Path(out) / job.name if start else job.run_dir / "model"
+    export = Path(out) / job.name if job.kind == "start" else job.run_dir / "model"
     if done.is_file():
         result = json.loads(done.read_text())
         if reevaluate and job.evaluate and is_export_dir(export):
             result["metrics"], result["items"] = evaluate_model(export, synth)
             done.write_text(json.dumps(result))
         return result
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    if job.kind == "zeta":
+        result = {"name": job.name, "train_s": 0.0, **calibrate_zeta(job)}
+        done.write_text(json.dumps(result))
+        return result
+    overrides = list(job.overrides)
+    if job.zeta_from is not None:
+        zeta = json.loads((Path(out) / job.zeta_from / "compare_done.json").read_text())["zeta"]
+        overrides.append(f"loss.powerset.zeta={zeta:.6f}")
     t0 = time.monotonic()
     trained = job.run_dir / "compare_trained.json"  # training done, evaluation not (yet)
     if trained.is_file():
         t_train = json.loads(trained.read_text())["train_s"]
     else:
-        cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
+        cfg = load_config(ROOT / job.config, overrides + [f"train.run_dir={job.run_dir}"])
         train(cfg)
         t_train = time.monotonic() - t0
         trained.write_text(json.dumps({"train_s": t_train}))
@@ -235,7 +322,7 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     result: dict = {"name": job.name, "train_s": t_train, "losses": _loss_summary(job.run_dir)}
     from powerclip.export import export_checkpoint
 
-    if start or job.keep_model:
+    if job.kind == "start" or job.keep_model:
         if not is_export_dir(export):
             export_checkpoint(job.run_dir, export)
         model = export
@@ -247,6 +334,31 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
     _cleanup(job.run_dir)
     done.write_text(json.dumps(result))
     return result
+
+
+def calibrate_zeta(job: Job) -> dict[str, float]:
+    """``loss.powerset.zeta`` fitted by tools/calibrate_zeta.py (least squares against the exact 2^M
+    enumeration) on ``--zeta-batches`` batches of the training stream, with the seed's CLIP start and
+    the objects' boxes as regions (the PowerCLIP arm's data); its printout goes to the job's zeta.log."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from calibrate_zeta import collect, fit_least_squares, fit_zero_bias
+
+    from powerclip.config import load_config
+
+    cfg = load_config(ROOT / job.config, job.overrides + [f"train.run_dir={job.run_dir}"])
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        cal = collect(cfg, job.zeta_batches)
+    if not cal.batches:
+        raise RuntimeError(f"{job.name}: no batch came out of the training stream to calibrate zeta on")
+    zeta, zero_bias = fit_least_squares(cal), fit_zero_bias(cal)
+    (job.run_dir / "zeta.log").write_text(log.getvalue())
+    return {"zeta": zeta, "zeta_zero_bias": math.nan if zero_bias is None else zero_bias,
+            "pairs": sum(int(e.numel()) for e in cal.exact), "rms_over_tau": float(
+                cal.residual(zeta).pow(2).mean().sqrt()) / cal.tau}
 
 
 def _cleanup(run_dir: Path) -> None:
@@ -316,6 +428,8 @@ def evaluate_model(model_path: Path | str, synth: str) -> tuple[dict[str, float]
         for ds, r in res.items():
             m, it = r["metrics"], r.get("items", {})
             if ds == "synthetic":
+                continue  # the scenes' first-named object: ill-posed for a multi-object scene
+            if ds == "synthetic/single-object":  # the well-posed zero-shot: one object, one true class
                 flat[f"{split}/zeroshot_acc1"] = m["acc1"]
                 items[f"{split}/zeroshot_acc1"] = it["acc1"]
             elif ds == "synthetic/retrieval":
@@ -370,7 +484,7 @@ class Endpoint:
 PRIMARY_ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("powerclip", SCRATCH_CONTROL, "zeroshot_acc1",
              "PowerCLIP: zero-shot classification above CLIP (its headline: the 17-dataset zero-shot average)"),
-    Endpoint("concept", SCRATCH_CONTROL, "binding-pairs",
+    Endpoint("concept", SIGLIP_CONTROL, "binding-pairs",
              "C2LIP: concept (noun phrase: attribute + object) alignment, i.e. binding an attribute to its object"),
     Endpoint("negclip", FT_CONTROL, "binding-pairs",
              "NegCLIP: attribute binding (ARO VG-Attribution) above its CLIP start fine-tuned without negatives"),
@@ -480,6 +594,7 @@ def report(results: dict[str, dict[int, dict]], meta: dict, n_boot: int = 10000,
     lines = [f"# Method comparison on the synthetic benchmark ({meta['seeds']} seeds)", ""]
     lines += [f"* {k}: {v}" for k, v in meta.items()]
     lines += primary_section(endpoints, n_boot)
+    lines += checks_section(results)
     lines += ["", "## Exploratory cells (no correction for multiplicity: none of them is a finding)", "",
               "mean [95% CI from the hierarchical bootstrap over seeds and items, "
               f"{EXPLORATORY_BOOT} replicates]; cells marked t: mean ± the 95% Student-t half-width over seed "
@@ -488,21 +603,20 @@ def report(results: dict[str, dict[int, dict]], meta: dict, n_boot: int = 10000,
               "crossed ones, chance 0.5). relation-twins*: the older colour-swapped twins, whose captions say a "
               "relation between the swapped objects (solvable from the colours' positions and the relation "
               "word, without binding)."]
-    groups = [(SCRATCH_CONTROL, [a for a in SCRATCH_ARMS if a in results]),
-              (FT_CONTROL, [a for a in FT_ARMS if a in results])]
+    groups = [(control, [a for a in arms if a in results], start) for control, arms, start in GROUPS]
     metrics = sorted({k for arm in results.values() for r in arm.values() for k in r.get("metrics", {})})
     for split in SPLITS:
         keys = [k for k in metrics if k.startswith(split + "/")]
-        for control, arms in groups:
+        for control, arms, start in groups:
             if not arms:
                 continue
-            head = arms + ([PRETRAINED] if control == FT_CONTROL and PRETRAINED in results else [])
+            head = arms + ([start] if start in results else [])
             lines += ["", f"### {split} split — arms {', '.join(arms)} (control: {control})", "",
                       "| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
             for k in keys:
                 lines.append(f"| {k.split('/', 1)[1]} | " + " | ".join(_cell(results, a, k) for a in head) + " |")
             pairs = [(a, control) for a in arms if a != control and control in results]
-            pairs += [(a, ref) for a, ref in ABLATIONS.items() if a in arms and ref in arms]
+            pairs += [(a, ref) for a, ref in ABLATIONS if a in arms and ref in arms]
             if not pairs:
                 continue
             lines += ["", f"Paired difference to {control}"
@@ -541,9 +655,10 @@ def check_data(synth: Path, args: argparse.Namespace) -> None:
     """Reused data must be the data asked for: runs of one report share one benchmark."""
     m = json.loads((synth / "manifest.json").read_text())
     have = {"--colours": m.get("num_colours", 7), "--relation-prob": m.get("relation_prob", 1.0),
-            "--image-size": m.get("image_size"), "--binding-pairs": (m.get("binding_pairs") or {}).get("cases", 0)}
+            "--image-size": m.get("image_size"), "--binding-pairs": (m.get("binding_pairs") or {}).get("cases", 0),
+            "single objects": (m.get("single_objects") or {}).get("cases", 0)}
     want = {"--colours": args.colours, "--relation-prob": args.relation_prob, "--image-size": args.image_size,
-            "--binding-pairs": args.binding_pairs}
+            "--binding-pairs": args.binding_pairs, "single objects": args.binding_pairs}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
         raise SystemExit(f"{synth}/manifest.json: the data under --out was written with other settings "
@@ -565,8 +680,59 @@ def machine_state() -> str:
             f"(1/5/15 min)")
 
 
+def checks_section(results: dict[str, dict[int, dict]]) -> list[str]:
+    """What the benchmark needs of the data, measured on the plain-CLIP control: shapes legible (its
+    replace-obj accuracy, one object's shape replaced, chance 0.5) and the binding pairs not solved
+    without binding (its binding-pairs score, chance 0.5)."""
+    lines = ["", "## Checks of the benchmark (on the control clip)", "",
+             "| check | split | clip | chance | reading |", "|---|---|---|---|---|"]
+    if SCRATCH_CONTROL not in results:
+        return lines + ["| (clip did not run) | | | | |"]
+    for key, what, reading in (
+            ("replace-obj", "shapes legible: replace-obj (one object's shape replaced)",
+             "legible where the interval's low end is above chance"),
+            ("binding-pairs", "binding pairs without a binding objective", "near chance: the pairs need binding"),
+            ("zeroshot_acc1", "single-object zero-shot top-1", "colour and shape of one object named")):
+        for split in PRIMARY_SPLITS:
+            if any(f"{split}/{key}" in r.get("metrics", {}) for r in results[SCRATCH_CONTROL].values()):
+                chance = "1/#classes" if key == "zeroshot_acc1" else "0.5"
+                lines.append(f"| {what} | {split} | {_cell(results, SCRATCH_CONTROL, f'{split}/{key}')} | "
+                             f"{chance} | {reading} |")
+    return lines
+
+
+def arm_settings(args: argparse.Namespace, zetas: dict[int, dict]) -> dict[str, str]:
+    """How each arm is set against its paper (the report's header)."""
+    z = ", ".join(f"seed {s}: {v['zeta']:.4f} (zero-bias {v['zeta_zero_bias']:.4f}, RMS/tau {v['rms_over_tau']:.3f}, "
+                  f"{v['pairs']} pairs)" for s, v in sorted(zetas.items())) or "not calibrated (no PowerCLIP arm ran)"
+    return {
+        "PowerCLIP arms": "powerset weight 0.2, mean pooling (the preset); powerclip: regions = the objects' boxes "
+                          "(data.region_source=precomputed, the analogue of SAM regions); powerclip_random: random "
+                          f"boxes (ablation), same zeta; zeta calibrated per seed by tools/calibrate_zeta.py "
+                          f"(least squares vs exact 2^M, {args.zeta_batches} batches, the seed's CLIP start, the "
+                          f"boxes' regions): {z}",
+        "C2LIP arms": "siglip_ft and concept fine-tune each seed's SigLIP start (pretrained with the sigmoid loss, "
+                      "logit bias -10, scale 10) with the sigmoid loss; concept adds NPC 1.0 + XAC 0.01 (sigmoid form)",
+        "DeGLA arm": f"distillation as a per-vector mean weighted {DEGLA_MEAN_WEIGHT:g} = the released summed MSE x "
+                     f"{DEGLA_RELEASED['sum_weight']} at its batch {DEGLA_RELEASED['batch']} with "
+                     f"{DEGLA_RELEASED['negatives']} negatives, so its strength against the base loss is the "
+                     f"released one at any batch; EMA {DEGLA_RELEASED['ema_decay']} (released)",
+        "fine-tuning lr": (f"{args.ft_lr:g} for every fine-tuning arm and control (the papers' lr x steps over "
+                           "150 steps: C2LIP 1e-5 x 14,160 = 0.14, i.e. 9.4e-4)") if args.ft_lr else
+                          "the presets' (--ft-lr 0)",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    apply_device_defaults(args, argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch here; run it on a GPU machine "
+                             "(tools/gpu_check.sh) or leave --device out for the CPU comparison")
     if args.smoke:
         args.scratch_steps = args.pretrain_steps = args.ft_steps = 2
         args.train_shards, args.per_shard, args.batch = 1, 16, 8
@@ -586,11 +752,13 @@ def main(argv: list[str] | None = None) -> int:
 
         make_synthetic(synth, train_shards=args.train_shards, val_shards=1, heldout_shards=1,
                        per_shard=args.per_shard, image_size=args.image_size, seed=0,
-                       relation_prob=args.relation_prob, num_colours=args.colours, binding_pairs=args.binding_pairs)
+                       relation_prob=args.relation_prob, num_colours=args.colours, binding_pairs=args.binding_pairs,
+                       single_objects=args.binding_pairs)
     check_data(synth, args)
     link_seen_split(synth)
     jobs = plan(args, synth)
     results: dict[str, dict[int, dict]] = {}
+    zetas: dict[int, dict] = {}
     pending = {j.name: j for j in jobs}
     finished: set[str] = set()
     ctx = __import__("multiprocessing").get_context("spawn")
@@ -616,7 +784,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.monotonic() - t0:6.0f}s] {job.name} done (train {res['train_s']:.0f}s)", flush=True)
                 bar.update(1)
                 arm, seed = job.name.split("/seed")
-                results.setdefault(arm, {})[int(seed)] = res
+                if job.kind == "zeta":
+                    zetas[int(seed)] = res
+                else:
+                    results.setdefault(arm, {})[int(seed)] = res
     if args.pretrained and any(a in FT_ARMS for a in results):  # one given start for every seed
         cache = out / "pretrained_metrics.json"
         # a cache of an older version holds the metrics alone (no per-item outcomes): evaluate again
@@ -629,21 +800,27 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(f"from scratch {args.scratch_steps}")
     if any(a in FT_ARMS for a in results):
         start = (f"pretrained start {args.pretrained} (the same for every seed)" if args.pretrained else
-                 f"pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed)")
+                 f"CLIP pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed)")
         phases.append(f"fine-tuning {args.ft_steps} from the {start}")
+    if any(a in SIGLIP_ARMS for a in results):
+        phases.append(f"fine-tuning {args.ft_steps} from the SigLIP pretraining {args.pretrain_steps} (one per seed)")
     meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
             f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
             f"{args.per_shard} heldout, {args.image_size} px, relation_prob {args.relation_prob}, {args.colours} colours",
             "binding pairs": f"{args.binding_pairs} per split (val, heldout), drawn at {args.image_size} px "
             "(powerclip.data.synthetic_pairs)",
+            "zero-shot": f"{args.binding_pairs} single-object images per split (one object: its class is the only "
+            "true label; heldout: the held pairs), drawn at the data's size (powerclip.data.synthetic_pairs)",
+            "device": args.device,
+            **arm_settings(args, zetas),
             "binding twins in training batches": twin_summary(args),
             "chance": "0.5 per hard-negative kind and for binding-pairs and relation-twins (pair choice); "
             "-text and -image 0.25, -group 1/6 for independent random scores (Winoground scores); "
             f"zero-shot top-1 1/{5 * args.colours}",
             "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
-            "wall time": f"{time.monotonic() - t0:.0f} s", "command": " ".join(sys.argv)}
+            "wall time": f"{time.monotonic() - t0:.0f} s", "command": " ".join(["tools/compare_methods.py", *argv])}
     endpoints = primary_endpoints(results, args.boot)
     text = report(results, meta, args.boot, endpoints)
     (out / "report.md").write_text(text)
