@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -109,20 +110,23 @@ def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "cmp"
     assert cm.main(["--out", str(out), "--smoke", "--jobs", "2", "--keep-models"]) == 0
     res = json.loads((out / "results.json").read_text())
-    arms = {*cm.SCRATCH_ARMS, *cm.FT_ARMS}
+    arms = set(cm.ALL_ARMS)
     wino = ("", "-text", "-image", "-group", "-caption-cos", "-image-cos", "-term", "-caption-prior", "-image-prior")
     kinds = {"swap-att", "swap-obj", "replace-att", "replace-obj", "replace-rel", "add-obj", "zeroshot_acc1",
              "retrieval_i2t_R@1", "retrieval_t2i_R@1"} | {f"{s}{w}" for s in cm.WINOGROUND_SETS.values() for w in wino}
-    assert set(res["results"]) == arms | {cm.PRETRAINED}  # each seed's pretrained start is evaluated too
-    for arm in [*arms, cm.PRETRAINED]:
+    # each seed's CLIP and SigLIP starts are evaluated too
+    assert set(res["results"]) == arms | {cm.PRETRAINED, cm.PRETRAINED_SIGLIP}
+    for arm in [*arms, cm.PRETRAINED, cm.PRETRAINED_SIGLIP]:
         assert set(res["results"][arm]) == {"0", "1"}, arm  # two seeds
         for r in res["results"][arm].values():
             assert {k.split("/", 1)[1] for k in r["metrics"]} <= kinds
             for split in cm.SPLITS:
                 assert {f"{split}/swap-att", f"{split}/zeroshot_acc1", f"{split}/relation-twins-group"} <= set(r["metrics"])
-            # the binding pairs exist for the generator's own splits: 32 per split in the smoke
+            # the binding pairs and the single-object zero-shot cases exist for the generator's own
+            # splits: 32 per split in the smoke
             for split in cm.PRIMARY_SPLITS:
                 assert len(r["items"][f"{split}/binding-pairs"]) == 32
+                assert len(r["items"][f"{split}/zeroshot_acc1"]) == 32
                 assert r["metrics"][f"{split}/binding-pairs"] == pytest.approx(
                     sum(r["items"][f"{split}/binding-pairs"]) / 32)
             # every per-item outcome averages to its metric
@@ -138,9 +142,19 @@ def test_smoke_end_to_end(tmp_path):
     for seed in (0, 1):
         assert (out / "pretrained" / f"seed{seed}" / "open_clip_config.json").is_file()
     text = (out / "report.md").read_text()
-    for head in ("powerclip − clip", "powerclip − clip_mean", "concept − clip", "negclip − clip_ft",
-                 "degla − clip_ft"):
+    for head in ("powerclip − clip", "powerclip − clip_mean", "powerclip − powerclip_random", "concept − siglip_ft",
+                 "negclip − clip_ft", "degla − clip_ft"):
         assert head in text
+    # zeta: fitted per seed with that seed's CLIP start, and what both PowerCLIP arms of the seed train with
+    import yaml
+
+    for seed in (0, 1):
+        zeta = json.loads((out / "zeta" / f"seed{seed}" / "compare_done.json").read_text())["zeta"]
+        assert 0.0 <= zeta <= 1.0 and f"seed {seed}: {zeta:.4f}" in text
+        for arm in cm.ZETA_ARMS:
+            cfg = yaml.safe_load((out / "runs" / arm / f"seed{seed}" / "config.yaml").read_text())
+            assert cfg["loss"]["powerset"]["zeta"] == pytest.approx(zeta, abs=1e-6), arm
+    assert "## Checks of the benchmark" in text and "shapes legible" in text
     assert "27 colours" in text and "holds a binding twin" in text  # the data's twin rate is stated
     assert "-group 1/6" in text and "binding-pairs and relation-twins (pair choice)" in text  # chance levels
     assert "## Primary endpoints" in text and "**" not in text
@@ -150,10 +164,19 @@ def test_smoke_end_to_end(tmp_path):
     # the data under --out is reused only with the settings it was written with
     with pytest.raises(SystemExit, match="--colours"):
         cm.main(["--out", str(out), "--smoke", "--colours", "7"])
-    # a second call reuses every finished run
+    # a second call reuses every finished run; its report keeps the first call's wall time and machine,
+    # and --doc puts that report between the doc's markers, leaving the prose around them
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")}
-    assert cm.main(["--out", str(out), "--smoke", "--jobs", "1"]) == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# prose\n\nbefore\n\n{cm.DOC_BEGIN}\nold\n{cm.DOC_END}\n\nafter\n")
+    assert cm.main(["--out", str(out), "--smoke", "--jobs", "1", "--doc", str(doc)]) == 0
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/compare_done.json")} == before
+    again_meta = json.loads((out / "results.json").read_text())["meta"]
+    assert all(again_meta[k] == meta[k] for k in cm.INVOCATION_META) and "report regenerated" in again_meta
+    text = doc.read_text()
+    assert text.startswith("# prose\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "\nold\n" not in text
+    assert "\n### Primary endpoints\n" in cm.doc_section(text)  # the report's headings, one level down
     # --reevaluate evaluates every run again from its kept weights, without training: the same numbers
     first = json.loads((out / "results.json").read_text())["results"]
     assert cm.main(["--out", str(out), "--smoke", "--jobs", "1", "--reevaluate"]) == 0
@@ -209,3 +232,141 @@ def test_each_seed_fine_tunes_from_its_own_pretrained_start(tmp_path):
     jobs = {j.name: j for j in cm.plan(args, tmp_path)}
     assert set(jobs) == {"degla/seed0", "degla/seed1"}
     assert all(f"model.pretrained={(tmp_path / 'start').resolve()}" in j.overrides for j in jobs.values())
+
+
+def _jobs(tmp_path, *extra: str) -> dict[str, cm.Job]:
+    args = cm.build_parser().parse_args(["--out", str(tmp_path), *extra])
+    cm.apply_device_defaults(args, list(extra))
+    return {j.name: j for j in cm.plan(args, tmp_path)}
+
+
+def test_each_arm_is_planned_in_its_papers_setting(tmp_path):
+    """PowerCLIP on the objects' boxes (its ablation on random boxes) with the zeta its seed's CLIP start
+    calibrates; C2LIP's arms as sigmoid fine-tunes of the seed's SigLIP start; DeGLA's distillation at
+    the released strength; and every planned job's overrides make a valid config."""
+    from powerclip.config import load_config
+
+    jobs = _jobs(tmp_path, "--seeds", "2")
+    for seed in (0, 1):
+        zeta = jobs[f"zeta/seed{seed}"]
+        assert zeta.kind == "zeta" and zeta.after == [f"pretrained/seed{seed}"] and not zeta.evaluate
+        assert f"model.pretrained={tmp_path.resolve() / 'pretrained' / f'seed{seed}'}" in zeta.overrides
+        assert "data.region_source=precomputed" in zeta.overrides
+        for arm, source in (("powerclip", "precomputed"), ("powerclip_random", "random")):
+            job = jobs[f"{arm}/seed{seed}"]
+            assert job.zeta_from == f"zeta/seed{seed}" and job.after == [f"zeta/seed{seed}"]
+            assert f"data.region_source={source}" in job.overrides and "loss.powerset.weight=0.2" in job.overrides
+        siglip_start = jobs[f"pretrained_siglip/seed{seed}"]
+        assert siglip_start.kind == "start" and "loss.global_loss=siglip" in siglip_start.overrides
+        assert "loss.global_loss=siglip" not in jobs[f"pretrained/seed{seed}"].overrides
+        for arm in ("siglip_ft", "concept"):
+            job = jobs[f"{arm}/seed{seed}"]
+            assert job.after == [f"pretrained_siglip/seed{seed}"] and "loss.global_loss=siglip" in job.overrides
+            assert f"model.pretrained={tmp_path.resolve() / 'pretrained_siglip' / f'seed{seed}'}" in job.overrides
+            assert "optim.lr=0.001" in job.overrides
+        assert ("data.concepts=true" in jobs[f"concept/seed{seed}"].overrides
+                and "data.concepts=true" not in jobs[f"siglip_ft/seed{seed}"].overrides)
+        degla = jobs[f"degla/seed{seed}"].overrides
+        assert "loss.degla.distill_reduction=mean" in degla and "loss.degla.ema_decay=0.9996" in degla
+        assert "loss.degla.distill_weight=7.68" in degla
+    for job in jobs.values():
+        cfg = load_config(cm.ROOT / job.config, job.overrides + [f"train.run_dir={tmp_path / 'r'}"])
+        assert cfg.train.seed in (0, 1), job.name
+
+
+def test_degla_arm_distillation_is_the_released_sum_at_the_released_batch():
+    """The per-vector mean weighted DEGLA_MEAN_WEIGHT equals the released summed MSE x 0.005 at batch 256
+    with 4 negatives each (brute force), and keeps that strength per vector at batch 64."""
+    import torch
+    import torch.nn.functional as F
+
+    from powerclip.config import DeglaLossConfig
+    from powerclip.data.batch import Batch
+    from powerclip.losses.degla import degla_losses
+    from powerclip.model.features import Features
+
+    def term(b: int, reduction: str, seed: int = 0) -> tuple[float, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+
+        def unit(*shape):
+            return F.normalize(torch.randn(*shape, 16, generator=g, dtype=torch.float64), dim=-1)
+
+        s_img, s_txt, s_neg = unit(b), unit(b), unit(b, 4)
+        t_img, t_txt, t_neg = unit(b), unit(b), unit(b, 4)
+        scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+        student = Features(image=s_img, text=s_txt, logit_scale=scale, negatives=s_neg)
+        teacher = Features(image=t_img, text=t_txt, logit_scale=scale, negatives=t_neg)
+        batch = Batch(keys=[str(i) for i in range(b)], images=torch.zeros(b, 3, 2, 2),
+                      text=torch.zeros(b, 4, dtype=torch.long), neg_valid=torch.ones(b, 4, dtype=torch.bool))
+        out = degla_losses(student, teacher, batch, DeglaLossConfig(enabled=True, distill_reduction=reduction))
+        brute = (F.mse_loss(s_img, t_img, reduction="sum") + F.mse_loss(s_txt, t_txt, reduction="sum")
+                 + F.mse_loss(s_neg, t_neg, reduction="sum"))
+        return float(out["degla_distill"]), brute
+
+    mean256, brute = term(256, "mean")
+    assert cm.DEGLA_MEAN_WEIGHT * mean256 == pytest.approx(0.005 * float(brute), rel=1e-5)
+    mean64, brute64 = term(64, "mean", seed=1)
+    assert cm.DEGLA_MEAN_WEIGHT * mean64 == pytest.approx(0.005 * float(brute64) * 256 / 64, rel=1e-5)
+
+
+def test_cuda_mode_sizes_the_gpu_run_and_refuses_without_a_gpu(tmp_path):
+    jobs = _jobs(tmp_path, "--device", "cuda", "--seeds", "1")
+    clip = jobs["clip/seed0"].overrides
+    assert "train.precision=amp_bf16" in clip and "model.config.vision_cfg.image_size=112" in clip
+    assert set(cm.CUDA_MODEL) <= set(clip) and "train.steps=1200" in clip
+    # an option given on the command line wins over the mode's default
+    assert "train.steps=50" in _jobs(tmp_path, "--device", "cuda", "--seeds", "1", "--scratch-steps", "50")[
+        "clip/seed0"].overrides
+    from powerclip.config import load_config
+
+    for job in jobs.values():
+        load_config(cm.ROOT / job.config, job.overrides + [f"train.run_dir={tmp_path / 'r'}"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cm.main(["--out", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert not (tmp_path / "gpu").exists()
+
+
+def test_a_doc_without_its_marked_section_is_refused_before_any_run(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# hand-written prose, no marked section\n")
+    with pytest.raises(SystemExit, match="no single"):
+        cm.main(["--out", str(tmp_path / "cmp"), "--smoke", "--doc", str(doc)])
+    assert not (tmp_path / "cmp").exists() and doc.read_text() == "# hand-written prose, no marked section\n"
+
+
+# a result-like number: digits, a decimal point, digits (settings said as integers, like "3 seeds", are
+# not results); a leading sign is part of how the report prints a difference, so it is dropped
+_DECIMAL = re.compile(r"(?<![\w.])[+\-−]?(\d+\.\d+)(?![\w.]*\d)")
+
+
+def _decimals(text: str) -> set[str]:
+    return set(_DECIMAL.findall(text))
+
+
+def test_method_comparison_doc_and_readme_cite_only_numbers_the_tool_printed():
+    """docs/method_comparison.md is prose around the report the tool wrote (between its markers); every
+    decimal number in the prose, and in the README's evidence section, is one the report prints."""
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "method_comparison.md").read_text()
+    generated = cm.doc_section(doc)
+    assert "### Primary endpoints" in generated and "Holm" in generated
+    rows = [line for line in generated.splitlines() if line.startswith("| ") and " − " in line.split("|")[1]
+            and line.split("|")[3].strip() in {e.metric for e in cm.PRIMARY_ENDPOINTS}
+            and line.split("|")[2].strip() in cm.PRIMARY_SPLITS]
+    assert len(rows) >= len(cm.PRIMARY_ENDPOINTS) * len(cm.PRIMARY_SPLITS)
+    printed = _decimals(generated)
+    prose = doc.replace(generated, "")
+    assert not (_decimals(prose) - printed), f"docs/method_comparison.md prose numbers the report does not print: " \
+                                            f"{sorted(_decimals(prose) - printed)}"
+    readme = (root / "README.md").read_text()
+    evidence = readme.split("## Does each method work? (evidence)", 1)[1].split("\n## ", 1)[0]
+    assert not (_decimals(evidence) - printed), f"README evidence numbers the report does not print: " \
+                                               f"{sorted(_decimals(evidence) - printed)}"
+
+
+def test_decimal_pattern_reads_numbers_as_printed():
+    assert _decimals("+0.041 [−0.012, +0.095], p 0.0123; 1e-3; v0.19.8; 3 seeds; 36.5 s") == {
+        "0.041", "0.012", "0.095", "0.0123", "36.5"}

@@ -6,42 +6,56 @@ same colours and shapes bound differently rarely share a batch and plain CLIP is
 by its own loss (the report states the counted rate); --colours 7 is the demo's data.
 
 Arms (each trained once per seed; seed s fixes the initialisation AND the data order of every arm,
-so the arms of one seed are paired):
+so the arms of one seed are paired), each in its paper's setting as far as this scale allows:
 
   from random weights (configs/tiny_cpu.yaml), control ``clip``:
-    clip        the plain CLIP loss
-    clip_mean   the plain CLIP loss with the PowerCLIP preset's mean pooling (no powerset term)
-    powerclip   + the powerset term (loss.powerset.weight = 0.2) and mean pooling: the PowerCLIP preset
-    concept     + the C2LIP concept terms NPC + XAC (weights 1.0 / 0.01, the concept preset's)
-  from a pretrained start (a plain CLIP run, exported; one per seed, pretrained with that seed, so the
-  fine-tuning arms' seed variance includes the start's), configs/degla_tiny_cpu.yaml, control ``clip_ft``:
+    clip              the plain CLIP loss
+    clip_mean         the plain CLIP loss with the PowerCLIP preset's mean pooling (no powerset term)
+    powerclip         + the powerset term (weight 0.2) and mean pooling, the objects' boxes as its regions
+                      (data.region_source=precomputed: the generator knows every box, the analogue of the
+                      paper's SAM regions) and zeta calibrated per seed by tools/calibrate_zeta.py with the
+                      seed's CLIP start (job ``zeta/seedS``)
+    powerclip_random  the same on random boxes (ablation of the regions), the same zeta
+  from each seed's CLIP start (a plain CLIP pretraining with that seed, exported), configs/degla_tiny_cpu.yaml,
+  control ``clip_ft``:
     clip_ft     fine-tuned with the plain CLIP loss (more training, no negatives)
     negclip     NegCLIP alone (the DeGLA base term: the grammar's hard negatives in the softmax)
-    degla       DeGLA as the preset sets it (NegCLIP + 0.1 IGC + 0.1 TGC + distillation, sum x 0.005)
-  All three fine-tune at --ft-lr (1e-3, the pretraining lr): at the preset's 1e-4, 150 steps barely
-  move NegCLIP's own image-grounded loss, so the arms would differ by little more than their seeds.
-  Each start is evaluated like a run (column ``pretrained``).
+    degla       DeGLA: NegCLIP + 0.1 IGC + 0.1 TGC + distillation at the released strength relative to the
+                base loss at any batch (a per-vector mean weighted 0.005 x 256 x 6 = 7.68, the released
+                summed MSE x 0.005 at its batch 256 with 4 negatives), EMA 0.9996 as released
+  from each seed's SigLIP start (pretrained with the sigmoid loss), control ``siglip_ft``:
+    siglip_ft   fine-tuned with the sigmoid loss (C2LIP fine-tunes SigLIP)
+    concept     + the C2LIP concept terms NPC 1.0 + XAC 0.01 in their sigmoid form
+  Every fine-tuning arm and control runs at --ft-lr (1e-3): the papers' lr x steps over 150 steps
+  (C2LIP 1e-5 x 14,160 = 0.14); at DeGLA's preset 1e-4, 150 steps barely move NegCLIP's own
+  image-grounded loss. Each start is evaluated like a run (columns ``pretrained``, ``pretrained_siglip``).
 
 Every run is evaluated on the seen split (the first train shard: scenes it trained on), the val split
 (seen colour-shape pairs, new scenes) and the heldout split (scenes with a pair never named in
-training): seen against val tells memorising the training scenes from learning what carries to new
-ones. Per split: accuracy per hard-negative kind, zero-shot top-1, retrieval R@1; on val and heldout the
-binding pairs (powerclip.data.synthetic_pairs: two shapes, two colours, equal size, the same layout with
-the colours exchanged, captions without relation, position or size words; only binding solves them):
-``binding-pairs`` (the matched pairs outscore the crossed ones, chance 0.5) and their Winoground text /
-image / group scores; and, labelled ``relation-twins``, the older twins (each scene with a swap-att
-negative against its colour-swapped twin), whose relation word and colour positions solve them without
-binding. Every accuracy is kept per item in results.json, so any figure can be recomputed.
+training): seen against val tells memorising the training scenes from learning what carries to new ones.
+Per split: accuracy per hard-negative kind, retrieval R@1, zero-shot top-1 on single-object images drawn
+by the generator (one object, so its class is the only true label; heldout: the held pairs), and on val
+and heldout the binding pairs (powerclip.data.synthetic_pairs: two shapes, two colours, equal size, the
+same layout with the colours exchanged, captions without relation, position or size words; only binding
+solves them): ``binding-pairs`` (the matched pairs outscore the crossed ones, chance 0.5) and their
+Winoground text / image / group scores; and, labelled ``relation-twins``, the older twins (each scene
+with a swap-att negative against its colour-swapped twin), whose relation word and colour positions
+solve them without binding. Every accuracy is kept per item in results.json, so any figure can be
+recomputed.
 
 The report opens with the primary endpoints, declared in code (``PRIMARY_ENDPOINTS``): per method the one
 metric its paper claims, paired to its control, on val and heldout, with 95% intervals and p-values from a
 hierarchical bootstrap over seeds and items (powerclip.eval.stats) and Holm's correction across them.
-Every other cell is exploratory: mean [95% bootstrap CI] per arm and paired difference, never bold. The
-fine-tuning arms train on the generator's own negatives (the rule backend of tools/make_negatives.py
-would name heldout pairs in negatives, a shortcut the heldout split punishes).
+A checks section measures on the control what the benchmark needs (shapes legible: clip's replace-obj
+above chance; the binding pairs not solved without binding). Every other cell is exploratory: mean
+[95% bootstrap CI] per arm and paired difference, never bold. The fine-tuning arms train on the
+generator's own negatives (the rule backend of tools/make_negatives.py would name heldout pairs in
+negatives, a shortcut the heldout split punishes).
 
   python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
   python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
+  python tools/compare_methods.py --out runs/gpu --device cuda  # GPU window: every arm of a seed at once,
+                                                                # 112 px, a wider model, more steps
 
 Runs already finished under --out are reused (a rerun only does what is missing). --jobs runs that
 many trainings at once, each with --threads torch threads.
@@ -131,6 +145,10 @@ class Job:
     zeta_batches: int = 4  # a zeta job: batches of the training stream it fits on
 
 
+DOC_BEGIN = "<!-- BEGIN generated by tools/compare_methods.py: do not edit by hand -->"
+DOC_END = "<!-- END generated by tools/compare_methods.py -->"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for data, runs, results and report.md")
@@ -176,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the finished runs again from the weights --keep-models kept (and the pretrained "
                    "starts), e.g. after the benchmark gained a metric; runs without kept weights keep their metrics")
+    p.add_argument("--doc", default=None,
+                   help="also write the report into this markdown file, between its two marker lines "
+                   f"({DOC_BEGIN!r} ... {DOC_END!r}; a new file gets them); the text around them is left as it is")
     p.add_argument("--smoke", action="store_true", help="tiny data and 2 steps per run: checks the tool only")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (key=value)")
     return p
@@ -299,7 +320,8 @@ def run_job(job: Job, synth: str, out: str, reevaluate: bool = False) -> dict:
         if reevaluate and job.evaluate and is_export_dir(export):
             result["metrics"], result["items"] = evaluate_model(export, synth)
             done.write_text(json.dumps(result))
-        return result
+            return result
+        return {**result, "reused": True}
     job.run_dir.mkdir(parents=True, exist_ok=True)
     if job.kind == "zeta":
         result = {"name": job.name, "train_s": 0.0, **calibrate_zeta(job)}
@@ -417,10 +439,12 @@ def evaluate_model(model_path: Path | str, synth: str) -> tuple[dict[str, float]
     zero-shot top-1, retrieval R@1, and the Winoground scores of the binding pairs and of the relation
     twins. Every accuracy keeps its per-item outcomes (their mean is the value), so that any figure
     can be recomputed, and resampled over items."""
+    import torch
+
     from powerclip.eval import evaluate
     from powerclip.eval_io.model_io import load_model
 
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, "cuda" if torch.cuda.is_available() else "cpu")
     flat: dict[str, float] = {}
     items: dict[str, list[float]] = {}
     for split in SPLITS:
@@ -640,6 +664,38 @@ def report(results: dict[str, dict[int, dict]], meta: dict, n_boot: int = 10000,
 
 
 # ---------------------------------------------------------------------------------- driver
+def write_doc(path: Path, report_text: str) -> None:
+    """Put the report (headings one level down) between the doc's marker lines: the prose around them,
+    which may only cite the report's numbers, is kept; a doc without both markers is refused."""
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in report_text.rstrip("\n").split("\n"))
+    block = f"{DOC_BEGIN}\n{body}\n{DOC_END}"
+    if not path.exists():
+        path.write_text(block + "\n")
+        return
+    text = check_doc(path)
+    head, rest = text.split(DOC_BEGIN, 1)
+    tail = rest.split(DOC_END, 1)[1]
+    path.write_text(head + block + tail)
+
+
+def check_doc(path: Path) -> str:
+    """The text of an existing --doc file with exactly one marked section (else one line: the fix)."""
+    text = path.read_text()
+    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
+        raise SystemExit(f"--doc {path}: the file has no single {DOC_BEGIN!r} ... {DOC_END!r} section to replace; "
+                         "add the two lines where the report goes, or name a new file")
+    return text
+
+
+def doc_section(text: str) -> str:
+    """The generated section of a doc written by ``write_doc`` (markers excluded)."""
+    return text.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0].strip("\n")
+
+
+# meta keys that describe the invocation that trained the runs: kept when a later call only reuses them
+INVOCATION_META = ("machine at start", "machine at end", "wall time", "command")
+
+
 def twin_summary(args: argparse.Namespace) -> str:
     """How often the data lets the contrastive loss teach binding (powerclip.data.synthetic_twins)."""
     from powerclip.data.synthetic_twins import train_scene_keys, twin_rates
@@ -742,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seeds must be >= 1")
     if args.boot < 100 or args.binding_pairs < 0:
         raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
+    if args.doc and Path(args.doc).exists():
+        check_doc(Path(args.doc))  # before any training: a doc without its section is refused at once
     out = prepare_out(args.out)
     args.out = str(out)
     t0 = time.monotonic()
@@ -821,9 +879,20 @@ def main(argv: list[str] | None = None) -> int:
             "extra overrides": " ".join(args.overrides) or "none",
             "machine at start": state0, "machine at end": machine_state(),
             "wall time": f"{time.monotonic() - t0:.0f} s", "command": " ".join(["tools/compare_methods.py", *argv])}
+    previous = out / "results.json"
+    if all(r.get("reused") for runs in results.values() for r in runs.values()) and previous.is_file():
+        # nothing trained or evaluated now: the report stays that of the invocation that did the work
+        before = json.loads(previous.read_text()).get("meta", {})
+        meta.update({k: before[k] for k in INVOCATION_META if k in before})
+        meta["report regenerated"] = f"from the finished runs by: {' '.join(['tools/compare_methods.py', *argv])}"
+    for runs in results.values():
+        for r in runs.values():
+            r.pop("reused", None)
     endpoints = primary_endpoints(results, args.boot)
     text = report(results, meta, args.boot, endpoints)
     (out / "report.md").write_text(text)
+    if args.doc:
+        write_doc(Path(args.doc), text)
     # per-item outcomes of every run are kept (results[arm][seed]["items"]): any figure can be recomputed
     (out / "results.json").write_text(json.dumps({"results": results, "primary_endpoints": endpoints,
                                                   "meta": meta}))
