@@ -370,3 +370,42 @@ def test_method_comparison_doc_and_readme_cite_only_numbers_the_tool_printed():
 def test_decimal_pattern_reads_numbers_as_printed():
     assert _decimals("+0.041 [−0.012, +0.095], p 0.0123; 1e-3; v0.19.8; 3 seeds; 36.5 s") == {
         "0.041", "0.012", "0.095", "0.0123", "36.5"}
+
+
+def test_checks_read_the_controls_interval_against_chance():
+    """Shapes legible where clip's replace-obj interval is above 0.5; binding pairs 'at chance' where
+    its interval holds 0.5; zero-shot against 1 / #classes."""
+    rng = __import__("random").Random(1)
+
+    def items(p):
+        return [[float(rng.random() < p) for _ in range(400)] for _ in range(3)]
+
+    keys = {"val/replace-obj": 0.8, "val/binding-pairs": 0.5, "val/zeroshot_acc1": 0.004}
+    runs = {s: {"metrics": {}, "items": {}} for s in range(3)}
+    for key, p in keys.items():
+        for s, row in enumerate(items(p)):
+            runs[s]["items"][key], runs[s]["metrics"][key] = row, sum(row) / len(row)
+    text = "\n".join(cm.checks_section({"clip": runs}, zeroshot_chance=1 / 135))
+    line = {k: next(x for x in text.splitlines() if x.startswith(f"| {w}")) for k, w in
+            (("obj", "shapes legible"), ("pairs", "binding pairs"), ("zs", "single-object"))}
+    assert "legible: above chance" in line["obj"] and "| 0.5 |" in line["obj"]
+    assert "at chance: the pairs need a binding" in line["pairs"]
+    assert line["zs"].endswith("| at chance |") and "| 0.007407 |" in line["zs"]
+
+
+def test_method_comparison_doc_is_the_report_of_its_stored_results():
+    """The doc's generated section is exactly the report recomputed from the stored per-item outcomes
+    (docs/method_comparison_results.json.gz: every run's items; the bootstrap is seeded)."""
+    root = Path(__file__).resolve().parents[1]
+    saved = cm.load_results(root / "docs" / "method_comparison_results.json.gz")
+    doc = (root / "docs" / "method_comparison.md").read_text()
+    text = cm.report_from_results(saved)
+    demoted = "\n".join(("#" + x) if x.startswith("#") else x for x in text.rstrip("\n").split("\n"))
+    assert cm.doc_section(doc) == demoted, "docs/method_comparison.md: regenerate its report with " \
+        "python tools/compare_methods.py --report-from docs/method_comparison_results.json.gz --doc docs/method_comparison.md"
+    # and every run of every arm is in it, with its per-item outcomes for the primary endpoints
+    assert set(saved["results"]) >= set(cm.ALL_ARMS)
+    for e in cm.PRIMARY_ENDPOINTS:
+        for split in cm.PRIMARY_SPLITS:
+            for arm in (e.arm, e.control):
+                assert all(len(r["items"][f"{split}/{e.metric}"]) >= 2000 for r in saved["results"][arm].values())
