@@ -34,6 +34,7 @@ and ``binding_pairs: {"cases": N}``, written by make_synthetic).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from powerclip.data.synthetic import SHAPES, SIZES, Obj, class_names, colour_vocabulary
@@ -101,14 +102,20 @@ def _box(obj: Obj, jitter: tuple[float, float]) -> list[float]:
     return Obj(obj.shape, obj.colour, PAIR_SIZE, obj.cell).box(jitter)
 
 
-def pair_cases(manifest: dict, split: str) -> list[PairCase]:
-    """Every binding pair of ``split`` of a make_synthetic dataset (empty for a dataset written without)."""
-    entry = manifest.get("binding_pairs")
+def _manifest_cases(manifest: dict, key: str, split: str, case: Callable) -> list:
+    """``case(index, split, seed, held, num_colours)`` for every index the manifest's ``key`` entry
+    counts (empty for a dataset written without that set)."""
+    entry = manifest.get(key)
     if not entry or not entry.get("cases"):
         return []
     held = {tuple(p.split(" ", 1)) for p in manifest.get("heldout_pairs", [])}
-    return [pair_case(i, split, int(manifest["seed"]), held, int(manifest.get("num_colours", 7)))  # type: ignore[arg-type]
+    return [case(i, split, int(manifest["seed"]), held, int(manifest.get("num_colours", 7)))
             for i in range(int(entry["cases"]))]
+
+
+def pair_cases(manifest: dict, split: str) -> list[PairCase]:
+    """Every binding pair of ``split`` of a make_synthetic dataset (empty for a dataset written without)."""
+    return _manifest_cases(manifest, "binding_pairs", split, pair_case)
 
 
 # ---------------------------------------------------------------------------------- single objects
@@ -144,9 +151,4 @@ def single_object_case(index: int, split: str, seed: int, held: set[tuple[str, s
 
 def single_object_cases(manifest: dict, split: str) -> list[SingleObjectCase]:
     """Every single-object zero-shot case of ``split`` (empty for a dataset written without)."""
-    entry = manifest.get("single_objects")
-    if not entry or not entry.get("cases"):
-        return []
-    held = {tuple(p.split(" ", 1)) for p in manifest.get("heldout_pairs", [])}
-    return [single_object_case(i, split, int(manifest["seed"]), held, int(manifest.get("num_colours", 7)))  # type: ignore[arg-type]
-            for i in range(int(entry["cases"]))]
+    return _manifest_cases(manifest, "single_objects", split, single_object_case)

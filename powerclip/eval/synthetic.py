@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,15 +109,17 @@ def load_synthetic(root: str | Path, split: str = "heldout") -> SyntheticBenchma
                               _single_objects(root, split))
 
 
-def _generator_manifest(root: Path, split: str) -> tuple[Path, dict] | None:
-    """The generator's manifest when ``split`` is one of its splits, else None."""
+def _drawn_cases(root: Path, split: str, cases_of: Callable[[dict, str], list]) -> tuple[Path, dict, list] | None:
+    """(manifest file, manifest, cases) of a set the generator draws at evaluation, when ``split`` is
+    one of its splits and the manifest counts cases of that set; else None."""
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
         return None
     manifest = json.loads(manifest_file.read_text())
     if split not in manifest.get("splits", {}):
         return None
-    return manifest_file, manifest
+    cases = cases_of(manifest, split)
+    return (manifest_file, manifest, cases) if cases else None
 
 
 def _png(objects: list, size: int, where: str) -> BytesImage:
@@ -128,13 +131,10 @@ def _png(objects: list, size: int, where: str) -> BytesImage:
 def _single_objects(root: Path, split: str) -> ClassificationSet | None:
     """The split's single-object zero-shot cases drawn at the dataset's image size (PNG, like the
     pairs), classified over the dataset's own classes and templates; None where the manifest has none."""
-    found = _generator_manifest(root, split)
+    found = _drawn_cases(root, split, single_object_cases)
     if found is None:
         return None
-    manifest_file, manifest = found
-    cases = single_object_cases(manifest, split)
-    if not cases:
-        return None
+    manifest_file, manifest, cases = found
     classes = json.loads(require_file(root / "classes.json", "synthetic single-object zero-shot").read_text())
     size = int(manifest["image_size"])
     images = [_png(c.objects, size, f"{manifest_file} single object {split} #{i}") for i, c in enumerate(cases)]
@@ -145,13 +145,10 @@ def _single_objects(root: Path, split: str) -> ClassificationSet | None:
 def _binding_pairs(root: Path, split: str) -> WinogroundSet | None:
     """The split's binding pairs drawn at the dataset's image size, PNG-encoded like its images;
     None for a folder the manifest does not name as a split, or a dataset written without pairs."""
-    found = _generator_manifest(root, split)
+    found = _drawn_cases(root, split, pair_cases)
     if found is None:
         return None
-    manifest_file, manifest = found
-    cases = pair_cases(manifest, split)
-    if not cases:
-        return None
+    manifest_file, manifest, cases = found
     size = int(manifest["image_size"])
     images: list[ImageRef] = []
     wino: list[WinogroundCase] = []
