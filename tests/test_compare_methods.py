@@ -409,3 +409,35 @@ def test_method_comparison_doc_is_the_report_of_its_stored_results():
         for split in cm.PRIMARY_SPLITS:
             for arm in (e.arm, e.control):
                 assert all(len(r["items"][f"{split}/{e.metric}"]) >= 2000 for r in saved["results"][arm].values())
+
+
+@pytest.mark.slow
+def test_cuda_plan_trains_and_evaluates_on_cpu(tmp_path):
+    """The --device cuda plan's run settings (the wider model at 112 px, amp_bf16 at ZeRO-0) train, export
+    and evaluate: a seed's start, 2 steps on tiny data, in a spawned worker as main runs it (here on the
+    CPU: the wiring is checked before a GPU window, not the speed)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from powerclip.data.synthetic import make_synthetic
+
+    synth = tmp_path / "synth"
+    make_synthetic(synth, train_shards=1, val_shards=1, heldout_shards=1, per_shard=16, image_size=112,
+                   num_colours=27, binding_pairs=8, single_objects=8)
+    (synth / "seen").mkdir()
+    (synth / "seen" / "00000.tar").symlink_to(synth / "train" / "00000.tar")
+    argv = ["--device", "cuda", "--seeds", "1", "--scratch-steps", "2", "--pretrain-steps", "2", "--ft-steps", "2",
+            "--batch", "8", "--train-shards", "1"]
+    args = cm.build_parser().parse_args(["--out", str(tmp_path), *argv])
+    cm.apply_device_defaults(args, argv)
+    jobs = {j.name: j for j in cm.plan(args, synth)}
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=cm._worker_init,
+                                initargs=(1,)) as pool:
+        res = pool.submit(cm.run_job, jobs["pretrained/seed0"], str(synth), str(tmp_path)).result(timeout=600)
+    assert len(res["items"]["val/binding-pairs"]) == 8 and len(res["items"]["heldout/zeroshot_acc1"]) == 8
+    assert (tmp_path / "pretrained" / "seed0" / "open_clip_config.json").is_file()  # the fine-tuning arms' start
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "runs" / "pretrain" / "seed0" / "config.yaml").read_text())
+    assert cfg["train"]["precision"] == "amp_bf16" and cfg["model"]["config"]["vision_cfg"]["width"] == 256
+    assert cfg["model"]["config"]["vision_cfg"]["image_size"] == 112
