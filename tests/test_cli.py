@@ -173,3 +173,19 @@ def test_shard_tool_os_error_is_one_line_with_the_path_and_the_fix(tool: str, tm
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and str(blocker) in lines[0] and "(" in lines[0], r.stderr
+
+
+def test_each_environment_builds_deepspeeds_op_in_its_own_folder(tmp_path):
+    """Importing powerclip points torch's extension folder into this environment (two venvs sharing
+    ~/.cache/torch_extensions rebuild DeepSpeed's comm op in turn, stalling a rank before the
+    rendezvous), and leaves a folder the user chose alone."""
+    import os
+
+    code = "import os, powerclip; print(os.environ.get('TORCH_EXTENSIONS_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == os.path.join(sys.prefix, "torch_extensions")
+    chosen = str(tmp_path / "ext")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TORCH_EXTENSIONS_DIR": chosen},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == chosen
