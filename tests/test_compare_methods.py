@@ -314,6 +314,9 @@ def test_cuda_mode_sizes_the_gpu_run_and_refuses_without_a_gpu(tmp_path):
     clip = jobs["clip/seed0"].overrides
     assert "train.precision=amp_bf16" in clip and "model.config.vision_cfg.image_size=112" in clip
     assert set(cm.CUDA_MODEL) <= set(clip) and "train.steps=1200" in clip
+    args = cm.build_parser().parse_args(["--out", str(tmp_path), "--device", "cuda"])
+    cm.apply_device_defaults(args, ["--device", "cuda"])
+    assert args.budget_minutes == 8 and args.jobs == len(cm.ALL_ARMS)  # sized to the window on the GPU itself
     # an option given on the command line wins over the mode's default
     assert "train.steps=50" in _jobs(tmp_path, "--device", "cuda", "--seeds", "1", "--scratch-steps", "50")[
         "clip/seed0"].overrides

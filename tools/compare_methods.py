@@ -55,10 +55,12 @@ negatives, a shortcut the heldout split punishes).
   python tools/compare_methods.py --out runs/compare            # the full comparison (see --help)
   python tools/compare_methods.py --out /tmp/cmp --smoke        # 2-minute end-to-end check (CI)
   python tools/compare_methods.py --out runs/gpu --device cuda  # GPU window: every arm of a seed at once,
-                                                                # 112 px, a wider model, more steps
+                                                                # 112 px, a wider model, more steps, 8 min
 
 Runs already finished under --out are reused (a rerun only does what is missing). --jobs runs that
-many trainings at once, each with --threads torch threads.
+many trainings at once, each with --threads torch threads. --budget-minutes (8 with --device cuda)
+sizes the run to a wall time: a short probe measures every workload on this machine, and the steps
+are scaled down until the simulated schedule fits (tools/compare_budget.py).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ CUDA_MODEL = ["model.config.vision_cfg.width=256", "model.config.vision_cfg.laye
               "model.config.vision_cfg.patch_size=16", "model.config.text_cfg.width=256",
               "model.config.text_cfg.layers=6", "model.config.embed_dim=256"]
 CUDA_DEFAULTS = {"image_size": 112, "scratch_steps": 1200, "pretrain_steps": 1200, "ft_steps": 600, "batch": 128,
-                 "jobs": len(ALL_ARMS), "threads": 1}
+                 "jobs": len(ALL_ARMS), "threads": 1, "budget_minutes": 8.0}
 
 
 @dataclass
@@ -192,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{CUDA_DEFAULTS['jobs']}), {CUDA_DEFAULTS['image_size']} px, a 256-wide 6-layer model, "
                    f"{CUDA_DEFAULTS['scratch_steps']}/{CUDA_DEFAULTS['ft_steps']} steps, batch {CUDA_DEFAULTS['batch']}, "
                    "amp_bf16 (options given on the command line win)")
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="size the run to this wall time (0: run the plan as it is; --device cuda: "
+                   f"{CUDA_DEFAULTS['budget_minutes']:g}): a probe trains every workload of the plan (each arm, "
+                   "each kind of start, the zeta fit) --probe-steps steps, --jobs at once, on this machine; the "
+                   "plan's steps (given or default) are then scaled down, never up, until its schedule simulated "
+                   "with the measured costs ends inside 90%% of the budget, or refused in one line when a quarter "
+                   "of them does not fit. The sizing is kept in OUT/budget.json: a resumed run keeps it. Not with "
+                   "--smoke")
+    p.add_argument("--probe-steps", type=int, default=30, help="steps of each workload's probe (--budget-minutes)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--keep-models", action="store_true",
@@ -397,6 +408,136 @@ def _cleanup(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoints"
     if ckpt.is_dir() and (run_dir / "compare_trained.json").is_file():
         shutil.rmtree(ckpt)
+
+
+# ---------------------------------------------------------------------------------- sizing to a budget
+_PROBE_DROP = ("model.pretrained=", "train.steps=", "checkpoint.every_steps=", "optim.warmup_steps=")
+
+
+def workload(job: Job) -> str:
+    """What a job's cost depends on: its arm, its kind of start, or the zeta fit (not its seed)."""
+    return job.name.split("/seed")[0]
+
+
+def _job_steps(job: Job) -> int:
+    steps = [int(o.split("=", 1)[1]) for o in job.overrides if o.startswith("train.steps=")]
+    return steps[-1] if steps else 0  # a zeta fit trains nothing
+
+
+def planned(jobs: list[Job]) -> list:
+    """The plan as compare_budget simulates it."""
+    from compare_budget import PlannedJob
+
+    return [PlannedJob(j.name, tuple(j.after), workload(j), _job_steps(j)) for j in jobs]
+
+
+def probe_jobs(jobs: list[Job], out: Path, steps: int) -> dict[str, Job]:
+    """One short job per workload of the plan, from random weights (a step costs the same whatever
+    the weights, and the probe waits for no start): its first job's settings with ``steps`` steps."""
+    probes: dict[str, Job] = {}
+    for job in jobs:
+        key = workload(job)
+        if key in probes:
+            continue
+        overrides = [o for o in job.overrides if not o.startswith(_PROBE_DROP)]
+        if job.kind != "zeta":
+            overrides += _steps(steps) + ["loss.degla.require_pretrained=false"]
+        probes[key] = Job(f"probe/{key}", job.config, overrides, out / "probe" / key, evaluate=job.evaluate,
+                          kind="zeta" if job.kind == "zeta" else "train", zeta_batches=job.zeta_batches)
+    return probes
+
+
+def timed_run_job(job: Job, synth: str, out: str) -> dict[str, float]:
+    """run_job, timed: ``setup_s`` the imports a worker's first job pays, ``wall_s`` the job itself."""
+    t0 = time.monotonic()
+    import open_clip  # noqa: F401
+
+    import powerclip.eval  # noqa: F401
+    import powerclip.export  # noqa: F401
+    import powerclip.train.loop  # noqa: F401
+
+    t1 = time.monotonic()
+    run_job(job, synth, out)
+    return {"setup_s": t1 - t0, "wall_s": time.monotonic() - t1}
+
+
+def probe(args: argparse.Namespace, synth: Path, out: Path, jobs: list[Job]) -> dict:
+    """Every workload's measured cost on this machine (OUT/probe.json, reused by a rerun)."""
+    from compare_budget import step_time
+
+    record = out / "probe.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    probes = probe_jobs(jobs, out, args.probe_steps)
+    print(f"probe: {len(probes)} workloads x {args.probe_steps} steps, {args.jobs} at once", flush=True)
+    t0 = time.monotonic()
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads,)) as pool:
+        futures = {key: pool.submit(timed_run_job, job, str(synth), str(out)) for key, job in probes.items()}
+        measured = {key: f.result() for key, f in futures.items()}
+    costs = {}
+    for key, m in measured.items():
+        job = probes[key]
+        if job.kind == "zeta":
+            costs[key] = {"fixed_s": m["wall_s"], "step_s": 0.0}
+            continue
+        rows = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        per_step = step_time([float(r["step_s"]) for r in rows])
+        costs[key] = {"fixed_s": max(0.0, m["wall_s"] - len(rows) * per_step), "step_s": per_step}
+    result = {"steps": args.probe_steps, "jobs": args.jobs, "probe_s": time.monotonic() - t0, "costs": costs,
+              "setup_s": max(m["setup_s"] for m in measured.values())}
+    record.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def size_to_budget(args: argparse.Namespace, synth: Path, out: Path, t0: float) -> str:
+    """Scale ``args``' steps so the run ends inside ``--budget-minutes`` (compare_budget); returns the
+    report's line. The first invocation's sizing (OUT/budget.json) is kept by a resumed run."""
+    import copy
+
+    from compare_budget import BudgetError, Cost, choose_scale, scaled_steps
+
+    record = out / "budget.json"
+    names = ("scratch_steps", "pretrain_steps", "ft_steps")
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        for name in names:
+            setattr(args, name, saved["steps"][name])
+        print(f"steps kept from this comparison's first sizing ({record}): {saved['note']}", flush=True)
+        return saved["note"]
+    measured = probe(args, synth, out, plan(args, synth))
+    costs = {k: Cost(**v) for k, v in measured["costs"].items()}
+
+    def scaled(scale: float) -> argparse.Namespace:
+        a = copy.copy(args)
+        for name in names:
+            setattr(a, name, scaled_steps(getattr(args, name), scale))
+        return a
+
+    budget_s = 60 * args.budget_minutes
+    try:
+        sizing = choose_scale(budget_s, time.monotonic() - t0, measured["setup_s"], args.jobs,
+                              lambda scale: planned(plan(scaled(scale), synth)), costs)
+    except BudgetError as e:
+        slowest = max(costs, key=lambda k: costs[k].step_s)
+        raise SystemExit(f"error: --budget-minutes {args.budget_minutes:g}: {e} (probe on this machine: "
+                         f"{slowest} {1000 * costs[slowest].step_s:.0f} ms a step, {args.jobs} at once; the costs are "
+                         f"in {out / 'probe.json'}). Give more minutes, fewer --seeds or --arms, fewer steps, or "
+                         "--budget-minutes 0 to run the plan as it is") from None
+    sized = scaled(sizing.scale)
+    steps = {name: getattr(sized, name) for name in names}
+    note = (f"{args.budget_minutes:g} min: a {measured['steps']}-step probe of each of the plan's "
+            f"{len(costs)} workloads ({measured['jobs']} at once, {measured['probe_s']:.0f} s) measured this "
+            f"machine; the plan's steps x{sizing.scale:g} ({steps['scratch_steps']} from scratch, "
+            f"{steps['pretrain_steps']} pretraining, {steps['ft_steps']} fine-tuning) are predicted to end at "
+            f"{sizing.predicted_s:.0f} s (the schedule simulated with the measured costs; the wall time below is "
+            "what it took)")
+    record.write_text(json.dumps({"budget_minutes": args.budget_minutes, "scale": sizing.scale,
+                                  "predicted_s": sizing.predicted_s, "steps": steps, "note": note}, indent=1))
+    for name in names:
+        setattr(args, name, steps[name])
+    print(f"sized to the budget: {note}", flush=True)
+    return note
 
 
 MARKER = ".compare_methods"  # written first into a new --out: the folder is this tool's
@@ -831,12 +972,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA device is visible to torch here; run it on a GPU machine "
                              "(tools/gpu_check.sh) or leave --device out for the CPU comparison")
     if args.smoke:
+        args.budget_minutes = 0.0  # two steps a run: nothing to size
         args.scratch_steps = args.pretrain_steps = args.ft_steps = 2
         args.train_shards, args.per_shard, args.batch = 1, 16, 8
         args.seeds = max(2, min(args.seeds, 2))
         args.binding_pairs, args.boot = 32, 1000
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.budget_minutes < 0 or args.probe_steps < 3:
+        raise SystemExit(f"--budget-minutes must be >= 0 (got {args.budget_minutes:g}) and --probe-steps >= 3 "
+                         f"(got {args.probe_steps})")
     if args.boot < 100 or args.binding_pairs < 0:
         raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
     if args.doc and Path(args.doc).exists():
@@ -855,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
                        single_objects=args.binding_pairs)
     check_data(synth, args)
     link_seen_split(synth)
+    budget = size_to_budget(args, synth, out, t0) if args.budget_minutes > 0 else None
     jobs = plan(args, synth)
     results: dict[str, dict[int, dict]] = {}
     zetas: dict[int, dict] = {}
@@ -912,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
             "zero-shot": f"{args.binding_pairs} single-object images per split (one object: its class is the only "
             "true label; heldout: the held pairs), drawn at the data's size (powerclip.data.synthetic_pairs)",
             "device": args.device,
+            **({"budget": budget} if budget else {}),
             **arm_settings(args, zetas),
             "binding twins in training batches": twin_summary(args),
             "chance": "0.5 per hard-negative kind and for binding-pairs and relation-twins (pair choice); "

@@ -4,12 +4,13 @@ per-step jsonl record, and a console progress line.
 Only rank 0 writes. Values arrive already reduced over ranks (the loop does the collectives), so
 this module does no communication.
 
-``RUN/metrics.jsonl`` holds one line per optimiser step (step, loss, every loss term, lr...). On
-resume it is cut back to the checkpoint's step before appending (the cut lines are appended to
+``RUN/metrics.jsonl`` holds one line per optimiser step (step, loss, every loss term, lr, whether it
+was skipped, and its wall seconds ``step_s``, which is what a throughput or sizing estimate needs).
+On resume it is cut back to the checkpoint's step before appending (the cut lines are appended to
 ``metrics.jsonl.cut``, never thrown away: a resume that fell back past a damaged checkpoint must
-not erase the record of the steps it lost), and TensorBoard is told to purge
-later events, so an interrupted-and-resumed run leaves the same records as an uninterrupted one
-(the exact-resume test compares these files).
+not erase the record of the steps it lost), and TensorBoard is told to purge later events, so an
+interrupted-and-resumed run leaves the same steps and losses as an uninterrupted one (the
+exact-resume tests compare them).
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def _train(cfg: Config, build_loader: LoaderFactory | None, locks: list[Any]) ->
                          counters=dict(loader.counters()) if hasattr(loader, "counters") else {}, valid=True)
 
         rec = {"loss": result.loss, **{f"loss/{k}": v for k, v in result.terms.items()}, "lr": lr,
-               "skipped": not result.applied}
+               "skipped": not result.applied, "step_s": round(t_step, 6)}
         logger.record(state.step, rec)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             values = step_metrics(engine, env, result, lr, t_step, global_batch, state.skipped_steps)
