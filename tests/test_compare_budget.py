@@ -34,6 +34,13 @@ def test_simulate_is_the_pools_first_in_first_out_schedule():
     fifo = [_job("L", 10), _job("M", 10), _job("X", 1, "L"), _job("Y", 20)]
     # L 0-10, M 0-10, Y 10-30 (submitted at 0, ahead of X), X 10-11: 30 s
     assert cb.simulate(fifo, {j.name: cb.Cost(0.0, 1.0) for j in fifo}, 2) == 30
+    # jobs that become ready when different jobs end queue in that order, not the plan's: S0 and S1 end
+    # together at 10; S0 (submitted first) is taken first and queues A0, B0; A0 runs 10-20 in its slot; S1
+    # then queues A1, B1 behind B0, which runs 10-40; A1 20-30, B1 30-60. (In plan order, A0 A1 then B0
+    # B1, it would end at 50: the comparison's loop submits a job's dependants when that job ends.)
+    seeds = [_job("S0", 10), _job("S1", 10), _job("A0", 10, "S0"), _job("A1", 10, "S1"), _job("B0", 30, "S0"),
+             _job("B1", 30, "S1")]
+    assert cb.simulate(seeds, {j.name: cb.Cost(0.0, 1.0) for j in seeds}, 2) == 60
     with pytest.raises(ValueError, match="not in the plan"):
         cb.simulate([_job("B", 1, "nope")], {"B": cb.Cost(0.0, 1.0)}, 1)
     with pytest.raises(ValueError, match="a cycle"):
