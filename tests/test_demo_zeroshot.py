@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from powerclip.export import export_open_clip
@@ -32,9 +33,16 @@ def _objects_per_scene(split: Path) -> list[int]:
 
 
 def _scored(out: str) -> tuple[int, int]:
-    m = re.search(r": \d+\.\d% \((\d+)/(\d+)\); chance 2\.9% \(35 classes\)", out)
+    m = re.search(r": (\d+\.\d)% \((\d+)/(\d+), 95% CI (\d+\.\d)-(\d+\.\d)%\); chance 2\.9% \(35 classes\)", out)
     assert m, out
-    return int(m.group(1)), int(m.group(2))
+    acc, correct, total, low, high = float(m[1]), int(m[2]), int(m[3]), float(m[4]), float(m[5])
+    # Wilson's interval, by its formula, around the printed share
+    p, z = correct / total, 1.959963984540054
+    centre, half = (p + z * z / (2 * total)), z * (p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5
+    assert low == pytest.approx(100 * (centre - half) / (1 + z * z / total), abs=0.051)
+    assert high == pytest.approx(100 * (centre + half) / (1 + z * z / total), abs=0.051)
+    assert acc == pytest.approx(100 * p, abs=0.051)
+    return correct, total
 
 
 def test_demo_scores_the_one_object_scenes_only(synthetic_root, tmp_path, capsys):

@@ -4,7 +4,7 @@
 #   2. build procedural synthetic shards (64 px; train / val / heldout splits)
 #   3. train configs/tiny_cpu.yaml on 2 CPU ranks (gloo) with DeepSpeed ZeRO-2, TensorBoard in demo/run/tb
 #   4. export the run to an open_clip folder (powerclip export)
-#   5. reload it with open_clip alone and print zero-shot accuracy on the held-out split
+#   5. reload it with open_clip alone and print zero-shot accuracy on the held-out split's one-object scenes
 # Extra arguments are config overrides for the training run (e.g. `bash tools/demo.sh train.steps=100`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
+from scipy.stats import binomtest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if not total:
         raise SystemExit(f"no {'' if a.all_scenes else 'one-object '}scene in {Path(a.data) / a.split}")
     acc, chance = correct / total, 1.0 / len(names)
+    ci = binomtest(correct, total).proportion_ci(0.95, method="wilson")  # a few hundred scenes: say how sure
     scenes = "every scene, first-named object" if a.all_scenes else "one-object scenes"
-    print(f"zero-shot top-1 on {a.split} ({scenes}): {100 * acc:.1f}% ({correct}/{total}); chance "
-          f"{100 * chance:.1f}% ({len(names)} classes) -> {acc / chance:.1f}x chance")
+    print(f"zero-shot top-1 on {a.split} ({scenes}): {100 * acc:.1f}% ({correct}/{total}, 95% CI "
+          f"{100 * ci.low:.1f}-{100 * ci.high:.1f}%); chance {100 * chance:.1f}% ({len(names)} classes) -> "
+          f"{acc / chance:.1f}x chance")
     return 0
 
 
