@@ -10,7 +10,10 @@ the TCP store that every launcher already runs at ``MASTER_ADDR:MASTER_PORT`` (k
 ``PeerLostError`` line. If the store itself cannot be reached, its host (rank 0 under ``srun`` and
 plain ``RANK``/``WORLD_SIZE`` launches) is the one that is gone. A rank that stops because of a lost
 peer says so in the store (``left/RANK``) before it exits, so the ranks that learn of the failure
-later (from it) name the rank that died, not each other.
+later (from it) name the rank that died, not each other. Rank 0, which hosts the store under those
+launches, keeps it up after its own verdict until every other survivor has written its ``left/RANK``
+(at most ``LINGER_S``): a survivor whose read window ends a moment after rank 0's would otherwise
+find the store gone with rank 0 and name rank 0 instead of the rank that died.
 
 Cost: nothing per training step. The beat is one small store write per rank every ``BEAT_S`` from
 a thread that holds no device and takes no lock of the training thread, so GPU steps gain no host
@@ -35,6 +38,7 @@ PREFIX = "powerclip/peers/"
 BEAT_S = 1.0  # one store write per rank per second: ~1000 writes/s for 1000 ranks, trivial for TCPStore
 STALE_S = 4.0  # a rank whose beat did not move for this long is gone (4 missed beats: room for load)
 CONNECT_S = 10.0  # store connection and request timeout of the watch (never the training's)
+LINGER_S = STALE_S + 2 * CONNECT_S  # rank 0 keeps the store up this long at most for the others' verdicts
 
 
 class PeerLostError(UserError, RuntimeError):
@@ -108,9 +112,21 @@ class PeerWatch:
                      for r in lost]
             if found:
                 store.set(f"left/{self.rank}", ",".join(str(r) for r, _ in found))
+                if self.rank == 0:
+                    self._linger(store, {r for r, _ in found})
             return found, False
         except Exception:  # noqa: BLE001 - connection refused / reset / timed out: the store's host is gone
             return [(0, self.store_owner or "unknown host")], True
+
+    def _linger(self, store, lost: set[int]) -> None:
+        """Keep this process (and the store it hosts) up until every other survivor has written its
+        verdict, or LINGER_S: they read the beats through this store."""
+        waiting = [f"left/{r}" for r in range(self.world_size) if r != self.rank and r not in lost]
+        deadline = time.monotonic() + LINGER_S
+        while waiting and time.monotonic() < deadline:
+            waiting = [k for k in waiting if not store.check([k])]
+            if waiting:
+                time.sleep(0.2)
 
     def explain(self, error: BaseException, wait_s: float = STALE_S) -> PeerLostError | None:
         """A one-line ``PeerLostError`` naming the ranks that stopped, or None when every rank beats."""
