@@ -90,23 +90,22 @@ def _steps(run: Path) -> int:
 @pytest.mark.slow
 def test_budget_probes_this_machine_refuses_what_cannot_fit_and_scales_the_steps(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = _base(out) + ["--arms", "clip,clip_ft", "--scratch-steps", "12", "--pretrain-steps", "12",
-                         "--ft-steps", "6"]
+    argv = _base(out) + ["--arms", "clip_ft", "--scratch-steps", "12", "--pretrain-steps", "12", "--ft-steps", "6"]
     # 3 s: the probe alone takes longer, so no plan fits: one line, after the probe, nothing trained
     with pytest.raises(SystemExit, match=r"^error: --budget-minutes 0.05: the plan at 0.25 of its steps is predicted "
                                          r"to take \d+ s, more than 0.9 of the budget of 3 s \(probe on this machine: "):
         cm.main(argv + ["--budget-minutes", "0.05"])
     measured = json.loads((out / "probe.json").read_text())
-    assert set(measured["costs"]) == {"pretrained", "clip", "clip_ft"}  # one per workload of the plan
+    assert set(measured["costs"]) == {"pretrained", "clip_ft"}  # one per workload of the plan
     assert all(c["step_s"] > 0 and c["fixed_s"] > 0 for c in measured["costs"].values())
     assert measured["steps"] == 4 and not (out / "runs").exists() and not (out / "budget.json").exists()
-    rows = [json.loads(x) for x in (out / "probe" / "clip" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "probe" / "clip_ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["step_s"] > 0 for r in rows)
 
     # known costs (100 s a step, far above the second or two this rerun spends before sizing) in place of
-    # the measured ones, which a rerun reuses. By hand, 2 workers: the start (12 steps) and clip (12) at
-    # once, then clip_ft (6): 1,800 s; a budget of 20 min leaves 1,080 s inside the margin. x0.6: 7 + 4
-    # steps, 1,100 s, too long; x0.55: 7 (6.6) + 3 (3.3), 1,000 s
+    # the measured ones, which a rerun reuses. By hand: the start (12 steps), then clip_ft (6): 1,800 s;
+    # a budget of 20 min leaves 1,080 s inside the margin. x0.6: 7 + 4 steps, 1,100 s, too long; x0.55:
+    # 7 (6.6) + 3 (3.3), 1,000 s
     measured["costs"] = {k: {"fixed_s": 0.0, "step_s": 100.0} for k in measured["costs"]}
     measured["setup_s"] = 0.0
     (out / "probe.json").write_text(json.dumps(measured))
@@ -114,10 +113,9 @@ def test_budget_probes_this_machine_refuses_what_cannot_fit_and_scales_the_steps
     sized = json.loads((out / "budget.json").read_text())
     assert sized["scale"] == 0.55 and sized["steps"] == {"scratch_steps": 7, "pretrain_steps": 7, "ft_steps": 3}
     assert sized["predicted_s"] == pytest.approx(1000, abs=60)
-    assert _steps(out / "runs" / "clip" / "seed0") == 7 and _steps(out / "runs" / "clip_ft" / "seed0") == 3
-    assert _steps(out / "runs" / "pretrain" / "seed0") == 7
+    assert _steps(out / "runs" / "pretrain" / "seed0") == 7 and _steps(out / "runs" / "clip_ft" / "seed0") == 3
     report = (out / "report.md").read_text()
-    assert ("* budget: 20 min: a 4-step probe of each of the plan's 3 workloads (2 at once, " in report
+    assert ("* budget: 20 min: a 4-step probe of each of the plan's 2 workloads (2 at once, " in report
             and "the plan's steps x0.55 (7 from scratch, 7 pretraining, 3 fine-tuning)" in report)
     # a rerun keeps the first sizing whatever budget it is given
     capsys.readouterr()
