@@ -189,3 +189,26 @@ def test_each_environment_builds_deepspeeds_op_in_its_own_folder(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "TORCH_EXTENSIONS_DIR": chosen},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == chosen
+
+
+def test_each_environment_builds_with_its_own_ninja(tmp_path):
+    """The build's ninja is this environment's whether it was activated or not: a plain
+    ``.venv/bin/python`` found the system's, whose build-log version differs, and rebuilt DeepSpeed's
+    op after an activated run had built it (and back)."""
+    import os
+    import shutil
+
+    own = os.path.join(sys.prefix, "bin", "ninja")
+    if not os.path.isfile(own):
+        pytest.skip("this environment has no ninja of its own")
+    code = "import os, shutil, powerclip; print(shutil.which('ninja')); print(os.environ['PATH'])"
+    system = os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"])  # not activated: no venv bin on PATH
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PATH": system}, capture_output=True,
+                         text=True, timeout=120)
+    which, path = out.stdout.split("\n")[:2]
+    assert which == own and path == os.path.join(sys.prefix, "bin") + os.pathsep + system, out
+    activated = os.path.join(sys.prefix, "bin") + os.pathsep + system
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PATH": activated}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split("\n")[1] == activated  # already first: PATH left as it is
+    assert shutil.which("ninja", path=system) != own  # without it: the system's ninja, or none
