@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    (tmp / "tmpdir").mkdir(exist_ok=True)  # the check's own temporary files, looked at afterwards
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir")}
     env.pop("OUT", None)
     return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu-smoke", "--out-dir",
                            str(tmp / "out"), "--work", str(tmp / "work"), *args], capture_output=True, text=True,
@@ -91,6 +92,7 @@ def test_cpu_smoke_bench_runs_every_measurement(tmp_path: Path):
 
     proc = _run(tmp_path, "--only", "bench", timeout=1400)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert not list((tmp_path / "tmpdir").glob("bench-breakdown-toy-*")), "the bench left its toy config behind"
     out = tmp_path / "out"
     res = json.loads((out / "bench_breakdown.json").read_text())
     best = res["model"]["best"]

@@ -450,12 +450,16 @@ def section_model(s: dict[str, Any], work: Path, out_dir: Path, deadline: float,
 def section_loader(s: dict[str, Any], shards: str, log) -> dict[str, Any]:
     from tools.bench_loader import compare_loaders
 
-    model = s.get("model_name")
+    model, toy = s.get("model_name"), None
     if model is None:  # the toy model's image size through an open_clip config of that size
-        model = _register_toy_model(s)
+        model, toy = _register_toy_model(s)
     draft = "powerclip_draft" if _preset_draft() else "powerclip"
-    res = compare_loaders(shards, model, s["batch"], s["workers"], s["loader_batches"], s["repeats"],
-                          names=("open_clip", "powerclip", "powerclip_draft"), log=log)
+    try:
+        res = compare_loaders(shards, model, s["batch"], s["workers"], s["loader_batches"], s["repeats"],
+                              names=("open_clip", "powerclip", "powerclip_draft"), log=log)
+    finally:
+        if toy is not None:  # the bench's own file, read by open_clip when registered: not left in /tmp
+            toy.unlink(missing_ok=True)
     return {"loaders": res, "preset_loader": draft, "workers": s["workers"],
             "device_decode": device_decode_rate(shards, s, log)}
 
@@ -507,14 +511,15 @@ def _preset_draft() -> bool:
     return bool(load_config(str(PRESET)).data.jpeg_draft)
 
 
-def _register_toy_model(s: dict[str, Any]) -> str:
-    """The toy model config under a name open_clip (and powerclip's model.name) resolves."""
+def _register_toy_model(s: dict[str, Any]) -> tuple[str, Path]:
+    """The toy model config under a name open_clip (and powerclip's model.name) resolves, and its
+    file (the caller deletes it when done)."""
     import open_clip
 
     path = Path(tempfile.gettempdir()) / f"bench-breakdown-toy-{os.getpid()}.json"
     path.write_text(json.dumps(s["model_cfg"]))
     open_clip.add_model_config(str(path))
-    return path.stem
+    return path.stem, path
 
 
 # ------------------------------------------------------------------------------ e2e children
