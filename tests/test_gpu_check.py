@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    (tmp / "tmpdir").mkdir(exist_ok=True)  # the check's own temporary files, looked at afterwards
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir")}
+def _run(tmp: Path, *args: str, timeout: float = 300, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     env.pop("OUT", None)
     return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu-smoke", "--out-dir",
                            str(tmp / "out"), "--work", str(tmp / "work"), *args], capture_output=True, text=True,
@@ -90,9 +93,15 @@ def test_cpu_smoke_bench_runs_every_measurement(tmp_path: Path):
     from powerclip.config import choices
     from tools.bench_breakdown import lowest_stage
 
-    proc = _run(tmp_path, "--only", "bench", timeout=1400)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    assert not list((tmp_path / "tmpdir").glob("bench-breakdown-toy-*")), "the bench left its toy config behind"
+    # the check's own temporary folder, looked at afterwards; a short path: the loader's workers pass file
+    # descriptors over AF_UNIX sockets made under it, whose paths may not pass 107 bytes (pytest's are long)
+    tmpdir = Path(tempfile.mkdtemp(prefix="gc-"))
+    try:
+        proc = _run(tmp_path, "--only", "bench", timeout=1400, tmpdir=tmpdir)
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+        assert not list(tmpdir.glob("bench-breakdown-toy-*")), "the bench left its toy config behind"
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     out = tmp_path / "out"
     res = json.loads((out / "bench_breakdown.json").read_text())
     best = res["model"]["best"]
