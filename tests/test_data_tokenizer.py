@@ -26,6 +26,19 @@ def sp_model(synthetic_root: Path, tmp_path_factory) -> Path:
     return out
 
 
+def test_a_failed_read_leaves_no_corpus_in_the_temp_folder(tmp_path: Path, monkeypatch):
+    """The captions are written to a temporary corpus; a shard that cannot be read must not leave it behind."""
+    import tempfile
+
+    from tools import train_tokenizer as tool
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert tool.main(["--shards", f"{tmp_path}/missing/{{00000..00001}}.tar", "--out", str(tmp_path / "sp.model")]) == 2
+    assert list(scratch.iterdir()) == []
+
+
 def test_sentencepiece_layout_and_spans(sp_model: Path):
     tok = build_tokenizer(f"sentencepiece:{sp_model}", 24)
     cap = "A small red circle left of a blue square"

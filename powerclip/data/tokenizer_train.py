@@ -44,19 +44,18 @@ def train_tokenizer(shards: str, out: str | Path, vocab_size: int = 8000, model_
     out = Path(out)
     prefix = out.with_suffix("") if out.suffix == ".model" else out
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+    # The corpus lives in a folder of its own, removed however the shards fail to read.
+    with tempfile.TemporaryDirectory(prefix="powerclip-tok-") as tmp:
+        corpus = Path(tmp) / "captions.txt"
         count = 0
-        for cap in iter_captions(shards, max_captions):
-            f.write(cap + "\n")
-            count += 1
-        corpus = f.name
-    try:
+        with corpus.open("w") as f:
+            for cap in iter_captions(shards, max_captions):
+                f.write(cap + "\n")
+                count += 1
         if count == 0:
             raise ValueError(f"no captions found in {shards}")
         spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+            input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0,
             normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc", minloglevel=2)
-    finally:
-        Path(corpus).unlink(missing_ok=True)
     return prefix.with_suffix(".model")
