@@ -1,5 +1,7 @@
 """powerclip: DeepSpeed CLIP pretraining for compositional understanding."""
 
+import importlib.abc
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -27,4 +29,41 @@ def _per_environment_extension_builds() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
+class _TimmSummaryWithoutWandb(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Loads ``timm.utils.summary`` as if wandb were not installed.
+
+    Importing open_clip imports timm, whose ``timm.utils.summary`` does ``try: import wandb`` for a
+    logging helper powerclip never calls. Where wandb is installed that costs every process (each
+    rank, each tool) over a second at start, and wandb's import creates two temporary folders
+    (``tmp*wandb-media``, ``tmp*wandb-artifacts``) that are removed only at a normal interpreter exit:
+    a rank that ends with ``os._exit`` after its collectives, or is killed, leaves them in /tmp. So
+    that one module sees wandb as absent, unless wandb is already imported; powerclip's own wandb
+    sink (``log.wandb.enabled``) and any other ``import wandb`` are untouched."""
+
+    _MODULE = "timm.utils.summary"
+
+    def find_spec(self, name, path, target=None):
+        if name != self._MODULE or "wandb" in sys.modules:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        self._inner = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError, which timm expects
+        try:
+            self._inner.exec_module(module)
+        finally:
+            if sys.modules.get("wandb", 0) is None:
+                del sys.modules["wandb"]
+
+
 _per_environment_extension_builds()
+if not any(isinstance(f, _TimmSummaryWithoutWandb) for f in sys.meta_path):
+    sys.meta_path.insert(0, _TimmSummaryWithoutWandb())

@@ -212,3 +212,26 @@ def test_each_environment_builds_with_its_own_ninja(tmp_path):
                          text=True, timeout=120)
     assert out.stdout.split("\n")[1] == activated  # already first: PATH left as it is
     assert shutil.which("ninja", path=system) != own  # without it: the system's ninja, or none
+
+
+def test_open_clip_under_powerclip_leaves_wandb_unimported_and_tmp_clean(tmp_path):
+    """timm (under open_clip) imports wandb when installed: over a second per process, and two temporary
+    folders that a rank ending with ``os._exit`` left in /tmp. Importing powerclip first hides wandb from
+    that one timm module only: wandb itself still imports, and then for timm too."""
+    import os
+
+    pytest.importorskip("wandb")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import os, sys, powerclip, open_clip, timm.utils.summary as s\n"
+            "print('wandb' in sys.modules, hasattr(s, 'wandb'), flush=True)\n"
+            "os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(scratch)},
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+    assert [p.name for p in scratch.iterdir() if "wandb" in p.name] == []  # (torch keeps its inductor cache there)
+    code = ("import sys, wandb, powerclip, open_clip, timm.utils.summary as s\n"
+            "print(hasattr(s, 'wandb'), sys.modules['wandb'] is wandb)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(scratch)},
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

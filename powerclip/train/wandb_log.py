@@ -1,8 +1,8 @@
 """Weights & Biases as a second sink for the scalars TensorBoard gets (``log.wandb``).
 
 wandb is an optional extra: it is imported here, inside ``WandbSink``, only when a rank-0 run has
-``log.wandb.enabled``; a run without it never imports it (libraries below powerclip may import it
-on their own when it is installed). A run that asks for it without the package fails at start with
+``log.wandb.enabled``; a run without it never imports it (nor does timm under open_clip: see
+``powerclip/__init__.py``). A run that asks for it without the package fails at start with
 one line naming the extra.
 
 Resuming by id: the wandb run id is ``log.wandb.id`` or, when null, the one this run folder
