@@ -38,6 +38,7 @@ def test_torchrun_resume_on_another_nproc_per_node(six_shards, tmp_path):  # noq
     logs = []
     for nproc, steps in ((2, 2), (1, 3)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--log-dir", str(tmp_path / "torchrun-logs"),  # (its default is a new /tmp folder per launch)
                "-m", "powerclip", "train", "-c", str(config), f"train.run_dir={tmp_path / 'run'}",
                f"train.steps={steps}"]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

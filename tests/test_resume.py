@@ -41,6 +41,7 @@ def _write_config(tmp: Path, synthetic_root: Path) -> Path:
 
 def _command(config: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--log-dir", str(run_dir.parent / "torchrun-logs"),  # (its default is a new /tmp folder per launch)
             "-m", "powerclip", "train", "-c", str(config), f"train.run_dir={run_dir}"]
 
 

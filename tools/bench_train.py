@@ -157,7 +157,7 @@ def run_child(kind: str, spec: dict[str, Any], ranks: int = 1, timeout: float = 
         from powerclip.train.dist_env import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(free_port()), *me]
+               "--master_port", str(free_port()), "--log-dir", str(Path(spec["work"]) / "torchrun-logs"), *me]
     else:
         cmd = [sys.executable, *me]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)

@@ -28,7 +28,7 @@ fi
 phase "training on 2 CPU ranks, ZeRO-2 (configs/tiny_cpu.yaml) -> demo/run"
 rm -rf demo/run demo/export
 t_train=$(date +%s)
-python -m torch.distributed.run --standalone --nproc_per_node 2 -m powerclip train \
+python -m torch.distributed.run --standalone --nproc_per_node 2 --log-dir demo/torchrun-logs -m powerclip train \
   -c configs/tiny_cpu.yaml train.run_dir=demo/run "$@" 2>&1 \
   | grep --line-buffered -v -e "Warning" -e "warnings.warn" -e "return func" -e "return torch.cat" -e "^W1" -e "^\*\*\*\*" \
              -e "OMP_NUM_THREADS" -e "real_accelerator" -e "cpp_extension" -e "built successfully"
