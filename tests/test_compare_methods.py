@@ -188,6 +188,28 @@ def test_smoke_end_to_end(tmp_path):
         assert set(again[arm]) == set(first[arm]), arm
         for seed in first[arm]:
             _assert_metrics_close(again[arm][seed]["metrics"], first[arm][seed]["metrics"])
+    # --starts-from: another fine-tuning lr on the same SigLIP starts, copied (not pretrained again): the
+    # starts' weights and per-item outcomes are the first comparison's; refused before anything is copied
+    # when a start's settings or the data differ
+    other = tmp_path / "lr"
+    assert cm.main(["--out", str(other), "--smoke", "--jobs", "1", "--arms", "siglip_ft", "--ft-lr", "1e-4",
+                    "--starts-from", str(out)]) == 0
+    copied = json.loads((other / "results.json").read_text())
+    assert set(copied["results"]) == {"siglip_ft", cm.PRETRAINED_SIGLIP} and not (other / "pretrained").exists()
+    for seed in ("0", "1"):
+        assert copied["results"][cm.PRETRAINED_SIGLIP][seed]["items"] == again[cm.PRETRAINED_SIGLIP][seed]["items"]
+        weights = f"{cm.PRETRAINED_SIGLIP}/seed{seed}/open_clip_model.safetensors"
+        assert (other / weights).read_bytes() == (out / weights).read_bytes()
+        ft = yaml.safe_load((other / "runs" / "siglip_ft" / f"seed{seed}" / "config.yaml").read_text())
+        assert ft["model"]["pretrained"] == str((other / cm.PRETRAINED_SIGLIP / f"seed{seed}").resolve())
+        assert ft["optim"]["lr"] == pytest.approx(1e-4)
+    assert f"copied from {out}" in (other / "report.md").read_text()
+    for extra, match in ((["optim.weight_decay=0.5"], "optim.weight_decay=0.1 there, 0.5 here"),
+                         (["--relation-prob", "0.5"], "relation_prob")):
+        refused = tmp_path / f"refused{len(extra)}"
+        with pytest.raises(SystemExit, match=match):
+            cm.main(["--out", str(refused), "--smoke", "--arms", "siglip_ft", "--starts-from", str(out), *extra])
+        assert not (refused / cm.PRETRAINED_SIGLIP).exists() and not (refused / "runs").exists()
 
 
 def test_twin_summary_counts_the_tools_own_data():
@@ -444,3 +466,15 @@ def test_cuda_plan_trains_and_evaluates_on_cpu(tmp_path):
     cfg = yaml.safe_load((tmp_path / "runs" / "pretrain" / "seed0" / "config.yaml").read_text())
     assert cfg["train"]["precision"] == "amp_bf16" and cfg["model"]["config"]["vision_cfg"]["width"] == 256
     assert cfg["model"]["config"]["vision_cfg"]["image_size"] == 112
+
+
+def test_starts_from_refuses_what_would_not_be_the_starts_asked_for(tmp_path):
+    """One line, nothing trained: with --pretrained or a budget (both decide the starts otherwise), or a
+    folder that is not a comparison's --out."""
+    for extra in (["--pretrained", str(tmp_path)], ["--budget-minutes", "5"]):
+        with pytest.raises(SystemExit, match="--starts-from fixes each seed's starts"):
+            cm.main(["--out", str(tmp_path / "a"), "--starts-from", str(tmp_path), *extra])
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit, match=r"not a comparison's --out \(.*synth/manifest.json not found\)"):
+        cm.main(["--out", str(tmp_path / "b"), "--smoke", "--arms", "clip_ft", "--starts-from", str(tmp_path / "c")])
+    assert not (tmp_path / "b" / "runs").exists()

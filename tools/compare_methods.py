@@ -57,7 +57,8 @@ negatives, a shortcut the heldout split punishes).
   python tools/compare_methods.py --out runs/gpu --device cuda  # GPU window: every arm of a seed at once,
                                                                 # 112 px, a wider model, more steps, 8 min
 
-Runs already finished under --out are reused (a rerun only does what is missing). --jobs runs that
+Runs already finished under --out are reused (a rerun only does what is missing); --starts-from
+OTHER_OUT copies the per-seed starts of another comparison (same data, same start settings). --jobs runs that
 many trainings at once, each with --threads torch threads. --budget-minutes (8 with --device cuda)
 sizes the run to a wall time: a short probe measures every workload on this machine, and the steps
 are scaled down until the simulated schedule fits (tools/compare_budget.py).
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="reuse this export as the CLIP start of every seed (the CLIP fine-tuning arms and the zeta "
                    "calibration; default: each seed pretrains its own)")
+    p.add_argument("--starts-from", default=None, metavar="OTHER_OUT",
+                   help="copy each seed's CLIP and SigLIP starts (weights, metrics, per-item outcomes) from an "
+                   "earlier comparison's --out instead of pretraining them again, e.g. to try another --ft-lr on the "
+                   "same starts; refused unless that comparison's data and each start's settings are the ones this "
+                   "run would train with. Not with --pretrained or --budget-minutes")
     p.add_argument("--arms", default=",".join(ALL_ARMS), help="comma-separated subset")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the GPU-window mode: every arm of a seed at once on one GPU (--jobs "
@@ -297,6 +303,73 @@ def plan(args: argparse.Namespace, synth: Path) -> list[Job]:
             jobs.append(job)
     # starts first (every later job waits for one), then the calibrations, then the arms in arm order
     return sorted(starts.values(), key=lambda j: (int(j.name.split("/seed")[1]), j.name)) + list(zetas.values()) + jobs
+
+
+def _config_difference(ours: Job, theirs: Path) -> list[str]:
+    """The settings on which the start ``ours`` would train differently from the finished run whose config
+    is ``theirs``; the run folder and the shards' paths (under each comparison's own --out) aside."""
+    import yaml
+
+    from powerclip.config import load_config, to_yaml
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+        items: dict[str, object] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    mine = flat(yaml.safe_load(to_yaml(load_config(ROOT / ours.config, ours.overrides))))
+    other = flat(yaml.safe_load(to_yaml(load_config(theirs))))
+    skip = {"train.run_dir", "data.sources"}
+    return [f"{k}={other.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(mine) | set(other))
+            if k not in skip and mine.get(k) != other.get(k)]
+
+
+def adopt_starts(args: argparse.Namespace, jobs: list[Job], synth: Path) -> list[str]:
+    """--starts-from: copy every planned start not finished here from the other comparison (its export,
+    its run folder's records without checkpoints), so the start jobs are reused as if trained here.
+    Everything is checked before anything is copied; returns the names copied."""
+    import shutil
+
+    from powerclip.eval_io.model_io import is_export_dir
+
+    other, out = Path(args.starts_from).resolve(), Path(args.out).resolve()
+    manifest = other / "synth" / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"error: --starts-from {other}: not a comparison's --out ({manifest} not found)")
+    theirs, mine = json.loads(manifest.read_text()), json.loads((synth / "manifest.json").read_text())
+    if theirs != mine:
+        keys = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        raise SystemExit(f"error: --starts-from {other}: its data differs from this run's ({', '.join(keys)} in "
+                         f"synth/manifest.json); give the data options that comparison was run with (--colours, "
+                         "--train-shards, --per-shard, --image-size, --relation-prob, --binding-pairs)")
+    todo = []
+    for job in jobs:
+        if job.kind != "start" or (job.run_dir / "compare_done.json").is_file():
+            continue
+        rel = job.run_dir.resolve().relative_to(out)
+        if job.run_dir.exists() or (out / job.name).exists():
+            raise SystemExit(f"error: --starts-from: {job.name} was begun in this --out ({job.run_dir}); finish it "
+                             "here (leave --starts-from out) or use a new --out")
+        src_run, src_export = other / rel, other / job.name
+        if not (src_run / "compare_done.json").is_file() or not is_export_dir(src_export):
+            raise SystemExit(f"error: --starts-from {other}: {job.name} is not finished there "
+                             f"({src_run / 'compare_done.json'} or the export {src_export} missing)")
+        diff = _config_difference(job, src_run / "config.yaml")
+        if diff:
+            raise SystemExit(f"error: --starts-from {other}: {job.name} was trained with other settings: "
+                             f"{'; '.join(diff[:4])}; give that comparison's options (--pretrain-steps, --batch, "
+                             "--image-size, extra overrides) or leave --starts-from out")
+        todo.append((job, src_run, src_export))
+    for job, src_run, src_export in todo:
+        shutil.copytree(src_export, out / job.name)
+        shutil.copytree(src_run, job.run_dir, ignore=shutil.ignore_patterns("checkpoints", ".powerclip.lock"))
+        done = job.run_dir / "compare_done.json"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "copied_from": str(src_run)}))
+    return [job.name for job, _, _ in todo]
 
 
 def pretrained_path(args: argparse.Namespace, seed: int, kind: str = PRETRAINED) -> str:
@@ -984,6 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"(got {args.probe_steps})")
     if args.boot < 100 or args.binding_pairs < 0:
         raise SystemExit(f"--boot must be >= 100 (got {args.boot}) and --binding-pairs >= 0 (got {args.binding_pairs})")
+    if args.starts_from and (args.pretrained or args.budget_minutes > 0):
+        raise SystemExit("--starts-from fixes each seed's starts: not with --pretrained (one start for every seed) "
+                         "nor --budget-minutes (which would scale the pretraining steps; give --budget-minutes 0)")
     if args.doc and Path(args.doc).exists():
         check_doc(Path(args.doc))  # before any training: a doc without its section is refused at once
     out = prepare_out(args.out)
@@ -1002,6 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
     link_seen_split(synth)
     budget = size_to_budget(args, synth, out, t0) if args.budget_minutes > 0 else None
     jobs = plan(args, synth)
+    if args.starts_from:
+        for name in adopt_starts(args, jobs, synth):
+            print(f"{name}: copied from {args.starts_from}", flush=True)
     results: dict[str, dict[int, dict]] = {}
     zetas: dict[int, dict] = {}
     pending = {j.name: j for j in jobs}
@@ -1045,10 +1124,12 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(f"from scratch {args.scratch_steps}")
     if any(a in FT_ARMS for a in results):
         start = (f"pretrained start {args.pretrained} (the same for every seed)" if args.pretrained else
-                 f"CLIP pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed)")
+                 f"CLIP pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed"
+                 + (f"; copied from {args.starts_from})" if args.starts_from else ")"))
         phases.append(f"fine-tuning {args.ft_steps} from the {start}")
     if any(a in SIGLIP_ARMS for a in results):
-        phases.append(f"fine-tuning {args.ft_steps} from the SigLIP pretraining {args.pretrain_steps} (one per seed)")
+        phases.append(f"fine-tuning {args.ft_steps} from the SigLIP pretraining {args.pretrain_steps} (one per seed"
+                      + (f"; copied from {args.starts_from})" if args.starts_from else ")"))
     meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
             f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "
