@@ -1,6 +1,7 @@
 """powerclip.train.peers in one process against a real TCPStore: rank 0, which hosts the store under
 srun-style launches, keeps it up after its verdict until the other survivors have read the beats, so
-a survivor whose read window ends later names the rank that died and not rank 0.
+a survivor whose read window ends later names the rank that died and not rank 0; and one that
+finds the store gone after rank 0's verdict names whom rank 0 named.
 
 (tests/test_dead_peer.py kills real training ranks; this test fixes the order of the two survivors'
 read windows, which there depends on the machine's load.)"""
@@ -70,3 +71,28 @@ def test_rank0_lingers_no_longer_than_its_bound(store_port, monkeypatch):
     assert WINDOW_S + 1.5 <= took < WINDOW_S + 1.5 + 20  # the window, the bound, and room for a busy machine
     for w in watches:
         w.stop()
+
+
+def test_a_survivor_that_finds_the_store_gone_after_rank0s_verdict_names_whom_rank0_named(monkeypatch):
+    """Rank 2 blocked in a collective with rank 0 learns of the failure only when rank 0 exits, after its
+    linger, taking the store: rank 2's heartbeat thread kept rank 0's verdict, so it names rank 1."""
+    monkeypatch.setattr(peers, "LINGER_S", 0.5)
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    watches = [_watch(port, r) for r in range(3)]
+    watches[1].stop()  # rank 1 dies
+    time.sleep(peers.BEAT_S + 0.2)
+    assert watches[0].lost_ranks(WINDOW_S) == ([(1, watches[1].identity)], False)
+    deadline = time.monotonic() + 30  # rank 2's beat thread sees the verdict within a beat or two
+    while getattr(watches[2], "store_owner_verdict", None) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watches[0].stop()
+    del server  # rank 0 exits with its store
+    monkeypatch.setattr(peers, "CONNECT_S", 1.0)  # the dead store's connection attempts give up sooner
+    assert watches[2].lost_ranks(WINDOW_S) == ([(1, watches[1].identity)], False)
+    # rank 0 itself killed (no verdict): the store's host is named
+    lone = peers.PeerWatch("127.0.0.1", port, 1, 2)
+    lone.store_owner = watches[0].identity
+    assert lone.lost_ranks(WINDOW_S) == ([(0, watches[0].identity)], True)
+    watches[2].stop()

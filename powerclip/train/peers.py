@@ -13,10 +13,13 @@ peer says so in the store (``left/RANK``) before it exits, so the ranks that lea
 later (from it) name the rank that died, not each other. Rank 0, which hosts the store under those
 launches, keeps it up after its own verdict until every other survivor has written its ``left/RANK``
 (at most ``LINGER_S``): a survivor whose read window ends a moment after rank 0's would otherwise
-find the store gone with rank 0 and name rank 0 instead of the rank that died.
+find the store gone with rank 0 and name rank 0 instead of the rank that died. A survivor can still
+learn of the failure only after that: one blocked in a collective with rank 0 fails when rank 0
+exits. So every other rank's heartbeat thread also watches for rank 0's verdict (``left/0``) and keeps
+it: a survivor that then finds the store gone names the ranks rank 0 named, not rank 0.
 
-Cost: nothing per training step. The beat is one small store write per rank every ``BEAT_S`` from
-a thread that holds no device and takes no lock of the training thread, so GPU steps gain no host
+Cost: nothing per training step. The beat is one small store write and one key check per rank
+every ``BEAT_S`` (the check stops once rank 0's verdict is seen) from a thread that holds no device and takes no lock of the training thread, so GPU steps gain no host
 synchronisation. A rank that is merely slow keeps beating (the thread runs while the main thread
 waits in a collective or a kernel), so slowness is not reported as death.
 """
@@ -52,6 +55,7 @@ class PeerWatch:
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.identity = f"{socket.gethostname()} pid {os.getpid()}"
         self.store_owner: str | None = None  # rank 0's identity, read once: it is lost with the store
+        self.store_owner_verdict: list[tuple[int, str]] | None = None  # the ranks rank 0 named, if it did
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -79,8 +83,16 @@ class PeerWatch:
             n += 1
             try:
                 store.set(f"beat/{self.rank}", str(n))
+                if self.rank != 0 and self.store_owner_verdict is None and store.check(["left/0"]):
+                    self.store_owner_verdict = self._named(store, store.get("left/0").decode())
             except Exception:  # noqa: BLE001 - the store's host finished or died: the watch ends quietly
                 return
+
+    @staticmethod
+    def _named(store, verdict: str) -> list[tuple[int, str]]:
+        """[(rank, "host pid N"), ...] of a verdict's comma-separated ranks."""
+        ranks = [int(r) for r in verdict.split(",") if r.strip()]
+        return [(r, store.get(f"id/{r}").decode() if store.check([f"id/{r}"]) else "unknown host") for r in ranks]
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +109,8 @@ class PeerWatch:
         """([(rank, "host pid N"), ...] of the ranks that stopped beating, store lost?).
 
         Two reads ``wait_s`` apart (monotonic wait); ranks that left because of a lost peer of their
-        own are not counted. Nothing stale and the store answering: ([], False).
+        own are not counted. Nothing stale and the store answering: ([], False). The store gone after
+        rank 0 gave its verdict: the ranks rank 0 named, and False.
         """
         try:
             store = self._client()
@@ -108,14 +121,15 @@ class PeerWatch:
             second = self._beats(store)
             lost = [r for r in range(self.world_size) if r != self.rank and (second[r] is None or first[r] == second[r])
                     and not store.check([f"left/{r}"])]
-            found = [(r, store.get(f"id/{r}").decode() if store.check([f"id/{r}"]) else "unknown host")
-                     for r in lost]
+            found = self._named(store, ",".join(str(r) for r in lost))
             if found:
                 store.set(f"left/{self.rank}", ",".join(str(r) for r, _ in found))
                 if self.rank == 0:
                     self._linger(store, {r for r, _ in found})
             return found, False
         except Exception:  # noqa: BLE001 - connection refused / reset / timed out: the store's host is gone
+            if self.store_owner_verdict:  # rank 0 named the dead before it closed its store
+                return self.store_owner_verdict, False
             return [(0, self.store_owner or "unknown host")], True
 
     def _linger(self, store, lost: set[int]) -> None:
