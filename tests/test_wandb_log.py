@@ -61,7 +61,7 @@ def wandb_history(path: Path) -> tuple[dict[int, dict[str, float]], dict]:
     history: dict[int, dict[str, float]] = {}
     run = {}
     # wandb's writer is its own process (wandb-core): ``finish()`` can return before the file holds every
-    # record (seen once in ~70 runs, the run record missing at the first read and there a moment later).
+    # record (about 1 run in 30 here: the run record missing at the first read, there a minute later).
     # The run is complete once its exit record is written; wait for that, with room for a busy machine.
     deadline = time.monotonic() + 60
     records = read_wandb_records(path)
