@@ -931,6 +931,17 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def dotted_items(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of nested dicts, the keys as overrides write them (``prefix`` first): for
+    messages that name the settings two configs differ in."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(dotted_items(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def config_hash(cfg: Config) -> str:
     """Stable hash of the resolved config, stored in checkpoints."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]

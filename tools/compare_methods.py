@@ -310,19 +310,10 @@ def _config_difference(ours: Job, theirs: Path) -> list[str]:
     is ``theirs``; the run folder and the shards' paths (under each comparison's own --out) aside."""
     import yaml
 
-    from powerclip.config import load_config, to_yaml
+    from powerclip.config import dotted_items, load_config, to_yaml
 
-    def flat(tree: dict, prefix: str = "") -> dict[str, object]:
-        items: dict[str, object] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-
-    mine = flat(yaml.safe_load(to_yaml(load_config(ROOT / ours.config, ours.overrides))))
-    other = flat(yaml.safe_load(to_yaml(load_config(theirs))))
+    mine = dotted_items(yaml.safe_load(to_yaml(load_config(ROOT / ours.config, ours.overrides))))
+    other = dotted_items(yaml.safe_load(to_yaml(load_config(theirs))))
     skip = {"train.run_dir", "data.sources"}
     return [f"{k}={other.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(mine) | set(other))
             if k not in skip and mine.get(k) != other.get(k)]
@@ -1122,14 +1113,14 @@ def main(argv: list[str] | None = None) -> int:
     phases = []
     if any(a in SCRATCH_ARMS for a in results):
         phases.append(f"from scratch {args.scratch_steps}")
+    copied = f"; copied from {args.starts_from}" if args.starts_from else ""
     if any(a in FT_ARMS for a in results):
         start = (f"pretrained start {args.pretrained} (the same for every seed)" if args.pretrained else
-                 f"CLIP pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed"
-                 + (f"; copied from {args.starts_from})" if args.starts_from else ")"))
+                 f"CLIP pretraining {args.pretrain_steps} (one start per seed, pretrained with that seed{copied})")
         phases.append(f"fine-tuning {args.ft_steps} from the {start}")
     if any(a in SIGLIP_ARMS for a in results):
-        phases.append(f"fine-tuning {args.ft_steps} from the SigLIP pretraining {args.pretrain_steps} (one per seed"
-                      + (f"; copied from {args.starts_from})" if args.starts_from else ")"))
+        phases.append(f"fine-tuning {args.ft_steps} from the SigLIP pretraining {args.pretrain_steps} "
+                      f"(one per seed{copied})")
     meta = {"seeds": args.seeds, "steps": f"{'; '.join(phases)} (batch {args.batch}, {args.jobs} jobs x "
             f"{args.threads} threads)",
             "data": f"{args.train_shards} x {args.per_shard} train samples, {args.per_shard} val, "

@@ -32,7 +32,7 @@ from powerclip import distributed as pdist
 from powerclip.checkpoints import integrity, ownership, storage
 from powerclip.checkpoints.discovery import locate
 from powerclip.checkpoints.layout import PointerError, read_latest, tag_for, write_latest
-from powerclip.config import CheckpointConfig, ConfigError, ModelConfig
+from powerclip.config import CheckpointConfig, ConfigError, ModelConfig, dotted_items
 from powerclip.outputs import make_private
 from powerclip.train.state import TrainState
 
@@ -138,15 +138,6 @@ def model_settings(cfg: ModelConfig) -> dict[str, Any]:
     return {"name": cfg.name, "config": cfg.config, "pool": cfg.pool}
 
 
-def _flat(obj: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: obj}
-
-
 def check_model_matches(tag_dir: Path, saved: dict[str, tuple[int, ...]], model: torch.nn.Module,
                         cfg: ModelConfig, saved_settings: Any) -> None:
     """Refuse, in one line, to resume ``tag_dir`` (parameter name -> shape: ``saved``) into a model
@@ -165,7 +156,7 @@ def check_model_matches(tag_dir: Path, saved: dict[str, tuple[int, ...]], model:
                 f"{len(only_old)} only in the checkpoint (e.g. {(only_old or ['-'])[0]})")
     keys = ""
     if isinstance(saved_settings, dict):
-        now, then = _flat(model_settings(cfg), "model"), _flat(saved_settings, "model")
+        now, then = dotted_items(model_settings(cfg), "model"), dotted_items(saved_settings, "model")
         changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
         keys = "; ".join(f"{k} is {now.get(k)!r} in the config, {then.get(k)!r} in the checkpoint"
                          for k in changed[:3])

@@ -19,8 +19,8 @@ exits. So every other rank's heartbeat thread also watches for rank 0's verdict 
 it: a survivor that then finds the store gone names the ranks rank 0 named, not rank 0.
 
 Cost: nothing per training step. The beat is one small store write and one key check per rank
-every ``BEAT_S`` (the check stops once rank 0's verdict is seen) from a thread that holds no device and takes no lock of the training thread, so GPU steps gain no host
-synchronisation. A rank that is merely slow keeps beating (the thread runs while the main thread
+every ``BEAT_S`` (the check stops once rank 0's verdict is seen) from a thread that holds no device
+and takes no lock of the training thread, so GPU steps gain no host synchronisation. A rank that is merely slow keeps beating (the thread runs while the main thread
 waits in a collective or a kernel), so slowness is not reported as death.
 """
 
@@ -84,14 +84,14 @@ class PeerWatch:
             try:
                 store.set(f"beat/{self.rank}", str(n))
                 if self.rank != 0 and self.store_owner_verdict is None and store.check(["left/0"]):
-                    self.store_owner_verdict = self._named(store, store.get("left/0").decode())
+                    verdict = store.get("left/0").decode()
+                    self.store_owner_verdict = self._named(store, [int(r) for r in verdict.split(",") if r.strip()])
             except Exception:  # noqa: BLE001 - the store's host finished or died: the watch ends quietly
                 return
 
     @staticmethod
-    def _named(store, verdict: str) -> list[tuple[int, str]]:
-        """[(rank, "host pid N"), ...] of a verdict's comma-separated ranks."""
-        ranks = [int(r) for r in verdict.split(",") if r.strip()]
+    def _named(store, ranks: list[int]) -> list[tuple[int, str]]:
+        """[(rank, "host pid N"), ...] of ``ranks``, from the identities they registered."""
         return [(r, store.get(f"id/{r}").decode() if store.check([f"id/{r}"]) else "unknown host") for r in ranks]
 
     def stop(self) -> None:
@@ -121,7 +121,7 @@ class PeerWatch:
             second = self._beats(store)
             lost = [r for r in range(self.world_size) if r != self.rank and (second[r] is None or first[r] == second[r])
                     and not store.check([f"left/{r}"])]
-            found = self._named(store, ",".join(str(r) for r in lost))
+            found = self._named(store, lost)
             if found:
                 store.set(f"left/{self.rank}", ",".join(str(r) for r, _ in found))
                 if self.rank == 0:
