@@ -21,6 +21,13 @@ from powerclip.train.dist_env import free_port
 WINDOW_S = 1.0  # each survivor's read window (the beats read twice, this far apart)
 
 
+@pytest.fixture(autouse=True)
+def fast_beats(monkeypatch):
+    """Ten beats a window: a live rank's counter moves between the two reads even when a busy machine
+    delays its thread (at one beat a window, one late beat would count a live rank as gone)."""
+    monkeypatch.setattr(peers, "BEAT_S", 0.1)
+
+
 @pytest.fixture
 def store_port():
     port = free_port()
