@@ -36,3 +36,19 @@ def test_bench_train_quick_writes_table(tmp_path: Path):
     # ZeRO-2 shards AdamW's state over the 2 ranks: half of ZeRO-0's, up to the flat-buffer padding
     zero = float(re.search(r"ZeRO-2 / ZeRO-0 optimiser state per rank \| \*\*([0-9.]+)\*\*", text).group(1))
     assert zero == pytest.approx(0.5, abs=0.01)
+
+
+def test_loader_timing_never_reports_zero_worker_cpu():
+    """/proc counts worker CPU in whole clock ticks: a loader faster than one tick over the timed batches
+    (the draft decoder at toy sizes) measured 0 and the bench's report divided by it. With no worker
+    processes at all the floor is exactly one tick."""
+    import os
+
+    import torch
+
+    from tools.bench_loader import time_loader
+
+    loader = [(torch.zeros(4, 1),)] * 3  # in-process batches: no worker, no worker CPU
+    res = time_loader(loader, batches=2, warm=1)
+    assert res["samples"] == 8
+    assert res["worker_cpu"] == pytest.approx(1 / os.sysconf("SC_CLK_TCK") / 8)

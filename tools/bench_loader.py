@@ -156,6 +156,9 @@ def time_loader(loader, batches: int, warm: int) -> dict[str, float]:
     for _ in range(batches):
         n += batch_size_of(next(it))
     wall, worker, main = time.perf_counter() - t0, children_cpu_seconds() - w0, time.process_time() - m0
+    # /proc counts whole clock ticks: a loader whose workers used less than one in the timed batches is
+    # reported at one tick (an upper bound, so its per-core rate is understated), never as zero CPU
+    worker = max(worker, 1 / os.sysconf("SC_CLK_TCK"))
     if hasattr(it, "close"):
         it.close()
     del it
@@ -180,7 +183,7 @@ def compare_loaders(shards: str, model: str, batch: int, workers: int, batches: 
             res = time_loader(LOADERS[name](shards, model, batch, workers), batches, warm=max(1, workers))
             runs[name].append(res)
             log(f"[loader] run {r} {name}: {res['sps']:.1f} samples/s wall at {workers} worker(s), "
-                f"{1 / max(res['worker_cpu'], 1e-9):.1f} samples per worker CPU-second, "
+                f"{1 / res['worker_cpu']:.1f} samples per worker CPU-second, "
                 f"main {res['main_cpu'] * 1e3:.2f} ms CPU per sample")
     return {n: {"sps": max(x["sps"] for x in v), "worker_cpu": min(x["worker_cpu"] for x in v),
                 "main_cpu": min(x["main_cpu"] for x in v), "runs": len(v)} for n, v in runs.items()}
